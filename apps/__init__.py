@@ -1,0 +1,1 @@
+"""Interactive explorer apps (installed as attnscope.apps)."""

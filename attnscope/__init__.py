@@ -1,0 +1,35 @@
+"""attnscope: see (and erase) what MMDiT text-to-image transformers attend to.
+
+    import attnscope
+    pipe = attnscope.load_pipeline("shapes")
+    with attnscope.trace(pipe) as tr:
+        image = pipe("a red circle and a blue square").images[0]
+    maps = tr.maps()
+    maps.word("red").select(layers="double").mean().numpy()     # (h, w) float32 over the image-token grid
+"""
+
+from .adapters import LayerInfo, UnsupportedModelError
+from .capture import UnsupportedProcessorError
+from .maps import SelectionError, TokenMaps
+from .pipelines import check_size, load_pipeline
+from .tokens import EmptyPromptError, PromptTokens, UnknownWordError, Word
+from .trace import Trace, TraceError, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmptyPromptError",
+    "LayerInfo",
+    "PromptTokens",
+    "SelectionError",
+    "TokenMaps",
+    "Trace",
+    "TraceError",
+    "UnknownWordError",
+    "UnsupportedModelError",
+    "UnsupportedProcessorError",
+    "Word",
+    "check_size",
+    "load_pipeline",
+    "trace",
+]

@@ -1,0 +1,103 @@
+"""What the capture core needs to know about one MMDiT architecture, and nothing about what to record.
+
+An :class:`Adapter` is the *locator* (where the joint attention lives, how its sequence is laid out); the
+capture processors and the trace are the *recorder*. Keeping them apart means a new architecture is one small
+file here and touches nothing else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..tokens import PromptTokens
+
+LayerKind = Literal["double", "single"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One joint-attention module that can be captured.
+
+    ``index`` is the position in forward order over all captured layers (double-stream blocks first);
+    ``name`` is the attention module's path inside the transformer (diffusers' own naming, stable across
+    versions: ``transformer_blocks.3.attn``); ``label`` is the short name used in plots and selections
+    (``double.3``, ``single.10``).
+    """
+
+    index: int
+    name: str
+    kind: LayerKind
+    block: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}.{self.block}"
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Facts about one transformer forward call, read from its arguments before the blocks run.
+
+    ``grid`` is the image-token grid ``(h, w)``; ``text_length`` the number of text tokens in the joint
+    sequence; ``batch_size`` the batch of this call; ``timestep`` the scalar timestep (identifies the step).
+    """
+
+    grid: tuple[int, int]
+    text_length: int
+    batch_size: int
+    timestep: float
+
+
+class Adapter(ABC):
+    """Per-architecture facts: joint-attention modules, token order, grid, text layout, CFG batch layout."""
+
+    #: Human-readable architecture name used in messages.
+    name: str
+    #: True when the joint sequence is ``[text; image]`` (Flux), False for ``[image; text]`` (SD3).
+    text_first: bool
+
+    @abstractmethod
+    def layers(self, transformer: torch.nn.Module) -> list[LayerInfo]:
+        """Every capturable joint-attention module, in forward order."""
+
+    @abstractmethod
+    def forward_context(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardContext:
+        """Read grid, text length, batch and timestep from a transformer forward call's arguments."""
+
+    @abstractmethod
+    def prompt_tokens(self, pipe: Any, prompt: str, text_length: int) -> PromptTokens:
+        """Tokenize ``prompt`` the way ``pipe`` feeds it to the transformer's text stream."""
+
+    @abstractmethod
+    def size_multiple(self, pipe: Any) -> int:
+        """Image height and width must be multiples of this many pixels."""
+
+    @abstractmethod
+    def make_processor(self, original: Any, site: Any) -> Any:
+        """A capture processor that behaves exactly like ``original`` and reports to ``site``."""
+
+    def image_index(self, ctx: ForwardContext, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Positions of the image tokens in a joint sequence of ``seq_len`` tokens."""
+        n_image = seq_len - ctx.text_length
+        start = ctx.text_length if self.text_first else 0
+        return torch.arange(start, start + n_image, device=device)
+
+    def text_offset(self, ctx: ForwardContext) -> int:
+        """Joint-sequence position of text token 0."""
+        if self.text_first:
+            return 0
+        return ctx.grid[0] * ctx.grid[1]
+
+    def conditional_rows(self, batch_size: int, n_prompts: int | None) -> slice:
+        """Rows of the transformer batch that carry the conditional (prompted) branch.
+
+        The default is "all rows": architectures that batch CFG override this.
+        """
+        return slice(0, batch_size)
+
+    def unconditional_rows(self, batch_size: int, n_prompts: int | None) -> slice | None:
+        return None

@@ -1,0 +1,116 @@
+"""Text-key attention probabilities of image queries, without materializing the joint S×S matrix.
+
+All functions here take PyTorch's SDPA layout: ``q``, ``k``, ``v`` are ``(B, H, S, D)`` over the *joint*
+sequence (text and image tokens, in whichever order the architecture uses). What they compute is
+
+    P[b, h, i, t] = softmax_j(q_i · k_j · scale)[t]       i ∈ image queries, j ∈ all keys, t ∈ kept text keys
+
+i.e. the probability mass each image patch puts on each prompt token, normalized over **all** keys, exactly the
+numbers inside the model's own attention. Two ways to get the softmax denominator (the log-sum-exp over keys):
+
+* :func:`fused_attention_with_lse` asks PyTorch's fused kernel, which computes the log-sum-exp anyway, to return
+  it together with the attention output. The model's output is then that kernel's output (the same kernel SDPA
+  would pick, so bit-identical), and the capture costs one small ``N_img × T`` matmul per head.
+* :func:`text_probs_chunked` recomputes scores for a chunk of image queries at a time against all keys. Portable
+  (any device, any backend, differentiable), peak memory ``B·H·chunk·S`` instead of ``B·H·S²``.
+
+:func:`text_probs_reference` is the naive full-softmax definition, kept as the ground truth for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.attention import SDPBackend
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "fused_attention_with_lse",
+    "text_probs_from_lse",
+    "text_probs_chunked",
+    "text_probs_reference",
+]
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def fused_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention output ``(B, H, S, Dv)`` and log-sum-exp ``(B, H, S)`` from one fused kernel call.
+
+    Returns ``None`` when ``F.scaled_dot_product_attention`` would not run a fused kernel that can also return
+    the log-sum-exp for these inputs; calling it directly then could change the output, so the caller must fall
+    back to the original attention call. When a result is returned, its output is what SDPA would have returned.
+    """
+    choice = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
+    if q.device.type == "cpu":
+        if choice != SDPBackend.FLASH_ATTENTION:
+            return None
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    # On CUDA, SDPA pads head dims that are not multiples of 8 before its kernels; only the unpadded case is
+    # reproduced exactly by a direct call.
+    if q.device.type == "cuda" and q.shape[-1] % 8 == 0:
+        if choice == SDPBackend.FLASH_ATTENTION:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+            return out, lse
+        if choice == SDPBackend.EFFICIENT_ATTENTION:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+            # The efficient kernel pads the log-sum-exp's query axis up to a multiple of 32.
+            return out, lse[..., : q.shape[-2]]
+    return None
+
+
+def text_probs_from_lse(
+    q_img: torch.Tensor, k_text: torch.Tensor, lse_img: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """``exp(q_img · k_textᵀ · scale − lse)``: text-key probabilities given the full softmax's log-sum-exp.
+
+    q_img ``(B, H, N, D)``, k_text ``(B, H, T, D)``, lse_img ``(B, H, N)`` → ``(B, H, N, T)``. Computed in
+    float32 whatever the input dtype: the subtraction of two large numbers is where low precision would hurt.
+    """
+    scores = torch.matmul(q_img.float(), k_text.float().transpose(-1, -2)) * _scale(q_img, scale)
+    return torch.exp(scores - lse_img.float().unsqueeze(-1))
+
+
+def _chunk_probs(q_chunk: torch.Tensor, k: torch.Tensor, text_index: torch.Tensor, scale: float) -> torch.Tensor:
+    scores = torch.matmul(q_chunk.float(), k.float().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.exp(scores.index_select(-1, text_index) - lse)
+
+
+def text_probs_chunked(
+    q_img: torch.Tensor,
+    k: torch.Tensor,
+    text_index: torch.Tensor,
+    scale: float | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Text-key probabilities by recomputing scores for ``chunk_size`` image queries at a time.
+
+    q_img ``(B, H, N, D)``; k ``(B, H, S, D)`` over all keys; text_index ``(T,)`` long positions of the kept text
+    keys within ``k`` → ``(B, H, N, T)`` float32. Under autograd each chunk is checkpointed, so the backward pass
+    also never holds more than one chunk's ``(B, H, chunk, S)`` scores.
+    """
+    s = _scale(q_img, scale)
+    track_grad = torch.is_grad_enabled() and (q_img.requires_grad or k.requires_grad)
+    chunks = []
+    for start in range(0, q_img.shape[-2], chunk_size):
+        q_chunk = q_img[..., start : start + chunk_size, :]
+        if track_grad:
+            chunks.append(checkpoint(_chunk_probs, q_chunk, k, text_index, s, use_reentrant=False))
+        else:
+            chunks.append(_chunk_probs(q_chunk, k, text_index, s))
+    return torch.cat(chunks, dim=-2)
+
+
+def text_probs_reference(
+    q: torch.Tensor, k: torch.Tensor, image_index: torch.Tensor, text_index: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """The definition, with the full ``(S, S)`` softmax (float64): for tests and small inputs only."""
+    probs = torch.softmax(torch.matmul(q.double(), k.double().transpose(-1, -2)) * _scale(q, scale), dim=-1)
+    return probs.index_select(-2, image_index).index_select(-1, text_index)

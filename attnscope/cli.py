@@ -1,0 +1,143 @@
+"""The ``attnscope`` command line.
+
+``attnscope maps`` and ``attnscope shapes ...`` live in this package. Commands of the packages built on top
+(``attnscope erase``/``eval`` from ``attnscope.erase``, ``attnscope app`` from ``attnscope.apps``) register
+themselves through the ``attnscope.commands`` entry-point group, so the core never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Sequence
+
+from .adapters import UnsupportedModelError
+from .capture import UnsupportedProcessorError
+from .maps import SelectionError
+from .tokens import EmptyPromptError, UnknownWordError
+from .trace import TraceError
+
+#: Errors that are the user's input, printed as one line instead of a traceback.
+USER_ERRORS = (
+    UnknownWordError,
+    EmptyPromptError,
+    SelectionError,
+    TraceError,
+    UnsupportedModelError,
+    UnsupportedProcessorError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+)
+
+
+class CommandError(Exception):
+    """Raised by a command for a bad input it detected itself; printed as ``error: <message>``."""
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _layers(text: str) -> list[int | str]:
+    return [int(p) if p.lstrip("-").isdigit() else p for p in _csv(text)]
+
+
+def add_maps_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "maps",
+        help="generate an image and save token heatmaps for chosen words",
+        description=(
+            "Generate one image with the attention capture installed, then write to --out: image.png, "
+            "overlay_<word>.png per word (mean over the chosen layers and all steps), grid_layers.png "
+            "(words × layers), grid_steps.png (words × steps) and maps.safetensors (TokenMaps.load)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="shapes", help="'shapes' (bundled), 'tiny-flux', 'tiny-sd3', a hub id or a folder")
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("--words", required=True, type=_csv, help="comma-separated words or phrases of the prompt")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument(
+        "--layers", type=_layers, default=None, help="layers to capture: 'double', 'single', labels like double.2, or indices"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--out", type=Path, default=Path("out/maps"), help="output folder")
+    p.set_defaults(run=run_maps)
+
+
+def run_maps(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from . import viz
+    from .pipelines import check_size, default_call_kwargs, load_pipeline
+    from .trace import trace
+
+    if not args.prompt.strip():
+        raise EmptyPromptError("--prompt is empty")
+    if not args.words:
+        raise CommandError("--words is empty: name at least one word of the prompt")
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model, device=args.device)
+    call = default_call_kwargs(args.model)
+    for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width)):
+        if value is not None:
+            call[key] = value
+    if "height" in call and "width" in call:
+        check_size(pipe, call["height"], call["width"])
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    with trace(pipe, layers=args.layers, words=args.words) as tr:
+        image = pipe(args.prompt, generator=generator, **call).images[0]
+    maps = tr.maps()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    image.save(args.out / "image.png")
+    maps.save(args.out / "maps.safetensors")
+    for word in args.words:
+        overlay = viz.overlay(maps.word(word).mean().numpy(), image)
+        overlay.save(args.out / f"overlay_{word.replace(' ', '_')}.png")
+    for by in ("layer", "step"):
+        fig = viz.grid_figure(maps, args.words, by=by, image=image)
+        fig.savefig(args.out / f"grid_{by}s.png", dpi=100)
+    print(
+        f"{len(args.words)} word(s) × {len(maps.layers)} layer(s) × {len(maps.steps)} step(s) "
+        f"in {time.perf_counter() - started:.1f}s → {args.out}/"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnscope",
+        description="Attention maps and concept erasure for Flux / SD3 (MMDiT) text-to-image transformers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_maps_command(subparsers)
+    from .shapes.cli import register as register_shapes
+
+    register_shapes(subparsers)
+    for ep in entry_points(group="attnscope.commands"):
+        ep.load()(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (CommandError, *USER_ERRORS) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

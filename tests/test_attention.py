@@ -1,0 +1,71 @@
+"""The text-key probability math: both capture paths against the naive full-softmax definition."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnscope.attention import (
+    fused_attention_with_lse,
+    text_probs_chunked,
+    text_probs_from_lse,
+    text_probs_reference,
+)
+
+
+def _qkv(seed: int, b: int = 2, h: int = 3, s: int = 70, d: int = 16) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    # (B, S, H, D) permuted to (B, H, S, D), as diffusers hands tensors to SDPA (non-contiguous views)
+    return tuple(torch.randn(b, s, h, d, generator=g).mul(2.0).permute(0, 2, 1, 3) for _ in range(3))
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_both_paths_match_reference(text_first: bool) -> None:
+    q, k, v = _qkv(0)
+    n_text = 9
+    s = q.shape[-2]
+    text = torch.arange(0, n_text) if text_first else torch.arange(s - n_text, s)
+    image = torch.arange(n_text, s) if text_first else torch.arange(0, s - n_text)
+    kept_text = text[[0, 2, 3, 8]]  # a subset, as when padding or unselected words are dropped
+    reference = text_probs_reference(q, k, image, kept_text)
+
+    fused = fused_attention_with_lse(q, k, v)
+    assert fused is not None, "CPU float32 without mask must take the fused flash kernel"
+    out, lse = fused
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)), "fused output must be SDPA's, bit for bit"
+    from_lse = text_probs_from_lse(q.index_select(2, image), k.index_select(2, kept_text), lse.index_select(2, image))
+    chunked = text_probs_chunked(q.index_select(2, image), k, kept_text, chunk_size=16)
+
+    assert from_lse.shape == chunked.shape == (2, 3, s - n_text, 4)
+    torch.testing.assert_close(from_lse.double(), reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.double(), reference, atol=1e-5, rtol=0)
+
+
+def test_rows_sum_to_one_with_image_part() -> None:
+    q, k, v = _qkv(1)
+    n_text = 12
+    s = q.shape[-2]
+    text, image = torch.arange(n_text), torch.arange(n_text, s)
+    probs = text_probs_chunked(q.index_select(2, image), k, text, chunk_size=7)
+    image_part = text_probs_reference(q, k, image, image)
+    total = probs.double().sum(-1) + image_part.sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
+
+
+def test_fused_declines_what_it_cannot_reproduce() -> None:
+    q, k, v = _qkv(2)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert fused_attention_with_lse(q, k, v) is None
+
+
+def test_chunked_is_differentiable_and_matches_full_gradient() -> None:
+    q, k, _ = _qkv(3, b=1, h=2, s=40, d=8)
+    q = q.double().requires_grad_()
+    k = k.double().requires_grad_()
+    text, image = torch.arange(5), torch.arange(5, 40)
+    loss = text_probs_chunked(q.index_select(2, image), k, text[:2], chunk_size=8).sum()
+    loss.backward()
+    grad_q, grad_k = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    text_probs_reference(q, k, image, text[:2]).sum().backward()
+    torch.testing.assert_close(grad_q, q.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_k, k.grad, atol=1e-6, rtol=1e-5)
