@@ -81,14 +81,13 @@ class CaptureSite:
         plan = self.trace.plan_layer(self.layer, q, k)
         if plan is None:
             return original()
-        image_index, text_index, rows = plan
-        q_rows, k_rows = q[rows], k[rows]
-        q_img = q_rows.index_select(-2, image_index)
+        image, text_index, rows = plan
+        q_img, k_rows = q[rows, :, image], k[rows]
         if fused_allowed and self.trace.path != "chunked" and not self.trace.differentiable:
             fused = fused_attention_with_lse(q, k, v, scale)
             if fused is not None:
                 out, lse = fused
-                probs = text_probs_from_lse(q_img, k_rows.index_select(-2, text_index), lse[rows].index_select(-1, image_index), scale)
+                probs = text_probs_from_lse(q_img, k_rows.index_select(-2, text_index), lse[rows, :, image], scale)
                 self.trace.record(self.layer, probs)
                 return out
         if self.trace.path == "fused":

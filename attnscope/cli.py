@@ -79,6 +79,7 @@ def run_maps(args: argparse.Namespace) -> int:
     import torch
 
     from . import viz
+    from .adapters import adapter_for
     from .pipelines import check_size, default_call_kwargs, load_pipeline
     from .trace import trace
 
@@ -94,6 +95,11 @@ def run_maps(args: argparse.Namespace) -> int:
             call[key] = value
     if "height" in call and "width" in call:
         check_size(pipe, call["height"], call["width"])
+    # Check the words before spending time on generation.
+    adapter = adapter_for(pipe)
+    tokens = adapter.prompt_tokens(pipe, args.prompt, adapter.text_length(call.get("max_sequence_length")))
+    for word in args.words:
+        tokens.positions(word)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     with trace(pipe, layers=args.layers, words=args.words) as tr:
         image = pipe(args.prompt, generator=generator, **call).images[0]
@@ -126,8 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_shapes(subparsers)
     for ep in entry_points(group="attnscope.commands"):
-        ep.load()(subparsers)
+        try:
+            register = ep.load()
+        except ImportError as err:  # e.g. the app extra (gradio) is not installed
+            _add_unavailable_command(subparsers, ep.name, err)
+        else:
+            register(subparsers)
     return parser
+
+
+def _add_unavailable_command(subparsers: argparse._SubParsersAction, name: str, err: ImportError) -> None:
+    def run(_: argparse.Namespace) -> int:
+        raise CommandError(f"'attnscope {name}' is unavailable: {err}. Install the extras: pip install 'attnscope[dev]'")
+
+    subparsers.add_parser(name, help=f"(unavailable: {err.name or err})").set_defaults(run=run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -315,7 +315,7 @@ def _match_layer(layers: tuple[LayerInfo, ...], one: int | str) -> list[int]:
         hits = [i for i, layer in enumerate(layers) if one in (layer.label, layer.name, layer.name.removesuffix(".attn"))]
     if not hits and one not in ("double", "single"):
         available = ", ".join(layer.label for layer in layers)
-        raise SelectionError(f"no captured layer {one!r}; captured layers: {available}")
+        raise SelectionError(f"no layer {one!r} here; available layers: {available}")
     return hits
 
 

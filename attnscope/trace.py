@@ -115,7 +115,7 @@ class Trace:
         self._step = -1
         self._branch_rows: list[tuple[Branch, slice]] = []
         self._rows = slice(0)
-        self._index_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._text_index: dict[torch.device, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ install
     def __enter__(self) -> Trace:
@@ -138,6 +138,9 @@ class Trace:
             self._uninstall()
             raise
         self._active = True
+        # Each entry records a new generation (a pipeline call inside also starts one; an empty one is reused).
+        if not self.generations or self.generations[-1].forwards:
+            self.generations.append(_Generation())
         self._step = -1
         return self
 
@@ -208,7 +211,7 @@ class Trace:
             self._step += 1
             gen.timesteps.append(ctx.timestep)
         self._ctx = ctx
-        self._index_cache.clear()
+        self._text_index.clear()
         self._branch_rows = self._plan_rows(ctx, gen, repeated)
         if self.differentiable and self._branch_rows:
             self._taken.append({})
@@ -259,18 +262,14 @@ class Trace:
         return plan
 
     # --------------------------------------------------------------------- called by capture sites
-    def plan_layer(self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice] | None:
-        """What a site should compute for this call: image-query and text-key positions and batch rows."""
+    def plan_layer(self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor) -> tuple[slice, torch.Tensor, slice] | None:
+        """What a site should compute for this call: image-query span, text-key positions and batch rows."""
         if not self._branch_rows or self._ctx is None:
             return None
-        device = q.device
-        key_image = ("image", device)
-        if key_image not in self._index_cache:
-            gen = self.generations[-1]
+        if q.device not in self._text_index:
             offset = self.adapter.text_offset(self._ctx)
-            self._index_cache[key_image] = self.adapter.image_index(self._ctx, q.shape[-2], device)
-            self._index_cache[("text", device)] = torch.tensor([offset + p for p in gen.keep], device=device)
-        return self._index_cache[key_image], self._index_cache[("text", device)], self._rows
+            self._text_index[q.device] = torch.tensor([offset + p for p in self.generations[-1].keep], device=q.device)
+        return self.adapter.image_span(self._ctx, q.shape[-2]), self._text_index[q.device], self._rows
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         """Store ``probs`` ``(rows, H, N_img, T_kept)`` from ``layer`` for the current call."""

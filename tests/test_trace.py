@@ -93,8 +93,9 @@ def test_captured_maps_equal_full_softmax_reference(which: str, request) -> None
     maps = tr.maps()
     n_layers = len(maps.layers)
     assert len(seen) == n_layers * len(maps.steps)
-    for call_index, (layer_index, q, k, image_index, text_index, rows) in enumerate(seen):
+    for call_index, (layer_index, q, k, image, text_index, rows) in enumerate(seen):
         step = call_index // n_layers
+        image_index = torch.arange(image.start, image.stop)
         reference = text_probs_reference(q[rows], k[rows], image_index, text_index).mean(1)[0]  # (N, T), row 0
         h, w = maps.grid
         got = maps.data[:, layer_index, step, 0].reshape(len(maps.positions), h * w).T
@@ -130,7 +131,8 @@ def test_rows_sum_to_one_with_all_text_columns(flux) -> None:
             _run(flux, TINY_FLUX_CALL_KWARGS)
     finally:
         mp.undo()
-    (q, k, image_index), = seen
+    (q, k, image), = seen
+    image_index = torch.arange(image.start, image.stop)
     text_mass = torch.from_numpy(tr.maps().numpy()).sum(0).reshape(-1)  # sum over tokens -> (N,)
     image_mass = text_probs_reference(q, k, image_index, image_index).mean(1)[0].sum(-1)
     torch.testing.assert_close(text_mass.double() + image_mass, torch.ones_like(image_mass), atol=1e-5, rtol=0)

@@ -73,6 +73,10 @@ class Adapter(ABC):
         """Tokenize ``prompt`` the way ``pipe`` feeds it to the transformer's text stream."""
 
     @abstractmethod
+    def text_length(self, max_sequence_length: int | None) -> int:
+        """Length of the transformer's text stream for a pipeline call with this ``max_sequence_length``."""
+
+    @abstractmethod
     def size_multiple(self, pipe: Any) -> int:
         """Image height and width must be multiples of this many pixels."""
 
@@ -80,11 +84,11 @@ class Adapter(ABC):
     def make_processor(self, original: Any, site: Any) -> Any:
         """A capture processor that behaves exactly like ``original`` and reports to ``site``."""
 
-    def image_index(self, ctx: ForwardContext, seq_len: int, device: torch.device) -> torch.Tensor:
-        """Positions of the image tokens in a joint sequence of ``seq_len`` tokens."""
+    def image_span(self, ctx: ForwardContext, seq_len: int) -> slice:
+        """Positions of the image tokens in a joint sequence of ``seq_len`` tokens (always contiguous)."""
         n_image = seq_len - ctx.text_length
         start = ctx.text_length if self.text_first else 0
-        return torch.arange(start, start + n_image, device=device)
+        return slice(start, start + n_image)
 
     def text_offset(self, ctx: ForwardContext) -> int:
         """Joint-sequence position of text token 0."""

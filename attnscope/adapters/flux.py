@@ -56,6 +56,9 @@ class FluxAdapter(Adapter):
     def prompt_tokens(self, pipe: Any, prompt: str, text_length: int) -> PromptTokens:
         return flux_tokens(pipe, prompt, text_length)
 
+    def text_length(self, max_sequence_length: int | None) -> int:
+        return max_sequence_length or 512  # FluxPipeline's default
+
     def size_multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * 2
 

@@ -46,6 +46,9 @@ class SD3Adapter(Adapter):
     def prompt_tokens(self, pipe: Any, prompt: str, text_length: int) -> PromptTokens:
         return sd3_tokens(pipe, prompt, text_length)
 
+    def text_length(self, max_sequence_length: int | None) -> int:
+        return 77 + (max_sequence_length or 256)  # CLIP positions, then T5 (StableDiffusion3Pipeline's default)
+
     def size_multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * pipe.transformer.config.patch_size
 
