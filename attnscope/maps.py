@@ -286,12 +286,15 @@ def _tokens_to_dict(tokens: PromptTokens) -> dict[str, Any]:
         "pieces": list(tokens.pieces),
         "valid": list(tokens.valid),
         "words": [{"text": w.text, "index": w.index, "positions": list(w.positions)} for w in tokens.words],
+        "offset": tokens.offset,
     }
 
 
 def _tokens_from_dict(d: dict[str, Any]) -> PromptTokens:
     words = tuple(Word(text=w["text"], index=w["index"], positions=tuple(w["positions"])) for w in d["words"])
-    return PromptTokens(prompt=d["prompt"], pieces=tuple(d["pieces"]), valid=tuple(d["valid"]), words=words)
+    return PromptTokens(
+        prompt=d["prompt"], pieces=tuple(d["pieces"]), valid=tuple(d["valid"]), words=words, offset=d["offset"]
+    )
 
 
 def _layer_indices(layers: tuple[LayerInfo, ...], selector: LayerSelector) -> list[int]:

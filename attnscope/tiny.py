@@ -117,7 +117,7 @@ def build_t5_tokenizer(
     """A T5-style sentencepiece Unigram tokenizer over a small vocabulary.
 
     Ids: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, ``▁`` = 3, then the word pieces, then single-character
-    fallback pieces (printable ASCII) so that unknown words still tokenize (``purple`` -> ``▁ p u r ...`` when it is
+    fallback pieces (printable ASCII) so that unknown words still tokenize (``mauve`` -> ``▁ m a u v e``, as it is
     not in the vocabulary); other characters become ``<unk>``. Pipeline as transformers' ``T5Tokenizer``: whitespace
     split, Metaspace ``▁`` prepended to every word, ``</s>`` appended, no lowercasing (T5 is cased).
     """

@@ -11,6 +11,8 @@ Layouts (position ``p`` of the text sequence):
   ``max_sequence_length`` at positions ``77 ..``. Both CLIP encoders share this tokenization (their features are
   concatenated, not their positions). Without ``text_encoder_3`` SD3 feeds zeros there: all padding.
 
+Every encoder is assumed to get the same prompt (the pipelines' ``prompt_2`` / ``prompt_3`` left unset).
+
 Alignment: words are found in the prompt text (runs of letters/digits, with inner apostrophes as in ``cat's``;
 punctuation and hyphens separate words, so ``"circle,"`` is the word ``circle`` and ``light-blue`` is two words),
 and a piece belongs to every word whose character span its *offset mapping* overlaps. Offsets come from the fast
@@ -35,7 +37,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # transformers is heavy to import; only the annotations need it
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "EmptyPromptError",
@@ -123,7 +128,7 @@ class PromptTokens:
 
     def word(self, query: str, occurrence: int | None = None) -> Word:
         """The first (or ``occurrence``-th / ``"word#n"``) occurrence of a single word, case-insensitive."""
-        match = self._matches(query, occurrence or 1)[0]
+        match = self._matches(query, occurrence)[0]
         if len(match) != 1:
             raise ValueError(f"{query!r} is a phrase of {len(match)} words: use positions() for phrases")
         if not match[0].positions:
@@ -143,12 +148,16 @@ class PromptTokens:
         n = len(wanted)
         matches = [tuple(self.words[i : i + n]) for i in range(len(texts) - n + 1) if texts[i : i + n] == wanted]
         if not matches:
-            raise UnknownWordError(f"{query!r} is not in the prompt {self.prompt!r}; its words are: {self._word_list()}")
+            raise UnknownWordError(
+                f"{query!r} is not in the prompt {self.prompt!r}; its words are: {self._word_list()}"
+            )
         if occurrence is None:
             return matches
         if not 1 <= occurrence <= len(matches):
             times = "once" if len(matches) == 1 else f"{len(matches)} times"
-            raise UnknownWordError(f"occurrence {occurrence} of {query!r} requested, but it occurs {times} in the prompt")
+            raise UnknownWordError(
+                f"occurrence {occurrence} of {query!r} requested, but it occurs {times} in the prompt"
+            )
         return [matches[occurrence - 1]]
 
     def _word_list(self) -> str:
@@ -167,7 +176,7 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
-def _encode(tokenizer: Any, prompt: str, max_length: int, offset: int) -> PromptTokens:
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, offset: int) -> PromptTokens:
     """Tokenize exactly as the diffusers pipelines do (pad to ``max_length``, truncate) and align pieces to words."""
     if not prompt.strip():
         raise EmptyPromptError("the prompt is empty: there are no words to look up")
@@ -212,12 +221,12 @@ def _encode(tokenizer: Any, prompt: str, max_length: int, offset: int) -> Prompt
     )
 
 
-def t5_tokens(tokenizer: Any, prompt: str, max_length: int, offset: int = 0) -> PromptTokens:
+def t5_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int, offset: int = 0) -> PromptTokens:
     """T5 layout: ``max_length`` positions from ``offset``: pieces, ``</s>``, then ``<pad>`` (not valid)."""
     return _encode(tokenizer, prompt, max_length, offset)
 
 
-def clip_tokens(tokenizer: Any, prompt: str, max_length: int = 77, offset: int = 0) -> PromptTokens:
+def clip_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int = 77, offset: int = 0) -> PromptTokens:
     """CLIP layout: ``max_length`` positions from ``offset``: BOS, pieces, EOS, then padding (not valid)."""
     return _encode(tokenizer, prompt, max_length, offset)
 
@@ -242,12 +251,14 @@ def concat(*parts: PromptTokens) -> PromptTokens:
         if part.prompt != first.prompt:
             raise ValueError(f"cannot concat tokens of different prompts: {first.prompt!r} and {part.prompt!r}")
         if part.offset != start:
-            raise ValueError(f"segment starts at position {part.offset}, expected {start} (build it with offset={start})")
+            raise ValueError(
+                f"segment starts at position {part.offset}, expected {start} (build it with offset={start})"
+            )
         if [w.text for w in part.words] != [w.text for w in first.words]:
             raise ValueError("segments disagree on the prompt's words")
         start += len(part)
     words = tuple(
-        Word(text=w.text, index=w.index, positions=tuple(sorted(p for part in parts for p in part.words[k].positions)))
+        Word(w.text, w.index, tuple(sorted(p for part in parts for p in part.words[k].positions)))
         for k, w in enumerate(first.words)
     )
     return PromptTokens(

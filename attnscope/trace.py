@@ -90,6 +90,10 @@ class Trace:
             raise ValueError(f"cfg must be 'cond', 'uncond' or 'both', not {cfg!r}")
         if path not in ("auto", "fused", "chunked"):
             raise ValueError(f"path must be 'auto', 'fused' or 'chunked', not {path!r}")
+        if not (heads in ("mean", "all") or isinstance(heads, int) or (
+            isinstance(heads, Sequence) and not isinstance(heads, str) and all(isinstance(h, int) for h in heads)
+        )):
+            raise ValueError(f"heads must be 'mean', 'all', a head index or a list of indices, not {heads!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.steps = steps
@@ -223,9 +227,6 @@ class Trace:
     def _start_generation(self, gen: _Generation, ctx: ForwardContext) -> None:
         gen.grid = ctx.grid
         if self.pipe is not None and gen.prompts is not None:
-            for prompt in set(gen.prompts):
-                if not prompt.strip():
-                    raise ValueError("the prompt is empty: there are no words to localize")
             gen.tokens = [self.adapter.prompt_tokens(self.pipe, p, ctx.text_length) for p in gen.prompts]
         if self.positions is not None:
             bad = [p for p in self.positions if not 0 <= p < ctx.text_length]

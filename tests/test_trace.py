@@ -291,7 +291,7 @@ def test_unknown_word_at_capture_names_prompt_words(flux) -> None:
 
 
 def test_empty_prompt_is_a_clear_error(flux) -> None:
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(attnscope.EmptyPromptError, match="empty"):
         with attnscope.trace(flux):
             _run(flux, TINY_FLUX_CALL_KWARGS, prompt="   ")
 
