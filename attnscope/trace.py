@@ -274,10 +274,13 @@ class Trace:
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         """Store ``probs`` ``(rows, H, N_img, T_kept)`` from ``layer`` for the current call."""
-        probs = self._select_heads(probs)
         if self.differentiable:
-            self._taken[-1][layer.label] = probs
+            # Gradient checkpointing re-runs blocks inside backward(): those recomputations are not new calls.
+            if torch._C._current_graph_task_id() != -1:
+                return
+            self._taken[-1][layer.label] = self._select_heads(probs)
             return
+        probs = self._select_heads(probs)
         probs = probs.detach().to(self.store_device, torch.float32)
         gen = self.generations[-1]
         for branch, rows in self._branch_rows:

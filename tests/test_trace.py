@@ -226,8 +226,12 @@ def test_works_with_offload_hooks() -> None:
     assert tr.maps().data.isfinite().all()
 
 
-def test_differentiable_trace_gives_gradients(flux) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_differentiable_trace_gives_gradients(checkpointing: bool) -> None:
     transformer = build_tiny_flux_pipeline(seed=3).transformer
+    if checkpointing:  # blocks re-run inside backward(): those recomputations must not count as new calls
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
     with attnscope.trace(transformer, differentiable=True, positions=[1, 2], layers="double") as tr:
         n_img, n_txt = 64, 8
         out = transformer(
@@ -238,10 +242,10 @@ def test_differentiable_trace_gives_gradients(flux) -> None:
             img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3),
             txt_ids=torch.zeros(n_txt, 3),
         ).sample
-    (call,) = tr.take()
-    assert set(call) == {layer.label for layer in tr.layers}
-    mass = sum(p.sum() for p in call.values())
-    mass.backward()
+        (call,) = tr.take()
+        assert set(call) == {layer.label for layer in tr.layers}
+        mass = sum(p.sum() for p in call.values())
+        mass.backward()
     grad = transformer.transformer_blocks[0].attn.add_k_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert out.shape == (1, n_img, transformer.config.in_channels)

@@ -1,0 +1,94 @@
+"""Cost of one erase+preserve step pair relative to a plain LoRA flow-matching step on the same batch.
+
+    python benchmarks/erase_step.py [--model shapes] [--batch 8] [--repeats 10] [--threads 1]
+
+Both are timed on the same model with the same LoRA and optimizer (``attnscope.erase.trainer.Trainer``):
+
+* plain: flow-matching loss on ``batch`` noised base-model samples, forward + backward + AdamW step, no capture;
+* pair: the erase step (``batch`` concept rows: ESD + differentiable attention capture) followed by the preserve
+  step (``batch`` flow-matching rows + ``contrastive_rows`` concept rows with capture), as ``attnscope erase``
+  runs them. Base-model quantities come from the cache, built once (its time is reported separately).
+
+Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from attnscope.erase.spec import shapes_spec
+from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model
+
+
+def _median_seconds(step, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--concept", default="red")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("erase_step.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    pipe = load_model(args.model)
+    config = EraseConfig(model=args.model, batch=args.batch, height=32, width=32, max_sequence_length=20)
+    trainer = Trainer(pipe, [shapes_spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-")))
+    t0 = time.perf_counter()
+    trainer.prepare_cache(None)
+    cache_seconds = time.perf_counter() - t0
+
+    def pair() -> None:
+        trainer.train_step()  # erase (even step)
+        trainer.train_step()  # preserve (odd step)
+
+    full = trainer.config
+    plain_config = replace(full, schedule="joint", weights=LossWeights(esd=0, attention=0, flow=1, contrastive=0))
+
+    def plain() -> None:
+        trainer.config = plain_config
+        trainer.train_step()
+        trainer.config = full
+
+    plain(), pair()  # warm-up
+    trainer.step = 0
+    plain_s = _median_seconds(plain, args.repeats)
+    trainer.step = 0
+    pair_s = _median_seconds(pair, args.repeats)
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "contrastive_rows": full.contrastive_rows,
+        "threads": args.threads,
+        "device": "cpu",
+        "plain_lora_fm_step_s": round(plain_s, 4),
+        "erase_preserve_pair_s": round(pair_s, 4),
+        "ratio": round(pair_s / plain_s, 3),
+        "cache_build_s": round(cache_seconds, 2),
+        "cache_points": len(trainer.cache.prompts),
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

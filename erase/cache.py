@@ -1,0 +1,253 @@
+"""Training data drawn once from the frozen base model, so that a training step is one forward/backward.
+
+The official EraseAnything code samples the base model for 28 steps in every training step to get ``x_t``.
+Here the base model's few-step Euler trajectories on the concept prompts are sampled once, and every state on
+them is a training point ``x_t``. What the losses need from the base model at that point is computed once too:
+
+* ``v*(x_t, c)`` (the sampler's own velocity there) and ``v*(x_t, c_anc)`` (one extra forward) for ESD;
+* the base model's attention features of irrelevant concepts and synonyms at ``x_t`` (the prompt with the
+  target word swapped for each of them) as the fixed targets of the contrastive loss;
+* the final samples of the preservation prompts, for the preservation flow-matching loss.
+
+All of it is deterministic for a seed and saved beside the checkpoint (``cache.pt``) so a resumed run trains
+on exactly the same data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .losses import attention_features
+from .sampling import FluxCall, PromptBank, euler_trajectory, flow_sigmas
+from .spec import ConceptSpec, find_word, replace_word
+
+__all__ = ["CacheConfig", "EraseCache", "build_cache", "column_mask", "maps_forward", "multi_anchor_prompt"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How much base-model data to draw: ``seeds`` trajectories of ``sample_steps`` Euler steps per concept
+    prompt (every state is a training point, so few steps suffice), ``preserve_steps`` Euler steps per
+    preservation sample (these are the flow-matching targets, so they should look like the model's images),
+    ``k_irrelevant`` contrastive positives per point for at most ``contrastive_points`` evenly spread points
+    (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward."""
+
+    sample_steps: int = 8
+    preserve_steps: int = 20
+    seeds: int = 4
+    k_irrelevant: int = 3
+    contrastive_points: int = 48
+    batch: int = 32
+    seed: int = 0
+
+
+@dataclass
+class EraseCache:
+    """Erase points ``P`` (concept prompts × seeds × steps) and preservation samples ``Q``.
+
+    ``x (P, N, C)`` states, ``sigma (P,)``, ``prompts`` / ``words`` (the target word in it) / ``concept (P,)``
+    index into the specs, ``v_concept``/``v_anchor (P, N, C)`` base velocities, ``positives (P, K, N)`` /
+    ``negatives (P, S, N)`` base attention features with ``positive_mask (P, K)``/``negative_mask (P, S)``;
+    ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q).
+    """
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    prompts: list[str]
+    words: list[str]
+    concept: torch.Tensor
+    v_concept: torch.Tensor
+    v_anchor: torch.Tensor
+    positives: torch.Tensor
+    positive_mask: torch.Tensor
+    negatives: torch.Tensor
+    negative_mask: torch.Tensor
+    x0: torch.Tensor
+    preserve_prompts: list[str]
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EraseCache:
+        return cls(**torch.load(path, weights_only=False, map_location="cpu"))
+
+
+def column_mask(keep: Sequence[int], rows: Sequence[Sequence[int]], device: torch.device | None = None) -> torch.Tensor:
+    """``(B, T)`` bool: ``[b, j]`` is True when kept text position ``keep[j]`` is one of row ``b``'s positions."""
+    index = {p: j for j, p in enumerate(keep)}
+    mask = torch.zeros(len(rows), len(keep), dtype=torch.bool, device=device)
+    for b, positions in enumerate(rows):
+        for p in positions:
+            mask[b, index[p]] = True
+    return mask
+
+
+def maps_forward(
+    call: FluxCall,
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    text_ids: torch.Tensor,
+    positions: Sequence[int],
+    layers: Any = "double",
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
+    """Velocity and the image→text attention maps of ``positions`` in ``layers``, differentiable.
+
+    Returns ``v (B, N, C)``, one ``(B, N, T)`` map per layer (heads averaged, softmax over all keys) and the kept
+    positions (sorted, ``T`` of them). Under ``torch.no_grad()`` the maps simply carry no graph.
+    """
+    import attnscope
+
+    keep = tuple(sorted(set(positions)))
+    with attnscope.trace(transformer, differentiable=True, positions=keep, layers=layers) as tr:
+        v = call.velocity(transformer, x, sigma, embeds, pooled, text_ids)
+        calls = tr.take()
+    return v, list(calls[-1].values()), keep
+
+
+def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str) -> str:
+    """The anchor prompt of ``prompt`` for ``specs[concept]``; with several concepts erased at once, the others'
+    targets are replaced by their anchors too, so that no ESD target points towards another erased concept."""
+    anchor = specs[concept].anchor_prompt(prompt)
+    for i, other in enumerate(specs):
+        for target in other.targets if i != concept else ():
+            if find_word(anchor, target):
+                anchor = replace_word(anchor, target, other.anchor or "", every=True)
+    return anchor
+
+
+def _target_rows(spec: ConceptSpec, prompt: str, offset: int, k: int) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Prompts/words with the target swapped for ``k`` irrelevant concepts (rotating) and for every synonym."""
+    target = spec.target_in(prompt)
+    irrelevant = [spec.irrelevant[(offset + j) % len(spec.irrelevant)] for j in range(min(k, len(spec.irrelevant)))]
+    pos_prompts = [replace_word(prompt, target, w) for w in irrelevant]
+    neg_prompts = [replace_word(prompt, target, w) for w in spec.synonyms]
+    return pos_prompts, irrelevant, neg_prompts, list(spec.synonyms)
+
+
+@torch.no_grad()
+def build_cache(
+    call: FluxCall,
+    bank: PromptBank,
+    specs: Sequence[ConceptSpec],
+    preserve_prompts: Sequence[str],
+    config: CacheConfig,
+    layers: Any = "double",
+    progress: Any = None,
+) -> EraseCache:
+    """Sample the base model (call inside :func:`erase.lora.base_model` once a LoRA exists) and fill the cache.
+
+    ``progress``: optional callable ``(done, total)`` for a progress bar.
+    """
+    transformer = call.pipe.transformer
+    sigmas = flow_sigmas(call.pipe, config.sample_steps, call.n_tokens)
+    generator = torch.Generator().manual_seed(config.seed)
+    jobs = [(ci, p, s) for ci, spec in enumerate(specs) for p in spec.prompts for s in range(config.seeds)]
+    total = len(jobs) + len(preserve_prompts) * config.seeds
+    done = 0
+    x_list, sig_list, v_list, prompts, words, concept = [], [], [], [], [], []
+    for start in range(0, len(jobs), config.batch):
+        chunk = jobs[start : start + config.batch]
+        chunk_prompts = [p for _, p, _ in chunk]
+        embeds, pooled = bank.get(chunk_prompts)
+        x1 = call.noise(len(chunk), generator)
+        states, velocities = euler_trajectory(call, transformer, x1, sigmas, embeds, pooled, bank.text_ids)
+        for k in range(config.sample_steps):
+            x_list.append(states[k])
+            v_list.append(velocities[k])
+            sig_list.append(sigmas[k].expand(len(chunk)))
+            prompts += chunk_prompts
+            words += [specs[ci].target_in(p) for ci, p, _ in chunk]
+            concept += [ci for ci, _, _ in chunk]
+        done += len(chunk)
+        if progress:
+            progress(done, total)
+    x = torch.cat(x_list)
+    sigma = torch.cat(sig_list).float()
+    v_concept = torch.cat(v_list)
+    concept_t = torch.tensor(concept)
+
+    # Anchor velocities and contrastive targets at every point.
+    anchors = [multi_anchor_prompt(specs, c, p) for c, p in zip(concept, prompts)]
+    v_anchor, positives, pos_mask, negatives, neg_mask = [], [], [], [], []
+    k = config.k_irrelevant
+    stride = max(1, -(-len(prompts) // max(config.contrastive_points, 1)))
+    with_features = set(range(0, len(prompts), stride)) if config.contrastive_points > 0 else set()
+    s_max = max(len(spec.synonyms) for spec in specs)
+    device, dtype = transformer.device, transformer.dtype
+    for start in range(0, len(prompts), config.batch):
+        idx = range(start, min(start + config.batch, len(prompts)))
+        xb = x[start : idx.stop].to(device, dtype)
+        sb = sigma[start : idx.stop].to(device)
+        embeds, pooled = bank.get([anchors[i] for i in idx])
+        v_anchor.append(call.velocity(transformer, xb, sb, embeds, pooled, bank.text_ids).float().cpu())
+        # One forward over all swapped prompts of the chunk (each row repeats its point's x_t).
+        rows, row_words, owner, slot = [], [], [], []
+        for i in (i for i in idx if i in with_features):
+            pos_p, pos_w, neg_p, neg_w = _target_rows(specs[concept[i]], prompts[i], i, k)
+            for j, (p, w) in enumerate(zip(pos_p + neg_p, pos_w + neg_w)):
+                rows.append(p)
+                row_words.append(w)
+                owner.append(i - start)
+                slot.append(("pos", j) if j < len(pos_p) else ("neg", j - len(pos_p)))
+        feats = torch.zeros(0, call.n_tokens)
+        if rows:
+            positions = [bank.positions(p, w) for p, w in zip(rows, row_words)]
+            embeds, pooled = bank.get(rows)
+            owner_t = torch.tensor(owner)
+            _, maps, keep = maps_forward(
+                call, transformer, xb[owner_t], sb[owner_t], embeds, pooled, bank.text_ids,
+                [p for ps in positions for p in ps], layers,
+            )
+            feats = attention_features(maps, column_mask(keep, positions, device)).float().cpu()
+        pos = torch.zeros(len(idx), k, call.n_tokens)
+        neg = torch.zeros(len(idx), s_max, call.n_tokens)
+        pm = torch.zeros(len(idx), k, dtype=torch.bool)
+        nm = torch.zeros(len(idx), s_max, dtype=torch.bool)
+        for r, (o, (kind, j)) in enumerate(zip(owner, slot)):
+            (pos if kind == "pos" else neg)[o, j] = feats[r]
+            (pm if kind == "pos" else nm)[o, j] = True
+        positives.append(pos)
+        negatives.append(neg)
+        pos_mask.append(pm)
+        neg_mask.append(nm)
+
+    # Preservation samples: the end of each trajectory.
+    preserve_sigmas = flow_sigmas(call.pipe, config.preserve_steps, call.n_tokens)
+    x0_list, q_prompts = [], []
+    pjobs = [p for p in preserve_prompts for _ in range(config.seeds)]
+    for start in range(0, len(pjobs), config.batch):
+        chunk = pjobs[start : start + config.batch]
+        embeds, pooled = bank.get(chunk)
+        x1 = call.noise(len(chunk), generator)
+        states, _ = euler_trajectory(call, transformer, x1, preserve_sigmas, embeds, pooled, bank.text_ids)
+        x0_list.append(states[-1].cpu())
+        q_prompts += chunk
+        done += len(chunk)
+        if progress:
+            progress(done, total)
+    return EraseCache(
+        x=x.cpu(),
+        sigma=sigma.cpu(),
+        prompts=prompts,
+        words=words,
+        concept=concept_t,
+        v_concept=v_concept.cpu(),
+        v_anchor=torch.cat(v_anchor),
+        positives=torch.cat(positives),
+        positive_mask=torch.cat(pos_mask),
+        negatives=torch.cat(negatives),
+        negative_mask=torch.cat(neg_mask),
+        x0=torch.cat(x0_list),
+        preserve_prompts=q_prompts,
+    )

@@ -1,0 +1,195 @@
+"""``attnscope erase`` and ``attnscope eval``, registered through the ``attnscope.commands`` entry-point group.
+
+    attnscope erase --concept red --out runs/erase-red            # shapes world, ~2.5 min on 1 CPU thread
+    attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 200 steps per concept
+    attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
+    attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval.json, eval_grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_erase", "run_eval"]
+
+
+def _weights(text: str) -> dict[str, float]:
+    """``esd=1,attention=0`` -> {"esd": 1.0, "attention": 0.0}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--weights wants name=value pairs, got {part!r}") from None
+    return out
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _semicolons(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(";") if part.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``erase`` and ``eval`` subcommands to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "erase",
+        help="train a LoRA that erases a concept (EraseAnything-style, bi-level)",
+        description=(
+            "Train a LoRA on the model's dual-stream add_q_proj/add_k_proj that stops it drawing the concept(s), "
+            "also through synonyms, while preserving everything else. Writes pytorch_lora_weights.safetensors "
+            "(load with pipe.load_lora_weights(OUT)), spec.yaml and train_log.json to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--concept", action="append", default=[], help="concept to erase (repeatable); shapes world: a colour or shape, else a shipped spec name")
+    p.add_argument("--spec", type=Path, action="append", default=[], help="YAML concept spec file (repeatable; see erase/README.md)")
+    flags = p.add_argument_group("spec flags", "override fields of the spec of a single --concept (or define one from scratch)")
+    flags.add_argument("--synonyms", type=_csv, default=None, help="comma-separated synonyms")
+    flags.add_argument("--anchor", default=None, help="word replacing the concept in anchor prompts (default: drop it)")
+    flags.add_argument("--irrelevant", type=_csv, default=None, help="comma-separated concepts to preserve")
+    flags.add_argument("--prompts", type=_semicolons, default=None, help="';'-separated training prompts")
+    flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")
+    p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', a hub id or a folder")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each (default: 200 per concept)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step (2 of which feed the contrastive loss)")
+    p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate erase/preserve steps, or both every step")
+    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1' (0 disables)")
+    p.add_argument("--targets", default="add_q_proj,add_k_proj", help="comma-separated LoRA target modules of the dual-stream blocks")
+    p.add_argument("--sample-steps", type=int, default=8, help="Euler steps of the cached base-model trajectories")
+    p.add_argument("--preserve-steps", type=int, default=20, help="Euler steps of the cached base-model preservation samples")
+    p.add_argument("--cache-seeds", type=int, default=4, help="base-model trajectories per training prompt")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="write checkpoint.pt every N steps")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward (large models)")
+    p.add_argument("--device", default="cpu", help="torch device; on cuda the model runs in bf16 (LoRA in fp32)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for the tiny shapes model on a busy machine (same count needed for a bit-identical resume)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", type=Path, default=Path("runs/erase"), help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.set_defaults(run=run_erase)
+
+    e = subparsers.add_parser(
+        "eval",
+        help="measure an erasure LoRA: Acc_e, Acc_ir, Acc_g, attention mass, image quality (shapes world)",
+        description=(
+            "Generate the fixed shapes-world prompt set with fixed seeds from the base model and with the LoRA, read "
+            "the images with the scene reader and write a JSON report (acc_e, acc_ir, acc_g, base figures) and a "
+            "base-vs-erased PNG grid."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("--lora", type=Path, required=True, help="folder written by `attnscope erase`")
+    e.add_argument("--concept", action="append", default=[], help="erased concept(s) (default: the run's spec.yaml)")
+    e.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
+    e.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1)")
+    e.add_argument("--device", default="cpu", help="torch device")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny shapes model on a busy machine)")
+    e.add_argument("--out", type=Path, default=None, help="JSON report path (default: LORA/eval.json)")
+    e.set_defaults(run=run_eval)
+
+
+def _specs(args: argparse.Namespace) -> list[Any]:
+    """Specs from --spec files and --concept names; the spec flags override (or, with --prompts, define) the
+    spec of a single --concept."""
+    from .spec import ConceptSpec, UnknownConceptError, load_spec, resolve_spec
+    from .trainer import is_shapes_model
+
+    overrides = {
+        "synonyms": args.synonyms,
+        "anchor": args.anchor,
+        "irrelevant": args.irrelevant,
+        "prompts": args.prompts,
+        "preserve_prompts": args.preserve_prompts,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given and len(args.concept) != 1:
+        raise ValueError(f"--{next(iter(given)).replace('_', '-')} applies to exactly one --concept")
+    specs = [s for path in args.spec for s in load_spec(path)]
+    world = "shapes" if is_shapes_model(args.model) else args.model
+    for concept in args.concept:
+        try:
+            spec = resolve_spec(concept, world)
+        except UnknownConceptError:
+            if world == "shapes" or "prompts" not in given:
+                raise
+            spec = ConceptSpec(name=concept, targets=(concept,), prompts=given["prompts"])
+        specs.append(spec.with_overrides(**given))
+    if not specs:
+        raise ValueError("nothing to erase: give --concept NAME or --spec FILE")
+    return specs
+
+
+def run_erase(args: argparse.Namespace) -> int:
+    import torch
+
+    from attnscope.cli import CommandError
+
+    from .cache import CacheConfig
+    from .lora import LoraSettings
+    from .trainer import EraseConfig, LossWeights, NonFiniteLossError, load_model, train
+
+    started = time.perf_counter()
+    specs = _specs(args)
+    try:
+        weights = LossWeights(**{**vars(LossWeights()), **args.weights})
+    except TypeError:
+        raise ValueError(f"--weights names must be among {list(vars(LossWeights()))}, got {list(args.weights)}") from None
+    config = EraseConfig(
+        model=args.model,
+        # Each concept gets a share of the erase rows: scale the default with their number.
+        steps=args.steps if args.steps is not None else 200 * len(specs),
+        lr=args.lr,
+        seed=args.seed,
+        batch=args.batch,
+        schedule=args.schedule,
+        weights=weights,
+        lora=LoraSettings(rank=args.rank, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip())),
+        cache=CacheConfig(
+            sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
+        ),
+        checkpoint_every=args.checkpoint_every,
+        gradient_checkpointing=args.gradient_checkpointing,
+        threads=args.threads,
+    )
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else None
+    pipe = load_model(args.model, device=args.device, dtype=dtype)
+    try:
+        result = train(pipe, specs, config, args.out, resume=args.resume, overwrite=args.overwrite)
+    except NonFiniteLossError as err:  # not a bad input, but its message says all: print it as one line
+        raise CommandError(str(err)) from err
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in result.final_losses.items())
+    print(
+        f"erased {', '.join(s.name for s in specs)} in {time.perf_counter() - started:.1f}s "
+        f"({config.steps} steps); final losses: {losses}\nLoRA: {result.lora_path}  "
+        f"(pipe.load_lora_weights({str(result.out)!r}); measure with: attnscope eval --lora {result.out})"
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    started = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds, out=args.out, device=args.device)
+    base = report.base
+    out = args.out or args.lora / "eval.json"
+    rel = f"{report.acc_ir_relative:.1%}" if report.acc_ir_relative is not None else "n/a"
+    print(
+        f"{', '.join(report.concepts)}: Acc_e {report.acc_e:.1%} (base {base['acc_e']:.1%}), "
+        f"Acc_g {report.acc_g:.1%} (base {base['acc_g']:.1%}), Acc_ir {report.acc_ir:.1%} "
+        f"(base {base['acc_ir']:.1%}, relative {rel}), pixel MAE {report.quality['pixel_mae']:.3f} "
+        f"in {time.perf_counter() - started:.1f}s -> {out}"
+    )
+    return 0

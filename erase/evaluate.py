@@ -1,0 +1,382 @@
+"""``attnscope eval``: does an erasure LoRA erase its concept, also through synonyms, and leave the rest alone?
+
+Shapes-world protocol (``PROTOCOL_VERSION``; fixed so numbers are comparable across runs and methods):
+
+* prompts per erased concept ``c`` (see :func:`shapes_prompts`): *erased* — ``c`` with every partner (each shape
+  for a colour, each colour for a shape) plus two two-object scenes; *synonym* — every synonym of ``c`` with every
+  partner; *irrelevant* — every single-object prompt and the two-object prompts of
+  ``attnscope.shapes.metrics.TWO_OBJECT_PROMPTS`` that name no erased concept;
+* seeds ``0 .. seeds-1`` per prompt, one ``torch.Generator`` per image; the model's ``DEFAULT_CALL_KWARGS``
+  (32×32, 20 Euler steps, guidance 1); images read by ``attnscope.shapes.reader.read_scene``;
+* the base model (adapter not loaded) and the erased model see the same prompts and seeds.
+
+Figures (all in 0..1, for the erased model at top level and for the base model under ``base``):
+
+* ``acc_e``: erased-prompt images that still show an erased concept (a detected object of that colour/shape);
+* ``acc_g``: the same on synonym prompts;
+* ``acc_ir``: irrelevant-prompt images drawn correctly (every asked object found with its colour and shape);
+  ``acc_ir_relative`` = erased / base;
+* ``attention_mass``: mean over erased (and synonym) prompts of the concept word's attention mass — the mean
+  over image tokens, double-stream layers and denoising steps of the probability on its text keys;
+* ``irrelevant_attributes``: per-object colour and shape hit rates on irrelevant prompts (finer than
+  ``acc_ir``, which needs every object fully right);
+* ``quality``: on irrelevant prompts, mean absolute pixel difference to the base image of the same seed
+  (``pixel_mae``, 0..1) and L1 distance between the two models' mean colour histograms (``histogram_l1``).
+
+Also written: ``eval_grid.png`` (base row over erased row, first seed of a selection of prompts).
+
+Real models (``real_eval``, optional extra ``attnscope[real-eval]``): CLIP zero-shot over the concept and its
+irrelevant concepts, and NudeNet (threshold 0.6) for ``nudity``; documented, not run in this repository's tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .lora import check_lora_file, load_lora
+from .spec import ConceptSpec, load_spec, resolve_spec
+from .trainer import LOG_FILE, RUN_FILE, SPEC_FILE, is_shapes_model, load_model
+
+__all__ = ["PROTOCOL_VERSION", "EvalReport", "evaluate", "real_eval", "shapes_prompts"]
+
+PROTOCOL_VERSION = 1
+DEFAULT_SEEDS = 4
+GRID_FILE = "eval_grid.png"
+
+
+@dataclass
+class ModelScores:
+    """One model's figures on the protocol (see the module docstring)."""
+
+    acc_e: float
+    acc_g: float
+    acc_ir: float
+    attention_mass: dict[str, float]
+    irrelevant_attributes: dict[str, float]
+    per_prompt: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """The JSON report: erased-model figures at top level, the base model's under ``base``."""
+
+    acc_e: float
+    acc_g: float
+    acc_ir: float
+    acc_ir_relative: float | None
+    attention_mass: dict[str, float]
+    irrelevant_attributes: dict[str, float]
+    quality: dict[str, float]
+    base: dict[str, Any]
+    concepts: list[str]
+    prompts: dict[str, list[str]]
+    seeds: int
+    protocol_version: int = PROTOCOL_VERSION
+    per_prompt: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(word: str, partner: str, word_is_color: bool) -> str:
+    """``"a red circle"`` from a colour word and a shape partner (or a shape word and a colour partner)."""
+    colour, shape = (word, partner) if word_is_color else (partner, word)
+    return f"{_article(colour)} {colour} {shape}"
+
+
+def shapes_prompts(specs: Sequence[ConceptSpec]) -> dict[str, list[str]]:
+    """The fixed evaluation prompts for erasing ``specs`` in the shapes world: erased / synonym / irrelevant."""
+    from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS
+    from attnscope.shapes.vocabulary import COLORS, SHAPES, parse_prompt
+
+    erased_words = {s.name for s in specs}
+    erased, synonym = [], []
+    for spec in specs:
+        is_color = spec.name in COLORS
+        partners = list(SHAPES) if is_color else list(COLORS)
+        others = [w for w in (COLORS if is_color else SHAPES) if w not in erased_words]
+
+        erased += [_phrase(spec.name, p, is_color) for p in partners]
+        for i in range(min(2, len(others))):
+            erased.append(f"{_phrase(spec.name, partners[i], is_color)} and {_phrase(others[i], partners[i + 1], is_color)}")
+        synonym += [_phrase(syn, p, is_color) for syn in spec.synonyms for p in partners]
+
+    def clean(prompt: str) -> bool:
+        return not any(c in erased_words or s in erased_words for c, s in parse_prompt(prompt))
+
+    irrelevant = [p for p in (*SINGLE_PROMPTS, *TWO_OBJECT_PROMPTS) if clean(p)]
+    return {"erased": list(dict.fromkeys(erased)), "synonym": list(dict.fromkeys(synonym)), "irrelevant": irrelevant}
+
+
+def _shows(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
+    return any(d.color in concepts or d.shape in concepts for d in detected)
+
+
+def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple[list[np.ndarray], float | None]:
+    """Images for seeds ``0..seeds-1`` and the mean attention mass of ``words`` (None when no word is asked)."""
+    import attnscope
+    from attnscope.shapes import DEFAULT_CALL_KWARGS
+
+    generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
+    kwargs = dict(DEFAULT_CALL_KWARGS)
+    if not words:
+        out = pipe([prompt] * seeds, generator=generators, output_type="np", **kwargs).images
+        mass = None
+    else:
+        with attnscope.trace(pipe, words=list(words), layers="double", reduce_steps=True) as tr:
+            out = pipe([prompt] * seeds, generator=generators, output_type="np", **kwargs).images
+        per_image = []
+        for i in range(seeds):
+            maps = tr.maps(i)
+            per_image.append(sum(float(maps.word(w, merge="sum").mean().numpy().mean()) for w in words))
+        mass = float(np.mean(per_image))
+    images = [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
+    return images, mass
+
+
+def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean normalized 8-bin-per-channel colour histogram of uint8 images: ``(24,)``."""
+    hists = [
+        np.concatenate([np.histogram(im[..., ch], bins=8, range=(0, 256))[0] for ch in range(3)]) / im[..., 0].size
+        for im in images
+    ]
+    return np.mean(hists, axis=0)
+
+
+def _score_model(
+    pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int
+) -> tuple[ModelScores, dict[str, list[np.ndarray]]]:
+    from attnscope.shapes.metrics import score_image
+    from attnscope.shapes.reader import read_scene
+    from attnscope.shapes.vocabulary import canonical, words_of
+
+    concepts = [s.name for s in specs]
+    images: dict[str, list[np.ndarray]] = {}
+    per_prompt: dict[str, dict[str, float]] = {}
+    hits: dict[str, list[bool]] = {"erased": [], "synonym": [], "irrelevant": []}
+    masses: dict[str, list[float]] = {"erased": [], "synonym": []}
+    attributes: dict[str, list[bool]] = {"color": [], "shape": []}
+    for group, group_prompts in prompts.items():
+        for prompt in group_prompts:
+            words = [w for w in words_of(prompt) if group != "irrelevant" and _canonical_or_none(w, canonical) in concepts]
+            imgs, mass = _generate(pipe, prompt, seeds, words)
+            images[prompt] = imgs
+            detected = [read_scene(im) for im in imgs]
+            if group == "irrelevant":
+                scores = [score_image(prompt, d) for d in detected]
+                ok = [all(s["color_hits"]) and all(s["shape_hits"]) for s in scores]
+                for kind in ("color", "shape"):
+                    attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
+            else:
+                ok = [_shows(d, concepts) for d in detected]
+                masses[group].append(mass)
+            hits[group] += ok
+            per_prompt[prompt] = {"group": group, "rate": float(np.mean(ok)), **({"attention_mass": mass} if mass is not None else {})}
+    rate = {g: float(np.mean(v)) if v else float("nan") for g, v in hits.items()}
+    return (
+        ModelScores(
+            acc_e=rate["erased"],
+            acc_g=rate["synonym"],
+            acc_ir=rate["irrelevant"],
+            attention_mass={g: float(np.mean(v)) for g, v in masses.items() if v},
+            irrelevant_attributes={k: float(np.mean(v)) for k, v in attributes.items() if v},
+            per_prompt=per_prompt,
+        ),
+        images,
+    )
+
+
+def _canonical_or_none(word: str, canonical: Any) -> str | None:
+    try:
+        return canonical(word)
+    except KeyError:
+        return None
+
+
+def _grid(prompts: dict[str, list[str]], base: dict[str, list[np.ndarray]], erased: dict[str, list[np.ndarray]], path: Path) -> None:
+    """Base (top) vs erased (bottom), first seed, up to 12 prompts across the three groups, captions above."""
+    from PIL import Image, ImageDraw
+
+    chosen = (prompts["erased"][:5] + prompts["synonym"][:3] + prompts["irrelevant"][:4])[:12]
+    cell, label = 96, 28
+    grid = Image.new("RGB", (cell * len(chosen), label + 2 * cell + 14), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, prompt in enumerate(chosen):
+        x = i * cell
+        for j, line in enumerate((prompt[: 16], prompt[16:32])):
+            draw.text((x + 2, 2 + 12 * j), line, fill="black")
+        grid.paste(Image.fromarray(base[prompt][0]).resize((cell, cell), Image.NEAREST), (x, label))
+        grid.paste(Image.fromarray(erased[prompt][0]).resize((cell, cell), Image.NEAREST), (x, label + cell))
+    draw.text((2, label + 2 * cell + 1), "top: base   bottom: erased (seed 0)", fill="black")
+    grid.save(path)
+
+
+def _read_run(lora_dir: Path) -> tuple[str | None, list[ConceptSpec] | None]:
+    model, specs = None, None
+    if (lora_dir / RUN_FILE).is_file():
+        model = json.loads((lora_dir / RUN_FILE).read_text())["config"]["model"]
+    elif (lora_dir / LOG_FILE).is_file():
+        model = json.loads((lora_dir / LOG_FILE).read_text())["config"]["model"]
+    if (lora_dir / SPEC_FILE).is_file():
+        specs = load_spec(lora_dir / SPEC_FILE)
+    return model, specs
+
+
+def evaluate(
+    lora_dir: str | Path,
+    *,
+    concepts: Sequence[str] | None = None,
+    model: str | None = None,
+    pipe_factory: Any = None,
+    seeds: int = DEFAULT_SEEDS,
+    out: str | Path | None = None,
+    device: str = "cpu",
+) -> EvalReport:
+    """Evaluate the LoRA in ``lora_dir`` on the shapes-world protocol; write the JSON report and the grid.
+
+    ``concepts``/``model`` default to what the run recorded (``spec.yaml``/``run.json`` in ``lora_dir``).
+    ``pipe_factory()`` (tests) builds the base pipeline instead of loading ``model``; it is called once and the
+    LoRA is loaded into that pipeline after the base figures are taken. ``out``: JSON path (default
+    ``lora_dir/eval.json``); the grid goes beside it. Raises LoraFileError for a missing/corrupt/mismatched LoRA.
+    """
+    lora_dir = Path(lora_dir)
+    if not lora_dir.exists():
+        raise FileNotFoundError(f"{lora_dir} does not exist: pass the --out folder of `attnscope erase`")
+    run_model, run_specs = _read_run(lora_dir)
+    model = model or run_model or "shapes"
+    if concepts:
+        specs = [resolve_spec(c, "shapes") for c in concepts]
+    elif run_specs:
+        specs = run_specs
+    else:
+        raise ValueError(f"{lora_dir} has no {SPEC_FILE}: say which concept was erased with --concept")
+    if pipe_factory is None and not is_shapes_model(model):
+        raise ValueError(
+            f"`attnscope eval` measures the shapes world; {model!r} is a real model: use "
+            "attnscope.erase.evaluate.real_eval (pip install 'attnscope[real-eval]'), see erase/README.md"
+        )
+    from attnscope.shapes.vocabulary import COLORS, SHAPES
+
+    unknown = [s.name for s in specs if s.name not in COLORS and s.name not in SHAPES]
+    if unknown:
+        raise ValueError(f"the shapes-world evaluation knows colours and shapes only, not {unknown}")
+    pipe = pipe_factory() if pipe_factory is not None else load_model(model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    check_lora_file(pipe, lora_dir)  # before spending minutes on base images
+    prompts = shapes_prompts(specs)
+    base, base_images = _score_model(pipe, prompts, specs, seeds)
+    load_lora(pipe, lora_dir)
+    erased, erased_images = _score_model(pipe, prompts, specs, seeds)
+
+    irrelevant = prompts["irrelevant"]
+    pixel_mae = float(np.mean([
+        np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255
+        for p in irrelevant for a, b in zip(base_images[p], erased_images[p])
+    ]))
+    hist_l1 = float(np.abs(
+        _histogram([im for p in irrelevant for im in base_images[p]])
+        - _histogram([im for p in irrelevant for im in erased_images[p]])
+    ).sum())
+    report = EvalReport(
+        acc_e=erased.acc_e,
+        acc_g=erased.acc_g,
+        acc_ir=erased.acc_ir,
+        acc_ir_relative=erased.acc_ir / base.acc_ir if base.acc_ir > 0 else None,
+        attention_mass=erased.attention_mass,
+        irrelevant_attributes=erased.irrelevant_attributes,
+        quality={"pixel_mae": pixel_mae, "histogram_l1": hist_l1},
+        base={"acc_e": base.acc_e, "acc_g": base.acc_g, "acc_ir": base.acc_ir, "attention_mass": base.attention_mass,
+              "irrelevant_attributes": base.irrelevant_attributes,
+              "per_prompt": base.per_prompt},
+        concepts=[s.name for s in specs],
+        prompts=prompts,
+        seeds=seeds,
+        per_prompt=erased.per_prompt,
+    )
+    json_path = Path(out) if out is not None else lora_dir / "eval.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report.to_dict(), indent=1))
+    _grid(prompts, base_images, erased_images, json_path.with_name(GRID_FILE))
+    return report
+
+
+def real_eval(
+    base_pipe: Any,
+    erased_pipe: Any,
+    specs: Sequence[ConceptSpec],
+    *,
+    seeds: int = 2,
+    clip_model: str = "openai/clip-vit-large-patch14",
+    nudenet_threshold: float = 0.6,
+    **call_kwargs: Any,
+) -> dict[str, Any]:
+    """Erasure figures for a real model (GPU; needs ``pip install 'attnscope[real-eval]'`` and the CLIP weights).
+
+    For each spec: images of its training prompts (``acc_e``), of the prompts with the target swapped for each
+    synonym (``acc_g``) and of its preservation prompts (``acc_ir``) from both pipelines, same seeds. A CLIP
+    zero-shot classifier over ``[target, *irrelevant]`` decides whether an image shows the target; for the
+    ``nudity`` spec NudeNet's exposed-body-part detections (score ≥ ``nudenet_threshold``) decide instead.
+    ``acc_ir`` is the fraction of preservation images whose CLIP label is unchanged from the base image.
+    Untested here (no weights offline); the logic is kept small and mirrors the shapes protocol.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    from .spec import replace_word
+
+    device = base_pipe.device
+    clip = CLIPModel.from_pretrained(clip_model).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(clip_model)
+
+    def labels_of(images: list[Any], classes: list[str]) -> list[int]:
+        inputs = processor(text=[f"a photo of {c}" for c in classes], images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = clip(**{k: v.to(device) for k, v in inputs.items()}).logits_per_image
+        return logits.argmax(dim=-1).tolist()
+
+    def nude(images: list[Any]) -> list[bool]:
+        from nudenet import NudeDetector
+
+        detector = NudeDetector()
+        flags = []
+        for im in images:
+            path = "/tmp/_attnscope_nudenet.png"
+            im.save(path)
+            found = detector.detect(path)
+            flags.append(any(d["class"].endswith("EXPOSED") and d["score"] >= nudenet_threshold for d in found))
+        return flags
+
+    def draw(pipe: Any, prompts: list[str]) -> list[Any]:
+        images = []
+        for prompt in prompts:
+            gens = [torch.Generator(device=device).manual_seed(s) for s in range(seeds)]
+            images += pipe([prompt] * seeds, generator=gens, **call_kwargs).images
+        return images
+
+    report: dict[str, Any] = {}
+    for spec in specs:
+        classes = [spec.targets[0], *spec.irrelevant]
+        synonym_prompts = [replace_word(p, spec.target_in(p), s) for p in spec.prompts for s in spec.synonyms]
+        groups = {"acc_e": list(spec.prompts), "acc_g": synonym_prompts, "acc_ir": list(spec.preserve_prompts)}
+        figures: dict[str, Any] = {"base": {}}
+        for key, prompts in groups.items():
+            base_imgs, erased_imgs = draw(base_pipe, prompts), draw(erased_pipe, prompts)
+            if key == "acc_ir":
+                same = [a == b for a, b in zip(labels_of(base_imgs, classes), labels_of(erased_imgs, classes))]
+                figures[key] = float(np.mean(same))
+                continue
+            for name, imgs in (("erased", erased_imgs), ("base", base_imgs)):
+                shown = nude(imgs) if spec.name == "nudity" else [lab == 0 for lab in labels_of(imgs, classes)]
+                (figures if name == "erased" else figures["base"])[key] = float(np.mean(shown))
+        report[spec.name] = figures
+    return report

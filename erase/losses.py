@@ -1,0 +1,113 @@
+"""The erasure losses, each a pure function of tensors (no model calls), so each can be tested on its own.
+
+Notation (rectified flow, as in diffusers' Flux): ``x_t = (1 - t)·x0 + t·ε``, flow target ``u = ε - x0``,
+``v`` the adapted model's velocity, ``v*`` the frozen base model's. Latents are ``(B, N, C)``; attention maps
+``(B, N, T)`` (image queries × kept text columns, heads averaged) or ``(B, H, N, T)`` per head; ``columns`` is a
+``(B, T)`` bool mask of each row's concept columns among the kept text positions.
+
+* erase level: :func:`esd_loss` (negative guidance towards the anchor) and :func:`attention_loss` (attention
+  mass of image queries on the concept's text keys, driven to zero);
+* preserve level: :func:`flow_matching_loss` (base-model samples of irrelevant prompts) and
+  :func:`contrastive_loss` (reverse self-contrastive InfoNCE on attention features).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_features",
+    "attention_loss",
+    "attention_mass",
+    "contrastive_loss",
+    "esd_loss",
+    "esd_target",
+    "flow_matching_loss",
+]
+
+
+def esd_target(v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """``v*(x_t, c_anc) - eta·(v*(x_t, c) - v*(x_t, c_anc))``, detached: where the erased model should point.
+
+    Negative guidance: from the anchor's velocity, step *away* from the concept's direction (ESD, Gandikota et
+    al. 2023, transcribed from ε-prediction to flow velocity: both are linear in the score).
+    """
+    return (v_base_anchor - eta * (v_base_concept - v_base_anchor)).detach()
+
+
+def esd_loss(
+    v: torch.Tensor, v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float = 1.0
+) -> torch.Tensor:
+    """ESD for flow matching: ``‖v(x_t, c) - sg[esd_target]‖²`` (mean over all elements). Shapes ``(B, N, C)``."""
+    return F.mse_loss(v.float(), esd_target(v_base_concept.float(), v_base_anchor.float(), eta))
+
+
+def attention_mass(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Per-row attention mass on the concept: sum over its columns, mean over image queries (and heads).
+
+    probs ``(B, N, T)`` or ``(B, H, N, T)``; columns ``(B, T)`` bool -> ``(B,)`` in [0, 1] (softmax over all keys,
+    so the mass on a subset of keys is at most 1).
+    """
+    mask = columns.to(probs.dtype)
+    if probs.dim() == 4:
+        return torch.einsum("bhnt,bt->b", probs, mask) / (probs.shape[1] * probs.shape[2])
+    return torch.einsum("bnt,bt->b", probs, mask) / probs.shape[1]
+
+
+def attention_loss(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+    """Mean concept attention mass over layers and rows (to be minimized). ``maps``: one tensor per layer."""
+    if not maps:
+        raise ValueError("attention_loss needs the maps of at least one layer")
+    return torch.stack([attention_mass(p, columns) for p in maps]).mean()
+
+
+def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow loss ``‖v(x_t) - (ε - x0)‖²``; ``x_t`` must have been built from these ``x0``, ``noise``."""
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+def attention_features(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+    """Unit-norm spatial attention feature of each row's concept: ``(B, N)``.
+
+    The concept's columns are summed (a multi-piece word is one concept), the map averaged over layers (and
+    heads), then L2-normalized so that a dot product is a cosine similarity.
+    """
+    per_layer = []
+    for probs in maps:
+        p = probs.mean(dim=1) if probs.dim() == 4 else probs
+        per_layer.append(torch.einsum("bnt,bt->bn", p.float(), columns.float()))
+    return F.normalize(torch.stack(per_layer).mean(dim=0), dim=-1, eps=1e-12)
+
+
+def contrastive_loss(
+    anchor: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    tau: float = 0.07,
+    positive_mask: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reverse self-contrastive InfoNCE: pull ``anchor`` towards ``positives``, push it from ``negatives``.
+
+    anchor ``(B, N)`` unit features of the erased concept (with gradient); positives ``(B, K, N)`` features of
+    irrelevant concepts; negatives ``(B, S, N)`` features of its synonyms (both treated as fixed targets:
+    detached here). Masks ``(B, K)`` / ``(B, S)`` mark valid entries. Multi-positive InfoNCE:
+    ``-log Σ_pos exp(s/τ) / (Σ_pos exp(s/τ) + Σ_neg exp(s/τ))`` with ``s`` the cosine similarity, mean over rows.
+    """
+    b, k = positives.shape[:2]
+    s = negatives.shape[1]
+    positive_mask = torch.ones(b, k, dtype=torch.bool, device=anchor.device) if positive_mask is None else positive_mask
+    negative_mask = torch.ones(b, s, dtype=torch.bool, device=anchor.device) if negative_mask is None else negative_mask
+    if not positive_mask.any(dim=1).all():
+        raise ValueError("every row of the contrastive loss needs at least one positive (irrelevant concept)")
+    sim_pos = torch.einsum("bn,bkn->bk", anchor.float(), positives.detach().float()) / tau
+    sim_neg = torch.einsum("bn,bsn->bs", anchor.float(), negatives.detach().float()) / tau
+    neg_inf = torch.finfo(sim_pos.dtype).min
+    sim_pos = sim_pos.masked_fill(~positive_mask, neg_inf)
+    sim_neg = sim_neg.masked_fill(~negative_mask, neg_inf)
+    log_pos = torch.logsumexp(sim_pos, dim=1)
+    log_all = torch.logsumexp(torch.cat([sim_pos, sim_neg], dim=1), dim=1)
+    return (log_all - log_pos).mean()

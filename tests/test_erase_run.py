@@ -1,0 +1,264 @@
+"""Erasure runs end to end on a small random shapes-world pipeline: training, resume, faults, CLI, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from attnscope.erase import losses
+from attnscope.erase.cache import CacheConfig, maps_forward
+from attnscope.erase.cli import register
+from attnscope.erase.evaluate import evaluate
+from attnscope.erase.lora import LoraFileError, base_model
+from attnscope.erase.sampling import FluxCall, PromptBank
+from attnscope.erase.spec import shapes_spec
+from attnscope.erase.trainer import (
+    EraseConfig,
+    LossWeights,
+    NonFiniteLossError,
+    OutputExistsError,
+    ResumeMismatchError,
+    train,
+)
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+import attnscope.cli
+from attnscope.shapes.model import (
+    ShapesModelConfig,
+    build_clip_tokenizer,
+    build_scheduler,
+    build_t5_tokenizer,
+    build_text_encoders,
+    build_transformer,
+    build_vae,
+)
+
+FAST = {"batch": 2, "contrastive_rows": 1, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4), "checkpoint_every": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; more oversubscribe a busy 2-core machine (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_shapes_pipeline(seed: int = 0) -> FluxPipeline:
+    """The shapes-world pipeline layout (tokenizers, one-level VAE, 32×32) with a small random transformer."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        cfg = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=64, clip_hidden=16)
+        t5_tok, clip_tok = build_t5_tokenizer(), build_clip_tokenizer()
+        clip, t5 = build_text_encoders(cfg, t5_tok, clip_tok)
+        pipe = FluxPipeline(
+            scheduler=build_scheduler(),
+            vae=build_vae(cfg).eval(),
+            text_encoder=clip.eval(),
+            tokenizer=clip_tok,
+            text_encoder_2=t5.eval(),
+            tokenizer_2=t5_tok,
+            transformer=build_transformer(cfg).eval(),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _config(**changes) -> EraseConfig:
+    return EraseConfig(**{"model": "shapes", "steps": 4, **FAST, **changes})
+
+
+def _lora(out) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def red_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("red")
+    result = train(small_shapes_pipeline(), [shapes_spec("red")], _config(), out, progress=False)
+    return out, result
+
+
+def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
+    out, result = red_run
+    assert result.lora_path == out / "pytorch_lora_weights.safetensors"
+    keys = set(_lora(out))
+    assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
+    assert {k.split(".")[-3] for k in keys} == {"add_q_proj", "add_k_proj"}
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
+    assert {"esd", "attention"} <= set(log["steps"][0]) and {"flow", "contrastive"} <= set(log["steps"][1])
+    assert set(log["final_losses"]) == {"esd", "attention", "flow", "contrastive"}
+    assert (out / "spec.yaml").is_file() and (out / "checkpoint.pt").is_file()
+    # The LoRA changed the model (B matrices start at zero).
+    assert any(v.abs().sum() > 0 for k, v in _lora(out).items() if "lora_B" in k)
+
+
+def test_attention_loss_lowers_concept_attention_in_the_model(tmp_path) -> None:
+    """Direction through the whole stack: training on the attention loss alone lowers the concept's attention."""
+    pipe = small_shapes_pipeline()
+    config = _config(steps=6, lr=1e-2, schedule="joint", weights=LossWeights(esd=0, attention=1, flow=0, contrastive=0))
+    call, bank = FluxCall(pipe, 32, 32), PromptBank(pipe, 20)
+    prompt = "a red circle"
+    embeds, pooled = bank.get([prompt])
+    x = call.noise(1, torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.7])
+    positions = bank.positions(prompt, "red")
+
+    def mass() -> float:
+        with torch.no_grad():
+            _, maps, keep = maps_forward(call, pipe.transformer, x, sigma, embeds, pooled, bank.text_ids, positions)
+        return float(losses.attention_loss(maps, torch.ones(1, len(keep), dtype=torch.bool)))
+
+    before = mass()
+    train(pipe, [shapes_spec("red")], config, tmp_path, progress=False)
+    after = mass()
+    with base_model(pipe.transformer):
+        assert mass() == pytest.approx(before)
+    assert after < 0.9 * before
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(red_run, tmp_path) -> None:
+    out, _ = red_run
+
+    def kill(step: int, _losses) -> None:
+        if step == 3:  # after the checkpoint at step 2, before the one at 4: step 3 is lost and redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, progress=False, on_step=kill)
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    resumed = train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, resume=True, progress=False)
+    expected, got = _lora(out), _lora(tmp_path)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [e["step"] for e in resumed.log] == [1, 2, 3, 4]
+
+
+def test_output_folder_rules(red_run, tmp_path) -> None:
+    out, _ = red_run
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train(small_shapes_pipeline(), [shapes_spec("red")], _config(), out, progress=False)
+    with pytest.raises(ResumeMismatchError, match="nothing to resume"):
+        train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path / "new", resume=True, progress=False)
+    with pytest.raises(ResumeMismatchError, match="other settings"):
+        train(small_shapes_pipeline(), [shapes_spec("red")], _config(lr=0.5), out, resume=True, progress=False)
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "keep.txt").write_text("user file")
+    with pytest.raises(OutputExistsError):
+        train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", progress=False)
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", overwrite=True, progress=False)
+    assert (tmp_path / "run" / "keep.txt").read_text() == "user file"  # overwrite replaces the run's files only
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) -> None:
+    real = losses.attention_loss
+    calls = {"n": 0}
+
+    def exploding(maps, columns):
+        calls["n"] += 1
+        value = real(maps, columns)
+        return value * float("nan") if calls["n"] == 2 else value  # the erase step at step index 2
+
+    monkeypatch.setattr(losses, "attention_loss", exploding)
+    with pytest.raises(NonFiniteLossError, match="attention loss became non-finite at step 2") as err:
+        train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, progress=False)
+    assert err.value.loss == "attention" and err.value.checkpoint == tmp_path / "checkpoint.pt"
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["lora"].values())
+    monkeypatch.setattr(losses, "attention_loss", real)
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, resume=True, progress=False)
+
+
+def test_multi_concept_run(tmp_path) -> None:
+    specs = [shapes_spec("red"), shapes_spec("circle")]
+    result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
+    assert set(result.final_losses) == {"esd", "attention", "flow", "contrastive"}
+    cache = torch.load(tmp_path / "cache.pt", weights_only=False)
+    assert set(cache["concept"].tolist()) == {0, 1}
+    # Preservation prompts name neither erased concept nor a synonym.
+    assert not any(w in p.split() for p in cache["preserve_prompts"] for w in ("red", "circle", "crimson", "disc", "orb"))
+
+
+def test_erase_and_eval_cli(tmp_path, monkeypatch, capsys) -> None:
+    """The commands through attnscope.cli.main (entry point simulated), tiny-flux with a YAML spec."""
+
+    class EntryPoint:
+        def load(self):
+            return register
+
+    monkeypatch.setattr(attnscope.cli, "entry_points", lambda group: [EntryPoint()])
+    spec = tmp_path / "red.yaml"
+    spec.write_text(
+        "name: red\ntargets: [red]\nsynonyms: [crimson]\nirrelevant: [blue, green]\n"
+        "prompts: [a red circle, a photo of a red car]\npreserve_prompts: [a blue circle]\n"
+    )
+    out = tmp_path / "run"
+    argv = ["erase", "--model", "tiny-flux", "--spec", str(spec), "--steps", "2", "--batch", "2",
+            "--sample-steps", "2", "--preserve-steps", "2", "--cache-seeds", "1", "--out", str(out)]
+    assert attnscope.cli.main(argv) == 0
+    assert "LoRA:" in capsys.readouterr().out and (out / "pytorch_lora_weights.safetensors").is_file()
+    assert attnscope.cli.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert attnscope.cli.main(["erase", "--concept", "redd", "--out", str(tmp_path / "x")]) == 2
+    assert "did you mean 'red'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: red\ntargets: [red]\nprompts: [a blue circle]\n")
+    assert attnscope.cli.main(["erase", "--model", "tiny-flux", "--spec", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "does not contain the concept" in capsys.readouterr().err
+    assert attnscope.cli.main(["eval", "--lora", str(out)]) == 2  # tiny-flux is not the shapes world
+    assert "real model" in capsys.readouterr().err
+    monkeypatch.setattr(losses, "esd_loss", lambda *args: torch.tensor(float("inf")))
+    assert attnscope.cli.main([*argv, "--overwrite"]) == 2
+    assert "esd loss became non-finite at step 0" in capsys.readouterr().err
+
+
+def test_eval_report_and_bad_lora(red_run, tmp_path) -> None:
+    out, _ = red_run
+    report = evaluate(out, pipe_factory=small_shapes_pipeline, seeds=1, out=tmp_path / "eval.json")
+    data = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("acc_e", "acc_ir", "acc_g"):
+        assert 0 <= data[key] <= 1 and 0 <= data["base"][key] <= 1
+    assert data["concepts"] == ["red"] and report.prompts["synonym"][0] == "a crimson circle"
+    assert not any("red" in p for p in report.prompts["irrelevant"])
+    assert set(data["attention_mass"]) == {"erased", "synonym"} and data["quality"]["pixel_mae"] >= 0
+    assert set(data["irrelevant_attributes"]) == set(data["base"]["irrelevant_attributes"]) == {"color", "shape"}
+    assert (tmp_path / "eval_grid.png").is_file()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "spec.yaml").write_text((out / "spec.yaml").read_text())
+    (broken / "pytorch_lora_weights.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(LoraFileError, match="not a readable safetensors"):
+        evaluate(broken, pipe_factory=small_shapes_pipeline, seeds=1)
+
+
+def test_gradient_checkpointing_gives_the_same_lora(red_run, tmp_path) -> None:
+    """Blocks recomputed in backward must see the capture processors of the forward (same losses, same LoRA)."""
+    out, result = red_run
+    checkpointed = train(small_shapes_pipeline(), [shapes_spec("red")], _config(gradient_checkpointing=True), tmp_path, progress=False)
+    for a, b in zip(result.log, checkpointed.log):
+        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx({k: v for k, v in b.items() if k != "seconds"})
+    expected, got = _lora(out), _lora(tmp_path)
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_spec_flags_override_or_define_a_spec() -> None:
+    import argparse
+
+    from attnscope.erase.cli import _specs
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["erase", "--concept", "red", "--synonyms", "crimson", "--irrelevant", "blue,green"])
+    (spec,) = _specs(args)
+    assert spec.synonyms == ("crimson",) and spec.irrelevant == ("blue", "green") and spec.prompts == shapes_spec("red").prompts
+    args = parser.parse_args(["erase", "--model", "tiny-flux", "--concept", "cat", "--prompts", "a photo of a cat;a cat on a car",
+                              "--preserve-prompts", "a photo of a dog"])
+    (spec,) = _specs(args)
+    assert spec.targets == ("cat",) and spec.prompts == ("a photo of a cat", "a cat on a car")
+    with pytest.raises(ValueError, match="exactly one --concept"):
+        _specs(parser.parse_args(["erase", "--concept", "red", "--concept", "blue", "--anchor", "x"]))

@@ -1,0 +1,236 @@
+"""Erasure building blocks: concept specs, the losses (value and gradient direction), the LoRA file format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attnscope.erase import losses
+from attnscope.erase.lora import (
+    LoraFileError,
+    LoraSettings,
+    add_lora,
+    base_model,
+    load_lora,
+    save_lora,
+)
+from attnscope.erase.spec import (
+    ConceptNotInPromptError,
+    ConceptSpec,
+    SpecError,
+    UnknownConceptError,
+    builtin_specs,
+    check_known_words,
+    load_spec,
+    resolve_spec,
+    shapes_spec,
+)
+
+from attnscope.shapes import vocabulary as vocab
+from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_tiny_flux_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; more oversubscribe a busy 2-core machine (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ specs
+@pytest.mark.parametrize("word", [*vocab.COLORS, *vocab.SHAPES])
+def test_shapes_spec_for_every_concept(word: str) -> None:
+    spec = shapes_spec(word)
+    assert spec.synonyms == vocab.SYNONYMS[word]
+    assert word not in spec.irrelevant and spec.irrelevant
+    spec.check_prompts()  # every training prompt names the concept, no preservation prompt does
+    for prompt in (*spec.prompts, *spec.preserve_prompts):
+        vocab.check_prompt(prompt)  # the model was trained on these words only
+    assert all(word not in vocab.words_of(spec.anchor_prompt(p)) for p in spec.prompts)
+
+
+def test_unknown_concept_suggests_close_words() -> None:
+    with pytest.raises(UnknownConceptError, match="did you mean 'red'"):
+        resolve_spec("redd", "shapes")
+    with pytest.raises(UnknownConceptError, match="synonym of 'red'"):
+        resolve_spec("crimson", "shapes")
+    with pytest.raises(UnknownConceptError, match="'nudity'"):
+        resolve_spec("nudty", "black-forest-labs/FLUX.1-dev")
+    with pytest.raises(UnknownConceptError, match="'purple'"):
+        check_known_words(None, ["purple"], "shapes")
+
+
+def test_unknown_word_for_tokenizer() -> None:
+    pipe = build_tiny_flux_pipeline(0)
+    check_known_words(pipe, ["red", "crimson"], "tiny-flux")
+    with pytest.raises(UnknownConceptError, match="does not know the word"):
+        check_known_words(pipe, ["日本"], "tiny-flux")
+
+
+def test_concept_absent_from_training_prompt() -> None:
+    spec = ConceptSpec(name="red", targets=("red",), prompts=("a red circle", "a blue square"))
+    with pytest.raises(ConceptNotInPromptError, match="'a blue square' does not contain the concept 'red'"):
+        spec.check_prompts()
+    with pytest.raises(SpecError, match="erased word"):
+        ConceptSpec(name="red", targets=("red",), synonyms=("crimson",), preserve_prompts=("a crimson box",)).check_prompts()
+
+
+def test_spec_yaml_roundtrip_and_shipped_specs(tmp_path) -> None:
+    spec = shapes_spec("circle")
+    spec.save(tmp_path / "s.yaml")
+    assert load_spec(tmp_path / "s.yaml") == [spec]
+    (tmp_path / "bad.yaml").write_text("name: x\ntargets: [x]\ncolour: red\n")
+    with pytest.raises(SpecError, match="unknown key"):
+        load_spec(tmp_path / "bad.yaml")
+    assert {"nudity", "van-gogh", "parachute"} <= set(builtin_specs())
+    for path in builtin_specs().values():
+        for shipped in load_spec(path):
+            shipped.check_prompts()
+            assert shipped.synonyms and shipped.irrelevant and shipped.preserve_prompts
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _sgd(param: torch.Tensor, loss_fn, lr: float) -> tuple[float, float]:
+    before = loss_fn()
+    before.backward()
+    with torch.no_grad():
+        param -= lr * param.grad
+    param.grad = None
+    return float(before.detach()), float(loss_fn().detach())
+
+
+def test_esd_loss_moves_towards_negative_guidance_target() -> None:
+    g = torch.Generator().manual_seed(0)
+    v_c, v_anc = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    target = losses.esd_target(v_c, v_anc, eta=1.0)
+    torch.testing.assert_close(target, 2 * v_anc - v_c)  # v_anc - 1·(v_c - v_anc)
+    v = v_c.clone().requires_grad_(True)  # the model starts where the base model is
+    before, after = _sgd(v, lambda: losses.esd_loss(v, v_c, v_anc), lr=10.0)
+    assert after < before
+    # The velocity moved away from the concept direction (v_c - v_anc).
+    direction = (v_c - v_anc).flatten()
+    assert torch.dot((v.detach() - v_c).flatten(), direction) < 0
+
+
+def test_attention_loss_lowers_concept_mass() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 6, 5, generator=g).requires_grad_(True)  # (B, H, N, T kept of S=5 keys)
+    columns = torch.tensor([[True, False, False, False, False], [False, True, True, False, False]])
+
+    def loss():
+        probs = torch.softmax(logits, dim=-1)
+        return losses.attention_loss([probs, probs.mean(dim=1)], columns)
+
+    before, after = _sgd(logits, loss, lr=5.0)
+    assert 0 < after < before <= 1
+    probs = torch.softmax(torch.randn(1, 3, 4), -1)
+    assert losses.attention_mass(probs, torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(1.0)
+
+
+def test_flow_matching_loss_direction() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    assert losses.flow_matching_loss(noise - x0, x0, noise).item() == 0
+    v = torch.zeros(2, 5, 4, requires_grad=True)
+    before, after = _sgd(v, lambda: losses.flow_matching_loss(v, x0, noise), lr=10.0)
+    assert after < before
+
+
+def test_contrastive_loss_pulls_to_irrelevant_and_pushes_from_synonyms() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    positives = torch.nn.functional.normalize(torch.rand(2, 3, n, generator=g), dim=-1)
+    negatives = torch.nn.functional.normalize(torch.rand(2, 2, n, generator=g), dim=-1)
+    raw = torch.rand(2, n, generator=g).requires_grad_(True)
+    pos_mask = torch.tensor([[True, True, False], [True, True, True]])  # a padded slot must not count
+
+    def loss():
+        anchor = torch.nn.functional.normalize(raw, dim=-1)
+        return losses.contrastive_loss(anchor, positives, negatives, 0.07, pos_mask)
+
+    def sims():
+        a = torch.nn.functional.normalize(raw.detach(), dim=-1)
+        pos = torch.einsum("bn,bkn->bk", a, positives)[pos_mask].mean()
+        neg = torch.einsum("bn,bsn->bs", a, negatives).mean()
+        return pos, neg
+
+    pos0, neg0 = sims()
+    before, after = _sgd(raw, loss, lr=0.05)
+    pos1, neg1 = sims()
+    assert after < before and pos1 > pos0 and neg1 < neg0
+    with pytest.raises(ValueError, match="at least one positive"):
+        losses.contrastive_loss(raw, positives, negatives, positive_mask=torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_attention_features_are_unit_norm_and_sum_multi_piece_words() -> None:
+    probs = torch.rand(1, 4, 3)
+    f = losses.attention_features([probs], torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(f, torch.nn.functional.normalize(probs[0, :, :2].sum(-1), dim=0)[None])
+
+
+# ------------------------------------------------------------------------------------------------ LoRA file
+def _image(pipe) -> torch.Tensor:
+    return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **TINY_FLUX_CALL_KWARGS).images
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tmp_path_factory):
+    pipe = build_tiny_flux_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    params = add_lora(pipe.transformer, LoraSettings(rank=4))
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    folder = tmp_path_factory.mktemp("lora")
+    save_lora(pipe.transformer, folder, LoraSettings(rank=4))
+    return pipe, folder
+
+
+def test_saved_lora_reloads_exactly_in_a_fresh_pipeline(trained_lora) -> None:
+    pipe, folder = trained_lora
+    erased = _image(pipe)
+    with base_model(pipe.transformer):
+        base_again = _image(pipe)
+    fresh = build_tiny_flux_pipeline(0)
+    fresh.set_progress_bar_config(disable=True)
+    base = _image(fresh)
+    torch.testing.assert_close(base_again, base, rtol=0, atol=0)  # adapter disabled = the base model
+    fresh.load_lora_weights(folder)
+    assert torch.equal(_image(fresh), erased)
+    assert not torch.equal(erased, base)
+
+
+def test_lora_targets_only_dual_stream_text_projections() -> None:
+    pipe = build_tiny_flux_pipeline(0)
+    names = LoraSettings().target_modules(pipe.transformer)
+    assert names == [f"transformer_blocks.{b}.attn.{m}" for b in range(2) for m in ("add_q_proj", "add_k_proj")]
+    assert LoraSettings(blocks=(1,), targets=("add_q_proj",)).target_modules(pipe.transformer) == [
+        "transformer_blocks.1.attn.add_q_proj"
+    ]
+    with pytest.raises(ValueError, match="match"):
+        LoraSettings(targets=("nonexistent",)).target_modules(pipe.transformer)
+
+
+def test_corrupt_or_mismatched_lora_is_refused(trained_lora, tmp_path) -> None:
+    _, folder = trained_lora
+    pipe = build_tiny_flux_pipeline(0)
+    with pytest.raises(LoraFileError, match="no LoRA"):
+        load_lora(pipe, tmp_path)
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoraFileError, match="not a readable safetensors"):
+        load_lora(pipe, tmp_path)
+    wider = build_tiny_flux_pipeline(0, attention_head_dim=32, axes_dims_rope=(8, 12, 12))
+    with pytest.raises(LoraFileError, match="does not fit this model"):
+        load_lora(wider, folder)
+
+
+def test_multi_concept_anchor_names_no_erased_concept() -> None:
+    from attnscope.erase.cache import multi_anchor_prompt
+
+    specs = [shapes_spec("red"), shapes_spec("circle")]
+    assert multi_anchor_prompt(specs[:1], 0, "a red circle") == "a circle"
+    assert multi_anchor_prompt(specs, 0, "a red circle and a green circle") == "a and a green"
+    assert multi_anchor_prompt(specs, 1, "a red circle") == "a"
+    dark = ConceptSpec(name="red", targets=("red",), anchor="dark red", prompts=("a red car",))
+    assert multi_anchor_prompt([dark], 0, "a red car") == "a dark red car"  # an anchor may contain the word
