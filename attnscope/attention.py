@@ -11,6 +11,7 @@ numbers inside the model's own attention. Two ways to get the softmax denominato
 * :func:`fused_attention_with_lse` asks PyTorch's fused kernel, which computes the log-sum-exp anyway, to return
   it together with the attention output. The model's output is then that kernel's output (the same kernel SDPA
   would pick, so bit-identical), and the capture costs one small ``N_img × T`` matmul per head.
+  Under autograd the log-sum-exp's gradient is computed with SDPA as well (:class:`_KernelLogSumExp`).
 * :func:`text_probs_chunked` recomputes scores for a chunk of image queries at a time against all keys. Portable
   (any device, any backend, differentiable), peak memory ``B·H·chunk·S`` instead of ``B·H·S²``.
 
@@ -20,8 +21,10 @@ numbers inside the model's own attention. Two ways to get the softmax denominato
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
@@ -65,14 +68,47 @@ def fused_attention_with_lse(
     return None
 
 
+class _KernelLogSumExp(torch.autograd.Function):
+    """The log-sum-exp a fused kernel returned, made differentiable without materializing scores.
+
+    ``lse_i = log Σ_j exp(s·q_i·k_j)`` has gradients ``∂/∂q_i = s·(P K)_i`` and ``∂/∂k_j = s·(Pᵀ(g⊙Q))_j``: the
+    first is an attention output with ``V = K``, the second is exactly SDPA's value-gradient for ``dO = g⊙Q``.
+    So the backward pass is one fused SDPA forward and backward, never ``S × S`` in memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+        return lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        q, k = ctx.saved_tensors
+        with torch.enable_grad():
+            values = k.detach().requires_grad_()
+            attended = F.scaled_dot_product_attention(q.detach(), k.detach(), values, scale=ctx.scale)
+            weighted_q = grad.unsqueeze(-1).to(q.dtype) * q
+            (grad_values,) = torch.autograd.grad(attended, values, grad_outputs=weighted_q)
+        grad_q = ctx.scale * grad.unsqueeze(-1).to(q.dtype) * attended.detach()
+        return grad_q, ctx.scale * grad_values, None, None
+
+
 def text_probs_from_lse(
-    q_img: torch.Tensor, k_text: torch.Tensor, lse_img: torch.Tensor, scale: float | None = None
+    q_img: torch.Tensor,
+    k_text: torch.Tensor,
+    lse_img: torch.Tensor,
+    scale: float | None = None,
+    k_all: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``exp(q_img · k_textᵀ · scale − lse)``: text-key probabilities given the full softmax's log-sum-exp.
 
     q_img ``(B, H, N, D)``, k_text ``(B, H, T, D)``, lse_img ``(B, H, N)`` → ``(B, H, N, T)``. Computed in
     float32 whatever the input dtype: the subtraction of two large numbers is where low precision would hurt.
+    Pass ``k_all`` (all keys, ``(B, H, S, D)``) to make the result differentiable through the log-sum-exp too.
     """
+    if k_all is not None and torch.is_grad_enabled() and (q_img.requires_grad or k_all.requires_grad):
+        lse_img = _KernelLogSumExp.apply(q_img, k_all, lse_img, _scale(q_img, scale))
     scores = torch.matmul(q_img.float(), k_text.float().transpose(-1, -2)) * _scale(q_img, scale)
     return torch.exp(scores - lse_img.float().unsqueeze(-1))
 

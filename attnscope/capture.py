@@ -83,11 +83,12 @@ class CaptureSite:
             return original()
         image, text_index, rows = plan
         q_img, k_rows = q[rows, :, image], k[rows]
-        if fused_allowed and self.trace.path != "chunked" and not self.trace.differentiable:
+        if fused_allowed and self.trace.path != "chunked":
             fused = fused_attention_with_lse(q, k, v, scale)
             if fused is not None:
                 out, lse = fused
-                probs = text_probs_from_lse(q_img, k_rows.index_select(-2, text_index), lse[rows, :, image], scale)
+                k_text = k_rows.index_select(-2, text_index)
+                probs = text_probs_from_lse(q_img, k_text, lse[rows, :, image], scale, k_all=k_rows)
                 self.trace.record(self.layer, probs)
                 return out
         if self.trace.path == "fused":

@@ -69,3 +69,19 @@ def test_chunked_is_differentiable_and_matches_full_gradient() -> None:
     text_probs_reference(q, k, image, text[:2]).sum().backward()
     torch.testing.assert_close(grad_q, q.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad_k, k.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_path_gradient_matches_full_softmax() -> None:
+    """The kernel's log-sum-exp is differentiable through SDPA: same gradients as the definition."""
+    q, k, v = (x.contiguous().requires_grad_() for x in _qkv(4, b=1, h=2, s=48, d=8))
+    text, image = torch.arange(6), torch.arange(6, 48)
+    weights = torch.randn(1, 2, 42, 3, generator=torch.Generator().manual_seed(0))
+    out, lse = fused_attention_with_lse(q, k, v)
+    probs = text_probs_from_lse(q[:, :, 6:], k[:, :, :3], lse[:, :, 6:], k_all=k)
+    ((probs * weights).sum() + out.sum()).backward()
+    grads = q.grad.clone(), k.grad.clone(), v.grad.clone()
+    q.grad = k.grad = v.grad = None
+    reference = text_probs_reference(q, k, image, text[:3]).float()
+    ((reference * weights).sum() + F.scaled_dot_product_attention(q, k, v).sum()).backward()
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
