@@ -1,0 +1,47 @@
+"""``attnscope app``: serve the explorer. Registered through the ``attnscope.commands`` entry-point group."""
+
+from __future__ import annotations
+
+import argparse
+
+from .explorer import Limits
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``app`` subcommand to the ``attnscope`` command line."""
+    p = subparsers.add_parser(
+        "app",
+        help="open the Gradio explorer: click a word of the prompt to see where it looks",
+        description=(
+            "Serve the attnscope explorer: generate an image, click the prompt's words to overlay their attention "
+            "maps, choose layers / steps / heads, draw word × layer and word × step grids, and compare the base "
+            "model with a LoRA (e.g. from `attnscope erase`)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="shapes", help="'shapes' (bundled), 'tiny-flux', a hub id or a folder")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most denoising steps one request may ask")
+    p.set_defaults(run=run_app)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """Load the model and serve until interrupted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # grids are drawn in server threads, never on a screen
+
+    from .explorer import load_model
+    from .ui import build_demo, launch
+
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+    model = load_model(args.model, device=args.device)
+    launch(build_demo(model, Limits(max_steps=args.max_steps)), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+__all__ = ["register", "run_app"]

@@ -1,0 +1,331 @@
+"""The explorer's Gradio layout: components and events wired to the plain functions of :mod:`.explorer`.
+
+Handlers here only translate between widgets and :class:`~.explorer.Request` / :class:`~.explorer.View` and turn
+:class:`~.explorer.RequestError` into a visible ``gr.Error``; the work happens in :mod:`.explorer`.
+
+Concurrency: events that run the model share one queue slot (``concurrency_id="model"``, limit 1), so users
+wait in line instead of running out of memory; view events (slicing stored maps) run two at a time beside them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gradio as gr
+
+from .explorer import (
+    COLORMAPS,
+    Limits,
+    Model,
+    Request,
+    RequestError,
+    Result,
+    View,
+    attention_mass,
+    compare,
+    export_overlay,
+    export_result,
+    generate,
+    grid_image,
+    overlay_image,
+)
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Tiny models make tiny images (32 px): fill the panel, with sharp pixels instead of a blur.
+CSS = """
+.pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#words .wrap label { border-radius: 999px; }
+"""
+MAX_QUEUE = 16  # waiting requests beyond this are turned away at once instead of piling up
+#: A session's maps can be large (per-head maps of a real model): idle sessions give them back after this long.
+SESSION_TTL_S = 2 * 3600
+
+
+def _user_errors(fn: F) -> F:
+    """Show a refused request as ``gr.Error`` with its message; any other failure as ``gr.Error`` too, logged."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RequestError as err:
+            raise gr.Error(str(err)) from None
+        except gr.Error:
+            raise
+        except Exception as err:  # the server must keep serving: report, do not crash the session
+            log.exception("explorer request failed")
+            raise gr.Error(f"Something went wrong: {type(err).__name__}: {err}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _request(
+    prompt: str, seed: float | None, steps: float | None, height: float | None, width: float | None
+) -> Request:
+    """A request from widget values (Gradio numbers arrive as floats or ``None``)."""
+
+    def whole(value: float | None, name: str) -> int | None:
+        if value is None:
+            return None
+        if not math.isfinite(value) or float(value) != int(value):
+            raise RequestError(f"{name} must be a whole number, not {value}.")
+        return int(value)
+
+    return Request(
+        prompt=prompt or "",
+        seed=whole(seed, "The seed") or 0,
+        steps=whole(steps, "Steps"),
+        height=whole(height, "Height"),
+        width=whole(width, "Width"),
+    )
+
+
+def _view(
+    word: str | None, layers: str, blocks: list[str], first: float, last: float, head: str, cmap: str, alpha: float
+) -> View:
+    """A view from widget values."""
+    return View(
+        word=word or None,
+        layers=layers,  # type: ignore[arg-type]  # validated by the explorer
+        blocks=tuple(blocks or ()),
+        steps=(int(first), int(last)),
+        head="mean" if head in (None, "mean") else int(head),
+        cmap=cmap,
+        alpha=float(alpha),
+    )
+
+
+def _progress(progress: gr.Progress, what: str) -> Callable[[int, int], None]:
+    """An ``on_step`` callback that moves Gradio's progress bar."""
+    return lambda done, total: progress((done, total), desc=f"{what}: step {done}/{total}")
+
+
+def _remove_folder(folder: Path | None) -> None:
+    """Delete a session's download folder when Gradio drops the session."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = None) -> gr.Blocks:
+    """The explorer app for ``model``. Download files go to ``workdir`` (default: a fresh temporary folder),
+    one sub-folder per browser session, removed with the session."""
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="attnscope-app-"))
+    height, width = model.default_size
+    multiple = model.size_multiple
+
+    with gr.Blocks(title="attnscope explorer", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        result_state = gr.State(None, time_to_live=SESSION_TTL_S)
+        compare_state = gr.State(None, time_to_live=SESSION_TTL_S)
+        folder_state = gr.State(None, delete_callback=_remove_folder)
+        gr.Markdown(f"## attnscope explorer — where does each word look?  \nModel: `{model.name}`")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(
+                    label="Prompt", value="a red circle and a blue square", elem_id="prompt", max_lines=3
+                )
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+                    steps = gr.Slider(
+                        1, limits.max_steps, value=model.default_steps, step=1, label="Denoising steps", elem_id="steps"
+                    )
+                with gr.Row():
+                    height_box = gr.Number(label="Height", value=height, precision=0, step=multiple, elem_id="height")
+                    width_box = gr.Number(label="Width", value=width, precision=0, step=multiple, elem_id="width")
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                words = gr.Radio([], label="Words — click one to see where it looks", elem_id="words")
+                with gr.Accordion("Layers, steps, head, colours", open=True):
+                    layer_mode = gr.Radio(
+                        ["all", "double", "single", "blocks"], value="all", label="Layers", elem_id="layer-mode"
+                    )
+                    blocks = gr.CheckboxGroup([], label="Blocks (when layers = blocks)", elem_id="blocks")
+                    step_first = gr.Slider(0, 1, value=0, step=1, label="From step", elem_id="step-first")
+                    step_last = gr.Slider(0, 1, value=1, step=1, label="To step", elem_id="step-last")
+                    head = gr.Dropdown(["mean"], value="mean", label="Head", elem_id="head")
+                    with gr.Row():
+                        cmap = gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], label="Colormap", elem_id="cmap")
+                        alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="alpha")
+            with gr.Column(scale=2):
+                with gr.Tab("Explore"):
+                    with gr.Row():
+                        image = gr.Image(
+                            label="Image", format="png", height=320, elem_id="image", elem_classes="pixelated"
+                        )
+                        overlay = gr.Image(
+                            label="Overlay", format="png", height=320, elem_id="overlay", elem_classes="pixelated"
+                        )
+                    with gr.Row():
+                        download_image = gr.DownloadButton("Download image", elem_id="download-image")
+                        download_overlay = gr.DownloadButton("Download overlay", elem_id="download-overlay")
+                        download_maps = gr.DownloadButton("Download maps (.safetensors)", elem_id="download-maps")
+                with gr.Tab("Grid"):
+                    grid_by = gr.Radio(["layer", "step"], value="layer", label="Words ×", elem_id="grid-by")
+                    grid_words = gr.CheckboxGroup([], label="Words", elem_id="grid-words")
+                    grid_button = gr.Button("Draw grid", elem_id="grid-draw")
+                    grid = gr.Image(label="Grid", format="png", elem_id="grid")
+                with gr.Tab("Compare"):
+                    lora = gr.Textbox(label="LoRA folder (holds pytorch_lora_weights.safetensors)", elem_id="lora")
+                    compare_button = gr.Button("Compare base vs LoRA (same prompt and seed)", elem_id="compare")
+                    with gr.Row():
+                        base_image = gr.Image(label="Base", format="png", height=240, elem_classes="pixelated")
+                        lora_image = gr.Image(label="With LoRA", format="png", height=240, elem_classes="pixelated")
+                    with gr.Row():
+                        base_overlay = gr.Image(
+                            label="Base: word map", format="png", height=240, elem_classes="pixelated"
+                        )
+                        lora_overlay = gr.Image(
+                            label="With LoRA: word map", format="png", height=240, elem_classes="pixelated"
+                        )
+                    mass = gr.Markdown(elem_id="mass")
+
+        view_inputs = [words, layer_mode, blocks, step_first, step_last, head, cmap, alpha]
+
+        @_user_errors
+        def on_generate(
+            prompt_text: str, seed_value: float, steps_value: float, h: float, w: float, folder: Path | None,
+            progress: gr.Progress = gr.Progress(),
+        ) -> tuple[Any, ...]:  # fmt: skip
+            request = _request(prompt_text, seed_value, steps_value, h, w)
+            result = generate(model, request, limits, on_step=_progress(progress, "Generating"))
+            folder = folder or workdir / uuid.uuid4().hex  # the files of a new generation replace the old ones
+            files = export_result(result, folder)
+            for note in result.notes:
+                gr.Warning(note)
+            if not result.heads:
+                gr.Warning("Per-head maps would not fit this server's memory budget: heads are averaged.")
+            last = result.n_steps - 1
+            return (
+                result,
+                folder,
+                result.image,
+                overlay_image(result, View()),
+                gr.update(choices=result.words, value=None),
+                gr.update(choices=result.layer_labels, value=[]),
+                gr.update(maximum=max(last, 1), value=0, interactive=last > 0),
+                gr.update(maximum=max(last, 1), value=last, interactive=last > 0),
+                gr.update(choices=["mean", *map(str, result.heads)], value="mean"),
+                gr.update(choices=result.words, value=result.words),
+                files.image,
+                files.maps,
+                None,
+            )
+
+        generate_button.click(
+            on_generate,
+            inputs=[prompt, seed, steps, height_box, width_box, folder_state],
+            outputs=[result_state, folder_state, image, overlay, words, blocks, step_first, step_last, head, grid_words,
+                     download_image, download_maps, download_overlay],
+            api_name="generate",
+            concurrency_id="model",
+            concurrency_limit=1,
+        )  # fmt: skip
+
+        @_user_errors
+        def on_view(result: Result | None, folder: Path | None, *values: Any) -> tuple[Any, Any]:
+            if result is None or folder is None:
+                return gr.skip(), gr.skip()
+            view = _view(*values)
+            path = export_overlay(result, view, folder) if view.word else None
+            return overlay_image(result, view), path
+
+        gr.on(
+            [c.change for c in view_inputs],
+            on_view,
+            inputs=[result_state, folder_state, *view_inputs],
+            outputs=[overlay, download_overlay],
+            api_name="view",
+            trigger_mode="always_last",
+            concurrency_limit=2,
+        )
+
+        @_user_errors
+        def on_grid(result: Result | None, by: str, chosen: list[str], *values: Any) -> Any:
+            if result is None:
+                raise RequestError("Generate an image first.")
+            return grid_image(result, _view(*values), list(chosen or ()), by)  # type: ignore[arg-type]
+
+        grid_button.click(
+            on_grid,
+            inputs=[result_state, grid_by, grid_words, *view_inputs],
+            outputs=grid,
+            api_name="grid",
+            concurrency_limit=2,
+        )
+
+        def compared_views(pair: tuple[Result, Result], view: View) -> tuple[Any, Any, str]:
+            base, erased = pair
+            if view.word is None or view.word.casefold() not in {w.casefold() for w in base.words}:
+                # no word yet, or the word of a newer prompt: show the images, not an error
+                plain = replace(view, word=None)
+                return overlay_image(base, plain), overlay_image(erased, plain), "Click a word of the compared prompt."
+            before, after = attention_mass(base, view), attention_mass(erased, view)
+            change = f"{100 * (after - before) / before:+.1f} %" if before > 0 else "n/a"
+            summary = f"Mean attention on **{view.word}**: base {before:.4g} → LoRA {after:.4g} ({change})"
+            return overlay_image(base, view), overlay_image(erased, view), summary
+
+        @_user_errors
+        def on_compare(
+            folder: str, prompt_text: str, seed_value: float, steps_value: float, h: float, w: float, *values: Any,
+            progress: gr.Progress = gr.Progress(),
+        ) -> tuple[Any, ...]:  # fmt: skip
+            request = _request(prompt_text, seed_value, steps_value, h, w)
+            base, erased = compare(model, request, folder, limits, on_step=_progress(progress, "Base, then LoRA"))
+            return ((base, erased), base.image, erased.image, *compared_views((base, erased), _view(*values)))
+
+        compare_button.click(
+            on_compare,
+            inputs=[lora, prompt, seed, steps, height_box, width_box, *view_inputs],
+            outputs=[compare_state, base_image, lora_image, base_overlay, lora_overlay, mass],
+            api_name="compare",
+            concurrency_id="model",
+            concurrency_limit=1,
+        )
+
+        @_user_errors
+        def on_compare_view(pair: tuple[Result, Result] | None, *values: Any) -> tuple[Any, ...]:
+            if pair is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            return compared_views(pair, _view(*values))
+
+        gr.on(
+            [c.change for c in view_inputs],
+            on_compare_view,
+            inputs=[compare_state, *view_inputs],
+            outputs=[base_overlay, lora_overlay, mass],
+            api_visibility="private",
+            trigger_mode="always_last",
+            concurrency_limit=2,
+        )
+    demo.queue(default_concurrency_limit=2, max_size=MAX_QUEUE)
+    return demo
+
+
+def launch(
+    demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True
+) -> gr.Blocks:
+    """Serve ``demo`` (``block=False`` returns at once, for tests). ``share`` opens a public Gradio link."""
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        css=CSS,
+        ssr_mode=False,  # server-side rendering needs Node.js; the plain client works everywhere
+        prevent_thread_lock=not block,
+        quiet=not block,
+        show_error=True,
+    )
+    return demo
+
+
+__all__ = ["CSS", "build_demo", "launch"]

@@ -1,0 +1,307 @@
+"""Unit tests of the explorer app's functions (``attnscope.apps``), on the tiny random Flux pipeline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+
+from attnscope.apps import cli, explorer  # noqa: E402
+from attnscope.apps.explorer import Limits, Request, RequestError, View  # noqa: E402
+
+import attnscope  # noqa: E402
+import attnscope.tiny  # noqa: E402
+from attnscope import viz  # noqa: E402
+from attnscope.pipelines import default_call_kwargs  # noqa: E402
+
+PROMPT = "a red circle and a blue square"
+
+
+@pytest.fixture(scope="module")
+def model() -> explorer.Model:
+    return explorer.load_model("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def result(model: explorer.Model) -> explorer.Result:
+    return explorer.generate(model, Request(PROMPT, seed=3))
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA on add_q_proj/add_k_proj with random (non-identity) weights, saved as `attnscope erase` would."""
+    import peft
+    from diffusers import FluxPipeline
+
+    transformer = attnscope.load_pipeline("tiny-flux").transformer
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights=False)
+    transformer.add_adapter(config)
+    folder = tmp_path_factory.mktemp("lora")
+    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer))
+    return folder
+
+
+def traced_reference(seed: int, **options: object) -> tuple[object, attnscope.TokenMaps]:
+    """The image and maps through the public API alone (a fresh pipeline), to check the app against."""
+    pipe = attnscope.load_pipeline("tiny-flux")
+    with attnscope.trace(pipe, **options) as tr:
+        image = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **default_call_kwargs("tiny-flux")).images[
+            0
+        ]
+    return image, tr.maps()
+
+
+# ------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (Request("   "), "Type a prompt"),
+        (Request("x" * 301), "limit is 300"),
+        (Request("?!, ..."), "no words"),
+        (Request(PROMPT, seed=-1), "seed"),
+        (Request(PROMPT, steps=0), "Steps"),
+        (Request(PROMPT, steps=51), "Steps"),
+        (Request(PROMPT, height=30), "multiples of 4"),
+        (Request(PROMPT, width=0), "multiples of 4"),
+        (Request(PROMPT, height=2048, width=32), "limit of 1024"),
+        (Request(PROMPT, height=32.0, width=32), "whole numbers"),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_requests_are_refused_with_a_message(model: explorer.Model, request_: Request, message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        explorer.call_kwargs(model, request_, Limits())
+
+
+def test_valid_request_fills_in_the_model_defaults(model: explorer.Model) -> None:
+    kwargs, notes = explorer.call_kwargs(model, Request(PROMPT, steps=3), Limits())
+    assert kwargs == {**default_call_kwargs("tiny-flux"), "num_inference_steps": 3, "height": 32, "width": 32}
+    assert notes == []
+
+
+def test_model_check_refuses_or_adds_notes(model: explorer.Model) -> None:
+    def only_colours(prompt: str, height: int, width: int) -> list[str]:
+        if "dog" in prompt:
+            raise ValueError("the model cannot draw 'dog'")
+        return [] if height == 32 else ["trained at 32 px only"]
+
+    picky = explorer.Model("picky", model.pipe, model.call_kwargs, check=only_colours)
+    with pytest.raises(RequestError, match="cannot draw 'dog'"):
+        explorer.call_kwargs(picky, Request("a red dog"), Limits())
+    assert explorer.call_kwargs(picky, Request(PROMPT), Limits())[1] == []
+    result = explorer.generate(picky, Request(PROMPT, height=16, width=16, steps=1))
+    assert result.notes == ("trained at 32 px only",)
+
+
+def test_shapes_model_checks_vocabulary_and_size() -> None:
+    pytest.importorskip("attnscope.shapes.vocabulary")
+    with pytest.raises(ValueError, match="dog"):
+        explorer._check_shapes_call("a red dog", 32, 32)
+    assert explorer._check_shapes_call("a crimson disc", 32, 32) == []
+    assert "trained at 32" in " ".join(explorer._check_shapes_call("a red circle", 64, 64))
+
+
+# ------------------------------------------------------------------------------------------- generation
+def test_generation_keeps_every_layer_step_and_head(result: explorer.Result) -> None:
+    assert result.words == ["a", "red", "circle", "and", "blue", "square"]  # "a" twice -> one chip
+    assert result.layer_labels == ["double.0", "double.1", "single.0", "single.1"]
+    assert result.n_steps == 2
+    assert result.heads == (0, 1)
+    assert result.image.size == (32, 32)
+
+
+def test_heads_are_averaged_when_per_head_maps_exceed_the_budget(model: explorer.Model) -> None:
+    small = explorer.generate(model, Request(PROMPT, seed=3), Limits(head_budget_bytes=1000))
+    assert small.heads == ()
+    with pytest.raises(RequestError, match="Head 0 is not available"):
+        explorer.word_map(small, View(word="red", head=0))
+
+
+def test_progress_is_reported_per_step(model: explorer.Model) -> None:
+    seen: list[tuple[int, int]] = []
+    explorer.generate(model, Request(PROMPT, steps=3), on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_overlay_matches_the_public_api(result: explorer.Result) -> None:
+    image, maps = traced_reference(seed=3)  # heads averaged at capture: the app's mean over kept heads must agree
+    assert np.array_equal(np.asarray(result.image), np.asarray(image))
+    expected = viz.overlay(maps.word("red").mean().numpy(), image, alpha=0.4, cmap="viridis")
+    got = explorer.overlay_image(result, View(word="red", alpha=0.4, cmap="viridis"))
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+
+
+def test_view_selects_layers_steps_and_heads(result: explorer.Result) -> None:
+    maps = result.maps.word("blue")
+    cases = {
+        View(word="blue", layers="double"): maps.select(layers="double"),
+        View(word="blue", layers="single", steps=(1, 1)): maps.select(layers="single", steps=1),
+        View(word="blue", layers="blocks", blocks=("double.1", "single.0")): maps.select(
+            layers=["double.1", "single.0"]
+        ),
+        View(word="blue", head=1, steps=(1, 0)): maps.select(heads=1),  # reversed step range: both steps
+    }
+    for view, expected in cases.items():
+        np.testing.assert_allclose(explorer.word_map(result, view), expected.mean().numpy(), err_msg=str(view))
+
+
+def test_no_word_shows_the_plain_image(result: explorer.Result) -> None:
+    assert np.array_equal(np.asarray(explorer.overlay_image(result, View())), np.asarray(result.image.convert("RGB")))
+
+
+@pytest.mark.parametrize(
+    ("view", "message"),
+    [
+        (View(word="dog"), "not in the prompt"),
+        (View(word="red", layers="blocks"), "at least one block"),
+        (View(word="red", steps=(0, 5)), "outside the generation's steps"),
+        (View(word="red", head=7), "Head 7 is not available"),
+        (View(word="red", cmap="nope"), "Unknown colormap"),
+        (View(word="red", alpha=1.5), "Opacity"),
+        (View(word=None), "Click a word"),
+    ],
+)
+def test_bad_views_are_refused_with_a_message(result: explorer.Result, view: View, message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        explorer.word_map(result, view)
+
+
+def test_grid_spans_the_gridded_axis_whatever_the_view_selects(result: explorer.Result) -> None:
+    view = View(layers="double", steps=(1, 1))  # the grid's own axis ignores the view's selection of it
+    by_layer = explorer.grid_image(result, view, ["red", "blue"], "layer")  # 4 layers
+    by_step = explorer.grid_image(result, view, ["red", "blue"], "step")  # 2 steps
+    assert by_layer.mode == by_step.mode == "RGB"
+    assert by_layer.height == by_step.height and by_layer.width > 1.5 * by_step.width
+
+
+def test_grid_needs_words(result: explorer.Result) -> None:
+    with pytest.raises(RequestError, match="at least one word"):
+        explorer.grid_image(result, View(), [], "layer")
+
+
+def test_exports_round_trip(result: explorer.Result, tmp_path: Path) -> None:
+    files = explorer.export_result(result, tmp_path)
+    loaded = attnscope.TokenMaps.load(files.maps)
+    assert torch.equal(loaded.data, result.maps.data) and loaded.words() == result.maps.words()
+    overlay = explorer.export_overlay(result, View(word="red"), tmp_path)
+    assert overlay.name == "overlay_red.png"
+    assert np.array_equal(
+        np.asarray(explorer.Image.open(overlay)), np.asarray(explorer.overlay_image(result, View(word="red")))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def test_compare_runs_base_and_lora_on_the_same_seed(
+    model: explorer.Model, result: explorer.Result, lora_folder: Path
+) -> None:
+    base, erased = explorer.compare(model, Request(PROMPT, seed=3), lora_folder)
+    assert np.array_equal(np.asarray(base.image), np.asarray(result.image))
+    assert not np.array_equal(np.asarray(erased.image), np.asarray(base.image))
+    # add_q_proj / add_k_proj only change attention on the text side: the maps must move
+    assert explorer.attention_mass(base, View(word="red")) != explorer.attention_mass(erased, View(word="red"))
+    # the LoRA is unloaded afterwards: the base model generates as before
+    again = explorer.generate(model, Request(PROMPT, seed=3))
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.image))
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [("", "Give the folder"), ("does/not/exist", "does not exist"), ("EMPTY", "no LoRA at"), ("OTHER", "does not fit")],
+)
+def test_compare_refuses_folders_without_a_fitting_lora(
+    model: explorer.Model, result: explorer.Result, tmp_path: Path, folder: str, message: str
+) -> None:
+    if folder == "EMPTY":
+        folder = str(tmp_path)
+    elif folder == "OTHER":  # a LoRA for a model with other layer sizes
+        import peft
+        from diffusers import FluxPipeline
+
+        other = attnscope.tiny.build_tiny_flux_pipeline(num_attention_heads=3).transformer
+        other.add_adapter(peft.LoraConfig(r=2, target_modules=["add_q_proj"], init_lora_weights=False))
+        FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=peft.utils.get_peft_model_state_dict(other))
+        folder = str(tmp_path)
+    with pytest.raises(RequestError, match=message):
+        explorer.compare(model, Request(PROMPT, seed=3), folder)
+    with pytest.raises(RequestError, match=message):
+        explorer.generate(model, Request(PROMPT, seed=3), lora=folder)
+    # nothing was left loaded: the base model generates as before
+    again = explorer.generate(model, Request(PROMPT, seed=3))
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.image))
+
+
+# -------------------------------------------------------------------------------------------- ui and cli
+def test_ui_turns_failures_into_visible_errors() -> None:
+    import gradio as gr
+    from attnscope.apps import ui
+
+    @ui._user_errors
+    def refuse() -> None:
+        raise RequestError("Type a prompt first.")
+
+    @ui._user_errors
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(gr.Error, match="Type a prompt first"):
+        refuse()
+    with pytest.raises(gr.Error, match="RuntimeError: boom"):
+        fail()
+
+
+def test_ui_reads_widget_values() -> None:
+    from attnscope.apps import ui
+
+    assert ui._request(PROMPT, 4.0, 2.0, None, 32.0) == Request(PROMPT, seed=4, steps=2, height=None, width=32)
+    for bad in (1.5, float("nan"), float("inf")):
+        with pytest.raises(RequestError, match="whole number"):
+            ui._request(PROMPT, bad, 2, 32, 32)
+    view = ui._view("red", "blocks", ["double.0"], 1.0, 0.0, "1", "magma", 0.3)
+    assert view == View(
+        word="red", layers="blocks", blocks=("double.0",), steps=(1, 0), head=1, cmap="magma", alpha=0.3
+    )
+
+
+def test_demo_builds_with_a_bounded_queue(model: explorer.Model, tmp_path: Path) -> None:
+    from attnscope.apps import ui
+
+    demo = ui.build_demo(model, workdir=tmp_path)
+    assert demo._queue.max_size == ui.MAX_QUEUE
+    model_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "model"]
+    assert {fn.api_name for fn in model_events} == {"generate", "compare"}
+    assert all(fn.concurrency_limit == 1 for fn in model_events)
+
+
+def test_cli_registers_the_app_command() -> None:
+    parser = argparse.ArgumentParser(prog="attnscope")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["app", "--model", "tiny-flux"])
+    assert (args.model, args.host, args.port, args.share, args.device) == ("tiny-flux", "127.0.0.1", 7860, False, "cpu")
+    assert args.run is cli.run_app
+    assert parser.parse_args(["app", "--share", "--port", "9000"]).share is True
+
+
+def test_cli_serves_the_chosen_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnscope.apps import ui
+
+    served: dict[str, object] = {}
+
+    def fake_launch(demo: object, host: str, port: int, share: bool) -> None:
+        served.update(demo=demo, host=host, port=port, share=share)
+
+    monkeypatch.setattr(ui, "launch", fake_launch)
+    parser = argparse.ArgumentParser(prog="attnscope")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["app", "--model", "tiny-flux", "--port", "9123", "--max-steps", "4"])
+    assert args.run(args) == 0
+    assert (served["host"], served["port"], served["share"]) == ("127.0.0.1", 9123, False)
+    steps = next(c for c in served["demo"].blocks.values() if getattr(c, "elem_id", None) == "steps")
+    assert steps.maximum == 4
+    args.max_steps = 0
+    with pytest.raises(ValueError, match="--max-steps"):
+        args.run(args)

@@ -1,0 +1,185 @@
+"""End-to-end tests of the served explorer: a real headless Chromium, and several API clients at once.
+
+The app runs in this process on 127.0.0.1 (a free port) with the tiny random Flux. The browser test saves a
+screenshot to ``test-artifacts/app_explorer.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+
+from attnscope.apps.explorer import load_model  # noqa: E402
+from attnscope.apps.ui import build_demo, launch  # noqa: E402
+
+import attnscope  # noqa: E402
+from attnscope import viz  # noqa: E402
+from attnscope.pipelines import default_call_kwargs  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+PROMPT = "a red circle and a blue square"
+SEED = 7
+TIMEOUT_MS = 30_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    demo = build_demo(load_model("tiny-flux"), workdir=tmp_path_factory.mktemp("app"))
+    launch(demo, host="127.0.0.1", port=free_port(), block=False)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA on add_q_proj/add_k_proj with random (non-identity) weights, saved as `attnscope erase` would."""
+    import peft
+    from diffusers import FluxPipeline
+
+    transformer = attnscope.load_pipeline("tiny-flux").transformer
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights=False)
+    transformer.add_adapter(config)
+    folder = tmp_path_factory.mktemp("lora")
+    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer))
+    return folder
+
+
+def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image and overlay of ``word`` through the public API alone, with the app's default settings."""
+    pipe = attnscope.load_pipeline("tiny-flux")
+    with attnscope.trace(pipe) as tr:
+        image = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), **default_call_kwargs("tiny-flux")).images[
+            0
+        ]
+    overlay = viz.overlay(tr.maps().word(word).mean().numpy(), image, alpha=0.5, cmap="jet")
+    return np.asarray(image.convert("RGB"), dtype=int), np.asarray(overlay, dtype=int)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_browser_generate_then_click_a_word(app_url: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app_url)
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#seed input").fill(str(SEED))
+            page.locator("#generate").click()
+
+            chip = page.locator("#words label").filter(has_text="red")
+            expect(chip).to_be_visible()
+            overlay = page.locator("#overlay img")
+            expect(overlay).to_have_count(1)
+            before = overlay.get_attribute("src")
+            chip.click()
+            expect(overlay).not_to_have_attribute("src", before or "")
+            after = overlay.get_attribute("src")
+
+            def fetch(src: str | None) -> np.ndarray:
+                assert src
+                response = page.request.get(src)
+                assert response.ok, f"{src}: HTTP {response.status}"
+                return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"), dtype=int)
+
+            shown_image = fetch(page.locator("#image img").get_attribute("src"))
+            shown_before, shown_after = fetch(before), fetch(after)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "app_explorer.png"), full_page=True)
+        finally:
+            browser.close()
+
+    image, overlay_expected = expected_overlay("red")
+    assert np.array_equal(shown_image, image), "the displayed image differs from the API's image for the same seed"
+    assert np.array_equal(shown_before, image), "before a click, the overlay panel shows the plain image"
+    assert not np.array_equal(shown_after, shown_before), "clicking a word did not change the overlay"
+    # PNG is lossless; allow 1 level for float rounding of the map (per-head capture averaged vs averaged at capture)
+    assert np.abs(shown_after - overlay_expected).max() <= 1
+
+
+@pytest.mark.slow
+def test_several_clients_at_once_are_queued_not_crashed(app_url: str) -> None:
+    from gradio_client import Client
+
+    seeds = [1, 2, 1]
+    invalid = {"prompt": "", "seed": 1}
+
+    def ask(seed: int, prompt: str = PROMPT) -> tuple[str, ...]:
+        client = Client(app_url, verbose=False)  # a client per user: separate sessions
+        job = client.submit(prompt, seed, 2, 32, 32, api_name="/generate")
+        return job.result(timeout=60)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(seeds) + 1) as pool:
+        futures = [pool.submit(ask, seed) for seed in seeds]
+        refused = pool.submit(ask, invalid["seed"], invalid["prompt"])
+        outputs = [f.result(timeout=90) for f in futures]
+        with pytest.raises(Exception, match="Type a prompt first"):
+            refused.result(timeout=90)
+    assert time.perf_counter() - started < 90
+
+    images = [np.asarray(Image.open(out[0])) for out in outputs]
+    assert np.array_equal(images[0], images[2]), "the same seed must give the same image, whatever ran beside it"
+    assert not np.array_equal(images[0], images[1])
+    for out in outputs:
+        words = [value for _, value in out[2]["choices"]]
+        assert words == ["a", "red", "circle", "and", "blue", "square"]
+
+
+@pytest.mark.slow
+def test_views_grid_and_compare_through_the_api(app_url: str, lora_folder: Path) -> None:
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    # word, layers, blocks, first and last step, head, colormap, opacity
+    view = ("red", "double", [], 0, 1, "1", "magma", 0.7)
+    with pytest.raises(Exception, match="Generate an image first"):
+        client.predict("layer", [], None, "all", [], 0, 1, "mean", "jet", 0.5, api_name="/grid")
+    client.predict(PROMPT, SEED, 2, 32, 32, api_name="/generate")
+    overlay, download = client.predict(*view, api_name="/view")
+    assert np.array_equal(np.asarray(Image.open(overlay)), np.asarray(Image.open(download)))
+    assert Path(download).name == "overlay_red.png"
+    grid = Image.open(client.predict("step", ["red", "blue"], *view, api_name="/grid"))
+    assert grid.width > 0 and grid.height > 0
+
+    base, erased, base_map, erased_map, summary = client.predict(
+        str(lora_folder), PROMPT, SEED, 2, 32, 32, *view, api_name="/compare"
+    )
+    assert not np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(erased)))
+    assert not np.array_equal(np.asarray(Image.open(base_map)), np.asarray(Image.open(erased_map)))
+    assert summary.startswith("Mean attention on **red**")
+    with pytest.raises(Exception, match="does not exist"):
+        client.predict("/no/such/lora", PROMPT, SEED, 2, 32, 32, *view, api_name="/compare")
