@@ -1,0 +1,72 @@
+"""The shapes world: a tiny bundled text-to-image Flux with ground truth.
+
+* ``vocabulary``: colours, shapes, synonyms, ``check_prompt``.
+* ``render``: procedural scenes with captions and per-object / per-word masks.
+* ``reader``: reads a (generated) image back into objects.
+* ``model`` / ``train`` / ``export``: the offline-built pipeline, its trainer and the export to ``weights/``.
+* ``metrics``: ``attnscope shapes eval``.
+
+Load the bundled model with ``FluxPipeline.from_pretrained(bundled_path())`` and call it with
+``DEFAULT_CALL_KWARGS`` (see ``README.md`` in this folder).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .vocabulary import UnknownWordError, check_prompt
+
+#: Resolution the bundled model was trained at (pixels); the latent grid is 16×16 image tokens.
+NATIVE_SIZE = 32
+
+#: Keyword arguments for ``pipe(prompt, **DEFAULT_CALL_KWARGS)`` on the bundled model: its training resolution,
+#: no classifier-free guidance (the model has no guidance embedding and was trained without caption dropout),
+#: and the text length it was trained with (shorter truncates captions, longer adds unseen padding).
+DEFAULT_CALL_KWARGS: dict = {
+    "height": NATIVE_SIZE,
+    "width": NATIVE_SIZE,
+    "num_inference_steps": 20,
+    "guidance_scale": 1.0,
+    "max_sequence_length": 20,
+}
+
+
+def bundled_path() -> Path:
+    """Folder of the committed diffusers pipeline (model_index.json, transformer/, text_encoder(_2)/, ...)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+class UntrainedSizeWarning(UserWarning):
+    """The bundled model is asked for a resolution it was not trained at."""
+
+
+def validate_call(prompt: str, height: int | None = None, width: int | None = None) -> list[str]:
+    """Check a call of the bundled model before running it; returns the prompt's words.
+
+    Raises:
+        UnknownWordError: words outside the vocabulary (the model cannot draw them).
+    Warns:
+        UntrainedSizeWarning: height/width other than ``NATIVE_SIZE``.
+    """
+    words = check_prompt(prompt)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value != NATIVE_SIZE:
+            warnings.warn(
+                f"{name}={value}: the shapes model was trained at {NATIVE_SIZE}×{NATIVE_SIZE} only; other sizes "
+                "give untrained layouts",
+                UntrainedSizeWarning,
+                stacklevel=2,
+            )
+    return words
+
+
+__all__ = [
+    "DEFAULT_CALL_KWARGS",
+    "NATIVE_SIZE",
+    "UnknownWordError",
+    "UntrainedSizeWarning",
+    "bundled_path",
+    "check_prompt",
+    "validate_call",
+]

@@ -1,0 +1,106 @@
+"""``attnscope shapes ...`` commands: ``train``, ``eval``, ``export``.
+
+``register(subparsers)`` adds the ``shapes`` group to an argparse subparsers object (``attnscope.cli`` wires it);
+``python -m attnscope.shapes.cli shapes train ...`` runs it stand-alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .train import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``shapes {train,eval,export}`` to ``subparsers``; returns the ``shapes`` parser."""
+    shapes = subparsers.add_parser("shapes", help="the shapes world: train / evaluate / export the bundled model")
+    sub = shapes.add_subparsers(dest="shapes_command", required=True)
+
+    tr = sub.add_parser("train", help="train the tiny shapes Flux (rectified flow) from rendered scenes")
+    tr.add_argument("--out", default=_DEFAULTS.out, help="run folder: ckpt.pt, train.log (default %(default)s)")
+    tr.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    tr.add_argument("--minutes", type=float, default=_DEFAULTS.minutes, help="training wall-time budget (0: none, use --steps)")
+    tr.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="step limit (0: minutes only)")
+    tr.add_argument("--batch", type=int, default=_DEFAULTS.batch)
+    tr.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    tr.add_argument("--cooldown", type=float, default=_DEFAULTS.cooldown, help="fraction of the time budget "
+                    "over which the LR decays at the end")
+    tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
+    tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
+    tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="generation (and localization) metrics on the fixed evaluation set")
+    ev.add_argument("--model", default=None, help="a training checkpoint (ckpt.pt) or a diffusers folder "
+                    "(default: the bundled weights)")
+    ev.add_argument("--out", default=None, help="write OUT/shapes_eval.json (and a sample grid)")
+    ev.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: the published protocol)")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--no-localization", action="store_true", help="generation metrics only (no attention capture)")
+    ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="export a training checkpoint (EMA weights) as a diffusers folder")
+    ex.add_argument("checkpoint", help="path to ckpt.pt")
+    ex.add_argument("--to", default=None, help="target folder (default: the bundled attnscope/shapes/weights)")
+    ex.set_defaults(func=_export)
+    return shapes
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = TrainConfig(
+        out=args.out,
+        seed=args.seed,
+        minutes=args.minutes,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        cooldown=args.cooldown,
+        vae_steps=args.vae_steps,
+        checkpoint_minutes=args.checkpoint_minutes,
+        threads=args.threads,
+    )
+    path = train(cfg, resume=args.resume)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .metrics import evaluate
+
+    result = evaluate(
+        args.model, out_dir=args.out, seeds=args.seeds, threads=args.threads, localization=not args.no_localization
+    )
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.to)
+    print(f"exported to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m attnscope.shapes.cli shapes train ...``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="attnscope")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["register", "main"]

@@ -1,0 +1,67 @@
+"""Export a training checkpoint (EMA weights) as the bundled diffusers folder (``attnscope shapes export``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import bundled_path
+from .train import load_checkpoint_pipeline
+
+#: Upper bound on the committed weights (bytes), as the repository promises.
+MAX_BUNDLE_BYTES = 20 * 1024 * 1024
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra_info: dict | None = None) -> Path:
+    """Write the checkpoint's pipeline (EMA weights, safetensors) to ``to`` (default: ``bundled_path()``).
+
+    The folder is built next to the target and swapped in by renames, so readers never see a half-written
+    bundle. ``training.json`` in the folder records the step, wall time, config and ``extra_info``.
+
+    Raises:
+        ValueError: if the result exceeds MAX_BUNDLE_BYTES (the previous folder is kept).
+    """
+    target = Path(to) if to is not None else bundled_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    pipe = load_checkpoint_pipeline(ckpt_path)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the bundle must be readable like any package data
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        cfg = state["config"]
+        info = {
+            "command": (
+                f"attnscope shapes train --out {cfg['out']} --minutes {cfg['minutes']:g} --seed {cfg['seed']} "
+                f"--batch {cfg['batch']} --lr {cfg['lr']:g} --vae-steps {cfg['vae_steps']} --threads {cfg['threads']}"
+            ),
+            "step": state["step"],
+            "train_minutes": round(state["elapsed"] / 60, 2),
+            "config": cfg,
+            "vae": {k: state["vae_config"][k] for k in ("scaling_factor", "shift_factor")},
+        } | (extra_info or {})
+        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        size = folder_bytes(tmp)
+        if size > MAX_BUNDLE_BYTES:
+            raise ValueError(f"exported pipeline is {size / 2**20:.1f} MiB > {MAX_BUNDLE_BYTES / 2**20:.0f} MiB")
+        old = target.with_name(target.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target

@@ -1,0 +1,276 @@
+"""``attnscope shapes eval``: generation (and localization) metrics of a shapes model on a fixed protocol.
+
+Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
+
+* prompts: ``SINGLE_PROMPTS`` (every colour × shape), ``TWO_OBJECT_PROMPTS`` (16 pairs incl. same-colour and
+  same-shape pairs, varied connectors), ``SYNONYM_PROMPTS`` (synonyms for colours and shapes, one and two
+  objects);
+* seeds 0..``DEFAULT_SEEDS``−1 per prompt (``torch.Generator().manual_seed(seed)``, one generator per image);
+* the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 Euler steps, guidance 1, max_sequence_length 20;
+* images are read by ``reader.read_scene``.
+
+Per image the expected objects (``vocabulary.parse_prompt``) are matched to the detected ones by the assignment
+that maximizes 2·[colour right] + [shape right]; an expected object with no detection counts as wrong.
+
+* ``color_acc`` / ``shape_acc``: fraction of expected objects (canonical prompts) whose match has the right colour /
+  shape;
+* ``two_object_all_correct``: fraction of two-object images whose detected objects are exactly the two asked for
+  (colours and shapes, nothing more);
+* ``synonym_color_acc`` / ``synonym_shape_acc``: the same accuracies on synonym prompts;
+* ``count_acc``: fraction of images with exactly the asked number of objects; ``spurious_objects``: mean number
+  of detections beyond that number per image;
+* ``sampling_seconds``: median time of one 20-step single-image call (``torch_threads`` threads);
+* ``miou_color`` / ``miou_shape``: localization of colour / shape words, see ``localization_metrics`` (null
+  when skipped with ``--no-localization``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import DEFAULT_CALL_KWARGS, bundled_path
+from .reader import DetectedObject, read_scene
+from .vocabulary import COLORS, SHAPES, is_color, is_shape, parse_prompt, words_of
+
+PROTOCOL_VERSION = 1
+DEFAULT_SEEDS = 4
+
+SINGLE_PROMPTS: tuple[str, ...] = tuple(f"a {c} {s}" for c in COLORS for s in SHAPES)
+TWO_OBJECT_PROMPTS: tuple[str, ...] = (
+    "a red circle and a blue square",
+    "a blue square and a red circle",
+    "a green triangle and a yellow circle",
+    "a yellow square next to a green triangle",
+    "a red triangle with a blue circle",
+    "a blue triangle and a yellow square",
+    "a green circle beside a red square",
+    "a yellow triangle and a red square",
+    "a red circle and a red square",  # same colour: shape words must do the work
+    "a blue triangle and a blue circle",
+    "a green square and a green triangle",
+    "a yellow circle and a yellow triangle",
+    "a red square and a blue square",  # same shape: colour binding
+    "a green circle and a yellow circle",
+    "a blue triangle and a red triangle",
+    "red circle and green square",
+)
+SYNONYM_PROMPTS: tuple[str, ...] = (
+    "a crimson circle",
+    "a scarlet square",
+    "a navy triangle",
+    "an azure circle",
+    "an emerald square",
+    "a lime triangle",
+    "a golden circle",
+    "an amber square",
+    "a red disc",
+    "a blue box",
+    "a green wedge",
+    "a yellow pyramid",
+    "a crimson box and a navy disc",
+    "an emerald wedge and a golden orb",
+)
+
+
+def match_objects(expected: list[tuple[str, str]], detected: list[DetectedObject]) -> list[DetectedObject | None]:
+    """Best assignment of detections to expected (colour, shape) objects (brute force; ≤ 3 objects asked).
+
+    Returns one detection (or None) per expected object.
+    """
+    slots: list[DetectedObject | None] = list(detected) + [None] * len(expected)
+    best, best_score = [None] * len(expected), -1
+    for perm in itertools.permutations(range(len(slots)), len(expected)):
+        chosen = [slots[i] for i in perm]
+        score = sum(
+            2 * (d is not None and d.color == c) + (d is not None and d.shape == s)
+            for (c, s), d in zip(expected, chosen)
+        )
+        if score > best_score:
+            best, best_score = chosen, score
+    return best
+
+
+def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
+    """Per-image scores: colour/shape hits per expected object, exact-set correctness, count, spurious."""
+    expected = parse_prompt(prompt)
+    matched = match_objects(expected, detected)
+    color_hits = [d is not None and d.color == c for (c, _), d in zip(expected, matched)]
+    shape_hits = [d is not None and d.shape == s for (_, s), d in zip(expected, matched)]
+    return {
+        "prompt": prompt,
+        "expected": expected,
+        "detected": [(d.color, d.shape) for d in detected],
+        "color_hits": color_hits,
+        "shape_hits": shape_hits,
+        "all_correct": len(detected) == len(expected) and all(color_hits) and all(shape_hits),
+        "count_ok": len(detected) == len(expected),
+        "spurious": max(0, len(detected) - len(expected)),
+    }
+
+
+def load_model(model: str | Path | None) -> Any:
+    """A FluxPipeline from a training checkpoint (``*.pt``), a diffusers folder, or the bundled weights (None)."""
+    from diffusers import FluxPipeline
+
+    if model is not None and str(model).endswith(".pt"):
+        from .train import load_checkpoint_pipeline
+
+        pipe = load_checkpoint_pipeline(model)
+    else:
+        pipe = FluxPipeline.from_pretrained(Path(model) if model is not None else bundled_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: Any, prompt: str, seeds: list[int], **call_kwargs: Any) -> list[np.ndarray]:
+    """One (H, W, 3) uint8 image per seed; batched, with one generator per image so each is reproducible alone."""
+    kwargs = DEFAULT_CALL_KWARGS | call_kwargs
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = pipe([prompt] * len(seeds), generator=gens, output_type="np", **kwargs).images
+    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
+
+
+def _mean(values: list[bool] | list[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def sampling_seconds(pipe: Any, repeats: int = 3) -> float:
+    """Median wall time of one single-image call with ``DEFAULT_CALL_KWARGS`` (after one warm-up call)."""
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        generate(pipe, TWO_OBJECT_PROMPTS[0], [i])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate the protocol's prompts × seeds and score them; returns (summary, per-image records)."""
+    single_call = sampling_seconds(pipe)
+    records = []
+    groups = (("single", SINGLE_PROMPTS), ("two", TWO_OBJECT_PROMPTS), ("synonym", SYNONYM_PROMPTS))
+    t0 = time.time()
+    for group, prompts in groups:
+        for prompt in prompts:
+            for seed, image in zip(range(seeds), generate(pipe, prompt, list(range(seeds)))):
+                rec = score_image(prompt, read_scene(image)) | {"group": group, "seed": seed}
+                rec["image"] = image
+                records.append(rec)
+    canon = [r for r in records if r["group"] != "synonym"]
+    syn = [r for r in records if r["group"] == "synonym"]
+    two = [r for r in records if r["group"] == "two"]
+    summary = {
+        "color_acc": _mean([h for r in canon for h in r["color_hits"]]),
+        "shape_acc": _mean([h for r in canon for h in r["shape_hits"]]),
+        "two_object_all_correct": _mean([r["all_correct"] for r in two]),
+        "single_object_all_correct": _mean([r["all_correct"] for r in records if r["group"] == "single"]),
+        "synonym_color_acc": _mean([h for r in syn for h in r["color_hits"]]),
+        "synonym_shape_acc": _mean([h for r in syn for h in r["shape_hits"]]),
+        "count_acc": _mean([r["count_ok"] for r in records]),
+        "spurious_objects": _mean([float(r["spurious"]) for r in records]),
+        "n_images": len(records),
+        "seconds_per_image": (time.time() - t0) / max(len(records), 1),
+        "sampling_seconds": single_call,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return summary, records
+
+
+#: Layer whose maps define ``miou_color`` / ``miou_shape`` (DESIGN §4: colour words localized best at the last
+#: double block); every layer's mIoU is reported too.
+LOCALIZATION_LAYER = "double.3"
+
+
+def localization_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> dict[str, Any]:
+    """Localization of colour and shape words on the two-object prompts (DESIGN §6 protocol).
+
+    For each two-object prompt and seed the generation is traced (``attnscope.trace``, heads averaged, steps
+    averaged on the fly). Each colour / shape word occurrence is paired with the generated object it describes
+    (the reader's detection matched to the prompt's object; occurrences whose object was not generated with the
+    right colour are skipped, as they have no ground truth). Its map, upsampled to the image, min-max normalized
+    and thresholded at its mean, is compared with that object's mask by IoU.
+
+    Returns:
+        ``miou_color`` / ``miou_shape`` at ``LOCALIZATION_LAYER``, ``miou_by_layer`` ({layer label: {"color",
+        "shape"}}), and ``localization_pairs`` (number of word–object pairs scored).
+    """
+    import attnscope
+
+    per_layer: dict[str, dict[str, list[float]]] = {}
+    pairs = 0
+    for prompt in TWO_OBJECT_PROMPTS:
+        expected = parse_prompt(prompt)
+        color_words = [w for w in words_of(prompt) if is_color(w)]
+        shape_words = [w for w in words_of(prompt) if is_shape(w)]
+        for seed in range(seeds):
+            with attnscope.trace(pipe, reduce_steps=True) as tr:
+                (image,) = generate(pipe, prompt, [seed])
+            maps = tr.maps()
+            size = image.shape[1], image.shape[0]
+            matched = match_objects(expected, read_scene(image))
+            seen: dict[str, int] = {}
+            for k, ((color, _), det) in enumerate(zip(expected, matched)):
+                if det is None or det.color != color:
+                    continue
+                for kind, word in (("color", color_words[k]), ("shape", shape_words[k])):
+                    seen[word] = seen.get(word, 0) + 1
+                    word_maps = maps.word(f"{word}#{seen[word]}")
+                    for layer in word_maps.layers:
+                        m = word_maps.select(layers=layer.label).mean().upsample(size)
+                        per_layer.setdefault(layer.label, {"color": [], "shape": []})[kind].append(m.iou(det.mask))
+                pairs += 1
+    by_layer = {
+        label: {kind: _mean(v) for kind, v in kinds.items()} for label, kinds in per_layer.items()
+    }
+    default = by_layer.get(LOCALIZATION_LAYER, {"color": None, "shape": None})
+    return {
+        "miou_color": default["color"],
+        "miou_shape": default["shape"],
+        "miou_by_layer": by_layer,
+        "localization_layer": LOCALIZATION_LAYER,
+        "localization_pairs": pairs,
+    }
+
+
+def evaluate(
+    model: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    seeds: int | None = None,
+    threads: int | None = None,
+    localization: bool = True,
+) -> dict[str, Any]:
+    """Run the protocol on a model; writes ``out_dir/shapes_eval.json`` and ``out_dir/samples.png`` if given.
+
+    Returns:
+        {"summary": {...metrics...}, "records": [...per image, without pixels...]}.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    seeds = seeds or DEFAULT_SEEDS
+    pipe = load_model(model)
+    summary, records = generation_metrics(pipe, seeds)
+    summary |= localization_metrics(pipe, seeds) if localization else {"miou_color": None, "miou_shape": None}
+    summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "model": str(model or bundled_path())}
+    images = [r.pop("image") for r in records]
+    result = {"summary": summary, "records": records}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "shapes_eval.json").write_text(json.dumps(summary | {"records": records}, indent=1) + "\n")
+        _save_grid(images, seeds, out / "samples.png")
+    return result
+
+
+def _save_grid(images: list[np.ndarray], per_row: int, path: Path) -> None:
+    """Images as a grid, one prompt per row, seeds across."""
+    from PIL import Image
+
+    rows = [np.concatenate(images[i : i + per_row], axis=1) for i in range(0, len(images), per_row)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)

@@ -1,0 +1,218 @@
+"""Construction of the tiny shapes-world Flux pipeline, fully offline.
+
+Components (all standard diffusers / transformers classes, so ``FluxPipeline.from_pretrained`` loads them):
+
+* ``tokenizer_2`` / ``text_encoder_2``: a T5 tokenizer (Unigram over hand-written ``▁word`` pieces: every
+  vocabulary word is one piece except ``MULTI_PIECE`` words, which are two) and a 1-layer ``T5EncoderModel``
+  trained jointly with the transformer. One layer keeps the text encoder close to non-contextual (per-word
+  embeddings plus one attention hop that supplies word order, needed to bind a colour to its shape); earlier
+  experiments with deeper encoders moved shape information onto other tokens and shape words stopped localizing.
+* ``tokenizer`` / ``text_encoder``: a CLIP BPE tokenizer (``</w>`` pieces, every vocabulary word one piece) and a
+  tiny random ``CLIPTextModel``. FluxPipeline needs it for the pooled text vector, but the transformer ignores that
+  vector: ``time_text_embed.text_embedder.linear_2`` is zero and frozen, so the pooled path adds a constant zero
+  and text reaches the image only through joint attention (with a pooled text vector, localization collapsed in
+  earlier experiments).
+* ``vae``: a one-level ``AutoencoderKL`` (scale factor 1) trained to be the identity on rendered images, so the
+  latent space *is* pixel space (normalized by ``shift_factor``/``scaling_factor``). With FluxPipeline's 2×2
+  packing a 32×32 image gives 16×16 = 256 image tokens.
+* ``transformer``: ``FluxTransformer2DModel`` (hidden 128, 4 double + 2 single blocks, no guidance embedding).
+* ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` without dynamic shifting.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from .vocabulary import ALL_WORDS
+
+#: Vocabulary words the T5 tokenizer splits into two pieces, so that word-span code is exercised on the bundled
+#: model as it is on real T5 ("scarlet" -> "▁scar" + "let").
+MULTI_PIECE: dict[str, tuple[str, str]] = {
+    "scarlet": ("▁scar", "let"),
+    "emerald": ("▁emer", "ald"),
+    "pyramid": ("▁pyra", "mid"),
+}
+#: Text length (T5 tokens incl. </s>, padded) used in training and to be passed as ``max_sequence_length``.
+MAX_SEQUENCE_LENGTH = 20
+#: CLIP tokenizer length (only feeds the ignored pooled vector).
+CLIP_MAX_LENGTH = 20
+
+
+@dataclass
+class ShapesModelConfig:
+    """Sizes of the tiny pipeline. The defaults are the bundled model's."""
+
+    hidden_heads: int = 4
+    head_dim: int = 32
+    double_layers: int = 4
+    single_layers: int = 2
+    t5_layers: int = 1
+    t5_d_ff: int = 256
+    latent_channels: int = 3  # the latent is the RGB image itself (see module docstring)
+    clip_hidden: int = 32
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """T5 tokenizer over the shapes vocabulary: ``▁word`` pieces, a few two-piece words, letter fallback.
+
+    Piece scores make whole words win over letter spellings in Unigram's Viterbi search; letters (with and
+    without ``▁``) make every lower-case word tokenizable, so unknown words do not crash the tokenizer (they are
+    rejected earlier by ``vocabulary.check_prompt``).
+    """
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -8.0)]
+    for w in sorted(ALL_WORDS):
+        if w in MULTI_PIECE:
+            vocab += [(p, -3.0) for p in MULTI_PIECE[w]]
+        else:
+            vocab.append((f"▁{w}", -2.0))
+    vocab += [("▁,", -2.0), (",", -2.0), ("▁.", -2.0), (".", -2.0)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab += [(f"▁{c}", -10.0) for c in letters if f"▁{c}" not in dict(vocab)]
+    vocab += [(c, -10.0) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP byte-level BPE with ``</w>`` suffixes, trained (deterministically) so every vocabulary word is one piece."""
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz,."),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(sorted(ALL_WORDS) + [",", "."], trainer=trainer)
+    # The merges (in order) are only exposed through the serialized model.
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    return CLIPTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def build_text_encoders(
+    cfg: ShapesModelConfig, t5_tok: T5Tokenizer, clip_tok: CLIPTokenizer
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """Random-init CLIP (pooled vector only, ignored) and 1-layer T5 encoders sized for the tokenizers."""
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=cfg.clip_hidden,
+            intermediate_size=2 * cfg.clip_hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            projection_dim=cfg.clip_hidden,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=cfg.hidden,
+            d_kv=cfg.head_dim,
+            d_ff=cfg.t5_d_ff,
+            num_layers=cfg.t5_layers,
+            num_heads=cfg.hidden_heads,
+            relative_attention_num_buckets=16,
+            relative_attention_max_distance=MAX_SEQUENCE_LENGTH,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    )
+    return clip, t5
+
+
+def build_transformer(cfg: ShapesModelConfig) -> FluxTransformer2DModel:
+    """Tiny Flux transformer whose pooled-text path is a frozen zero (text enters only via joint attention)."""
+    rope = cfg.head_dim // 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * cfg.latent_channels,  # FluxPipeline packs 2×2 latent pixels per token
+        num_layers=cfg.double_layers,
+        num_single_layers=cfg.single_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.hidden_heads,
+        joint_attention_dim=cfg.hidden,
+        pooled_projection_dim=cfg.clip_hidden,
+        guidance_embeds=False,
+        axes_dims_rope=(cfg.head_dim - 2 * rope * 3 // 2, rope * 3 // 2, rope * 3 // 2),
+    )
+    zero_pooled_path(transformer)
+    return transformer
+
+
+def zero_pooled_path(transformer: FluxTransformer2DModel) -> None:
+    """Make the pooled-text embedding a constant zero and freeze it (see module docstring for why)."""
+    lin = transformer.time_text_embed.text_embedder.linear_2
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.zero_()
+    for p in transformer.time_text_embed.text_embedder.parameters():
+        p.requires_grad_(False)
+
+
+def build_vae(cfg: ShapesModelConfig) -> AutoencoderKL:
+    """One-level AutoencoderKL (vae_scale_factor 1); ``scaling_factor``/``shift_factor`` are set after training."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(32,),
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Rectified-flow Euler scheduler, uniform sigmas (no resolution-dependent shift)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+def assemble_pipeline(
+    cfg: ShapesModelConfig,
+    transformer: FluxTransformer2DModel | None = None,
+    t5: T5EncoderModel | None = None,
+    vae: AutoencoderKL | None = None,
+    seed: int = 0,
+) -> FluxPipeline:
+    """A FluxPipeline of the given (trained) parts; missing parts are freshly initialized from ``seed``.
+
+    The CLIP encoder is never trained (its pooled output is ignored), so it is always fresh from ``seed``.
+    """
+    torch.manual_seed(seed)
+    t5_tok, clip_tok = build_t5_tokenizer(), build_clip_tokenizer()
+    clip, fresh_t5 = build_text_encoders(cfg, t5_tok, clip_tok)
+    return FluxPipeline(
+        scheduler=build_scheduler(),
+        vae=(vae or build_vae(cfg)).eval(),
+        text_encoder=clip.eval(),
+        tokenizer=clip_tok,
+        text_encoder_2=(t5 or fresh_t5).eval(),
+        tokenizer_2=t5_tok,
+        transformer=(transformer or build_transformer(cfg)).eval(),
+    )

@@ -1,0 +1,304 @@
+"""Trainer of the bundled shapes model (``attnscope shapes train``).
+
+Two stages, both on scenes rendered on the fly:
+
+1. VAE (a few hundred steps, < 2 min): the one-level AutoencoderKL learns the identity on rendered images, so
+   the latent space is pixel space; ``shift_factor``/``scaling_factor`` normalize it to zero mean, unit variance.
+2. Transformer + T5 (rectified flow, until ``--minutes`` or ``--steps`` run out): x_t = (1 − t)·x0 + t·ε with
+   t ~ logit-normal(0, 1), target ε − x0, AdamW at constant LR after a warm-up and before a cool-down over the
+   last 15 % of the time budget, and an EMA of the weights that is what gets exported. Constant LR + EMA keeps
+   every intermediate checkpoint usable.
+
+Checkpoints (``OUT/ckpt.pt``: weights, EMA, optimizer, RNG, step, wall time) are written to a temporary file and
+renamed, so a kill at any moment leaves the previous checkpoint intact; ``--resume`` continues from it with the
+same data stream. Progress goes to a tqdm bar and, one line per ``--log-every`` steps, to ``OUT/train.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from tqdm import tqdm
+from transformers import T5EncoderModel, T5Tokenizer
+
+from .model import (
+    MAX_SEQUENCE_LENGTH,
+    ShapesModelConfig,
+    build_t5_tokenizer,
+    build_text_encoders,
+    build_transformer,
+    build_vae,
+    build_clip_tokenizer,
+    assemble_pipeline,
+)
+from .render import NATIVE_SIZE, render_scene
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``attnscope shapes train``; recorded in every checkpoint."""
+
+    out: str = "runs/shapes-train"
+    seed: int = 0
+    minutes: float = 120.0
+    steps: int = 0  # 0: limited by minutes only
+    batch: int = 16
+    lr: float = 6e-4
+    warmup: int = 200
+    cooldown: float = 0.15  # last fraction of the time budget: LR decays linearly to 5 %
+    ema_decay: float = 0.999
+    vae_steps: int = 500
+    checkpoint_minutes: float = 4.0
+    log_every: int = 25
+    threads: int = 1
+    size: int = NATIVE_SIZE
+    model: dict = field(default_factory=lambda: ShapesModelConfig().to_dict())
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> (B, 3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def render_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """A batch of random scenes: (B, 3, size, size) images in [-1, 1] and their captions."""
+    scenes = [render_scene(rng, size=size) for _ in range(batch)]
+    return images_to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+
+
+def train_vae(cfg: TrainConfig, log) -> AutoencoderKL:
+    """Stage 1: teach the one-level VAE the identity; set shift/scaling factors from latent statistics."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 1])
+    vae = build_vae(ShapesModelConfig(**cfg.model))
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=5):
+        x, _ = render_batch(rng, 16, cfg.size)
+        z = vae.encode(x).latent_dist.mode()
+        # The decoder also sees slightly perturbed pixels, as generated latents are never exactly clean.
+        noisy = x + 0.05 * torch.randn_like(x)
+        loss = F.mse_loss(z, x) + F.mse_loss(vae.decode(noisy).sample, x) + F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step} loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():
+        x, _ = render_batch(rng, 256, cfg.size)
+        z = vae.encode(x).latent_dist.mode()
+        recon = vae.decode(z).sample
+    shift, scale = float(z.mean()), float(1.0 / z.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    log(f"vae done: recon mse {F.mse_loss(recon, x).item():.6f}, shift {shift:.4f}, scale {scale:.4f}")
+    return vae
+
+
+def encode_text(tokenizer: T5Tokenizer, t5: T5EncoderModel, captions: list[str]) -> torch.Tensor:
+    """T5 embeddings exactly as FluxPipeline computes them: padded to MAX_SEQUENCE_LENGTH, no attention mask."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    return t5(ids)[0]
+
+
+def flow_loss(
+    transformer: FluxTransformer2DModel,
+    t5: T5EncoderModel,
+    tokenizer: T5Tokenizer,
+    latents: torch.Tensor,
+    captions: list[str],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0."""
+    b, c, h, w = latents.shape
+    t = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal(0, 1): most weight on mid noise levels
+    noise = torch.randn(latents.shape, generator=gen)
+    x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+    packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    text = encode_text(tokenizer, t5, captions)
+    txt_ids = torch.zeros(text.shape[1], 3)
+    pred = transformer(
+        hidden_states=packed,
+        encoder_hidden_states=text,
+        pooled_projections=torch.zeros(b, transformer.config.pooled_projection_dim),
+        timestep=t,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
+    )[0]
+    target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
+    return F.mse_loss(pred, target)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) training; returns the checkpoint path. See the module docstring."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    log_file = open(out / "train.log", "a", buffering=1)
+
+    def log(msg: str) -> None:
+        log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
+
+    tokenizer = build_t5_tokenizer()
+    state = torch.load(ckpt_path, weights_only=False) if resume and ckpt_path.exists() else None
+    if resume and state is None:
+        log(f"--resume given but no {ckpt_path}: starting fresh")
+    if state is not None:
+        cfg = TrainConfig(**{**state["config"], "out": cfg.out, "minutes": cfg.minutes, "steps": cfg.steps})
+        vae = AutoencoderKL.from_config(state["vae_config"])
+        vae.load_state_dict(state["vae"])
+    else:
+        log(f"start: {json.dumps(cfg.__dict__)}")
+        vae = train_vae(cfg, log)
+
+    mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
+    torch.manual_seed(cfg.seed)
+    transformer = build_transformer(mcfg)
+    _, t5 = build_text_encoders(mcfg, tokenizer, build_clip_tokenizer())
+    params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
+    step, elapsed = 0, 0.0
+    rng = np.random.default_rng([cfg.seed, 2])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if state is not None:
+        transformer.load_state_dict(state["transformer"])
+        t5.load_state_dict(state["t5"])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        step, elapsed = state["step"], state["elapsed"]
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        log(f"resumed at step {step}, {elapsed / 60:.1f} min trained")
+
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+
+    def save() -> None:
+        _atomic_save(
+            {
+                "config": cfg.__dict__,
+                "vae_config": dict(vae.config),
+                "vae": vae.state_dict(),
+                "transformer": transformer.state_dict(),
+                "t5": t5.state_dict(),
+                "ema": ema,
+                "opt": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+                "gen": gen.get_state(),
+                "step": step,
+                "elapsed": elapsed,
+            },
+            ckpt_path,
+        )
+        log(f"checkpoint step {step} ({elapsed / 60:.1f} min)")
+
+    budget = cfg.minutes * 60  # 0: no time limit, ``steps`` only
+    if budget <= 0 and cfg.steps <= 0:
+        raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
+    last_ckpt = time.time()
+    window_loss, window_n, window_t = 0.0, 0, time.time()
+    bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes", mininterval=10)
+    transformer.train()
+    t5.train()
+    try:
+        while (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
+            t0 = time.time()
+            x, captions = render_batch(rng, cfg.batch, cfg.size)
+            with torch.no_grad():
+                latents = (vae.encode(x).latent_dist.mode() - shift) * scale
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
+            loss = flow_loss(transformer, t5, tokenizer, latents, captions, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            # EMA warm-up (as in many diffusion trainers): early averages must not be dominated by the init.
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in _trainable_state(transformer, t5).items():
+                    ema[k].lerp_(v, 1 - decay)
+            elapsed += time.time() - t0
+            window_loss += loss.item()
+            window_n += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                rate = window_n / (time.time() - window_t)
+                log(f"step {step} loss {window_loss / window_n:.4f} it/s {rate:.2f} min {elapsed / 60:.1f}")
+                bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
+                window_loss, window_n, window_t = 0.0, 0, time.time()
+            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                save()
+                last_ckpt = time.time()
+    finally:
+        bar.close()
+        save()
+        log_file.close()
+    return ckpt_path
+
+
+def _lr_factor(step: int, elapsed: float, budget: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, constant, then a linear cool-down over the last ``cfg.cooldown``
+    of the budget (to 5 %), which sharpens the final weights; intermediate checkpoints stay usable. The budget is
+    wall time when ``minutes`` > 0 (the schedule then depends on machine speed), else ``steps``."""
+    warm = min(1.0, (step + 1) / cfg.warmup)
+    if cfg.cooldown <= 0:
+        return warm
+    if budget > 0:
+        left = (budget - elapsed) / (cfg.cooldown * budget)
+    else:  # step budget only: a step-based, exactly reproducible schedule
+        left = (cfg.steps - step) / (cfg.cooldown * cfg.steps)
+    return warm * max(0.05, min(1.0, left))
+
+
+def _trainable_state(transformer: torch.nn.Module, t5: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Float weights of both trained modules under ``transformer.`` / ``t5.`` prefixes (live tensors)."""
+    state = {f"transformer.{k}": v for k, v in transformer.state_dict(keep_vars=True).items()}
+    state |= {f"t5.{k}": v for k, v in t5.state_dict(keep_vars=True).items()}
+    return {k: v.data for k, v in state.items() if v.dtype.is_floating_point}
+
+
+def load_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) -> FluxPipeline:
+    """A FluxPipeline built from a training checkpoint (EMA weights by default)."""
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    mcfg = ShapesModelConfig(**state["config"]["model"])
+    transformer = build_transformer(mcfg)
+    _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())
+    transformer.load_state_dict(state["transformer"])
+    t5.load_state_dict(state["t5"])
+    if use_ema:
+        # EMA holds the float weights only; everything else was loaded above.
+        for prefix, module in (("transformer.", transformer), ("t5.", t5)):
+            ema = {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+            module.load_state_dict(ema, strict=False)
+    vae = AutoencoderKL.from_config(state["vae_config"])
+    vae.load_state_dict(state["vae"])
+    return assemble_pipeline(mcfg, transformer=transformer, t5=t5, vae=vae)
+
+
+def wall_minutes(ckpt_path: str | Path) -> float:
+    """Training wall time (minutes, transformer stage) recorded in a checkpoint."""
+    return float(torch.load(ckpt_path, weights_only=False, map_location="cpu")["elapsed"]) / 60
+
+
+__all__ = ["TrainConfig", "train", "train_vae", "flow_loss", "load_checkpoint_pipeline", "wall_minutes"]

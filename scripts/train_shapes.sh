@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train the bundled shapes model, export it into attnscope/shapes/weights/ and evaluate it.
+#
+#   scripts/train_shapes.sh [MINUTES]        # default 108 (the bundled model's budget)
+#
+# Re-running resumes from runs/shapes-train/ckpt.pt (delete the folder to start over). One CPU thread
+# (--threads 1) is the recorded setting; more threads only change the speed, not the result per step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+MINUTES="${1:-108}"
+OUT=runs/shapes-train
+python -m attnscope.shapes.cli shapes train --out "$OUT" --minutes "$MINUTES" --seed 0 --threads 1 --resume
+python -m attnscope.shapes.cli shapes export "$OUT/ckpt.pt"
+python -m attnscope.shapes.cli shapes eval --out "$OUT/eval"

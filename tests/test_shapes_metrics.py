@@ -1,0 +1,57 @@
+"""``attnscope shapes eval`` scoring and plumbing (tiny random pipeline; no trained model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnscope.shapes import metrics
+from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, evaluate, match_objects, score_image
+from attnscope.shapes.model import ShapesModelConfig, assemble_pipeline
+from attnscope.shapes.reader import read_scene
+from attnscope.shapes.render import render_prompt, render_scene
+from attnscope.shapes.vocabulary import parse_prompt
+
+REQUIRED_KEYS = ("color_acc", "shape_acc", "two_object_all_correct", "synonym_color_acc", "miou_color", "miou_shape")
+
+
+def test_protocol_prompts_are_valid():
+    for prompt in (*metrics.SINGLE_PROMPTS, *TWO_OBJECT_PROMPTS, *metrics.SYNONYM_PROMPTS):
+        assert 1 <= len(parse_prompt(prompt)) <= 2
+    assert all(len(parse_prompt(p)) == 2 for p in TWO_OBJECT_PROMPTS)
+
+
+def test_score_image_on_ground_truth_is_perfect():
+    for seed, prompt in enumerate(TWO_OBJECT_PROMPTS):
+        rec = score_image(prompt, read_scene(render_prompt(prompt, seed).image))
+        assert rec["all_correct"] and all(rec["color_hits"]) and all(rec["shape_hits"]) and rec["spurious"] == 0
+
+
+def test_score_image_counts_errors():
+    # Ask for a red circle and a blue square; show a red circle, a green square and a yellow triangle.
+    scene = render_scene(0, objects=[("red", "circle"), ("green", "square"), ("yellow", "triangle")])
+    rec = score_image("a red circle and a blue square", read_scene(scene.image))
+    assert rec["color_hits"] == [True, False]
+    assert not rec["all_correct"] and rec["spurious"] == 1 and not rec["count_ok"]
+    # Missing objects count as wrong.
+    assert match_objects([("red", "circle"), ("blue", "square")], []) == [None, None]
+
+
+@pytest.mark.slow
+def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
+    tiny = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
+    folder = tmp_path / "model"
+    assemble_pipeline(tiny).save_pretrained(folder)
+    # Keep the run short: fewer prompts and steps; the protocol's code path is unchanged.
+    monkeypatch.setattr(metrics, "SINGLE_PROMPTS", metrics.SINGLE_PROMPTS[:2])
+    monkeypatch.setattr(metrics, "TWO_OBJECT_PROMPTS", TWO_OBJECT_PROMPTS[:2])
+    monkeypatch.setattr(metrics, "SYNONYM_PROMPTS", metrics.SYNONYM_PROMPTS[:2])
+    monkeypatch.setattr(metrics, "LOCALIZATION_LAYER", "double.0")
+    monkeypatch.setitem(metrics.DEFAULT_CALL_KWARGS, "num_inference_steps", 2)
+    result = evaluate(folder, out_dir=tmp_path / "eval", seeds=1)
+    data = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert key in data and key in result["summary"]
+        assert data[key] is None or 0.0 <= data[key] <= 1.0
+    assert data["n_images"] == 6 and (tmp_path / "eval" / "samples.png").exists()

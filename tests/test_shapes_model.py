@@ -1,0 +1,133 @@
+"""Shapes model plumbing: tokenizers, offline pipeline, LoRA, trainer/resume/export, CLI (tiny configs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path
+from attnscope.shapes.cli import register
+from attnscope.shapes.export import MAX_BUNDLE_BYTES, export_checkpoint, folder_bytes
+from attnscope.shapes.model import (
+    MAX_SEQUENCE_LENGTH,
+    MULTI_PIECE,
+    ShapesModelConfig,
+    assemble_pipeline,
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+)
+from attnscope.shapes.train import TrainConfig, load_checkpoint_pipeline, train
+from attnscope.shapes.vocabulary import ALL_WORDS
+
+TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
+FAST_CALL = DEFAULT_CALL_KWARGS | {"num_inference_steps": 2}
+
+
+def test_tokenizers_give_single_pieces_and_round_trip(tmp_path):
+    t5, clip = build_t5_tokenizer(), build_clip_tokenizer()
+    for w in sorted(ALL_WORDS):
+        pieces = t5.tokenize(w)
+        assert pieces == (list(MULTI_PIECE[w]) if w in MULTI_PIECE else [f"▁{w}"]), w
+        assert clip.tokenize(w) == [f"{w}</w>"], w
+    prompt = "a scarlet pyramid, a golden circle and an amber square"
+    assert len(t5(prompt).input_ids) <= MAX_SEQUENCE_LENGTH
+    assert DEFAULT_CALL_KWARGS["max_sequence_length"] == MAX_SEQUENCE_LENGTH
+    t5.save_pretrained(tmp_path / "t5")
+    clip.save_pretrained(tmp_path / "clip")
+    t5b = type(t5).from_pretrained(tmp_path / "t5")
+    clipb = type(clip).from_pretrained(tmp_path / "clip")
+    assert t5b(prompt).input_ids == t5(prompt).input_ids
+    assert clipb(prompt).input_ids == clip(prompt).input_ids
+
+
+def test_pipeline_saves_loads_and_generates_offline(tmp_path):
+    pipe = assemble_pipeline(TINY)
+    # The pooled text path is a frozen constant zero: text reaches the image only through joint attention.
+    emb = pipe.transformer.time_text_embed.text_embedder
+    assert torch.count_nonzero(emb(torch.randn(3, TINY.clip_hidden))) == 0
+    assert not any(p.requires_grad for p in emb.parameters())
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = FluxPipeline.from_pretrained(tmp_path)
+    assert loaded.vae_scale_factor == 1
+    out = loaded("a red circle and a blue box", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL)
+    assert out.images.shape == (1, 32, 32, 3)
+    # 32×32 pixels -> 16×16 image tokens.
+    assert loaded._pack_latents(torch.zeros(1, 3, 32, 32), 1, 3, 32, 32).shape[1] == 256
+
+
+def test_lora_on_transformer_trains_only_adapters():
+    peft = pytest.importorskip("peft")
+    pipe = assemble_pipeline(TINY)
+    tr = pipe.transformer
+    tr.requires_grad_(False)
+    tr.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights="gaussian"))
+    n_img, n_txt = 256, MAX_SEQUENCE_LENGTH
+    out = tr(
+        hidden_states=torch.randn(1, n_img, 12),
+        encoder_hidden_states=torch.randn(1, n_txt, TINY.hidden),
+        pooled_projections=torch.zeros(1, TINY.clip_hidden),
+        timestep=torch.tensor([0.5]),
+        img_ids=pipe._prepare_latent_image_ids(1, 16, 16, "cpu", torch.float32),
+        txt_ids=torch.zeros(n_txt, 3),
+        return_dict=False,
+    )[0]
+    out.square().mean().backward()
+    trained = [n for n, p in tr.named_parameters() if p.grad is not None]
+    assert trained and all("lora" in n for n in trained)
+
+
+def test_train_resume_export(tmp_path):
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"), steps=2, vae_steps=2, batch=2, checkpoint_minutes=0.0, log_every=1, model=asdict(TINY)
+    )
+    ckpt = train(cfg)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 2 and not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    train(TrainConfig(**{**cfg.__dict__, "steps": 3}), resume=True)
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resumed at step 2" in log and "step 3 loss" in log
+    pipe = load_checkpoint_pipeline(ckpt)
+    assert pipe.vae.config.shift_factor == state["vae_config"]["shift_factor"]
+    bundle = export_checkpoint(ckpt, tmp_path / "weights", extra_info={"command": "test"})
+    assert folder_bytes(bundle) < MAX_BUNDLE_BYTES
+    assert json.loads((bundle / "training.json").read_text())["step"] == 3
+    assert list(bundle.rglob("*.safetensors")) and not list(bundle.rglob("*.bin"))
+    loaded = FluxPipeline.from_pretrained(bundle)
+    img = loaded("a green triangle", generator=torch.Generator().manual_seed(1), output_type="np", **FAST_CALL).images
+    assert np.isfinite(img).all()
+
+
+def test_cli_registers_shapes_group():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shapes", "train", "--minutes", "1", "--resume", "--out", "x"])
+    assert args.minutes == 1 and args.resume and args.out == "x" and callable(args.func)
+    args = parser.parse_args(["shapes", "eval", "--out", "y"])
+    assert args.out == "y" and args.model is None
+
+
+@pytest.mark.skipif(not (bundled_path() / "model_index.json").exists(), reason="bundled weights not exported yet")
+def test_bundled_weights_load_and_generate():
+    assert folder_bytes(bundled_path()) <= MAX_BUNDLE_BYTES
+    pipe = FluxPipeline.from_pretrained(bundled_path())
+    img = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images
+    assert img.shape == (1, 32, 32, 3)
+
+
+def test_lr_schedule_warmup_constant_cooldown():
+    from attnscope.shapes.train import _lr_factor
+
+    cfg = TrainConfig(steps=1000, minutes=0, warmup=100, cooldown=0.2)
+    assert _lr_factor(0, 0.0, 0.0, cfg) == pytest.approx(0.01)
+    assert _lr_factor(500, 0.0, 0.0, cfg) == 1.0
+    assert _lr_factor(900, 0.0, 0.0, cfg) == pytest.approx(0.5)
+    assert _lr_factor(999, 0.0, 0.0, cfg) == pytest.approx(0.05)
+    timed = TrainConfig(minutes=10, warmup=1, cooldown=0.1)
+    assert _lr_factor(50, 570.0, 600.0, timed) == pytest.approx(0.5)

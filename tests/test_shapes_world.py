@@ -1,0 +1,134 @@
+"""Shapes world without a model: vocabulary, renderer, reader (fast, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnscope.shapes import DEFAULT_CALL_KWARGS, NATIVE_SIZE, UntrainedSizeWarning, validate_call
+from attnscope.shapes.reader import read_scene
+from attnscope.shapes.render import RADIUS_RANGE, render_prompt, render_scene
+from attnscope.shapes.vocabulary import (
+    ALL_WORDS,
+    CANONICAL,
+    COLORS,
+    SHAPES,
+    SYNONYMS,
+    UnknownWordError,
+    check_prompt,
+    parse_prompt,
+    words_of,
+)
+
+
+def test_vocabulary_synonyms_are_unique_and_canonical():
+    syns = [s for group in SYNONYMS.values() for s in group]
+    assert len(syns) == len(set(syns))
+    assert set(SYNONYMS) == set(COLORS) | set(SHAPES)
+    assert CANONICAL["crimson"] == "red" and CANONICAL["box"] == "square" and CANONICAL["disc"] == "circle"
+    assert not (set(syns) & (set(COLORS) | set(SHAPES)))
+
+
+def test_check_prompt_names_unknown_words():
+    assert check_prompt("a red circle and a blue square") == ["a", "red", "circle", "and", "a", "blue", "square"]
+    with pytest.raises(UnknownWordError) as err:
+        check_prompt("a purple circle and a red dog")
+    assert err.value.words == ["purple", "dog"]
+    assert "purple" in str(err.value) and "dog" in str(err.value)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(UnknownWordError):
+        check_prompt("3 red circles")
+
+
+def test_parse_prompt_binds_colours_to_shapes():
+    assert parse_prompt("a crimson box next to an azure disc") == [("red", "square"), ("blue", "circle")]
+    with pytest.raises(ValueError):
+        parse_prompt("a red")
+    with pytest.raises(ValueError):
+        parse_prompt("a circle")
+
+
+def test_validate_call_warns_on_untrained_size():
+    with pytest.warns(UntrainedSizeWarning):
+        validate_call("a red circle", height=64, width=64)
+    assert validate_call("a red circle", height=NATIVE_SIZE, width=NATIVE_SIZE) == ["a", "red", "circle"]
+    assert DEFAULT_CALL_KWARGS["height"] == NATIVE_SIZE and DEFAULT_CALL_KWARGS["guidance_scale"] == 1.0
+
+
+def test_render_is_deterministic_and_consistent():
+    a, b = render_scene(123), render_scene(123)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert a.image.shape == (NATIVE_SIZE, NATIVE_SIZE, 3) and a.image.dtype == np.uint8
+    for seed in range(200):
+        s = render_scene(seed)
+        assert 1 <= len(s.objects) <= 3
+        assert all(w in ALL_WORDS for w in words_of(s.caption))
+        assert parse_prompt(s.caption) == [(s.objects[i].color, s.objects[i].shape) for _, _, i in s.word_objects[1::2]]
+        # Objects never overlap, so masks are exact and disjoint.
+        total = sum(o.mask.astype(int) for o in s.objects)
+        assert total.max() <= 1
+        for idx, word, obj in s.word_objects:
+            assert words_of(s.caption)[idx] == word
+            assert (s.word_masks[word] & s.objects[obj].mask).sum() == s.objects[obj].mask.sum()
+
+
+def test_render_same_colour_pair_word_mask_is_union():
+    s = render_prompt("a red circle and a red square", seed=0)
+    assert [(o.color, o.shape) for o in s.objects] == [("red", "circle"), ("red", "square")]
+    assert s.word_masks["red"].sum() == s.objects[0].mask.sum() + s.objects[1].mask.sum()
+    assert s.word_masks["square"].sum() == s.objects[1].mask.sum()
+
+
+def test_render_scales_and_antialiases():
+    s = render_scene(7, n_objects=1, size=64)
+    assert s.image.shape == (64, 64, 3)
+    # Anti-aliasing: edge pixels mix object and background colours.
+    colours = {tuple(p) for p in s.image.reshape(-1, 3)}
+    assert len(colours) > 2
+    assert RADIUS_RANGE[1][0] * 2 <= s.objects[0].bbox[2] - s.objects[0].bbox[0] + 2
+
+
+def _reader_accuracy(n: int, size: int, noise: float = 0.0) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    hits = total = scenes_ok = 0
+    for seed in range(n):
+        s = render_scene(50_000 + seed, size=size)
+        img = s.image
+        if noise:
+            img = np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
+        found = read_scene(img)
+        for o in s.objects:
+            match = [d for d in found if (d.mask & o.mask).any()]
+            total += 1
+            hits += bool(match) and match[0].color == o.color and match[0].shape == o.shape
+        scenes_ok += sorted((d.color, d.shape) for d in found) == sorted((o.color, o.shape) for o in s.objects)
+    return hits / total, scenes_ok / n
+
+
+def test_reader_accuracy_on_rendered_scenes():
+    obj_acc, scene_acc = _reader_accuracy(300, NATIVE_SIZE)
+    assert obj_acc >= 0.98 and scene_acc >= 0.98, (obj_acc, scene_acc)
+
+
+def test_reader_accuracy_with_pixel_noise():
+    # Generated images are never clean: the reader must survive mild noise (σ = 8 grey levels).
+    obj_acc, scene_acc = _reader_accuracy(150, NATIVE_SIZE, noise=8.0)
+    assert obj_acc >= 0.98 and scene_acc >= 0.95, (obj_acc, scene_acc)
+
+
+def test_reader_returns_positions_and_masks():
+    s = render_prompt("a blue triangle", seed=3, size=64)
+    (found,) = read_scene(s.image)
+    assert (found.color, found.shape) == ("blue", "triangle")
+    iou = (found.mask & s.objects[0].mask).sum() / (found.mask | s.objects[0].mask).sum()
+    assert iou > 0.9
+    cx, cy = found.centroid
+    x0, y0, x1, y1 = s.objects[0].bbox
+    assert x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+def test_reader_ignores_blank_image_and_rejects_bad_input():
+    blank = np.full((32, 32, 3), 235, np.uint8)
+    assert read_scene(blank) == []
+    with pytest.raises(ValueError):
+        read_scene(np.zeros((32, 32), np.uint8))
