@@ -1,6 +1,6 @@
 """Capture overhead: hooked / unhooked transformer forward time, and retained memory.
 
-    python benchmarks/capture_overhead.py                 # tiny Flux at 16/256/1024 image tokens + one FLUX.1-dev block
+    python benchmarks/capture_overhead.py                 # shapes model at 16/256/1024 image tokens + one FLUX.1-dev block
     python benchmarks/capture_overhead.py --skip-real     # without the (slow, 1.3 GB) real-size block
     python benchmarks/capture_overhead.py --device cuda   # on a GPU (CUDA fused kernels)
 
@@ -96,16 +96,12 @@ def measure(
     }
 
 
-def tiny_transformer(device: str) -> FluxTransformer2DModel:
-    """The bundled shapes model's transformer when it exists, else a tiny random Flux."""
-    try:
-        from attnscope.shapes import bundled_path
+def small_transformer(device: str) -> tuple[FluxTransformer2DModel, str]:
+    """The bundled shapes model's transformer."""
+    from attnscope.shapes import bundled_path
 
-        return FluxTransformer2DModel.from_pretrained(bundled_path(), subfolder="transformer").to(device).eval()
-    except Exception:  # no bundled weights yet: same code path on a tiny random model
-        from attnscope.tiny import build_tiny_flux_pipeline
-
-        return build_tiny_flux_pipeline().transformer.to(device).eval()
+    model = FluxTransformer2DModel.from_pretrained(bundled_path(), subfolder="transformer").to(device).eval()
+    return model, f"shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)"
 
 
 def real_block(device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
@@ -133,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--text-len", type=int, default=32, help="text sequence length of the tiny model")
+    parser.add_argument("--text-len", type=int, default=32, help="text sequence length for the small model")
     parser.add_argument("--text-kept", type=int, default=12, help="text tokens kept (a typical prompt's)")
     parser.add_argument("--skip-real", action="store_true", help="skip the FLUX.1-dev-size block")
     parser.add_argument("--real-repeats", type=int, default=3)
@@ -141,11 +137,10 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    tiny = tiny_transformer(args.device)
-    n_params = sum(p.numel() for p in tiny.parameters())
+    small, name = small_transformer(args.device)
     for side in (4, 16, 32):
-        row = measure(tiny, (side, side), args.text_len, args.text_kept, args.repeats, args.device)
-        rows.append({"model": f"tiny Flux ({n_params / 1e6:.1f}M params)", **row})
+        row = measure(small, (side, side), args.text_len, args.text_kept, args.repeats, args.device)
+        rows.append({"model": name, **row})
         print(rows[-1], flush=True)
     if not args.skip_real:
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
