@@ -50,21 +50,6 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         demo.close()
 
 
-@pytest.fixture(scope="module")
-def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA on add_q_proj/add_k_proj with random (non-identity) weights, saved as `attnscope erase` would."""
-    import peft
-    from diffusers import FluxPipeline
-
-    transformer = attnscope.load_pipeline("tiny-flux").transformer
-    torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights=False)
-    transformer.add_adapter(config)
-    folder = tmp_path_factory.mktemp("lora")
-    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer))
-    return folder
-
-
 def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
     """Image and overlay of ``word`` through the public API alone, with the app's default settings."""
     pipe = attnscope.load_pipeline("tiny-flux")
