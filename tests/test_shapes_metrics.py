@@ -55,3 +55,11 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
         assert key in data and key in result["summary"]
         assert data[key] is None or 0.0 <= data[key] <= 1.0
     assert data["n_images"] == 6 and (tmp_path / "eval" / "samples.png").exists()
+
+
+def test_occurrence_query_counts_in_prompt_order() -> None:
+    """The second "red" stays "red#2" even when the first object was not generated (and so not scored)."""
+    from attnscope.shapes.metrics import occurrence_query
+
+    words = ["red", "blue", "red"]
+    assert [occurrence_query(words, k) for k in range(3)] == ["red#1", "blue#1", "red#2"]

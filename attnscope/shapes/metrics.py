@@ -188,6 +188,11 @@ def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str,
 LOCALIZATION_LAYER = "double.3"
 
 
+def occurrence_query(words: list[str], k: int) -> str:
+    """``"word#n"`` for ``words[k]``: which occurrence of that word it is, counted in prompt order."""
+    return f"{words[k]}#{words[: k + 1].count(words[k])}"
+
+
 def localization_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> dict[str, Any]:
     """Localization of colour and shape words on the two-object prompts (DESIGN §6 protocol).
 
@@ -215,13 +220,11 @@ def localization_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> dict[str, Any
             maps = tr.maps()
             size = image.shape[1], image.shape[0]
             matched = match_objects(expected, read_scene(image))
-            seen: dict[str, int] = {}
             for k, ((color, _), det) in enumerate(zip(expected, matched)):
                 if det is None or det.color != color:
                     continue
-                for kind, word in (("color", color_words[k]), ("shape", shape_words[k])):
-                    seen[word] = seen.get(word, 0) + 1
-                    word_maps = maps.word(f"{word}#{seen[word]}")
+                for kind, words in (("color", color_words), ("shape", shape_words)):
+                    word_maps = maps.word(occurrence_query(words, k))
                     for layer in word_maps.layers:
                         m = word_maps.select(layers=layer.label).mean().upsample(size)
                         per_layer.setdefault(layer.label, {"color": [], "shape": []})[kind].append(m.iou(det.mask))
