@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 MINUTES="${1:-108}"
 OUT=runs/shapes-train
-python -m attnscope.shapes.cli shapes train --out "$OUT" --minutes "$MINUTES" --seed 0 --threads 1 --resume
-python -m attnscope.shapes.cli shapes export "$OUT/ckpt.pt"
-python -m attnscope.shapes.cli shapes eval --out "$OUT/eval"
+attnscope shapes train --out "$OUT" --minutes "$MINUTES" --seed 0 --threads 1 --resume
+attnscope shapes export "$OUT/ckpt.pt"
+attnscope shapes eval --out "$OUT/eval"

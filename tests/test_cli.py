@@ -62,3 +62,8 @@ def test_empty_prompt(tmp_path, capsys) -> None:
 def test_installed_entry_point_help() -> None:
     out = subprocess.run([sys.executable, "-m", "attnscope.cli", "maps", "--help"], capture_output=True, text=True, check=True)
     assert "--words" in out.stdout and "overlay_<word>.png" in out.stdout
+
+
+def test_shapes_commands_run_through_the_main_cli(tmp_path, capsys) -> None:
+    assert main(["shapes", "export", str(tmp_path / "missing.pt"), "--to", str(tmp_path / "out")]) == 2
+    assert "missing.pt" in capsys.readouterr().err

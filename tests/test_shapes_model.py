@@ -108,7 +108,7 @@ def test_cli_registers_shapes_group():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["shapes", "train", "--minutes", "1", "--resume", "--out", "x"])
-    assert args.minutes == 1 and args.resume and args.out == "x" and callable(args.func)
+    assert args.minutes == 1 and args.resume and args.out == "x" and callable(args.run)
     args = parser.parse_args(["shapes", "eval", "--out", "y"])
     assert args.out == "y" and args.model is None
 

@@ -1,15 +1,13 @@
 """``attnscope shapes ...`` commands: ``train``, ``eval``, ``export``.
 
-``register(subparsers)`` adds the ``shapes`` group to an argparse subparsers object (``attnscope.cli`` wires it);
-``python -m attnscope.shapes.cli shapes train ...`` runs it stand-alone.
+``register(subparsers)`` adds the ``shapes`` group to an argparse subparsers object; ``attnscope.cli`` wires it
+(``attnscope shapes train ...`` or ``python -m attnscope.cli shapes train ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from .train import TrainConfig
 
@@ -34,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
-    tr.set_defaults(func=_train)
+    tr.set_defaults(run=_train)
 
     ev = sub.add_parser("eval", help="generation (and localization) metrics on the fixed evaluation set")
     ev.add_argument("--model", default=None, help="a training checkpoint (ckpt.pt) or a diffusers folder "
@@ -43,12 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ev.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: the published protocol)")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--no-localization", action="store_true", help="generation metrics only (no attention capture)")
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(run=_eval)
 
     ex = sub.add_parser("export", help="export a training checkpoint (EMA weights) as a diffusers folder")
     ex.add_argument("checkpoint", help="path to ckpt.pt")
     ex.add_argument("--to", default=None, help="target folder (default: the bundled attnscope/shapes/weights)")
-    ex.set_defaults(func=_export)
+    ex.set_defaults(run=_export)
     return shapes
 
 
@@ -90,17 +88,4 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m attnscope.shapes.cli shapes train ...``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="attnscope")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["register", "main"]
+__all__ = ["register"]
