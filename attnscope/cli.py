@@ -149,6 +149,10 @@ def _add_unavailable_command(subparsers: argparse._SubParsersAction, name: str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers warns at import time about image processors (torchvision) that text-to-image never uses.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
