@@ -69,21 +69,22 @@ class CaptureSite:
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float | None,
-        fused_allowed: bool,
+        fused_allowed: Callable[[], bool],
         original: Callable[[], torch.Tensor],
     ) -> torch.Tensor:
         """Attention output for ``q, k, v`` in ``(B, H, S, D)`` layout, identical to ``original()``.
 
         ``original`` runs the call the processor was about to make; it is used whenever the fused kernel cannot
         reproduce it exactly (masks, other backends, devices without an LSE-returning kernel) and for the chunked
-        path. ``fused_allowed`` says whether the processor's call would have been plain SDPA.
+        path. ``fused_allowed()`` says whether the processor's call would have been plain SDPA; it is only asked
+        when this call is captured, so layers and steps that are not captured pay nothing for it.
         """
         plan = self.trace.plan_layer(self.layer, q, k)
         if plan is None:
             return original()
         image, text_index, rows = plan
         q_img, k_rows = q[rows, :, image], k[rows]
-        if fused_allowed and self.trace.path != "chunked":
+        if self.trace.path != "chunked" and fused_allowed():
             fused = fused_attention_with_lse(q, k, v, scale)
             if fused is not None:
                 out, lse = fused
@@ -135,15 +136,17 @@ class FluxCaptureProcessor(FluxAttnProcessor):
         def original() -> torch.Tensor:
             return dispatch_attention_fn(query, key, value, **kwargs).transpose(1, 2)
 
-        plain = (
-            kwargs.get("attn_mask") is None
-            and not kwargs.get("dropout_p")
-            and not kwargs.get("is_causal")
-            and not kwargs.get("enable_gqa")
-            and kwargs.get("parallel_config") is None
-            and not kwargs.get("attention_kwargs")
-            and _uses_native_sdpa(kwargs.get("backend"))
-        )
+        def plain() -> bool:
+            return (
+                kwargs.get("attn_mask") is None
+                and not kwargs.get("dropout_p")
+                and not kwargs.get("is_causal")
+                and not kwargs.get("enable_gqa")
+                and kwargs.get("parallel_config") is None
+                and not kwargs.get("attention_kwargs")
+                and _uses_native_sdpa(kwargs.get("backend"))
+            )
+
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         return self.site.attend(q, k, v, kwargs.get("scale"), plain, original).transpose(1, 2)
 
@@ -190,7 +193,9 @@ class SD3CaptureProcessor(JointAttnProcessor2_0):
 
         if not self._has_text:
             return original()
-        plain = not args and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
+        def plain() -> bool:
+            return not args and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
+
         return self.site.attend(query, key, value, kwargs.get("scale"), plain, original)
 
 

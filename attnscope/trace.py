@@ -183,13 +183,8 @@ class Trace:
         pipe.encode_prompt = encode_prompt
 
     # ----------------------------------------------------------------------------- hook callbacks
-    def _current(self) -> _Generation:
-        if not self.generations:
-            self.generations.append(_Generation())
-        return self.generations[-1]
-
     def _on_encode_prompt(self, arguments: dict[str, Any], prompt_embeds: torch.Tensor) -> None:
-        gen = self._current()
+        gen = self.generations[-1]
         if gen.forwards > 0:  # the transformer already ran: this is a new pipeline call
             gen = _Generation()
             self.generations.append(gen)
@@ -206,7 +201,7 @@ class Trace:
 
     def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ctx = self.adapter.forward_context(args, kwargs)
-        gen = self._current()
+        gen = self.generations[-1]
         if gen.forwards == 0:
             self._start_generation(gen, ctx)
         gen.forwards += 1

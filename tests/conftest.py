@@ -23,3 +23,12 @@ def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("lora")
     FluxPipeline.save_lora_weights(folder, transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer))
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; more oversubscribe a busy 2-core machine (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,13 +38,7 @@ from attnscope.shapes.model import (
 FAST = {"batch": 2, "contrastive_rows": 1, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4), "checkpoint_every": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; more oversubscribe a busy 2-core machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_shapes_pipeline(seed: int = 0) -> FluxPipeline:

@@ -29,13 +29,7 @@ from attnscope.shapes import vocabulary as vocab
 from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_tiny_flux_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; more oversubscribe a busy 2-core machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ specs
