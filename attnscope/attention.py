@@ -11,7 +11,8 @@ numbers inside the model's own attention. Two ways to get the softmax denominato
 * :func:`fused_attention_with_lse` asks PyTorch's fused kernel, which computes the log-sum-exp anyway, to return
   it together with the attention output. The model's output is then that kernel's output (the same kernel SDPA
   would pick, so bit-identical), and the capture costs one small ``N_img × T`` matmul per head.
-  Under autograd the log-sum-exp's gradient is computed with SDPA as well (:class:`_KernelLogSumExp`).
+  Under autograd the log-sum-exp is differentiable: on the CPU inside the kernel's own backward
+  (:class:`_CpuFlashAttention`), on CUDA with one more SDPA forward and backward (:class:`_KernelLogSumExp`).
 * :func:`text_probs_chunked` recomputes scores for a chunk of image queries at a time against all keys. Portable
   (any device, any backend, differentiable), peak memory ``B·H·chunk·S`` instead of ``B·H·S²``.
 
@@ -53,6 +54,8 @@ def fused_attention_with_lse(
     if q.device.type == "cpu":
         if choice != SDPBackend.FLASH_ATTENTION:
             return None
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _CpuFlashAttention.apply(q, k, v, scale)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse
     # On CUDA, SDPA pads head dims that are not multiples of 8 before its kernels; only the unpadded case is
@@ -66,6 +69,45 @@ def fused_attention_with_lse(
             # The efficient kernel pads the log-sum-exp's query axis up to a multiple of 32.
             return out, lse[..., : q.shape[-2]]
     return None
+
+
+class _CpuFlashAttention(torch.autograd.Function):
+    """CPU flash attention whose output *and* log-sum-exp are differentiable, in one kernel backward.
+
+    The log-sum-exp's gradient ``g`` adds ``g_i·P_ij`` to the score gradient. The flash backward computes the
+    score gradient as ``P_ij·(dP_ij − D_i)`` with ``D_i = Σ_d dO_id·O_id``; one extra head-dim column — zero in
+    q, k and v, one in the output, ``−g_i`` in the output's gradient — leaves ``dP`` unchanged and turns ``D_i`` into
+    ``D_i − g_i``, which is exactly that term. So the capture's gradient costs nothing beyond the backward the
+    model's attention needs anyway (a 1/D wider head), instead of another attention forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = _scale(q, scale)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_lse is None:
+            dq, dk, dv = backward(grad_out, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
+            return dq, dk, dv, None
+
+        def widen(t: torch.Tensor, column: torch.Tensor | float) -> torch.Tensor:
+            extra = column.unsqueeze(-1) if isinstance(column, torch.Tensor) else torch.full_like(t[..., :1], column)
+            return torch.cat([t, extra.to(t.dtype)], dim=-1)
+
+        dq, dk, dv = backward(
+            widen(grad_out, -grad_lse), widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse,
+            0.0, False, scale=ctx.scale,
+        )
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None
 
 
 class _KernelLogSumExp(torch.autograd.Function):
@@ -105,9 +147,11 @@ def text_probs_from_lse(
 
     q_img ``(B, H, N, D)``, k_text ``(B, H, T, D)``, lse_img ``(B, H, N)`` → ``(B, H, N, T)``. Computed in
     float32 whatever the input dtype: the subtraction of two large numbers is where low precision would hurt.
-    Pass ``k_all`` (all keys, ``(B, H, S, D)``) to make the result differentiable through the log-sum-exp too.
+    Pass ``k_all`` (all keys, ``(B, H, S, D)``) to make the result differentiable through a log-sum-exp that
+    carries no gradient of its own (CUDA kernels; on the CPU :func:`fused_attention_with_lse` returns one that does).
     """
-    if k_all is not None and torch.is_grad_enabled() and (q_img.requires_grad or k_all.requires_grad):
+    needs_grad = q_img.requires_grad or k_all is not None and k_all.requires_grad
+    if k_all is not None and torch.is_grad_enabled() and needs_grad and not lse_img.requires_grad:
         lse_img = _KernelLogSumExp.apply(q_img, k_all, lse_img, _scale(q_img, scale))
     scores = torch.matmul(q_img.float(), k_text.float().transpose(-1, -2)) * _scale(q_img, scale)
     return torch.exp(scores - lse_img.float().unsqueeze(-1))

@@ -71,17 +71,25 @@ def test_chunked_is_differentiable_and_matches_full_gradient() -> None:
     torch.testing.assert_close(grad_k, k.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_fused_path_gradient_matches_full_softmax() -> None:
-    """The kernel's log-sum-exp is differentiable through SDPA: same gradients as the definition."""
-    q, k, v = (x.contiguous().requires_grad_() for x in _qkv(4, b=1, h=2, s=48, d=8))
+@pytest.mark.parametrize("lse_grad", ["kernel", "sdpa"])
+@pytest.mark.parametrize("use_output", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "diffusers"])
+def test_fused_path_gradient_matches_full_softmax(lse_grad: str, use_output: bool, layout: str) -> None:
+    """The kernel's log-sum-exp is differentiable — inside the CPU kernel's own backward ("kernel"), or through
+    SDPA when it carries no gradient ("sdpa", the CUDA route) — with the definition's gradients."""
+    q, k, v = (x.contiguous() if layout == "contiguous" else x for x in _qkv(4, b=1, h=2, s=48, d=8))
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     text, image = torch.arange(6), torch.arange(6, 48)
     weights = torch.randn(1, 2, 42, 3, generator=torch.Generator().manual_seed(0))
     out, lse = fused_attention_with_lse(q, k, v)
+    assert lse.requires_grad
+    if lse_grad == "sdpa":
+        lse = lse.detach()
     probs = text_probs_from_lse(q[:, :, 6:], k[:, :, :3], lse[:, :, 6:], k_all=k)
-    ((probs * weights).sum() + out.sum()).backward()
-    grads = q.grad.clone(), k.grad.clone(), v.grad.clone()
+    ((probs * weights).sum() + (out.sum() if use_output else 0)).backward()
+    grads = q.grad.clone(), k.grad.clone(), v.grad.clone() if v.grad is not None else torch.zeros_like(v)
     q.grad = k.grad = v.grad = None
     reference = text_probs_reference(q, k, image, text[:3]).float()
-    ((reference * weights).sum() + F.scaled_dot_product_attention(q, k, v).sum()).backward()
-    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+    ((reference * weights).sum() + (F.scaled_dot_product_attention(q, k, v).sum() if use_output else 0)).backward()
+    for got, want in zip(grads, (q.grad, k.grad, v.grad if v.grad is not None else torch.zeros_like(v))):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
