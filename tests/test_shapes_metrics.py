@@ -47,7 +47,6 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "SINGLE_PROMPTS", metrics.SINGLE_PROMPTS[:2])
     monkeypatch.setattr(metrics, "TWO_OBJECT_PROMPTS", TWO_OBJECT_PROMPTS[:2])
     monkeypatch.setattr(metrics, "SYNONYM_PROMPTS", metrics.SYNONYM_PROMPTS[:2])
-    monkeypatch.setattr(metrics, "LOCALIZATION_LAYER", "double.0")
     monkeypatch.setitem(metrics.DEFAULT_CALL_KWARGS, "num_inference_steps", 2)
     result = evaluate(folder, out_dir=tmp_path / "eval", seeds=1)
     data = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
@@ -55,6 +54,10 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
         assert key in data and key in result["summary"]
         assert data[key] is None or 0.0 <= data[key] <= 1.0
     assert data["n_images"] == 6 and (tmp_path / "eval" / "samples.png").exists()
+    if data["localization_pairs"]:  # a random model rarely draws an object in the asked colour
+        assert set(data["miou_by_layer"]) == {"double.0", "single.0"}
+        assert len(data["miou_by_step"]["color"]["double.0"]) == 2
+        assert (tmp_path / "eval" / "maps.png").exists()
 
 
 def test_occurrence_query_counts_in_prompt_order() -> None:

@@ -20,8 +20,9 @@ that maximizes 2·[colour right] + [shape right]; an expected object with no det
 * ``count_acc``: fraction of images with exactly the asked number of objects; ``spurious_objects``: mean number
   of detections beyond that number per image;
 * ``sampling_seconds``: median time of one 20-step single-image call (``torch_threads`` threads);
-* ``miou_color`` / ``miou_shape``: localization of colour / shape words, see ``localization_metrics`` (null
-  when skipped with ``--no-localization``).
+* ``miou_color`` / ``miou_shape``: localization of colour / shape words (mean-threshold mIoU at the best layer
+  and step band), with best-τ mIoU, pixel accuracy and AP per layer and per step: see ``localization.py``
+  (null when skipped with ``--no-localization``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ import numpy as np
 import torch
 
 from . import DEFAULT_CALL_KWARGS, bundled_path
+from .localization import localization_metrics, save_sample_maps
 from .reader import DetectedObject, read_scene
-from .vocabulary import COLORS, SHAPES, is_color, is_shape, parse_prompt, words_of
+from .vocabulary import COLORS, SHAPES, parse_prompt
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_SEEDS = 4
 
 SINGLE_PROMPTS: tuple[str, ...] = tuple(f"a {c} {s}" for c in COLORS for s in SHAPES)
@@ -183,63 +185,9 @@ def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str,
     return summary, records
 
 
-#: Layer whose maps define ``miou_color`` / ``miou_shape`` (DESIGN §4: colour words localized best at the last
-#: double block); every layer's mIoU is reported too.
-LOCALIZATION_LAYER = "double.3"
-
-
 def occurrence_query(words: list[str], k: int) -> str:
     """``"word#n"`` for ``words[k]``: which occurrence of that word it is, counted in prompt order."""
     return f"{words[k]}#{words[: k + 1].count(words[k])}"
-
-
-def localization_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> dict[str, Any]:
-    """Localization of colour and shape words on the two-object prompts (DESIGN §6 protocol).
-
-    For each two-object prompt and seed the generation is traced (``attnscope.trace``, heads averaged, steps
-    averaged on the fly). Each colour / shape word occurrence is paired with the generated object it describes
-    (the reader's detection matched to the prompt's object; occurrences whose object was not generated with the
-    right colour are skipped, as they have no ground truth). Its map, upsampled to the image, min-max normalized
-    and thresholded at its mean, is compared with that object's mask by IoU.
-
-    Returns:
-        ``miou_color`` / ``miou_shape`` at ``LOCALIZATION_LAYER``, ``miou_by_layer`` ({layer label: {"color",
-        "shape"}}), and ``localization_pairs`` (number of word–object pairs scored).
-    """
-    import attnscope
-
-    per_layer: dict[str, dict[str, list[float]]] = {}
-    pairs = 0
-    for prompt in TWO_OBJECT_PROMPTS:
-        expected = parse_prompt(prompt)
-        color_words = [w for w in words_of(prompt) if is_color(w)]
-        shape_words = [w for w in words_of(prompt) if is_shape(w)]
-        for seed in range(seeds):
-            with attnscope.trace(pipe, reduce_steps=True) as tr:
-                (image,) = generate(pipe, prompt, [seed])
-            maps = tr.maps()
-            size = image.shape[1], image.shape[0]
-            matched = match_objects(expected, read_scene(image))
-            for k, ((color, _), det) in enumerate(zip(expected, matched)):
-                if det is None or det.color != color:
-                    continue
-                for kind, words in (("color", color_words), ("shape", shape_words)):
-                    word_maps = maps.word(occurrence_query(words, k))
-                    for layer in word_maps.layers:
-                        m = word_maps.select(layers=layer.label).mean().upsample(size)
-                        per_layer.setdefault(layer.label, {"color": [], "shape": []})[kind].append(m.iou(det.mask))
-                pairs += 1
-    by_layer = {
-        label: {kind: _mean(v) for kind, v in kinds.items()} for label, kinds in per_layer.items()
-    }
-    default = by_layer.get(LOCALIZATION_LAYER, {"color": None, "shape": None})
-    return {
-        "miou_color": default["color"],
-        "miou_shape": default["shape"],
-        "miou_by_layer": by_layer,
-        "localization_layer": LOCALIZATION_LAYER,
-        "localization_pairs": pairs,
-    }
 
 
 def evaluate(
@@ -249,7 +197,8 @@ def evaluate(
     threads: int | None = None,
     localization: bool = True,
 ) -> dict[str, Any]:
-    """Run the protocol on a model; writes ``out_dir/shapes_eval.json`` and ``out_dir/samples.png`` if given.
+    """Run the protocol on a model; writes ``out_dir/shapes_eval.json``, ``out_dir/samples.png`` (every image) and
+    ``out_dir/maps.png`` (seed-0 two-object images with their word maps) if ``out_dir`` is given.
 
     Returns:
         {"summary": {...metrics...}, "records": [...per image, without pixels...]}.
@@ -259,7 +208,12 @@ def evaluate(
     seeds = seeds or DEFAULT_SEEDS
     pipe = load_model(model)
     summary, records = generation_metrics(pipe, seeds)
-    summary |= localization_metrics(pipe, seeds) if localization else {"miou_color": None, "miou_shape": None}
+    samples: list[dict[str, Any]] = []
+    if localization:
+        loc, samples = localization_metrics(pipe, seeds, TWO_OBJECT_PROMPTS)
+        summary |= loc
+    else:
+        summary |= {"miou_color": None, "miou_shape": None}
     summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "model": str(model or bundled_path())}
     images = [r.pop("image") for r in records]
     result = {"summary": summary, "records": records}
@@ -268,6 +222,8 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         (out / "shapes_eval.json").write_text(json.dumps(summary | {"records": records}, indent=1) + "\n")
         _save_grid(images, seeds, out / "samples.png")
+        if summary.get("localization"):
+            save_sample_maps(samples, summary["localization"], summary["localization_bands"], out / "maps.png")
     return result
 
 
