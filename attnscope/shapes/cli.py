@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=_DEFAULTS.lr)
     tr.add_argument("--cooldown", type=float, default=_DEFAULTS.cooldown, help="fraction of the time budget "
                     "over which the LR decays at the end")
+    tr.add_argument("--caption-dropout", type=float, default=None, help="fraction of captions emptied, for "
+                    "classifier-free guidance (default 0.1 for a new run; on --resume: unchanged unless given)")
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
@@ -61,6 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         batch=args.batch,
         lr=args.lr,
         cooldown=args.cooldown,
+        caption_dropout=args.caption_dropout,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,

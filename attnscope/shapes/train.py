@@ -5,7 +5,8 @@ Two stages, both on scenes rendered on the fly:
 1. VAE (a few hundred steps, < 2 min): the one-level AutoencoderKL learns the identity on rendered images, so
    the latent space is pixel space; ``shift_factor``/``scaling_factor`` normalize it to zero mean, unit variance.
 2. Transformer + T5 (rectified flow, until ``--minutes`` or ``--steps`` run out): x_t = (1 − t)·x0 + t·ε with
-   t ~ logit-normal(0, 1), target ε − x0, AdamW at constant LR after a warm-up and before a cool-down over the
+   t ~ logit-normal(0, 1), target ε − x0, a fraction ``caption_dropout`` of captions emptied (for
+   classifier-free guidance), AdamW at constant LR after a warm-up and before a cool-down over the
    last 15 % of the time budget, and an EMA of the weights that is what gets exported. Constant LR + EMA keeps
    every intermediate checkpoint usable.
 
@@ -42,6 +43,9 @@ from .model import (
 from .render import NATIVE_SIZE, render_scene
 
 
+DEFAULT_CAPTION_DROPOUT = 0.1
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of ``attnscope shapes train``; recorded in every checkpoint."""
@@ -59,6 +63,9 @@ class TrainConfig:
     checkpoint_minutes: float = 4.0
     log_every: int = 25
     threads: int = 1
+    # Fraction of captions replaced by the empty prompt, so that the model also learns the unconditional velocity
+    # that classifier-free guidance needs. None: DEFAULT_CAPTION_DROPOUT for a new run, unchanged on --resume.
+    caption_dropout: float | None = None
     size: int = NATIVE_SIZE
     model: dict = field(default_factory=lambda: ShapesModelConfig().to_dict())
 
@@ -163,10 +170,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume and state is None:
         log(f"--resume given but no {ckpt_path}: starting fresh")
     if state is not None:
-        cfg = TrainConfig(**{**state["config"], "out": cfg.out, "minutes": cfg.minutes, "steps": cfg.steps})
+        # Checkpoints from before caption dropout existed trained without it.
+        saved = {"caption_dropout": 0.0, **state["config"]}
+        dropout = saved["caption_dropout"] if cfg.caption_dropout is None else cfg.caption_dropout
+        if dropout != saved["caption_dropout"]:
+            log(f"caption_dropout changed from {saved['caption_dropout']} to {dropout} at step {state['step']}")
+        cfg = TrainConfig(**{**saved, "out": cfg.out, "minutes": cfg.minutes, "steps": cfg.steps,
+                             "caption_dropout": dropout})
         vae = AutoencoderKL.from_config(state["vae_config"])
         vae.load_state_dict(state["vae"])
     else:
+        if cfg.caption_dropout is None:
+            cfg.caption_dropout = DEFAULT_CAPTION_DROPOUT
         log(f"start: {json.dumps(cfg.__dict__)}")
         vae = train_vae(cfg, log)
 
@@ -223,6 +238,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         while (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
             t0 = time.time()
             x, captions = render_batch(rng, cfg.batch, cfg.size)
+            if cfg.caption_dropout:
+                drop = rng.random(len(captions)) < cfg.caption_dropout
+                captions = ["" if d else c for c, d in zip(captions, drop)]
             with torch.no_grad():
                 latents = (vae.encode(x).latent_dist.mode() - shift) * scale
             for g in opt.param_groups:
