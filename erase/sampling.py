@@ -71,13 +71,17 @@ class PromptBank:
 class FluxCall:
     """Everything but the prompt and ``x_t`` that a Flux transformer call needs, for one image size.
 
-    ``height``/``width`` in pixels; ``img_ids (N, 3)``; ``n_tokens = N``; ``channels = C``.
+    ``height``/``width`` in pixels; ``img_ids (N, 3)``; ``n_tokens = N``; ``channels = C``. With
+    ``true_cfg_scale`` > 1 and the ``negative`` prompt's ``(embeds (1, L, D), pooled (1, P))``, sampling uses true
+    classifier-free guidance exactly as ``FluxPipeline`` does (``v_neg + s·(v − v_neg)``).
     """
 
     pipe: Any
     height: int
     width: int
     guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         transformer = self.pipe.transformer
@@ -123,6 +127,24 @@ class FluxCall:
             return_dict=False,
         )[0]
 
+    def sampling_velocity(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        text_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(velocity the sampler follows, conditional velocity)``: the same tensor twice without true CFG."""
+        v = self.velocity(transformer, x, sigma, embeds, pooled, text_ids)
+        if self.true_cfg_scale <= 1 or self.negative is None:
+            return v, v
+        b = x.shape[0]
+        neg_embeds, neg_pooled = (t.expand(b, *t.shape[1:]) for t in self.negative)
+        v_neg = self.velocity(transformer, x, sigma, neg_embeds, neg_pooled, text_ids)
+        return v_neg + self.true_cfg_scale * (v - v_neg), v
+
 
 def flow_sigmas(pipe: Any, steps: int, n_tokens: int) -> torch.Tensor:
     """The pipeline scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` from ~1 down to 0.
@@ -156,17 +178,17 @@ def euler_trajectory(
     pooled: torch.Tensor,
     text_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler sampling from noise ``x1 (B, N, C)`` along ``sigmas (K + 1,)``.
+    """Euler sampling from noise ``x1 (B, N, C)`` along ``sigmas (K + 1,)`` (guided as ``call`` says).
 
     Returns ``states (K + 1, B, N, C)`` (``states[k]`` at ``sigmas[k]``; the last is the sample) and the
-    velocities ``(K, B, N, C)`` at each state but the last. Both on the device of ``x1``, float32.
+    *conditional* velocities ``(K, B, N, C)`` at each state but the last. Both on the device of ``x1``, float32.
     """
     x = x1
     states, velocities = [x.float()], []
     for k in range(len(sigmas) - 1):
         sigma = sigmas[k].expand(x.shape[0]).to(x.device)
-        v = call.velocity(transformer, x, sigma, embeds, pooled, text_ids)
-        velocities.append(v.float())
+        v, v_cond = call.sampling_velocity(transformer, x, sigma, embeds, pooled, text_ids)
+        velocities.append(v_cond.float())
         x = (x.float() + (sigmas[k + 1] - sigmas[k]) * v.float()).to(x.dtype)
         states.append(x.float())
     return torch.stack(states), torch.stack(velocities)

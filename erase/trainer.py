@@ -106,6 +106,8 @@ class EraseConfig:
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
     layers the attention and contrastive losses read (trace ``layers`` selector). The device is the pipeline's.
     ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
+    ``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache (``None``: the model's
+    defaults, i.e. true CFG for the shapes model and none for guidance-distilled FLUX.1-dev).
     """
 
     model: str = "shapes"
@@ -124,6 +126,8 @@ class EraseConfig:
     height: int | None = None
     width: int | None = None
     max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
     threads: int | None = None
@@ -188,6 +192,8 @@ def _model_defaults(model: str, pipe: Any) -> dict[str, Any]:
         "height": defaults.get("height", size),
         "width": defaults.get("width", size),
         "max_sequence_length": defaults.get("max_sequence_length", 512),
+        "true_cfg_scale": defaults.get("true_cfg_scale", 1.0),
+        "negative_prompt": defaults.get("negative_prompt", ""),
     }
 
 
@@ -229,7 +235,12 @@ class Trainer:
         self.pipe, self.specs, self.config, self.out = pipe, list(specs), config, out
         self.transformer = pipe.transformer
         self.bank = PromptBank(pipe, config.max_sequence_length)
-        self.call = FluxCall(pipe, config.height, config.width)
+        guided = config.true_cfg_scale is not None and config.true_cfg_scale > 1
+        self.call = FluxCall(
+            pipe, config.height, config.width,
+            true_cfg_scale=config.true_cfg_scale or 1.0,
+            negative=self.bank.get([config.negative_prompt or ""]) if guided else None,
+        )
         self.params = add_lora(self.transformer, config.lora)
         if config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()

@@ -256,3 +256,25 @@ def test_spec_flags_override_or_define_a_spec() -> None:
     assert spec.targets == ("cat",) and spec.prompts == ("a photo of a cat", "a cat on a car")
     with pytest.raises(ValueError, match="exactly one --concept"):
         _specs(parser.parse_args(["erase", "--concept", "red", "--concept", "blue", "--anchor", "x"]))
+
+
+@pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
+def test_euler_trajectory_is_the_pipelines_sampler(true_cfg_scale: float) -> None:
+    """The cache's base-model samples are the images ``FluxPipeline`` draws, true CFG included."""
+    from attnscope.erase.sampling import euler_trajectory, flow_sigmas
+
+    pipe = small_shapes_pipeline()
+    prompt, steps = "a red circle", 4
+    cfg = {"true_cfg_scale": true_cfg_scale, "negative_prompt": ""} if true_cfg_scale > 1 else {}
+    expected = pipe(prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=20,
+                    generator=torch.Generator().manual_seed(5), output_type="latent", **cfg).images
+    bank = PromptBank(pipe, 20)
+    call = FluxCall(pipe, 32, 32, true_cfg_scale=true_cfg_scale, negative=bank.get([""]) if cfg else None)
+    embeds, pooled = bank.get([prompt])
+    x1 = call.noise(1, torch.Generator().manual_seed(5))
+    states, velocities = euler_trajectory(call, pipe.transformer, x1, flow_sigmas(pipe, steps, call.n_tokens),
+                                          embeds, pooled, bank.text_ids)
+    torch.testing.assert_close(states[-1], expected.float(), atol=1e-5, rtol=1e-5)
+    # The recorded velocities are the conditional ones (ESD's v*(x_t, c)), not the guided ones.
+    sigma = flow_sigmas(pipe, steps, call.n_tokens)[:1]
+    torch.testing.assert_close(velocities[0], call.velocity(pipe.transformer, x1, sigma, embeds, pooled, bank.text_ids))
