@@ -33,7 +33,7 @@ def load_pipeline(
 
         from .shapes import bundled_path
 
-        pipe = FluxPipeline.from_pretrained(bundled_path(), torch_dtype=dtype or torch.float32, **from_pretrained_kwargs)
+        pipe = FluxPipeline.from_pretrained(bundled_path(), **{_dtype_keyword(): dtype or torch.float32}, **from_pretrained_kwargs)
     elif name_or_path == "tiny-flux":
         from .tiny import build_tiny_flux_pipeline
 
@@ -51,7 +51,7 @@ def load_pipeline(
                 f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing folder"
             )
         if dtype is not None:
-            from_pretrained_kwargs["torch_dtype"] = dtype
+            from_pretrained_kwargs[_dtype_keyword()] = dtype
         pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else name_or_path, **from_pretrained_kwargs)
     try:
         adapter_for(pipe)
@@ -62,6 +62,13 @@ def load_pipeline(
     pipe.to(device or "cpu")
     pipe.set_progress_bar_config(disable=False)
     return pipe
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` where diffusers has renamed it (``torch_dtype`` then warns)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
 def check_size(pipe: Any, height: int, width: int) -> None:
