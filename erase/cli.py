@@ -3,6 +3,7 @@
     attnscope erase --concept red --out runs/erase-red            # shapes world, ~2.5 min on 1 CPU thread
     attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 200 steps per concept
     attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
+    accelerate launch --multi_gpu --num_processes 4 -m attnscope.cli erase ... --device cuda   # data parallel
     attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval.json, eval_grid.png
 """
 
@@ -135,6 +136,7 @@ def run_erase(args: argparse.Namespace) -> int:
 
     from .cache import CacheConfig
     from .lora import LoraSettings
+    from .parallel import DataParallel
     from .trainer import EraseConfig, LossWeights, NonFiniteLossError, load_model, train
 
     started = time.perf_counter()
@@ -161,11 +163,14 @@ def run_erase(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-    pipe = load_model(args.model, device=args.device, dtype=dtype)
+    parallel = DataParallel.for_device(args.device)
+    pipe = load_model(args.model, device=parallel.device(args.device), dtype=dtype)
     try:
         result = train(pipe, specs, config, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as err:  # not a bad input, but its message says all: print it as one line
         raise CommandError(str(err)) from err
+    if not parallel.is_main:
+        return 0
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.final_losses.items())
     print(
         f"erased {', '.join(s.name for s in specs)} in {time.perf_counter() - started:.1f}s "

@@ -36,6 +36,7 @@ import attnscope
 
 from . import losses
 from .cache import CacheConfig, EraseCache, build_cache, column_mask
+from .parallel import DataParallel
 from .lora import (
     LORA_FILE,
     LoraSettings,
@@ -166,7 +167,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be used (read-only: every process checks before any writes)."""
     if resume:
         if not (out / CHECKPOINT_FILE).is_file():
             raise ResumeMismatchError(f"nothing to resume in {out}: no {CHECKPOINT_FILE} (start without --resume)")
@@ -178,6 +180,9 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise OutputExistsError(
             f"{out} already exists and is not empty; pass --overwrite to replace the run in it, or --resume to continue it"
         )
+
+
+def _clear_out(out: Path) -> None:
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +207,7 @@ def is_shapes_model(model: str) -> bool:
     return model == "shapes" or str(model).endswith(".pt")
 
 
-def load_model(model: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Any:
+def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
     """A Flux pipeline for ``model``: ``shapes``, ``tiny-flux``, a shapes training checkpoint ``*.pt``, hub id or folder."""
     import attnscope
 
@@ -231,8 +236,11 @@ class Trainer:
     Used directly by ``benchmarks/erase_step.py`` to time single steps.
     """
 
-    def __init__(self, pipe: Any, specs: Sequence[ConceptSpec], config: EraseConfig, out: Path):
+    def __init__(
+        self, pipe: Any, specs: Sequence[ConceptSpec], config: EraseConfig, out: Path, parallel: DataParallel | None = None
+    ):
         self.pipe, self.specs, self.config, self.out = pipe, list(specs), config, out
+        self.parallel = parallel or DataParallel.for_device(pipe.transformer.device)
         self.transformer = pipe.transformer
         self.bank = PromptBank(pipe, config.max_sequence_length)
         guided = config.true_cfg_scale is not None and config.true_cfg_scale > 1
@@ -246,7 +254,8 @@ class Trainer:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        # Each process draws its own rows; rank 0's stream is the single-process one.
+        self.generator = torch.Generator().manual_seed(config.seed + 1 + 7919 * self.parallel.rank)
         self.step = 0
         self.log: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
@@ -255,15 +264,15 @@ class Trainer:
     # ------------------------------------------------------------------------------ data
     def prepare_cache(self, progress: Callable[[int, int], None] | None) -> None:
         path = self.out / CACHE_FILE
-        if path.is_file():
-            self.cache = EraseCache.load(path)
-        else:
+        if self.parallel.is_main and not path.is_file():
             with base_model(self.transformer):
-                self.cache = build_cache(
+                cache = build_cache(
                     self.call, self.bank, self.specs, preservation_prompts(self.specs), self.config.cache,
                     self.config.attention_layers, progress,
                 )
-            self.cache.save(path)
+            cache.save(path)
+        self.parallel.barrier()  # the other processes load what rank 0 built
+        self.cache = EraseCache.load(path)
         self.contrastive_points = torch.nonzero(self.cache.positive_mask.any(dim=1)).flatten()
         if self.config.weights.contrastive > 0 and len(self.contrastive_points) == 0:
             raise SpecError("the contrastive loss needs irrelevant concepts in the spec; add some or set its weight to 0")
@@ -306,9 +315,9 @@ class Trainer:
                 columns = column_mask(keep, rows, device)
             values = losses_of(v, maps, columns)
             weights = asdict(self.config.weights)
-            for name, value in values.items():
-                if not torch.isfinite(value):
-                    raise NonFiniteLossError(name, self.step, self.last_checkpoint)
+            bad = [name for name, value in values.items() if not torch.isfinite(value)]
+            if not self.parallel.all_true(not bad):  # every process stops, not only the one that saw it
+                raise NonFiniteLossError(bad[0] if bad else "(another process's)", self.step, self.last_checkpoint)
             sum(weights[name] * value for name, value in values.items()).backward()
         return {name: float(value.detach()) for name, value in values.items()}
 
@@ -381,6 +390,7 @@ class Trainer:
         if level in ("preserve", "joint") and (w.flow > 0 or w.contrastive > 0):
             values |= self._preserve_step()
         if values:
+            self.parallel.average_gradients(self.params)
             self.optimizer.step()
         self.step += 1
         return values
@@ -392,14 +402,17 @@ class Trainer:
             "lora": {n: p.detach().clone() for n, p in zip(names, self.params)},
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
-            "generator": self.generator.get_state(),
+            "generators": self.parallel.gather(self.generator.get_state()),  # one per process, by rank
             "torch_rng": torch.get_rng_state(),
             "log": self.log,
         }
 
     def save_checkpoint(self) -> None:
         path = self.out / CHECKPOINT_FILE
-        _atomic_save(self.state(), path)
+        state = self.state()  # collective: every process takes part
+        if self.parallel.is_main:
+            _atomic_save(state, path)
+        self.parallel.barrier()
         self.last_checkpoint = path
 
     def load_checkpoint(self) -> None:
@@ -411,7 +424,12 @@ class Trainer:
                 named[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        self.generator.set_state(state["generator"])
+        if len(state["generators"]) != self.parallel.world:
+            raise ResumeMismatchError(
+                f"{path} was written by {len(state['generators'])} process(es); resume with the same number "
+                f"(this run has {self.parallel.world})"
+            )
+        self.generator.set_state(state["generators"][self.parallel.rank])
         torch.set_rng_state(state["torch_rng"])
         self.log = state["log"]
         self.last_checkpoint = path
@@ -437,7 +455,8 @@ def train(
     Validates the specs against the model first (unknown words, prompts without the concept). With
     ``resume``, ``run.json`` in ``out`` must describe the same run (``steps`` may differ: continue further).
     ``on_step(step, losses)`` is called after every optimizer step (tests use it to simulate a kill).
-    Raises OutputExistsError, ResumeMismatchError, UnknownConceptError, ConceptNotInPromptError,
+    Under ``accelerate launch`` the processes train data-parallel (:mod:`erase.parallel`); rank 0 writes the
+    files and its own rows' losses go to the log. Raises OutputExistsError, ResumeMismatchError, UnknownConceptError, ConceptNotInPromptError,
     NonFiniteLossError.
     """
     started = time.perf_counter()
@@ -454,7 +473,9 @@ def train(
     for spec in specs:
         spec.check_prompts()
         check_known_words(pipe, [*spec.targets, *spec.synonyms, *spec.irrelevant], "shapes" if is_shapes_model(config.model) else config.model)
-    _prepare_out(out, resume, overwrite)
+    parallel = DataParallel.for_device(pipe.transformer.device)
+    _check_out(out, resume, overwrite)
+    parallel.barrier()  # every process has looked before rank 0 clears or writes anything
     record = _run_record(config, specs)
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
@@ -466,13 +487,16 @@ def train(
             raise ResumeMismatchError(
                 f"{out} holds a run with other settings or concepts; resume with the same flags (see {out / RUN_FILE})"
             )
-    else:
+    elif parallel.is_main:
+        _clear_out(out)
         (out / RUN_FILE).write_text(json.dumps(record, indent=2))
+    parallel.barrier()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    trainer = Trainer(pipe, specs, config, out)
+    trainer = Trainer(pipe, specs, config, out, parallel)
+    progress = progress and parallel.is_main
     bar = tqdm(total=config.steps, desc="erase", mininterval=1.0, dynamic_ncols=True, disable=not progress)
     try:
         with tqdm(desc="base samples", mininterval=1.0, leave=False, disable=not progress) as cache_bar:
@@ -499,16 +523,21 @@ def train(
     finally:
         bar.close()
     trainer.transformer.eval()
-    lora_path = save_lora(trainer.transformer, out, config.lora)
-    (out / SPEC_FILE).write_text(yaml.safe_dump([s.to_dict() for s in specs], sort_keys=False, allow_unicode=True))
+    parallel.check_in_sync(trainer.params)
+    lora_path = out / LORA_FILE
     final = _final_losses(trainer.log)
     seconds = time.perf_counter() - started
-    (out / LOG_FILE).write_text(json.dumps({
-        **_run_record(config, specs),
-        "seconds": round(seconds, 2),
-        "final_losses": final,
-        "steps": trainer.log,
-    }, indent=1))
+    if parallel.is_main:
+        save_lora(trainer.transformer, out, config.lora)
+        (out / SPEC_FILE).write_text(yaml.safe_dump([s.to_dict() for s in specs], sort_keys=False, allow_unicode=True))
+        (out / LOG_FILE).write_text(json.dumps({
+            **_run_record(config, specs),
+            "processes": parallel.world,
+            "seconds": round(seconds, 2),
+            "final_losses": final,
+            "steps": trainer.log,
+        }, indent=1))
+    parallel.barrier()
     return EraseResult(lora_path=lora_path, out=out, final_losses=final, seconds=seconds, log=trainer.log)
 
 
