@@ -21,13 +21,16 @@ from .vocabulary import UnknownWordError, check_prompt
 NATIVE_SIZE = 32
 
 #: Keyword arguments for ``pipe(prompt, **DEFAULT_CALL_KWARGS)`` on the bundled model: its training resolution,
-#: no classifier-free guidance (the model has no guidance embedding and was trained without caption dropout),
-#: and the text length it was trained with (shorter truncates captions, longer adds unseen padding).
+#: true classifier-free guidance against the empty prompt (the model was trained with caption dropout; it has no
+#: guidance embedding, so ``guidance_scale`` does nothing), and the text length it was trained with (shorter
+#: truncates captions, longer adds unseen padding).
 DEFAULT_CALL_KWARGS: dict = {
     "height": NATIVE_SIZE,
     "width": NATIVE_SIZE,
     "num_inference_steps": 20,
     "guidance_scale": 1.0,
+    "true_cfg_scale": 3.0,
+    "negative_prompt": "",
     "max_sequence_length": 20,
 }
 
