@@ -131,3 +131,38 @@ def test_lr_schedule_warmup_constant_cooldown():
     assert _lr_factor(999, 0.0, 0.0, cfg) == pytest.approx(0.05)
     timed = TrainConfig(minutes=10, warmup=1, cooldown=0.1)
     assert _lr_factor(50, 570.0, 600.0, timed) == pytest.approx(0.5)
+
+
+def test_sigterm_stops_after_a_whole_step_and_resumes_the_same_stream(tmp_path):
+    """A scheduler's SIGTERM ends training at a step boundary with a checkpoint; resuming gives the weights an
+    uninterrupted run of the same length gives."""
+    import os
+    import signal
+    import threading
+
+    base = dict(vae_steps=2, batch=2, checkpoint_minutes=60.0, log_every=1, model=asdict(TINY), minutes=0)
+    stopped = TrainConfig(out=str(tmp_path / "stopped"), steps=10_000, **base)
+    log = tmp_path / "stopped" / "train.log"
+    done = threading.Event()
+
+    def kill_once_training() -> None:  # the handler exists while the step loop runs
+        while not done.is_set():
+            if log.exists() and " it/s " in log.read_text():  # a transformer-stage step was logged
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            done.wait(0.05)
+
+    killer = threading.Thread(target=kill_once_training)
+    killer.start()
+    try:
+        ckpt = train(stopped)
+    finally:
+        done.set()
+        killer.join()
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step < 10_000 and "stopped by a signal" in log.read_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    resumed = torch.load(train(TrainConfig(**{**stopped.__dict__, "steps": step + 2}), resume=True), weights_only=False)
+    straight = torch.load(train(TrainConfig(out=str(tmp_path / "straight"), steps=step + 2, **base)), weights_only=False)
+    for name, value in straight["transformer"].items():
+        torch.testing.assert_close(resumed["transformer"][name], value, rtol=0, atol=0)

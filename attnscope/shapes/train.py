@@ -17,8 +17,11 @@ same data stream. Progress goes to a tqdm bar and, one line per ``--log-every`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,45 +237,64 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes", mininterval=10)
     transformer.train()
     t5.train()
+    stop = threading.Event()
     try:
-        while (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
-            t0 = time.time()
-            x, captions = render_batch(rng, cfg.batch, cfg.size)
-            if cfg.caption_dropout:
-                drop = rng.random(len(captions)) < cfg.caption_dropout
-                captions = ["" if d else c for c, d in zip(captions, drop)]
-            with torch.no_grad():
-                latents = (vae.encode(x).latent_dist.mode() - shift) * scale
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
-            loss = flow_loss(transformer, t5, tokenizer, latents, captions, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            # EMA warm-up (as in many diffusion trainers): early averages must not be dominated by the init.
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for k, v in _trainable_state(transformer, t5).items():
-                    ema[k].lerp_(v, 1 - decay)
-            elapsed += time.time() - t0
-            window_loss += loss.item()
-            window_n += 1
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                rate = window_n / (time.time() - window_t)
-                log(f"step {step} loss {window_loss / window_n:.4f} it/s {rate:.2f} min {elapsed / 60:.1f}")
-                bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
-                window_loss, window_n, window_t = 0.0, 0, time.time()
-            if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-                save()
-                last_ckpt = time.time()
+        with _stop_on_signals(stop):
+            while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
+                t0 = time.time()
+                x, captions = render_batch(rng, cfg.batch, cfg.size)
+                if cfg.caption_dropout:
+                    drop = rng.random(len(captions)) < cfg.caption_dropout
+                    captions = ["" if d else c for c, d in zip(captions, drop)]
+                with torch.no_grad():
+                    latents = (vae.encode(x).latent_dist.mode() - shift) * scale
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
+                loss = flow_loss(transformer, t5, tokenizer, latents, captions, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                step += 1
+                # EMA warm-up (as in many diffusion trainers): early averages must not be dominated by the init.
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for k, v in _trainable_state(transformer, t5).items():
+                        ema[k].lerp_(v, 1 - decay)
+                elapsed += time.time() - t0
+                window_loss += loss.item()
+                window_n += 1
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    rate = window_n / (time.time() - window_t)
+                    log(f"step {step} loss {window_loss / window_n:.4f} it/s {rate:.2f} min {elapsed / 60:.1f}")
+                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
+                    window_loss, window_n, window_t = 0.0, 0, time.time()
+                if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                    save()
+                    last_ckpt = time.time()
     finally:
         bar.close()
+        if stop.is_set():
+            log(f"stopped by a signal after step {step}")
         save()
         log_file.close()
     return ckpt_path
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """SIGINT / SIGTERM set ``stop`` (the loop then ends after the current step and the checkpoint is written),
+    also for a process started in the background, which inherits SIGINT as ignored. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _lr_factor(step: int, elapsed: float, budget: float, cfg: TrainConfig) -> float:
