@@ -6,8 +6,8 @@ Both are timed on the same model with the same LoRA and optimizer (``attnscope.e
 
 * plain: flow-matching loss on ``batch`` noised base-model samples, forward + backward + AdamW step, no capture;
 * pair: the erase step (``batch`` concept rows: ESD + differentiable attention capture) followed by the preserve
-  step (``batch`` flow-matching rows + ``contrastive_rows`` concept rows with capture), as ``attnscope erase``
-  runs them. Base-model quantities come from the cache, built once (its time is reported separately).
+  step (``batch`` rows: flow-matching and keep rows in one plain forward, then ``contrastive_rows`` concept rows
+  with capture), as ``attnscope erase`` runs them. Base-model quantities come from the cache, built once (its time is reported separately).
 
 Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
 """
@@ -24,8 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from attnscope.erase.lora import LoraSettings, default_targets
 from attnscope.erase.spec import shapes_spec
-from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model
+from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model, model_defaults
 
 
 def _median_seconds(step, repeats: int) -> float:
@@ -51,7 +52,9 @@ def main() -> None:
     torch.manual_seed(0)
 
     pipe = load_model(args.model)
-    config = EraseConfig(model=args.model, batch=args.batch, height=32, width=32, max_sequence_length=20)
+    # The model's own call settings (size, text length, true CFG for the shapes model), as `attnscope erase` uses.
+    config = EraseConfig(model=args.model, batch=args.batch, lora=LoraSettings(targets=default_targets(args.model)),
+                         **model_defaults(args.model, pipe))
     trainer = Trainer(pipe, [shapes_spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-")))
     t0 = time.perf_counter()
     trainer.prepare_cache(None)
@@ -62,7 +65,7 @@ def main() -> None:
         trainer.train_step()  # preserve (odd step)
 
     full = trainer.config
-    plain_config = replace(full, schedule="joint", weights=LossWeights(esd=0, attention=0, flow=1, contrastive=0))
+    plain_config = replace(full, schedule="joint", weights=LossWeights(esd=0, attention=0, flow=1, contrastive=0, keep=0))
 
     def plain() -> None:
         trainer.config = plain_config

@@ -7,7 +7,10 @@ them is a training point ``x_t``. What the losses need from the base model at th
 * ``v*(x_t, c)`` (the sampler's own velocity there) and ``v*(x_t, c_anc)`` (one extra forward) for ESD;
 * the base model's attention features of irrelevant concepts and synonyms at ``x_t`` (the prompt with the
   target word swapped for each of them) as the fixed targets of the contrastive loss;
-* the final samples of the preservation prompts, for the preservation flow-matching loss.
+* the final samples of the preservation prompts, for the preservation flow-matching loss;
+* *keep points* for the keep loss, whose base velocities the samplers computed anyway: every state on the
+  preservation trajectories with its prompt's velocity and, with true CFG, every concept point with the negative
+  prompt's velocity ``v*(x_t, ∅)``.
 
 All of it is deterministic for a seed and saved beside the checkpoint (``cache.pt``) so a resumed run trains
 on exactly the same data.
@@ -53,7 +56,8 @@ class EraseCache:
     ``x (P, N, C)`` states, ``sigma (P,)``, ``prompts`` / ``words`` (the target word in it) / ``concept (P,)``
     index into the specs, ``v_concept``/``v_anchor (P, N, C)`` base velocities, ``positives (P, K, N)`` /
     ``negatives (P, S, N)`` base attention features with ``positive_mask (P, K)``/``negative_mask (P, S)``;
-    ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q).
+    ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q); keep points ``keep_x (R, N, C)``,
+    ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``.
     """
 
     x: torch.Tensor
@@ -69,6 +73,10 @@ class EraseCache:
     negative_mask: torch.Tensor
     x0: torch.Tensor
     preserve_prompts: list[str]
+    keep_x: torch.Tensor
+    keep_sigma: torch.Tensor
+    keep_v: torch.Tensor
+    keep_prompts: list[str]
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -144,6 +152,7 @@ def build_cache(
     config: CacheConfig,
     layers: Any = "double",
     progress: Any = None,
+    negative_prompt: str = "",
 ) -> EraseCache:
     """Sample the base model (call inside :func:`erase.lora.base_model` once a LoRA exists) and fill the cache.
 
@@ -155,16 +164,18 @@ def build_cache(
     jobs = [(ci, p, s) for ci, spec in enumerate(specs) for p in spec.prompts for s in range(config.seeds)]
     total = len(jobs) + len(preserve_prompts) * config.seeds
     done = 0
-    x_list, sig_list, v_list, prompts, words, concept = [], [], [], [], [], []
+    x_list, sig_list, v_list, neg_list, prompts, words, concept = [], [], [], [], [], [], []
     for start in range(0, len(jobs), config.batch):
         chunk = jobs[start : start + config.batch]
         chunk_prompts = [p for _, p, _ in chunk]
         embeds, pooled = bank.get(chunk_prompts)
         x1 = call.noise(len(chunk), generator)
-        states, velocities = euler_trajectory(call, transformer, x1, sigmas, embeds, pooled, bank.text_ids)
+        trajectory = euler_trajectory(call, transformer, x1, sigmas, embeds, pooled, bank.text_ids)
         for k in range(config.sample_steps):
-            x_list.append(states[k])
-            v_list.append(velocities[k])
+            x_list.append(trajectory.states[k])
+            v_list.append(trajectory.velocities[k])
+            if trajectory.negative_velocities is not None:
+                neg_list.append(trajectory.negative_velocities[k])
             sig_list.append(sigmas[k].expand(len(chunk)))
             prompts += chunk_prompts
             words += [specs[ci].target_in(p) for ci, p, _ in chunk]
@@ -225,14 +236,25 @@ def build_cache(
     # Preservation samples: the end of each trajectory.
     preserve_sigmas = flow_sigmas(call.pipe, config.preserve_steps, call.n_tokens)
     x0_list, q_prompts = [], []
+    keep_x, keep_sigma, keep_v, keep_prompts = [], [], [], []
+    if neg_list:  # the concept points with the negative prompt
+        keep_x.append(x)
+        keep_sigma.append(sigma)
+        keep_v.append(torch.cat(neg_list))
+        keep_prompts += [negative_prompt] * len(x)
     pjobs = [p for p in preserve_prompts for _ in range(config.seeds)]
     for start in range(0, len(pjobs), config.batch):
         chunk = pjobs[start : start + config.batch]
         embeds, pooled = bank.get(chunk)
         x1 = call.noise(len(chunk), generator)
-        states, _ = euler_trajectory(call, transformer, x1, preserve_sigmas, embeds, pooled, bank.text_ids)
-        x0_list.append(states[-1].cpu())
+        trajectory = euler_trajectory(call, transformer, x1, preserve_sigmas, embeds, pooled, bank.text_ids)
+        x0_list.append(trajectory.states[-1].cpu())
         q_prompts += chunk
+        steps = len(preserve_sigmas) - 1
+        keep_x.append(trajectory.states[:-1].flatten(0, 1).cpu())  # (steps·B, N, C), step-major
+        keep_sigma.append(preserve_sigmas[:-1].repeat_interleave(len(chunk)))
+        keep_v.append(trajectory.velocities.flatten(0, 1).cpu())
+        keep_prompts += chunk * steps
         done += len(chunk)
         if progress:
             progress(done, total)
@@ -250,4 +272,8 @@ def build_cache(
         negative_mask=torch.cat(neg_mask),
         x0=torch.cat(x0_list),
         preserve_prompts=q_prompts,
+        keep_x=torch.cat(keep_x).cpu() if keep_x else torch.zeros(0, call.n_tokens, call.channels),
+        keep_sigma=torch.cat(keep_sigma).float() if keep_sigma else torch.zeros(0),
+        keep_v=torch.cat(keep_v).cpu() if keep_v else torch.zeros(0, call.n_tokens, call.channels),
+        keep_prompts=keep_prompts,
     )

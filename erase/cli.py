@@ -62,9 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step (2 of which feed the contrastive loss)")
+    p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss (base velocities on preservation trajectories)")
+    p.add_argument("--eta", type=float, default=1.0, help="ESD negative-guidance strength η in v*(c_anc) − η·(v*(c) − v*(c_anc))")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate erase/preserve steps, or both every step")
-    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1' (0 disables)")
-    p.add_argument("--targets", default="add_q_proj,add_k_proj", help="comma-separated LoRA target modules of the dual-stream blocks")
+    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=1' (0 disables)")
+    p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
+                   "(default: add_q_proj,add_k_proj as in the paper; the shapes model adds add_v_proj)")
     p.add_argument("--sample-steps", type=int, default=8, help="Euler steps of the cached base-model trajectories")
     p.add_argument("--preserve-steps", type=int, default=20, help="Euler steps of the cached base-model preservation samples")
     p.add_argument("--cache-seeds", type=int, default=4, help="base-model trajectories per training prompt")
@@ -135,7 +138,7 @@ def run_erase(args: argparse.Namespace) -> int:
     from attnscope.cli import CommandError
 
     from .cache import CacheConfig
-    from .lora import LoraSettings
+    from .lora import LoraSettings, default_targets
     from .parallel import DataParallel
     from .trainer import EraseConfig, LossWeights, NonFiniteLossError, load_model, train
 
@@ -152,9 +155,11 @@ def run_erase(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         batch=args.batch,
+        keep_rows=args.keep_rows,
         schedule=args.schedule,
+        eta=args.eta,
         weights=weights,
-        lora=LoraSettings(rank=args.rank, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip())),
+        lora=LoraSettings(rank=args.rank, targets=_csv(args.targets) if args.targets else default_targets(args.model)),
         cache=CacheConfig(
             sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
         ),

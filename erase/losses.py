@@ -26,6 +26,7 @@ __all__ = [
     "esd_loss",
     "esd_target",
     "flow_matching_loss",
+    "velocity_matching_loss",
 ]
 
 
@@ -67,6 +68,11 @@ def attention_loss(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch
 def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Rectified-flow loss ``‖v(x_t) - (ε - x0)‖²``; ``x_t`` must have been built from these ``x0``, ``noise``."""
     return F.mse_loss(v.float(), (noise - x0).float())
+
+
+def velocity_matching_loss(v: torch.Tensor, v_base: torch.Tensor) -> torch.Tensor:
+    """``‖v(x_t, c) - sg[v*(x_t, c)]‖²``: keep the adapted model's velocity where the base model's is known."""
+    return F.mse_loss(v.float(), v_base.float().detach())
 
 
 def attention_features(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import attnscope
 from attnscope.tokens import PromptTokens, flux_tokens
 
-__all__ = ["FluxCall", "PromptBank", "euler_trajectory", "flow_sigmas"]
+__all__ = ["FluxCall", "PromptBank", "Trajectory", "euler_trajectory", "flow_sigmas"]
 
 
 class PromptBank:
@@ -135,15 +135,21 @@ class FluxCall:
         embeds: torch.Tensor,
         pooled: torch.Tensor,
         text_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(velocity the sampler follows, conditional velocity)``: the same tensor twice without true CFG."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(velocity the sampler follows, conditional velocity, negative-prompt velocity or None)``; without
+        true CFG the first two are the same tensor."""
         v = self.velocity(transformer, x, sigma, embeds, pooled, text_ids)
-        if self.true_cfg_scale <= 1 or self.negative is None:
-            return v, v
+        if not self.guided:
+            return v, v, None
         b = x.shape[0]
         neg_embeds, neg_pooled = (t.expand(b, *t.shape[1:]) for t in self.negative)
         v_neg = self.velocity(transformer, x, sigma, neg_embeds, neg_pooled, text_ids)
-        return v_neg + self.true_cfg_scale * (v - v_neg), v
+        return v_neg + self.true_cfg_scale * (v - v_neg), v, v_neg
+
+    @property
+    def guided(self) -> bool:
+        """Whether sampling uses true classifier-free guidance."""
+        return self.true_cfg_scale > 1 and self.negative is not None
 
 
 def flow_sigmas(pipe: Any, steps: int, n_tokens: int) -> torch.Tensor:
@@ -168,6 +174,17 @@ def flow_sigmas(pipe: Any, steps: int, n_tokens: int) -> torch.Tensor:
     return scheduler.sigmas.detach().clone().float()
 
 
+@dataclass
+class Trajectory:
+    """Euler sampling result: ``states (K + 1, B, N, C)`` (``states[k]`` at ``sigmas[k]``; the last is the sample),
+    the *conditional* velocities ``(K, B, N, C)`` at each state but the last, and with true CFG the negative
+    prompt's velocities there too (else None). All float32, on the device of the start noise."""
+
+    states: torch.Tensor
+    velocities: torch.Tensor
+    negative_velocities: torch.Tensor | None
+
+
 @torch.no_grad()
 def euler_trajectory(
     call: FluxCall,
@@ -177,18 +194,16 @@ def euler_trajectory(
     embeds: torch.Tensor,
     pooled: torch.Tensor,
     text_ids: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler sampling from noise ``x1 (B, N, C)`` along ``sigmas (K + 1,)`` (guided as ``call`` says).
-
-    Returns ``states (K + 1, B, N, C)`` (``states[k]`` at ``sigmas[k]``; the last is the sample) and the
-    *conditional* velocities ``(K, B, N, C)`` at each state but the last. Both on the device of ``x1``, float32.
-    """
+) -> Trajectory:
+    """Euler sampling from noise ``x1 (B, N, C)`` along ``sigmas (K + 1,)``, guided as ``call`` says."""
     x = x1
-    states, velocities = [x.float()], []
+    states, velocities, negatives = [x.float()], [], []
     for k in range(len(sigmas) - 1):
         sigma = sigmas[k].expand(x.shape[0]).to(x.device)
-        v, v_cond = call.sampling_velocity(transformer, x, sigma, embeds, pooled, text_ids)
+        v, v_cond, v_neg = call.sampling_velocity(transformer, x, sigma, embeds, pooled, text_ids)
         velocities.append(v_cond.float())
+        if v_neg is not None:
+            negatives.append(v_neg.float())
         x = (x.float() + (sigmas[k + 1] - sigmas[k]) * v.float()).to(x.dtype)
         states.append(x.float())
-    return torch.stack(states), torch.stack(velocities)
+    return Trajectory(torch.stack(states), torch.stack(velocities), torch.stack(negatives) if negatives else None)

@@ -56,6 +56,7 @@ __all__ = [
     "OutputExistsError",
     "ResumeMismatchError",
     "Trainer",
+    "model_defaults",
     "train",
 ]
 
@@ -90,12 +91,19 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Loss weights (official defaults). A zero weight skips that loss entirely (used for ablations)."""
+    """Loss weights (official defaults). A zero weight skips that loss entirely (used for ablations).
+
+    ``keep`` is ours: the adapted model's velocity must stay the base model's at states of the base model's own
+    preservation-prompt trajectories (and, for models sampled with true classifier-free guidance, for the negative
+    prompt at the concept's points, the reference guidance subtracts). A regression on known targets, so much less
+    noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw.
+    """
 
     esd: float = 1.0
     attention: float = 1e-3
     flow: float = 0.1
     contrastive: float = 0.1
+    keep: float = 1.0
 
 
 @dataclass
@@ -103,7 +111,8 @@ class EraseConfig:
     """Everything that determines a run (recorded in ``run.json``; a resumed run must match it).
 
     ``batch``: rows per erase step and per preserve step; ``contrastive_rows`` of a preserve step's rows are
-    concept points for the contrastive loss, the rest flow-matching rows. ``height``/``width``/
+    concept points for the contrastive loss, ``keep_rows`` keep points for the keep loss, the rest flow-matching
+    rows. ``height``/``width``/
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
     layers the attention and contrastive losses read (trace ``layers`` selector). The device is the pipeline's.
     ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
@@ -117,6 +126,7 @@ class EraseConfig:
     seed: int = 0
     batch: int = 8
     contrastive_rows: int = 2
+    keep_rows: int = 3
     schedule: Literal["alternate", "joint"] = "alternate"
     weights: LossWeights = field(default_factory=LossWeights)
     eta: float = 1.0
@@ -188,7 +198,8 @@ def _clear_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _model_defaults(model: str, pipe: Any) -> dict[str, Any]:
+def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
+    """The call settings ``train`` fills into a config's ``None`` fields: size, text length, guidance."""
     from attnscope.pipelines import default_call_kwargs
 
     defaults = default_call_kwargs("shapes" if is_shapes_model(model) else model)
@@ -268,7 +279,7 @@ class Trainer:
             with base_model(self.transformer):
                 cache = build_cache(
                     self.call, self.bank, self.specs, preservation_prompts(self.specs), self.config.cache,
-                    self.config.attention_layers, progress,
+                    self.config.attention_layers, progress, self.config.negative_prompt or "",
                 )
             cache.save(path)
         self.parallel.barrier()  # the other processes load what rank 0 built
@@ -338,22 +349,36 @@ class Trainer:
         return self._backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], words, erase_losses)
 
     def _preserve_step(self) -> dict[str, float]:
-        """Flow matching on noised preservation samples (plain forward) and the contrastive loss on
-        ``contrastive_rows`` concept points (captured forward); ``batch`` rows in all."""
+        """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one plain
+        forward), and the contrastive loss on ``contrastive_rows`` concept points (a captured forward); ``batch``
+        rows in all."""
         c, w, device = self.cache, self.config.weights, self.transformer.device
         n_contrastive = self.config.contrastive_rows if w.contrastive > 0 else 0
+        room = max(self.config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
+        n_keep = min(self.config.keep_rows, room) if w.keep > 0 and len(c.keep_x) else 0
+        n_flow = max(self.config.batch - n_contrastive - n_keep, 1) if w.flow > 0 else 0
         out: dict[str, float] = {}
-        if w.flow > 0:
-            n_flow = max(self.config.batch - n_contrastive, 1)
+        if n_flow or n_keep:
             idx = torch.randint(len(c.preserve_prompts), (n_flow,), generator=self.generator)
             x0 = c.x0[idx]
             # Logit-normal t (as the shapes model was trained): most weight on mid noise levels.
             t = torch.sigmoid(torch.randn(n_flow, generator=self.generator))
             noise = torch.randn(x0.shape, generator=self.generator)
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            keep = torch.randint(len(c.keep_x), (n_keep,), generator=self.generator)
+
+            def plain_losses(v, _maps, _columns):
+                values = {}
+                if n_flow:
+                    values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
+                if n_keep:
+                    values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
+                return values
+
             out |= self._backward_group(
-                x_t, t, [c.preserve_prompts[i] for i in idx], None,
-                lambda v, _maps, _columns: {"flow": losses.flow_matching_loss(v, x0.to(device), noise.to(device))},
+                torch.cat([x_t, c.keep_x[keep]]), torch.cat([t, c.keep_sigma[keep]]),
+                [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
+                None, plain_losses,
             )
         if n_contrastive:
             pick = torch.randint(len(self.contrastive_points), (n_contrastive,), generator=self.generator)
@@ -387,7 +412,7 @@ class Trainer:
         values: dict[str, float] = {}
         if level in ("erase", "joint") and (w.esd > 0 or w.attention > 0):
             values |= self._erase_step()
-        if level in ("preserve", "joint") and (w.flow > 0 or w.contrastive > 0):
+        if level in ("preserve", "joint") and (w.flow > 0 or w.contrastive > 0 or w.keep > 0):
             values |= self._preserve_step()
         if values:
             self.parallel.average_gradients(self.params)
@@ -466,7 +491,7 @@ def train(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise SpecError(f"concept given twice: {names}")
-    defaults = _model_defaults(config.model, pipe)
+    defaults = model_defaults(config.model, pipe)
     for key, value in defaults.items():
         if getattr(config, key) is None:
             setattr(config, key, value)

@@ -35,7 +35,7 @@ from attnscope.shapes.model import (
     build_vae,
 )
 
-FAST = {"batch": 2, "contrastive_rows": 1, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4), "checkpoint_every": 2}
+FAST = {"batch": 3, "contrastive_rows": 1, "keep_rows": 1, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4), "checkpoint_every": 2}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,8 +84,18 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert {k.split(".")[-3] for k in keys} == {"add_q_proj", "add_k_proj"}
     log = json.loads((out / "train_log.json").read_text())
     assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
-    assert {"esd", "attention"} <= set(log["steps"][0]) and {"flow", "contrastive"} <= set(log["steps"][1])
-    assert set(log["final_losses"]) == {"esd", "attention", "flow", "contrastive"}
+    assert {"esd", "attention"} <= set(log["steps"][0])
+    assert {"flow", "contrastive", "keep"} <= set(log["steps"][1])
+    assert set(log["final_losses"]) == {"esd", "attention", "flow", "contrastive", "keep"}
+    # Keep points: every concept point with the negative prompt (the shapes model samples with true CFG), then
+    # every state of the preservation trajectories with its own prompt.
+    assert log["config"]["true_cfg_scale"] > 1
+    cache = torch.load(out / "cache.pt", weights_only=False)
+    n_concept, n_preserve = len(cache["prompts"]), len(cache["preserve_prompts"])
+    assert len(cache["keep_prompts"]) == n_concept + n_preserve * FAST["cache"].preserve_steps
+    assert cache["keep_prompts"][:n_concept] == [""] * n_concept
+    assert set(cache["keep_prompts"][n_concept:]) == set(cache["preserve_prompts"])
+    assert cache["keep_x"].shape == cache["keep_v"].shape == (len(cache["keep_prompts"]), *cache["x"].shape[1:])
     assert (out / "spec.yaml").is_file() and (out / "checkpoint.pt").is_file()
     # The LoRA changed the model (B matrices start at zero).
     assert any(v.abs().sum() > 0 for k, v in _lora(out).items() if "lora_B" in k)
@@ -171,7 +181,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
 def test_multi_concept_run(tmp_path) -> None:
     specs = [shapes_spec("red"), shapes_spec("circle")]
     result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
-    assert set(result.final_losses) == {"esd", "attention", "flow", "contrastive"}
+    assert set(result.final_losses) == {"esd", "attention", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
     # Preservation prompts name neither erased concept nor a synonym.
@@ -272,9 +282,15 @@ def test_euler_trajectory_is_the_pipelines_sampler(true_cfg_scale: float) -> Non
     call = FluxCall(pipe, 32, 32, true_cfg_scale=true_cfg_scale, negative=bank.get([""]) if cfg else None)
     embeds, pooled = bank.get([prompt])
     x1 = call.noise(1, torch.Generator().manual_seed(5))
-    states, velocities = euler_trajectory(call, pipe.transformer, x1, flow_sigmas(pipe, steps, call.n_tokens),
-                                          embeds, pooled, bank.text_ids)
-    torch.testing.assert_close(states[-1], expected.float(), atol=1e-5, rtol=1e-5)
+    trajectory = euler_trajectory(call, pipe.transformer, x1, flow_sigmas(pipe, steps, call.n_tokens),
+                                  embeds, pooled, bank.text_ids)
+    torch.testing.assert_close(trajectory.states[-1], expected.float(), atol=1e-5, rtol=1e-5)
     # The recorded velocities are the conditional ones (ESD's v*(x_t, c)), not the guided ones.
     sigma = flow_sigmas(pipe, steps, call.n_tokens)[:1]
-    torch.testing.assert_close(velocities[0], call.velocity(pipe.transformer, x1, sigma, embeds, pooled, bank.text_ids))
+    v_cond = call.velocity(pipe.transformer, x1, sigma, embeds, pooled, bank.text_ids)
+    torch.testing.assert_close(trajectory.velocities[0], v_cond)
+    if cfg:
+        v_neg = call.velocity(pipe.transformer, x1, sigma, *bank.get([""]), bank.text_ids)
+        torch.testing.assert_close(trajectory.negative_velocities[0], v_neg)
+    else:
+        assert trajectory.negative_velocities is None

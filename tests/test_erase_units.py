@@ -131,6 +131,15 @@ def test_flow_matching_loss_direction() -> None:
     assert after < before
 
 
+def test_velocity_matching_loss_pulls_to_the_base_velocity() -> None:
+    target = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))
+    assert losses.velocity_matching_loss(target.clone(), target).item() == 0
+    v = torch.zeros(2, 5, 4, requires_grad=True)
+    before, after = _sgd(v, lambda: losses.velocity_matching_loss(v, target), lr=10.0)
+    assert after < before
+    assert torch.allclose(v.detach() / v.detach().norm(), target / target.norm(), atol=1e-5)  # straight towards it
+
+
 def test_contrastive_loss_pulls_to_irrelevant_and_pushes_from_synonyms() -> None:
     g = torch.Generator().manual_seed(0)
     n = 16
@@ -228,3 +237,11 @@ def test_multi_concept_anchor_names_no_erased_concept() -> None:
     assert multi_anchor_prompt(specs, 1, "a red circle") == "a"
     dark = ConceptSpec(name="red", targets=("red",), anchor="dark red", prompts=("a red car",))
     assert multi_anchor_prompt([dark], 0, "a red car") == "a dark red car"  # an anchor may contain the word
+
+
+def test_default_lora_targets_per_model() -> None:
+    from attnscope.erase.lora import PAPER_TARGETS, default_targets
+
+    assert default_targets("black-forest-labs/FLUX.1-dev") == PAPER_TARGETS == ("add_q_proj", "add_k_proj")
+    assert default_targets("tiny-flux") == PAPER_TARGETS
+    assert default_targets("shapes") == default_targets("runs/shapes-train/ckpt.pt") == (*PAPER_TARGETS, "add_v_proj")

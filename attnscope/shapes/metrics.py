@@ -6,7 +6,7 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
   same-shape pairs, varied connectors), ``SYNONYM_PROMPTS`` (synonyms for colours and shapes, one and two
   objects);
 * seeds 0..``DEFAULT_SEEDS``−1 per prompt (``torch.Generator().manual_seed(seed)``, one generator per image);
-* the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 Euler steps, guidance 1, max_sequence_length 20;
+* the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 Euler steps, true CFG against the empty prompt, max_sequence_length 20;
 * images are read by ``reader.read_scene``.
 
 Per image the expected objects (``vocabulary.parse_prompt``) are matched to the detected ones by the assignment
