@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss (base velocities on preservation trajectories)")
     p.add_argument("--eta", type=float, default=1.0, help="ESD negative-guidance strength η in v*(c_anc) − η·(v*(c) − v*(c_anc))")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate erase/preserve steps, or both every step")
-    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=1' (0 disables)")
+    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
     p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
                    "(default: add_q_proj,add_k_proj as in the paper; the shapes model adds add_v_proj)")
     p.add_argument("--sample-steps", type=int, default=8, help="Euler steps of the cached base-model trajectories")

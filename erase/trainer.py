@@ -103,7 +103,7 @@ class LossWeights:
     attention: float = 1e-3
     flow: float = 0.1
     contrastive: float = 0.1
-    keep: float = 1.0
+    keep: float = 20.0
 
 
 @dataclass
