@@ -166,3 +166,12 @@ def test_sigterm_stops_after_a_whole_step_and_resumes_the_same_stream(tmp_path):
     straight = torch.load(train(TrainConfig(out=str(tmp_path / "straight"), steps=step + 2, **base)), weights_only=False)
     for name, value in straight["transformer"].items():
         torch.testing.assert_close(resumed["transformer"][name], value, rtol=0, atol=0)
+
+
+def test_clip_tokenizer_is_rebuilt_identically_in_another_process():
+    """The bundled tokenizer was built by another process; the tokenizers library numbers single characters in
+    a per-process hash order, which ``build_clip_tokenizer`` must undo."""
+    from transformers import CLIPTokenizer
+
+    bundled = CLIPTokenizer.from_pretrained(bundled_path() / "tokenizer")
+    assert build_clip_tokenizer().get_vocab() == bundled.get_vocab()

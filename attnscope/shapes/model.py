@@ -99,7 +99,15 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     bpe.train_from_iterator(sorted(ALL_WORDS) + [",", "."], trainer=trainer)
     # The merges (in order) are only exposed through the serialized model.
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    return CLIPTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    # The trainer numbers the single-character tokens in hash order, which changes from process to process;
+    # renumber them alphabetically (merged tokens keep their order of creation) so the vocabulary is reproducible.
+    trained = bpe.get_vocab()
+    merged = {a + b for a, b in merges}
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    singles = sorted(t for t in trained if t not in merged and t not in specials)
+    ordered = specials + singles + sorted((t for t in trained if t in merged), key=trained.__getitem__)
+    vocab = {token: i for i, token in enumerate(ordered)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
 def build_text_encoders(
