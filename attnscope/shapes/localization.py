@@ -154,7 +154,7 @@ def localization_metrics(pipe: Any, seeds: int, prompts: tuple[str, ...]) -> tup
     Returns the summary — ``miou_color`` / ``miou_shape`` (mean threshold, at the best layer and step band of each
     kind), ``localization`` (that band's full scores per kind), ``miou_by_layer`` (all steps, mean threshold),
     ``localization_by_layer``, ``miou_by_step`` and ``localization_pairs`` — and, for the sample figure, the
-    first seed's images with each scored word's ``(layer, band, h, w)`` maps.
+    first seed's images with each scored word's ``(layer, band, H, W)`` maps at image size.
     """
     import attnscope
 
@@ -181,11 +181,12 @@ def localization_metrics(pipe: Any, seeds: int, prompts: tuple[str, ...]) -> tup
                 for kind, words in kind_words.items():
                     query = occurrence_query(words, k)
                     word = maps.word(query)
-                    names, small = band_maps(word.numpy())
+                    names, banded = band_maps(word.upsample(size).numpy())
                     if tally is None:
                         tally = LocalizationTally([layer.label for layer in word.layers], names)
-                    tally.add(kind, band_maps(word.upsample(size).numpy())[1], det.mask)
-                    sample["maps"].append((kind, query, small))
+                    tally.add(kind, banded, det.mask)
+                    if seed == 0:
+                        sample["maps"].append((kind, query, banded))
             if seed == 0:
                 samples.append(sample)
     if tally is None:
