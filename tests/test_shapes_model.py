@@ -22,7 +22,8 @@ from attnscope.shapes.model import (
     build_clip_tokenizer,
     build_t5_tokenizer,
 )
-from attnscope.shapes.train import TrainConfig, load_checkpoint_pipeline, train
+from attnscope.shapes.model import build_text_encoders, build_transformer
+from attnscope.shapes.train import TrainConfig, flow_loss, load_checkpoint_pipeline, train
 from attnscope.shapes.vocabulary import ALL_WORDS
 
 TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
@@ -93,15 +94,35 @@ def test_train_resume_export(tmp_path):
     assert torch.load(ckpt, weights_only=False)["step"] == 3
     log = (tmp_path / "run" / "train.log").read_text()
     assert "resumed at step 2" in log and "step 3 loss" in log
+    # An option given on --resume changes the run from there and says so; one not given keeps the saved value.
+    train(TrainConfig(**{**cfg.__dict__, "steps": 4, "uniform_t": 0.5, "caption_dropout": None}), resume=True)
+    state4 = torch.load(ckpt, weights_only=False)
+    assert state4["config"]["uniform_t"] == 0.5 and state4["config"]["caption_dropout"] == 0.1
+    assert "uniform_t changed from 0.0 to 0.5 at step 3" in (tmp_path / "run" / "train.log").read_text()
     pipe = load_checkpoint_pipeline(ckpt)
     assert pipe.vae.config.shift_factor == state["vae_config"]["shift_factor"]
     bundle = export_checkpoint(ckpt, tmp_path / "weights", extra_info={"command": "test"})
     assert folder_bytes(bundle) < MAX_BUNDLE_BYTES
-    assert json.loads((bundle / "training.json").read_text())["step"] == 3
+    assert json.loads((bundle / "training.json").read_text())["step"] == 4
     assert list(bundle.rglob("*.safetensors")) and not list(bundle.rglob("*.bin"))
     loaded = FluxPipeline.from_pretrained(bundle)
     img = loaded("a green triangle", generator=torch.Generator().manual_seed(1), output_type="np", **FAST_CALL).images
     assert np.isfinite(img).all()
+
+
+def test_uniform_t_moves_training_noise_levels_toward_the_ends():
+    """Logit-normal(0, 1) rarely trains above t = 0.9 (~1.4 %); a uniform share of 1 puts ~10 % there."""
+    tokenizer = build_t5_tokenizer()
+    transformer = build_transformer(TINY)
+    _, t5 = build_text_encoders(TINY, tokenizer, build_clip_tokenizer())
+    seen: list[torch.Tensor] = []
+    transformer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    latents = torch.randn(2000, 3, 2, 2)
+    with torch.no_grad():
+        for share in (0.0, 1.0):
+            flow_loss(transformer, t5, tokenizer, latents, [""] * len(latents), torch.Generator().manual_seed(0), share)
+    high = [float((t > 0.9).float().mean()) for t in seen]
+    assert high[0] < 0.03 and 0.08 < high[1] < 0.12, high
 
 
 def test_cli_registers_shapes_group():

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "over which the LR decays at the end")
     tr.add_argument("--caption-dropout", type=float, default=None, help="fraction of captions emptied, for "
                     "classifier-free guidance (default 0.1 for a new run; on --resume: unchanged unless given)")
+    tr.add_argument("--uniform-t", type=float, default=None, help="fraction of noise levels drawn uniformly "
+                    "instead of logit-normal, for more training at the high noise where layouts form (default 0 for "
+                    "a new run; on --resume: unchanged unless given)")
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
@@ -64,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         cooldown=args.cooldown,
         caption_dropout=args.caption_dropout,
+        uniform_t=args.uniform_t,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,

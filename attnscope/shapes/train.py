@@ -5,7 +5,8 @@ Two stages, both on scenes rendered on the fly:
 1. VAE (a few hundred steps, < 2 min): the one-level AutoencoderKL learns the identity on rendered images, so
    the latent space is pixel space; ``shift_factor``/``scaling_factor`` normalize it to zero mean, unit variance.
 2. Transformer + T5 (rectified flow, until ``--minutes`` or ``--steps`` run out): x_t = (1 − t)·x0 + t·ε with
-   t ~ logit-normal(0, 1), target ε − x0, a fraction ``caption_dropout`` of captions emptied (for
+   t ~ logit-normal(0, 1) (a fraction ``uniform_t`` drawn uniformly instead), target ε − x0, a fraction
+   ``caption_dropout`` of captions emptied (for
    classifier-free guidance), AdamW at constant LR after a warm-up and before a cool-down over the
    last 15 % of the time budget, and an EMA of the weights that is what gets exported. Constant LR + EMA keeps
    every intermediate checkpoint usable.
@@ -69,6 +70,10 @@ class TrainConfig:
     # Fraction of captions replaced by the empty prompt, so that the model also learns the unconditional velocity
     # that classifier-free guidance needs. None: DEFAULT_CAPTION_DROPOUT for a new run, unchanged on --resume.
     caption_dropout: float | None = None
+    # Fraction of noise levels drawn uniformly in [0, 1] instead of logit-normal. Logit-normal(0, 1) puts 1.4 % of
+    # its mass above t = 0.9, where the sampler decides the layout (how many objects, where); a tiny model trained
+    # on it draws extra objects. None: 0 for a new run, unchanged on --resume.
+    uniform_t: float | None = None
     size: int = NATIVE_SIZE
     model: dict = field(default_factory=lambda: ShapesModelConfig().to_dict())
 
@@ -128,10 +133,17 @@ def flow_loss(
     latents: torch.Tensor,
     captions: list[str],
     gen: torch.Generator,
+    uniform_t: float = 0.0,
 ) -> torch.Tensor:
-    """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0."""
+    """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0.
+
+    t ~ logit-normal(0, 1) (most weight on mid noise levels), or with probability ``uniform_t`` uniform in [0, 1].
+    """
     b, c, h, w = latents.shape
-    t = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal(0, 1): most weight on mid noise levels
+    t = torch.sigmoid(torch.randn(b, generator=gen))
+    if uniform_t > 0:  # only then draw more numbers, so that runs without it keep their data stream
+        uniform = torch.rand(b, generator=gen) < uniform_t
+        t = torch.where(uniform, torch.rand(b, generator=gen), t)
     noise = torch.randn(latents.shape, generator=gen)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
@@ -173,18 +185,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume and state is None:
         log(f"--resume given but no {ckpt_path}: starting fresh")
     if state is not None:
-        # Checkpoints from before caption dropout existed trained without it.
-        saved = {"caption_dropout": 0.0, **state["config"]}
-        dropout = saved["caption_dropout"] if cfg.caption_dropout is None else cfg.caption_dropout
-        if dropout != saved["caption_dropout"]:
-            log(f"caption_dropout changed from {saved['caption_dropout']} to {dropout} at step {state['step']}")
-        cfg = TrainConfig(**{**saved, "out": cfg.out, "minutes": cfg.minutes, "steps": cfg.steps,
-                             "caption_dropout": dropout})
+        # Checkpoints from before these options existed trained without them; given options change them from here.
+        saved = {"caption_dropout": 0.0, "uniform_t": 0.0, **state["config"]}
+        changed = {}
+        for name in ("caption_dropout", "uniform_t"):
+            value = getattr(cfg, name)
+            changed[name] = saved[name] if value is None else value
+            if changed[name] != saved[name]:
+                log(f"{name} changed from {saved[name]} to {changed[name]} at step {state['step']}")
+        cfg = TrainConfig(**{**saved, "out": cfg.out, "minutes": cfg.minutes, "steps": cfg.steps, **changed})
         vae = AutoencoderKL.from_config(state["vae_config"])
         vae.load_state_dict(state["vae"])
     else:
         if cfg.caption_dropout is None:
             cfg.caption_dropout = DEFAULT_CAPTION_DROPOUT
+        if cfg.uniform_t is None:
+            cfg.uniform_t = 0.0
         log(f"start: {json.dumps(cfg.__dict__)}")
         vae = train_vae(cfg, log)
 
@@ -250,7 +266,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     latents = (vae.encode(x).latent_dist.mode() - shift) * scale
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
-                loss = flow_loss(transformer, t5, tokenizer, latents, captions, gen)
+                loss = flow_loss(transformer, t5, tokenizer, latents, captions, gen, cfg.uniform_t)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
