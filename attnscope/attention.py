@@ -75,10 +75,12 @@ class _CpuFlashAttention(torch.autograd.Function):
     """CPU flash attention whose output *and* log-sum-exp are differentiable, in one kernel backward.
 
     The log-sum-exp's gradient ``g`` adds ``g_i·P_ij`` to the score gradient. The flash backward computes the
-    score gradient as ``P_ij·(dP_ij − D_i)`` with ``D_i = Σ_d dO_id·O_id``; one extra head-dim column — zero in
-    q, k and v, one in the output, ``−g_i`` in the output's gradient — leaves ``dP`` unchanged and turns ``D_i`` into
-    ``D_i − g_i``, which is exactly that term. So the capture's gradient costs nothing beyond the backward the
-    model's attention needs anyway (a 1/D wider head), instead of another attention forward and backward.
+    score gradient as ``P_ij·(dP_ij − D_i)`` with ``D_i = Σ_d dO_id·O_id``, and reads the output ``O`` for
+    nothing else. So handing it ``O_i − g_i·dO_i / ‖dO_i‖²`` in place of ``O_i`` turns ``D_i`` into ``D_i − g_i``,
+    exactly the missing term, at no cost beyond the backward the model's attention needs anyway (each product
+    ``dO_id·δ_id`` has the sign of ``−g_i`` and size at most ``|g_i|``, so the float32 sum is accurate). Rows with no
+    output gradient cannot carry ``g`` that way; then one extra head-dim column — zero in q, k and v, one in the
+    output, ``−g_i`` in its gradient — does the same (a 1/D wider head), for the batch elements that need it.
     """
 
     @staticmethod
@@ -99,15 +101,56 @@ class _CpuFlashAttention(torch.autograd.Function):
             dq, dk, dv = backward(grad_out, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
             return dq, dk, dv, None
 
-        def widen(t: torch.Tensor, column: torch.Tensor | float) -> torch.Tensor:
-            extra = column.unsqueeze(-1) if isinstance(column, torch.Tensor) else torch.full_like(t[..., :1], column)
-            return torch.cat([t, extra.to(t.dtype)], dim=-1)
+        # Rows whose output gradient is (nearly) zero cannot carry g in the output (g·dO/‖dO‖² would overflow):
+        # batch elements with such a row take the extra column instead. Attention is independent per batch
+        # element, so the two kinds run as two kernel calls on their own elements.
+        norm2 = grad_out.float().square().sum(-1)
+        needs_column = ((norm2 < 1e-30) & (grad_lse != 0)).flatten(1).any(dim=1)
+        if not needs_column.any():
+            return (*_folded_backward(q, k, v, out, lse, grad_out, grad_lse, norm2, ctx.scale), None)
+        if needs_column.all():
+            return (*_widened_backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale), None)
+        folded, widened = torch.nonzero(~needs_column).flatten(), torch.nonzero(needs_column).flatten()
 
-        dq, dk, dv = backward(
-            widen(grad_out, -grad_lse), widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse,
-            0.0, False, scale=ctx.scale,
-        )
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None
+        def elements(index: torch.Tensor) -> list[torch.Tensor]:
+            return [t.index_select(0, index) for t in (q, k, v, out, lse, grad_out, grad_lse)]
+
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        for index, part in (
+            (folded, _folded_backward(*elements(folded), norm2.index_select(0, folded), ctx.scale)),
+            (widened, _widened_backward(*elements(widened), ctx.scale)),
+        ):
+            for grad, value in zip(grads, part):
+                grad.index_copy_(0, index, value)
+        return (*grads, None)
+
+
+def _folded_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, grad_lse: torch.Tensor, norm2: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`_CpuFlashAttention`'s backward with the log-sum-exp gradient folded into the output."""
+    shifted = out.float() - (grad_lse.float() / norm2).unsqueeze(-1) * grad_out.float()
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, shifted.to(out.dtype), lse, 0.0, False, scale=scale
+    )
+
+
+def _widened_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, grad_lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`_CpuFlashAttention`'s backward with the log-sum-exp gradient in an extra head-dim column."""
+
+    def widen(t: torch.Tensor, column: torch.Tensor | float) -> torch.Tensor:
+        extra = column.unsqueeze(-1) if isinstance(column, torch.Tensor) else torch.full_like(t[..., :1], column)
+        return torch.cat([t, extra.to(t.dtype)], dim=-1)
+
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        widen(grad_out, -grad_lse), widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse,
+        0.0, False, scale=scale,
+    )
+    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
 
 
 class _KernelLogSumExp(torch.autograd.Function):

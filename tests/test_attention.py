@@ -72,24 +72,35 @@ def test_chunked_is_differentiable_and_matches_full_gradient() -> None:
 
 
 @pytest.mark.parametrize("lse_grad", ["kernel", "sdpa"])
-@pytest.mark.parametrize("use_output", [True, False])
+@pytest.mark.parametrize("use_output", ["all_rows", "some_rows", "none"])
 @pytest.mark.parametrize("layout", ["contiguous", "diffusers"])
-def test_fused_path_gradient_matches_full_softmax(lse_grad: str, use_output: bool, layout: str) -> None:
+def test_fused_path_gradient_matches_full_softmax(lse_grad: str, use_output: str, layout: str) -> None:
     """The kernel's log-sum-exp is differentiable — inside the CPU kernel's own backward ("kernel"), or through
-    SDPA when it carries no gradient ("sdpa", the CUDA route) — with the definition's gradients."""
-    q, k, v = (x.contiguous() if layout == "contiguous" else x for x in _qkv(4, b=1, h=2, s=48, d=8))
+    SDPA when it carries no gradient ("sdpa", the CUDA route) — with the definition's gradients. The output's
+    gradient reaches every query row (the log-sum-exp's gradient folds into the output), only some rows of the
+    second batch element (that element takes the extra column, the first folds), or none."""
+    q, k, v = (x.contiguous() if layout == "contiguous" else x for x in _qkv(4, b=2, h=2, s=48, d=8))
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     text, image = torch.arange(6), torch.arange(6, 48)
-    weights = torch.randn(1, 2, 42, 3, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 2, 42, 3, generator=torch.Generator().manual_seed(0))
+    out_weights = torch.randn(2, 2, 48, 8, generator=torch.Generator().manual_seed(1))
+    if use_output == "some_rows":
+        out_weights[1, :, 20:] = 0
+    if layout == "diffusers":
+        out_weights = out_weights.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def output_term(out: torch.Tensor) -> torch.Tensor | int:
+        return (out * out_weights).sum() if use_output != "none" else 0
+
     out, lse = fused_attention_with_lse(q, k, v)
     assert lse.requires_grad
     if lse_grad == "sdpa":
         lse = lse.detach()
     probs = text_probs_from_lse(q[:, :, 6:], k[:, :, :3], lse[:, :, 6:], k_all=k)
-    ((probs * weights).sum() + (out.sum() if use_output else 0)).backward()
+    ((probs * weights).sum() + output_term(out)).backward()
     grads = q.grad.clone(), k.grad.clone(), v.grad.clone() if v.grad is not None else torch.zeros_like(v)
     q.grad = k.grad = v.grad = None
     reference = text_probs_reference(q, k, image, text[:3]).float()
-    ((reference * weights).sum() + (F.scaled_dot_product_attention(q, k, v).sum() if use_output else 0)).backward()
+    ((reference * weights).sum() + output_term(F.scaled_dot_product_attention(q, k, v))).backward()
     for got, want in zip(grads, (q.grad, k.grad, v.grad if v.grad is not None else torch.zeros_like(v))):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
