@@ -78,6 +78,7 @@ class Trace:
         chunk_size: int = 256,
         store_device: str | torch.device = "cpu",
         differentiable: bool = False,
+        rows: slice | None = None,
     ):
         self.transformer = transformer_of(pipe_or_transformer)
         self.pipe = None if pipe_or_transformer is self.transformer else pipe_or_transformer
@@ -96,6 +97,8 @@ class Trace:
             raise ValueError(f"heads must be 'mean', 'all', a head index or a list of indices, not {heads!r}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
+            raise ValueError(f"rows must be a contiguous slice of batch rows, not {rows!r}")
         self.steps = steps
         self.heads = heads
         self.words = list(words) if words is not None else None
@@ -107,6 +110,7 @@ class Trace:
         self.chunk_size = chunk_size
         self.store_device = torch.device(store_device)
         self.differentiable = differentiable
+        self.rows = rows
 
         self.generations: list[_Generation] = []
         self._taken: list[dict[str, torch.Tensor]] = []
@@ -255,6 +259,10 @@ class Trace:
             plan.append(("uncond", uncond))
         if cond is not None and self.cfg in ("cond", "both"):
             plan.append(("cond", cond))
+        if self.rows is not None:
+            start, stop, _ = self.rows.indices(ctx.batch_size)
+            plan = [(b, slice(max(r.start, start), min(r.stop, stop))) for b, r in plan]
+            plan = [(b, r) for b, r in plan if r.start < r.stop]
         return plan
 
     # --------------------------------------------------------------------- called by capture sites
@@ -405,6 +413,8 @@ def trace(pipe_or_transformer: Any, **options: Any) -> Trace:
         chunk_size: image queries per chunk on the chunked path.
         store_device: where recorded maps live (default CPU, so GPU memory is not held).
         differentiable: keep the autograd graph; results come from :meth:`Trace.take` (used by erasure).
+        rows: capture only these batch rows of each transformer call (a contiguous slice; default all rows of
+            the kept branch), for a batch where only some rows need maps; the others pay nothing.
     """
     return Trace(pipe_or_transformer, **options)
 

@@ -252,6 +252,35 @@ def test_differentiable_trace_gives_gradients(checkpointing: bool) -> None:
     assert tr.take() == []
 
 
+def test_rows_captures_a_subset_of_the_batch_at_the_same_values() -> None:
+    """``rows=`` captures only some batch rows (a batch mixing rows that need maps with rows that do not): the
+    maps are those rows' maps from an all-rows capture, and the model's output is unchanged."""
+    transformer = build_tiny_flux_pipeline(seed=3).transformer
+    n_img, n_txt, batch = 64, 8, 4
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(batch, n_img, transformer.config.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(batch, n_txt, transformer.config.joint_attention_dim, generator=gen),
+        pooled_projections=torch.zeros(batch, transformer.config.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3),
+        txt_ids=torch.zeros(n_txt, 3),
+    )
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with attnscope.trace(transformer, differentiable=True, positions=[1, 2]) as everything:
+            transformer(**inputs)
+        with attnscope.trace(transformer, differentiable=True, positions=[1, 2], rows=slice(2, None)) as tail:
+            captured = transformer(**inputs).sample
+    (full,), (part,) = everything.take(), tail.take()
+    assert torch.equal(captured, plain)
+    for label, probs in full.items():
+        assert part[label].shape[0] == 2
+        torch.testing.assert_close(part[label], probs[2:])
+    with pytest.raises(ValueError, match="contiguous slice"):
+        attnscope.trace(transformer, rows=[0, 2])
+
+
 # ---------------------------------------------------------------------------------- bad input
 def test_trace_restores_processors_when_the_body_raises(flux) -> None:
     before = _processors(flux)
