@@ -6,8 +6,8 @@ Both are timed on the same model with the same LoRA and optimizer (``attnscope.e
 
 * plain: flow-matching loss on ``batch`` noised base-model samples, forward + backward + AdamW step, no capture;
 * pair: the erase step (``batch`` concept rows: ESD + differentiable attention capture) followed by the preserve
-  step (``batch`` rows: flow-matching and keep rows in one plain forward, then ``contrastive_rows`` concept rows
-  with capture), as ``attnscope erase`` runs them. Base-model quantities come from the cache, built once (its time is reported separately).
+  step (``batch`` rows in one forward: flow-matching and keep rows, and ``contrastive_rows`` concept rows whose
+  attention is captured), as ``attnscope erase`` runs them. Base-model quantities come from the cache, built once (its time is reported separately).
 
 Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
 """

@@ -6,8 +6,8 @@ else — flow matching on base-model samples of irrelevant prompts plus the reve
 ``schedule="alternate"`` alternates them (official code: even steps erase, odd steps preserve);
 ``schedule="joint"`` takes both levels' weighted sum in every step (gradients of both accumulate).
 
-A step only runs the adapted model (one forward/backward per group of rows: the erase rows, the flow-matching
-rows, the contrastive rows); base-model quantities come from the :class:`~erase.cache.EraseCache` built once
+A step only runs the adapted model (one forward/backward of ``batch`` rows per level: the erase rows; the
+flow-matching, keep and contrastive rows); base-model quantities come from the :class:`~erase.cache.EraseCache` built once
 at the start.
 
 Output folder (``out``): ``checkpoint.pt`` (atomic: LoRA, optimizer, step, RNG, log), ``cache.pt``,
@@ -299,13 +299,14 @@ class Trainer:
         x: torch.Tensor,
         sigma: torch.Tensor,
         prompts: list[str],
-        words: list[str] | None,
         losses_of: Callable[[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None], dict[str, torch.Tensor]],
+        concept_words: list[str] | None = None,
     ) -> dict[str, float]:
         """One forward of the adapted model on cached rows, its losses, and their weighted backward.
 
-        With ``words`` the forward runs inside a differentiable trace of the concept columns, and ``losses_of``
-        gets the maps ``(B, N, T)`` per layer and the ``(B, T)`` column mask. The backward runs *inside* the
+        With ``concept_words`` (one per row of the *last* ``len(concept_words)`` rows) the forward runs inside a
+        differentiable trace of those rows' concept columns — the other rows pay no capture — and ``losses_of``
+        gets their maps ``(R, N, T)`` per layer and the ``(R, T)`` column mask. The backward runs *inside* the
         trace: with gradient checkpointing the blocks are recomputed during backward and must see the same
         capture processors as in the forward. Raises NonFiniteLossError before any backward of a bad loss.
         """
@@ -314,14 +315,16 @@ class Trainer:
         embeds, pooled = self.bank.get(prompts)
         with contextlib.ExitStack() as stack:
             maps = columns = None
-            if words is not None:
-                rows = self._positions(prompts, words)
+            if concept_words:
+                first = len(prompts) - len(concept_words)
+                rows = self._positions(prompts[first:], concept_words)
                 keep = tuple(sorted({q for r in rows for q in r}))
-                tracer = stack.enter_context(
-                    attnscope.trace(self.transformer, differentiable=True, positions=keep, layers=self.config.attention_layers)
-                )
+                tracer = stack.enter_context(attnscope.trace(
+                    self.transformer, differentiable=True, positions=keep, layers=self.config.attention_layers,
+                    rows=slice(first, None),
+                ))
             v = self.call.velocity(self.transformer, x, sigma, embeds, pooled, self.bank.text_ids)
-            if words is not None:
+            if concept_words:
                 maps = list(tracer.take()[-1].values())
                 columns = column_mask(keep, rows, device)
             values = losses_of(v, maps, columns)
@@ -331,6 +334,12 @@ class Trainer:
                 raise NonFiniteLossError(bad[0] if bad else "(another process's)", self.step, self.last_checkpoint)
             sum(weights[name] * value for name, value in values.items()).backward()
         return {name: float(value.detach()) for name, value in values.items()}
+
+    def _draw(self, pool: int, n: int) -> torch.Tensor:
+        """``n`` random indices into ``pool`` items (none, and no RNG used, when ``n`` is 0)."""
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.randint(pool, (n,), generator=self.generator)
 
     def _erase_step(self) -> dict[str, float]:
         """ESD and attention attenuation on ``batch`` cached concept points (one captured forward)."""
@@ -346,58 +355,52 @@ class Trainer:
             return out
 
         words = [c.words[i] for i in idx] if w.attention > 0 else None
-        return self._backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], words, erase_losses)
+        return self._backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], erase_losses, words)
 
     def _preserve_step(self) -> dict[str, float]:
-        """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one plain
-        forward), and the contrastive loss on ``contrastive_rows`` concept points (a captured forward); ``batch``
-        rows in all."""
+        """Flow matching on noised preservation samples, the keep loss on ``keep_rows`` keep points and the
+        contrastive loss on ``contrastive_rows`` concept points, ``batch`` rows in one forward (captured on the
+        contrastive rows only)."""
         c, w, device = self.cache, self.config.weights, self.transformer.device
         n_contrastive = self.config.contrastive_rows if w.contrastive > 0 else 0
         room = max(self.config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
         n_keep = min(self.config.keep_rows, room) if w.keep > 0 and len(c.keep_x) else 0
         n_flow = max(self.config.batch - n_contrastive - n_keep, 1) if w.flow > 0 else 0
-        out: dict[str, float] = {}
-        if n_flow or n_keep:
-            idx = torch.randint(len(c.preserve_prompts), (n_flow,), generator=self.generator)
-            x0 = c.x0[idx]
-            # Logit-normal t (as the shapes model was trained): most weight on mid noise levels.
-            t = torch.sigmoid(torch.randn(n_flow, generator=self.generator))
-            noise = torch.randn(x0.shape, generator=self.generator)
-            x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-            keep = torch.randint(len(c.keep_x), (n_keep,), generator=self.generator)
+        if not (n_flow or n_keep or n_contrastive):
+            return {}
+        idx = self._draw(len(c.preserve_prompts), n_flow)
+        x0 = c.x0[idx]
+        # Logit-normal t (as the shapes model was trained): most weight on mid noise levels.
+        t = torch.sigmoid(torch.randn(n_flow, generator=self.generator))
+        noise = torch.randn(x0.shape, generator=self.generator)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        keep = self._draw(len(c.keep_x), n_keep)
+        concept = self.contrastive_points[self._draw(len(self.contrastive_points), n_contrastive)]
 
-            def plain_losses(v, _maps, _columns):
-                values = {}
-                if n_flow:
-                    values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
-                if n_keep:
-                    values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
-                return values
-
-            out |= self._backward_group(
-                torch.cat([x_t, c.keep_x[keep]]), torch.cat([t, c.keep_sigma[keep]]),
-                [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
-                None, plain_losses,
-            )
-        if n_contrastive:
-            pick = torch.randint(len(self.contrastive_points), (n_contrastive,), generator=self.generator)
-            idx = self.contrastive_points[pick]
-
-            def contrastive(_v, maps, columns):
-                return {"contrastive": losses.contrastive_loss(
+        def preserve_losses(v, maps, columns):
+            values = {}
+            if n_flow:
+                values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
+            if n_keep:
+                values["keep"] = losses.velocity_matching_loss(v[n_flow : n_flow + n_keep], c.keep_v[keep].to(device))
+            if n_contrastive:
+                values["contrastive"] = losses.contrastive_loss(
                     losses.attention_features(maps, columns),
-                    c.positives[idx].to(device),
-                    c.negatives[idx].to(device),
+                    c.positives[concept].to(device),
+                    c.negatives[concept].to(device),
                     self.config.tau,
-                    c.positive_mask[idx].to(device),
-                    c.negative_mask[idx].to(device),
-                )}
+                    c.positive_mask[concept].to(device),
+                    c.negative_mask[concept].to(device),
+                )
+            return values
 
-            out |= self._backward_group(
-                c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], [c.words[i] for i in idx], contrastive
-            )
-        return out
+        return self._backward_group(
+            torch.cat([x_t, c.keep_x[keep], c.x[concept]]),
+            torch.cat([t, c.keep_sigma[keep], c.sigma[concept]]),
+            [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep] + [c.prompts[i] for i in concept],
+            preserve_losses,
+            [c.words[i] for i in concept] if n_contrastive else None,
+        )
 
     def level(self, step: int) -> str:
         if self.config.schedule == "joint":
