@@ -7,10 +7,10 @@
 
 Modules: ``spec`` (concept specs), ``lora`` (adapter, teacher, file format), ``sampling`` (direct transformer
 calls, Euler sampling), ``cache`` (base-model data drawn once), ``losses``, ``trainer`` (bi-level loop,
-checkpoints), ``evaluate`` (``attnscope eval``), ``cli`` (``erase``/``eval`` commands).
+checkpoints), ``evaluate`` (``attnscope eval`` on the shapes world), ``real_eval`` (CLIP / NudeNet on real models), ``cli`` (``erase``/``eval`` commands).
 """
 
-from .evaluate import EvalReport, evaluate, real_eval, shapes_prompts
+from .evaluate import EvalReport, evaluate, shapes_prompts
 from .lora import (
     LoraFileError,
     LoraSettings,
@@ -19,6 +19,7 @@ from .lora import (
     load_lora,
     save_lora,
 )
+from .real_eval import real_eval
 from .spec import (
     ConceptNotInPromptError,
     ConceptSpec,

@@ -94,7 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--lora", type=Path, required=True, help="folder written by `attnscope erase`")
     e.add_argument("--concept", action="append", default=[], help="erased concept(s) (default: the run's spec.yaml)")
     e.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
-    e.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds 0..N-1)")
+    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: 4 on the shapes world, 2 on real models)")
+    e.add_argument("--clip-model", default=None, help="real models: CLIP zero-shot classifier, hub id or folder "
+                   "(default openai/clip-vit-large-patch14)")
     e.add_argument("--device", default="cpu", help="torch device")
     e.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny shapes model on a busy machine)")
     e.add_argument("--out", type=Path, default=None, help="JSON report path (default: LORA/eval.json)")
@@ -186,13 +188,19 @@ def run_erase(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, read_run
+    from .trainer import is_shapes_model
 
     started = time.perf_counter()
     import torch
 
     torch.set_num_threads(args.threads)
-    report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds, out=args.out, device=args.device)
+    run_model, _ = read_run(args.lora) if args.lora.is_dir() else (None, None)
+    model = args.model or run_model or "shapes"
+    if not is_shapes_model(model):
+        return _run_real_eval(args, model, started)
+    report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds or 4, out=args.out,
+                      device=args.device)
     base = report.base
     out = args.out or args.lora / "eval.json"
     rel = f"{report.acc_ir_relative:.1%}" if report.acc_ir_relative is not None else "n/a"
@@ -201,5 +209,37 @@ def run_eval(args: argparse.Namespace) -> int:
         f"Acc_g {report.acc_g:.1%} (base {base['acc_g']:.1%}), Acc_ir {report.acc_ir:.1%} "
         f"(base {base['acc_ir']:.1%}, relative {rel}), pixel MAE {report.quality['pixel_mae']:.3f} "
         f"in {time.perf_counter() - started:.1f}s -> {out}"
+    )
+    return 0
+
+
+def _run_real_eval(args: argparse.Namespace, model: str, started: float) -> int:
+    """``attnscope eval`` for a real model: CLIP zero-shot / NudeNet figures (``erase/real_eval.py``)."""
+    from attnscope.pipelines import default_call_kwargs
+
+    from .evaluate import read_run
+    from .real_eval import DEFAULT_CLIP_MODEL, DEFAULT_SEEDS, real_eval
+    from .spec import resolve_spec
+    from .trainer import load_model
+
+    if not args.lora.is_dir():
+        raise FileNotFoundError(f"{args.lora} does not exist: pass the --out folder of `attnscope erase`")
+    _, run_specs = read_run(args.lora)
+    specs = [resolve_spec(c, model) for c in args.concept] if args.concept else run_specs
+    if not specs:
+        raise ValueError(f"{args.lora} has no spec.yaml: say which concept was erased with --concept")
+    import torch
+
+    pipe = load_model(model, device=args.device, dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
+    report = real_eval(
+        args.lora, specs, pipe, seeds=args.seeds or DEFAULT_SEEDS, clip_model=args.clip_model or DEFAULT_CLIP_MODEL,
+        call_kwargs=default_call_kwargs(model), out=args.out,
+    )
+    base = report["base"]
+    acc_g = "n/a" if report["acc_g"] is None else f"{report['acc_g']:.1%}"
+    print(
+        f"{', '.join(report['concepts'])}: Acc_e {report['acc_e']:.1%} (base {base['acc_e']:.1%}), Acc_g {acc_g}, "
+        f"Acc_ir {report['acc_ir']:.1%} (same zero-shot label as base) in {time.perf_counter() - started:.1f}s "
+        f"-> {args.out or args.lora / 'eval.json'}"
     )
     return 0
