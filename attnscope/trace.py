@@ -84,6 +84,7 @@ class Trace:
         self.pipe = None if pipe_or_transformer is self.transformer else pipe_or_transformer
         self.adapter: Adapter = adapter_for(self.transformer)
         all_layers = tuple(self.adapter.layers(self.transformer))
+        self._attention_modules = {layer.name: self.transformer.get_submodule(layer.name) for layer in all_layers}
         self.layers: tuple[LayerInfo, ...] = (
             all_layers if layers is None else tuple(all_layers[i] for i in _layer_indices(all_layers, layers))
         )
@@ -115,7 +116,7 @@ class Trace:
         self.generations: list[_Generation] = []
         self._taken: list[dict[str, torch.Tensor]] = []
         self._active = False
-        self._saved_processors: dict[str, Any] | None = None
+        self._saved_processors: dict[str, Any] | None = None  # layer name -> the processor the trace replaced
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._saved_encode_prompt: Callable[..., Any] | None = None
         # per-forward state, set by the pre-hook
@@ -129,16 +130,17 @@ class Trace:
     def __enter__(self) -> Trace:
         if self._active:
             raise TraceError("this trace is already active; enter a trace once at a time")
-        processors = self.transformer.attn_processors
-        if any(isinstance(p, _CAPTURE_TYPES) for p in processors.values()):
+        # Processors are swapped on the captured attention modules only: diffusers' set_attn_processor walks every
+        # module of the model (thousands with LoRA layers), milliseconds per call, paid at every training step.
+        if any(isinstance(m.processor, _CAPTURE_TYPES) for m in self._attention_modules.values()):
             raise TraceError("this model is already being traced; exit the other trace first")
-        replaced = dict(processors)
-        for layer in self.layers:
-            key = f"{layer.name}.processor"
-            replaced[key] = self.adapter.make_processor(processors[key], CaptureSite(layer, self))
-        self._saved_processors = dict(processors)
+        self._saved_processors = {}
         try:
-            self.transformer.set_attn_processor(replaced)
+            for layer in self.layers:
+                module = self._attention_modules[layer.name]
+                capture = self.adapter.make_processor(module.processor, CaptureSite(layer, self))
+                self._saved_processors[layer.name] = module.processor
+                module.set_processor(capture)
             self._hook = self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
             if self.pipe is not None:
                 self._wrap_encode_prompt()
@@ -160,7 +162,8 @@ class Trace:
 
     def _uninstall(self) -> None:
         if self._saved_processors is not None:
-            self.transformer.set_attn_processor(dict(self._saved_processors))
+            for name, processor in self._saved_processors.items():
+                self._attention_modules[name].set_processor(processor)
             self._saved_processors = None
         if self._hook is not None:
             self._hook.remove()
