@@ -46,7 +46,7 @@ from .trainer import LOG_FILE, RUN_FILE, SPEC_FILE, is_shapes_model, load_model
 
 __all__ = ["PROTOCOL_VERSION", "EvalReport", "evaluate", "read_run", "save_comparison_grid", "shapes_prompts"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the scene reader fits each shape's width-to-height ratio
 DEFAULT_SEEDS = 4
 GRID_FILE = "eval_grid.png"
 

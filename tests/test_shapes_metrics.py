@@ -38,6 +38,17 @@ def test_score_image_counts_errors():
     assert match_objects([("red", "circle"), ("blue", "square")], []) == [None, None]
 
 
+def test_a_box_is_a_square_but_not_true_to_form():
+    scene = render_prompt("a blue square and a red circle", 1)
+    (box, disc) = sorted(read_scene(scene.image), key=lambda d: d.color)
+    assert 0.8 < box.aspect < 1.25
+    rec = score_image("a blue square and a red circle", read_scene(scene.image))
+    assert rec["shape_hits"] == rec["form_hits"] == [True, True]
+    box.aspect = 2.0  # as a model's 2:1 box would be fitted
+    rec = score_image("a blue square and a red circle", [box, disc])
+    assert rec["shape_hits"] == [True, True] and rec["form_hits"] == [False, True]
+
+
 @pytest.mark.slow
 def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
     tiny = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)

@@ -7,9 +7,10 @@ import pytest
 
 from attnscope.shapes import DEFAULT_CALL_KWARGS, NATIVE_SIZE, UntrainedSizeWarning, validate_call
 from attnscope.shapes.reader import read_scene
-from attnscope.shapes.render import RADIUS_RANGE, render_prompt, render_scene
+from attnscope.shapes.render import RADIUS_RANGE, coverage, render_prompt, render_scene
 from attnscope.shapes.vocabulary import (
     ALL_WORDS,
+    BACKGROUND,
     CANONICAL,
     COLORS,
     SHAPES,
@@ -125,6 +126,19 @@ def test_reader_returns_positions_and_masks():
     cx, cy = found.centroid
     x0, y0, x1, y1 = s.objects[0].bbox
     assert x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+@pytest.mark.parametrize("aspect", [0.65, 1.0, 1.7])
+def test_reader_judges_stretched_shapes_by_category_and_measures_the_stretch(shape: str, aspect: float):
+    """Models draw boxes for squares and ovals for circles; the reader names the category (the prototype fitted
+    with the object's own width-to-height ratio) and reports how far from true form it is."""
+    cov = coverage(shape, 16.0, 16.0, 6.0, 32, aspect)
+    image = np.rint(np.asarray(BACKGROUND, np.float32) * (1 - cov[..., None]) + np.asarray(COLORS["blue"], np.float32) * cov[..., None])
+    (found,) = read_scene(image.astype(np.uint8))
+    assert (found.color, found.shape) == ("blue", shape)
+    assert found.aspect == pytest.approx(aspect, rel=0.12)
+    assert min(found.shape_errors.values()) < 0.1
 
 
 def test_reader_ignores_blank_image_and_rejects_bad_input():

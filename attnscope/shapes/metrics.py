@@ -13,7 +13,9 @@ Per image the expected objects (``vocabulary.parse_prompt``) are matched to the 
 that maximizes 2·[colour right] + [shape right]; an expected object with no detection counts as wrong.
 
 * ``color_acc`` / ``shape_acc``: fraction of expected objects (canonical prompts) whose match has the right colour /
-  shape;
+  shape (the shape *category*: the reader fits each prototype with the object's own width-to-height ratio);
+* ``shape_acc_true_to_form``: the right shape drawn within ``ASPECT_TOLERANCE`` of the renderer's proportions
+  (a 2:1 box for "square" counts for ``shape_acc``, not here);
 * ``two_object_all_correct``: fraction of two-object images whose detected objects are exactly the two asked for
   (colours and shapes, nothing more);
 * ``synonym_color_acc`` / ``synonym_shape_acc``: the same accuracies on synonym prompts;
@@ -41,8 +43,10 @@ from .localization import localization_metrics, save_sample_maps
 from .reader import DetectedObject, read_scene
 from .vocabulary import COLORS, SHAPES, parse_prompt
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: the reader fits each shape's width-to-height ratio (v2 ties on boxes and ovals)
 DEFAULT_SEEDS = 4
+#: An object is true to form when its fitted stretch is within this factor of the renderer's proportions.
+ASPECT_TOLERANCE = 1.25
 
 SINGLE_PROMPTS: tuple[str, ...] = tuple(f"a {c} {s}" for c in COLORS for s in SHAPES)
 TWO_OBJECT_PROMPTS: tuple[str, ...] = (
@@ -105,12 +109,14 @@ def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
     matched = match_objects(expected, detected)
     color_hits = [d is not None and d.color == c for (c, _), d in zip(expected, matched)]
     shape_hits = [d is not None and d.shape == s for (_, s), d in zip(expected, matched)]
+    form_hits = [hit and 1 / ASPECT_TOLERANCE <= d.aspect <= ASPECT_TOLERANCE for hit, d in zip(shape_hits, matched)]
     return {
         "prompt": prompt,
         "expected": expected,
         "detected": [(d.color, d.shape) for d in detected],
         "color_hits": color_hits,
         "shape_hits": shape_hits,
+        "form_hits": form_hits,
         "all_correct": len(detected) == len(expected) and all(color_hits) and all(shape_hits),
         "count_ok": len(detected) == len(expected),
         "spurious": max(0, len(detected) - len(expected)),
@@ -171,6 +177,7 @@ def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str,
     summary = {
         "color_acc": _mean([h for r in canon for h in r["color_hits"]]),
         "shape_acc": _mean([h for r in canon for h in r["shape_hits"]]),
+        "shape_acc_true_to_form": _mean([h for r in canon for h in r["form_hits"]]),
         "two_object_all_correct": _mean([r["all_correct"] for r in two]),
         "single_object_all_correct": _mean([r["all_correct"] for r in records if r["group"] == "single"]),
         "synonym_color_acc": _mean([h for r in syn for h in r["color_hits"]]),

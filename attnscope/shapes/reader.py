@@ -5,9 +5,12 @@ Pure pixel statistics, no learned weights, so it judges generated images by the 
 1. Each pixel gets an opacity ``alpha`` toward every palette colour (projection of pixel − background onto
    colour − background) and the colour whose reconstruction is closest; pixels with alpha ≥ 0.5 are foreground.
 2. Foreground pixels of one colour form objects by 8-connected components; tiny components are noise.
-3. The shape is the prototype (circle, square, triangle) that, rendered with the same area and centroid as the
-   object's soft (alpha-weighted) mask, reproduces it best (``classify_shape``). Soft pixels keep small,
-   anti-aliased objects measurable.
+3. The shape is the prototype (circle, square, triangle) that, rendered with the same area, centroid and
+   width-to-height ratio as the object's soft (alpha-weighted) mask, reproduces it best (``classify_shape``).
+   Soft pixels keep small, anti-aliased objects measurable. Fitting the ratio makes the *category* stable on
+   what a model draws: a box is judged against the square, an oval against the circle, instead of a tie
+   between two prototypes that fit neither. How far the object is from the renderer's proportions is kept
+   (``aspect``) so that metrics can also count only true-to-form shapes.
 
 Accuracy on rendered scenes is tested in ``tests/test_shapes_reader.py`` and reported in the README.
 """
@@ -27,6 +30,21 @@ from .vocabulary import BACKGROUND, COLORS
 MIN_AREA_FRACTION = 6 / 1024
 #: Area of each shape divided by r² (r: the renderer's size parameter), from render.coverage's geometry.
 _AREA_PER_R2 = {"circle": float(np.pi), "square": (2 * 0.88) ** 2, "triangle": 0.5 * 2.08 * 1.8}
+#: Fitted stretches are clamped to this range (beyond it an object is no shape of the vocabulary anyway).
+_ASPECT_RANGE = (0.4, 2.5)
+
+
+def _spread_ratio(weights: np.ndarray) -> float:
+    """Horizontal over vertical standard deviation of a soft mask's pixels."""
+    ys, xs = np.nonzero(weights > 0)
+    w = weights[ys, xs]
+    var_x = float((w * (xs - np.average(xs, weights=w)) ** 2).sum() / w.sum())
+    var_y = float((w * (ys - np.average(ys, weights=w)) ** 2).sum() / w.sum())
+    return float(np.sqrt(max(var_x, 1e-6) / max(var_y, 1e-6)))
+
+
+#: The renderer's own width-to-height spread ratio of each shape (1 for circle and square).
+_RENDERED_SPREAD = {shape: _spread_ratio(coverage(shape, 128.0, 128.0, 80.0, 256)) for shape in _AREA_PER_R2}
 
 
 @dataclass
@@ -42,6 +60,8 @@ class DetectedObject:
         area: soft (alpha-weighted) area in pixels.
         shape_errors: shape -> template-fit error (see ``classify_shape``); a high best error means a malformed
             object.
+        aspect: width stretch of the object relative to the renderer's proportions of its shape (1: true to form,
+            2: twice as wide as tall as it should be).
     """
 
     color: str
@@ -51,6 +71,7 @@ class DetectedObject:
     bbox: tuple[int, int, int, int]
     area: float
     shape_errors: dict[str, float] = field(repr=False)
+    aspect: float = 1.0
 
 
 def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
@@ -106,18 +127,20 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
-def classify_shape(weights: np.ndarray) -> tuple[str, dict[str, float]]:
+def classify_shape(weights: np.ndarray) -> tuple[str, dict[str, float], float]:
     """Shape of one object from its soft mask, by fitting each prototype shape.
 
-    For every shape, the size follows from the soft area and the centre from the centroid (a triangle's
-    centroid sits 0.3 r below its box centre); the prototype is rendered there with the renderer's own
-    anti-aliasing and compared with the object: error = sum |alpha − coverage| / area.
+    For every shape, the stretch follows from the object's horizontal/vertical spread (relative to the
+    prototype's own), the size from the soft area and the centre from the centroid (a triangle's centroid sits
+    0.3 r below its box centre); the prototype is rendered there with the renderer's own anti-aliasing and
+    compared with the object: error = sum |alpha − coverage| / area.
 
     Args:
         weights: (H, W) float alpha of the object's pixels (0 outside the object).
 
     Returns:
-        (best shape, {shape: error}); errors are ~0.05 on clean renders, ≥ 0.3 for a wrong shape.
+        (best shape, {shape: error}, the best shape's fitted stretch); errors are ~0.05 on clean renders,
+        ≥ 0.3 for a wrong shape.
     """
     ys, xs = np.nonzero(weights > 0)
     w = weights[ys, xs]
@@ -125,13 +148,17 @@ def classify_shape(weights: np.ndarray) -> tuple[str, dict[str, float]]:
     cx = float((xs * w).sum() / area) + 0.5
     cy = float((ys * w).sum() / area) + 0.5
     size = weights.shape[0]
-    errors = {}
+    spread = _spread_ratio(weights)
+    errors, aspects = {}, {}
     for shape, area_per_r2 in _AREA_PER_R2.items():
-        r = float(np.sqrt(area / area_per_r2))
+        aspect = float(np.clip(spread / _RENDERED_SPREAD[shape], *_ASPECT_RANGE))
+        r = float(np.sqrt(area / (area_per_r2 * aspect)))
         centre_y = cy - 0.3 * r if shape == "triangle" else cy
-        cov = coverage(shape, cx, centre_y, r, size)
+        cov = coverage(shape, cx, centre_y, r, size, aspect)
         errors[shape] = float(np.abs(weights - cov).sum() / area)
-    return min(errors, key=errors.get), errors
+        aspects[shape] = aspect
+    best = min(errors, key=errors.get)
+    return best, errors, aspects[best]
 
 
 def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_AREA_FRACTION) -> list[DetectedObject]:
@@ -159,7 +186,7 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
             area = float(weights.sum())
             if area < min_area:
                 continue
-            shape, errors = classify_shape(weights)
+            shape, errors, aspect = classify_shape(weights)
             ys, xs = np.nonzero(comp)
             found.append(
                 DetectedObject(
@@ -170,6 +197,7 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
                     bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
                     area=area,
                     shape_errors=errors,
+                    aspect=aspect,
                 )
             )
     return sorted(found, key=lambda o: -o.area)

@@ -59,11 +59,15 @@ class Scene:
     word_objects: list[tuple[int, str, int]]
 
 
-def coverage(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Fraction of each pixel covered by the shape, (size, size) float32 in [0, 1] (4×4 supersampling)."""
+def coverage(shape: str, cx: float, cy: float, r: float, size: int, aspect: float = 1.0) -> np.ndarray:
+    """Fraction of each pixel covered by the shape, (size, size) float32 in [0, 1] (4×4 supersampling).
+
+    ``aspect`` stretches the shape horizontally about ``cx`` (width × aspect); the renderer draws 1 only, the
+    scene reader fits other values to what a model drew.
+    """
     n = size * _SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
-    x = coords[None, :]
+    x = cx + (coords[None, :] - cx) / aspect
     y = coords[:, None]
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
