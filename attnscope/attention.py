@@ -104,7 +104,7 @@ class _CpuFlashAttention(torch.autograd.Function):
         # Rows whose output gradient is (nearly) zero cannot carry g in the output (g·dO/‖dO‖² would overflow):
         # batch elements with such a row take the extra column instead. Attention is independent per batch
         # element, so the two kinds run as two kernel calls on their own elements.
-        norm2 = grad_out.float().square().sum(-1)
+        norm2 = torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32).square()
         needs_column = ((norm2 < 1e-30) & (grad_lse != 0)).flatten(1).any(dim=1)
         if not needs_column.any():
             return (*_folded_backward(q, k, v, out, lse, grad_out, grad_lse, norm2, ctx.scale), None)
@@ -130,7 +130,7 @@ def _folded_backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor, norm2: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`_CpuFlashAttention`'s backward with the log-sum-exp gradient folded into the output."""
-    shifted = out.float() - (grad_lse.float() / norm2).unsqueeze(-1) * grad_out.float()
+    shifted = torch.addcmul(out.float(), (grad_lse.float() / norm2).unsqueeze(-1), grad_out.float(), value=-1)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, shifted.to(out.dtype), lse, 0.0, False, scale=scale
     )
