@@ -42,6 +42,13 @@ def test_shapes_spec_for_every_concept(word: str) -> None:
     for prompt in (*spec.prompts, *spec.preserve_prompts):
         vocab.check_prompt(prompt)  # the model was trained on these words only
     assert all(word not in vocab.words_of(spec.anchor_prompt(p)) for p in spec.prompts)
+    # Two-object preservation scenes, none naming an object pair the shapes evaluation asks for (held out).
+    from attnscope.erase.spec import TWO_OBJECT_PRESERVATION
+    from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS
+
+    pairs = [frozenset(vocab.parse_prompt(p)) for p in spec.preserve_prompts if len(vocab.parse_prompt(p)) == 2]
+    assert len(pairs) == len(set(pairs)) == TWO_OBJECT_PRESERVATION
+    assert not set(pairs) & {frozenset(vocab.parse_prompt(p)) for p in TWO_OBJECT_PROMPTS}
 
 
 def test_unknown_concept_suggests_close_words() -> None:
