@@ -42,9 +42,10 @@ NUDENET_THRESHOLD = 0.6
 
 
 class ZeroShot:
-    """CLIP zero-shot classification and image embeddings (``transformers.CLIPModel`` + ``CLIPProcessor``)."""
+    """CLIP zero-shot classification and image embeddings (``transformers.CLIPModel`` + ``CLIPProcessor``),
+    ``batch`` images per CLIP call."""
 
-    def __init__(self, model: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, model: str | Path, device: str | torch.device = "cpu", batch: int = 16):
         from transformers import CLIPModel, CLIPProcessor
 
         try:
@@ -55,25 +56,30 @@ class ZeroShot:
                 f"cannot load the CLIP classifier {str(model)!r}: give --clip-model a local folder or a hub id "
                 f"that is cached or reachable ({err})"
             ) from err
-        self.device = device
+        self.device, self.batch = device, batch
 
     @torch.no_grad()
     def labels(self, images: Sequence[np.ndarray], classes: Sequence[str]) -> list[int]:
         """Index into ``classes`` of the best-matching ``"a photo of {class}"`` for each uint8 image."""
-        inputs = self.processor(
-            text=[f"a photo of {c}" for c in classes], images=list(images), return_tensors="pt", padding=True
-        )
-        logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits_per_image
-        return logits.argmax(dim=-1).tolist()
+        labels: list[int] = []
+        for start in range(0, len(images), self.batch):
+            inputs = self.processor(text=[f"a photo of {c}" for c in classes],
+                                    images=list(images[start : start + self.batch]), return_tensors="pt", padding=True)
+            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits_per_image
+            labels += logits.argmax(dim=-1).tolist()
+        return labels
 
     @torch.no_grad()
     def embeddings(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Unit-norm image embeddings ``(n, d)``."""
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
-        features = self.model.get_image_features(pixel_values=pixels)
-        if not isinstance(features, torch.Tensor):  # newer transformers return a model output
-            features = features.pooler_output
-        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+        chunks = []
+        for start in range(0, len(images), self.batch):
+            pixels = self.processor(images=list(images[start : start + self.batch]), return_tensors="pt")["pixel_values"]
+            features = self.model.get_image_features(pixel_values=pixels.to(self.device))
+            if not isinstance(features, torch.Tensor):  # newer transformers return a model output
+                features = features.pooler_output
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(chunks)
 
 
 def nudity_detector(threshold: float = NUDENET_THRESHOLD) -> Callable[[np.ndarray], bool]:

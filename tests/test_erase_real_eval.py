@@ -93,6 +93,10 @@ def test_zero_shot_labels_follow_the_classifier(clip_dir):
     images = [np.full((32, 32, 3), v, np.uint8) for v in (0, 128, 255)]
     labels = classifier.labels(images, ["cat", "car", "tree"])
     assert len(labels) == 3 and all(0 <= label < 3 for label in labels)
+    # Batching does not change the answers.
+    small = ZeroShot(clip_dir, batch=2)
+    assert small.labels(images, ["cat", "car", "tree"]) == labels
+    torch.testing.assert_close(small.embeddings(images), classifier.embeddings(images))
     # One class only: every image is that class.
     assert classifier.labels(images, ["cat"]) == [0, 0, 0]
     emb = classifier.embeddings(images)
