@@ -9,7 +9,7 @@ Both are timed on the same model with the same LoRA and optimizer (``attnscope.e
   step (``batch`` rows in one forward: flow-matching and keep rows, and ``contrastive_rows`` concept rows whose
   attention is captured), as ``attnscope erase`` runs them. Base-model quantities come from the cache, built once (its time is reported separately).
 
-Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
+Plain steps and pairs are timed in alternation. Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,13 +30,15 @@ from attnscope.erase.spec import shapes_spec
 from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model, model_defaults
 
 
-def _median_seconds(step, repeats: int) -> float:
-    times = []
+def _interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step, timed in alternation so that background load hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -61,6 +64,7 @@ def main() -> None:
     cache_seconds = time.perf_counter() - t0
 
     def pair() -> None:
+        trainer.step = 0  # the level follows the step's parity
         trainer.train_step()  # erase (even step)
         trainer.train_step()  # preserve (odd step)
 
@@ -74,9 +78,8 @@ def main() -> None:
 
     plain(), pair()  # warm-up
     trainer.step = 0
-    plain_s = _median_seconds(plain, args.repeats)
-    trainer.step = 0
-    pair_s = _median_seconds(pair, args.repeats)
+    medians = _interleaved_medians({"plain": plain, "pair": pair}, args.repeats)
+    plain_s, pair_s = medians["plain"], medians["pair"]
     result = {
         "model": args.model,
         "batch": args.batch,
