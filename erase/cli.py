@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--lora", type=Path, required=True, help="folder written by `attnscope erase`")
     e.add_argument("--concept", action="append", default=[], help="erased concept(s) (default: the run's spec.yaml)")
     e.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
-    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: 4 on the shapes world, 2 on real models)")
+    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: 16 on the shapes world, 2 on real models)")
     e.add_argument("--clip-model", default=None, help="real models: CLIP zero-shot classifier, hub id or folder "
                    "(default openai/clip-vit-large-patch14)")
     e.add_argument("--device", default="cpu", help="torch device")
@@ -188,7 +188,7 @@ def run_erase(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, read_run
+    from .evaluate import DEFAULT_SEEDS, evaluate, read_run
     from .trainer import is_shapes_model
 
     started = time.perf_counter()
@@ -199,7 +199,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model = args.model or run_model or "shapes"
     if not is_shapes_model(model):
         return _run_real_eval(args, model, started)
-    report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds or 4, out=args.out,
+    report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds or DEFAULT_SEEDS, out=args.out,
                       device=args.device)
     base = report.base
     out = args.out or args.lora / "eval.json"
