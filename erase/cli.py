@@ -1,7 +1,7 @@
 """``attnscope erase`` and ``attnscope eval``, registered through the ``attnscope.commands`` entry-point group.
 
     attnscope erase --concept red --out runs/erase-red            # shapes world, ~2.5 min on 1 CPU thread
-    attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 200 steps per concept
+    attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 300 steps per concept
     attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
     accelerate launch --multi_gpu --num_processes 4 -m attnscope.cli erase ... --device cuda   # data parallel
     attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval.json, eval_grid.png
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_argument("--prompts", type=_semicolons, default=None, help="';'-separated training prompts")
     flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")
     p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', a hub id or a folder")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each (default: 200 per concept)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each (default: 300 per concept)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step (2 of which feed the contrastive loss)")
@@ -142,7 +142,7 @@ def run_erase(args: argparse.Namespace) -> int:
     from .cache import CacheConfig
     from .lora import LoraSettings, default_targets
     from .parallel import DataParallel
-    from .trainer import EraseConfig, LossWeights, NonFiniteLossError, load_model, train
+    from .trainer import STEPS_PER_CONCEPT, EraseConfig, LossWeights, NonFiniteLossError, load_model, train
 
     started = time.perf_counter()
     specs = _specs(args)
@@ -153,7 +153,7 @@ def run_erase(args: argparse.Namespace) -> int:
     config = EraseConfig(
         model=args.model,
         # Each concept gets a share of the erase rows: scale the default with their number.
-        steps=args.steps if args.steps is not None else 200 * len(specs),
+        steps=args.steps if args.steps is not None else STEPS_PER_CONCEPT * len(specs),
         lr=args.lr,
         seed=args.seed,
         batch=args.batch,

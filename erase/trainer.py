@@ -69,6 +69,11 @@ SPEC_FILE = "spec.yaml"
 RUN_FILES = (CHECKPOINT_FILE, CACHE_FILE, RUN_FILE, LOG_FILE, SPEC_FILE, LORA_FILE, "eval.json", "eval_grid.png")
 
 
+#: Default optimizer steps per erased concept (erase and preserve steps count one each). 200 left red in 3.8 % of
+#: the shapes evaluation's erased-prompt images at 16 seeds; 300 left none (benchmarks/RESULTS.md).
+STEPS_PER_CONCEPT = 300
+
+
 class OutputExistsError(FileExistsError):
     """The output folder already holds a run; pass ``overwrite`` (or ``resume``)."""
 
@@ -121,7 +126,7 @@ class EraseConfig:
     """
 
     model: str = "shapes"
-    steps: int = 200
+    steps: int = STEPS_PER_CONCEPT
     lr: float = 1e-3
     seed: int = 0
     batch: int = 8
