@@ -195,10 +195,10 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    run_model, _ = read_run(args.lora) if args.lora.is_dir() else (None, None)
+    run_model, run_specs = read_run(args.lora) if args.lora.is_dir() else (None, None)
     model = args.model or run_model or "shapes"
     if not is_shapes_model(model):
-        return _run_real_eval(args, model, started)
+        return _run_real_eval(args, model, run_specs, started)
     report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds or DEFAULT_SEEDS, out=args.out,
                       device=args.device)
     base = report.base
@@ -213,18 +213,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_real_eval(args: argparse.Namespace, model: str, started: float) -> int:
-    """``attnscope eval`` for a real model: CLIP zero-shot / NudeNet figures (``erase/real_eval.py``)."""
+def _run_real_eval(args: argparse.Namespace, model: str, run_specs: list[Any] | None, started: float) -> int:
+    """``attnscope eval`` for a real model: CLIP zero-shot / NudeNet figures (``erase/real_eval.py``); ``run_specs``
+    are the specs the run folder recorded."""
     from attnscope.pipelines import default_call_kwargs
 
-    from .evaluate import read_run
     from .real_eval import DEFAULT_CLIP_MODEL, DEFAULT_SEEDS, real_eval
     from .spec import resolve_spec
     from .trainer import load_model
 
     if not args.lora.is_dir():
         raise FileNotFoundError(f"{args.lora} does not exist: pass the --out folder of `attnscope erase`")
-    _, run_specs = read_run(args.lora)
     specs = [resolve_spec(c, model) for c in args.concept] if args.concept else run_specs
     if not specs:
         raise ValueError(f"{args.lora} has no spec.yaml: say which concept was erased with --concept")

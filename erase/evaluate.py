@@ -45,7 +45,15 @@ from .lora import check_lora_file, load_lora
 from .spec import ConceptSpec, load_spec, resolve_spec
 from .trainer import LOG_FILE, RUN_FILE, SPEC_FILE, is_shapes_model, load_model
 
-__all__ = ["PROTOCOL_VERSION", "EvalReport", "evaluate", "read_run", "save_comparison_grid", "shapes_prompts"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "EvalReport",
+    "evaluate",
+    "mean_pixel_difference",
+    "read_run",
+    "save_comparison_grid",
+    "shapes_prompts",
+]
 
 PROTOCOL_VERSION = 2  # 2: the scene reader fits each shape's width-to-height ratio
 #: Seeds per prompt. 16: the erased group has 5 prompts, so Acc_e moves in steps of 1/80; with 4 seeds (steps of
@@ -146,6 +154,11 @@ def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple
         mass = float(np.mean(per_image))
     images = [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
     return images, mass
+
+
+def mean_pixel_difference(base: Sequence[np.ndarray], erased: Sequence[np.ndarray]) -> float:
+    """Mean absolute difference (0..1) between paired uint8 images of the base and the erased model."""
+    return float(np.mean([np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255 for a, b in zip(base, erased)]))
 
 
 def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
@@ -284,10 +297,9 @@ def evaluate(
     erased, erased_images = _score_model(pipe, prompts, specs, seeds)
 
     irrelevant = prompts["irrelevant"]
-    pixel_mae = float(np.mean([
-        np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255
-        for p in irrelevant for a, b in zip(base_images[p], erased_images[p])
-    ]))
+    pixel_mae = mean_pixel_difference(
+        [im for p in irrelevant for im in base_images[p]], [im for p in irrelevant for im in erased_images[p]]
+    )
     hist_l1 = float(np.abs(
         _histogram([im for p in irrelevant for im in base_images[p]])
         - _histogram([im for p in irrelevant for im in erased_images[p]])

@@ -125,7 +125,7 @@ def real_eval(
 ) -> dict[str, Any]:
     """Evaluate the LoRA in ``lora_dir`` (erasing ``specs``) on ``pipe`` (the base model, adapter not loaded; it
     is loaded here after the base images). Writes and returns the report (module docstring)."""
-    from .evaluate import GRID_FILE, save_comparison_grid
+    from .evaluate import GRID_FILE, mean_pixel_difference, save_comparison_grid
 
     lora_dir = Path(lora_dir)
     if not specs:
@@ -164,8 +164,7 @@ def real_eval(
             "acc_g": shown(pooled(erased_images, "synonym")) if g["synonym"] else None,
             "acc_ir": float(same_label.mean()),
             "clip_similarity": float(cosine.mean()),
-            "pixel_mae": float(np.mean([np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255
-                                        for a, b in zip(base_ir, erased_ir)])),
+            "pixel_mae": mean_pixel_difference(base_ir, erased_ir),
             "base": {
                 "acc_e": shown(pooled(base_images, "erased")),
                 "acc_g": shown(pooled(base_images, "synonym")) if g["synonym"] else None,
