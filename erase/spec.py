@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,9 @@ def shapes_spec(word: str) -> ConceptSpec:
 TWO_OBJECT_PRESERVATION = 9
 
 
-def _two_object_preservation(irrelevant: list[str], partners: list[str], phrase: Any) -> list[str]:
+def _two_object_preservation(
+    irrelevant: list[str], partners: list[str], phrase: Callable[[str, str], str]
+) -> list[str]:
     """Two-object scenes without the concept in a fixed order: pairs of different objects, then pairs sharing the
     irrelevant word (two greens), then pairs sharing the partner (two circles). Object pairs that the shapes evaluation's two-object prompts
     name are held out, so that its Acc_ir measures preservation on pairs the LoRA never trained on."""
