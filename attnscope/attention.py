@@ -8,11 +8,12 @@ sequence (text and image tokens, in whichever order the architecture uses). What
 i.e. the probability mass each image patch puts on each prompt token, normalized over **all** keys, exactly the
 numbers inside the model's own attention. Two ways to get the softmax denominator (the log-sum-exp over keys):
 
-* :func:`fused_attention_with_lse` asks PyTorch's fused kernel, which computes the log-sum-exp anyway, to return
-  it together with the attention output. The model's output is then that kernel's output (the same kernel SDPA
-  would pick, so bit-identical), and the capture costs one small ``N_img × T`` matmul per head.
-  Under autograd the log-sum-exp is differentiable: on the CPU inside the kernel's own backward
-  (:class:`_CpuFlashAttention`), on CUDA with one more SDPA forward and backward (:class:`_KernelLogSumExp`).
+* :func:`fused_attention_with_text_probs` asks PyTorch's fused kernel, which computes the log-sum-exp anyway, to
+  return it together with the attention output. The model's output is then that kernel's output (the same kernel
+  SDPA would pick, so bit-identical), and the capture costs one small ``N_img × T`` matmul per head. Under
+  autograd on the CPU the probabilities' whole gradient rides in the kernel's own backward
+  (:class:`_CpuFlashTextProbs`); elsewhere :func:`fused_attention_with_lse` gives output and log-sum-exp, and
+  :func:`text_probs_from_lse` makes the log-sum-exp differentiable with one more SDPA forward and backward.
 * :func:`text_probs_chunked` recomputes scores for a chunk of image queries at a time against all keys. Portable
   (any device, any backend, differentiable), peak memory ``B·H·chunk·S`` instead of ``B·H·S²``.
 
@@ -31,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "fused_attention_with_lse",
+    "fused_attention_with_text_probs",
     "text_probs_from_lse",
     "text_probs_chunked",
     "text_probs_reference",
@@ -49,13 +51,13 @@ def fused_attention_with_lse(
     Returns ``None`` when ``F.scaled_dot_product_attention`` would not run a fused kernel that can also return
     the log-sum-exp for these inputs; calling it directly then could change the output, so the caller must fall
     back to the original attention call. When a result is returned, its output is what SDPA would have returned.
+    Under autograd the output is differentiable and the log-sum-exp is not (the kernels' own rule); see
+    :func:`text_probs_from_lse` and :func:`fused_attention_with_text_probs` for probabilities with gradient.
     """
     choice = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
     if q.device.type == "cpu":
         if choice != SDPBackend.FLASH_ATTENTION:
             return None
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _CpuFlashAttention.apply(q, k, v, scale)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse
     # On CUDA, SDPA pads head dims that are not multiples of 8 before its kernels; only the unpadded case is
@@ -71,65 +73,122 @@ def fused_attention_with_lse(
     return None
 
 
-class _CpuFlashAttention(torch.autograd.Function):
-    """CPU flash attention whose output *and* log-sum-exp are differentiable, in one kernel backward.
+def fused_attention_with_text_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    rows: slice,
+    image: slice,
+    text_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention output ``(B, H, S, Dv)`` and text-key probabilities ``(R, H, N, T)`` from one fused kernel call.
 
-    The log-sum-exp's gradient ``g`` adds ``g_i·P_ij`` to the score gradient. The flash backward computes the
-    score gradient as ``P_ij·(dP_ij − D_i)`` with ``D_i = Σ_d dO_id·O_id``, and reads the output ``O`` for
-    nothing else. So handing it ``O_i − g_i·dO_i / ‖dO_i‖²`` in place of ``O_i`` turns ``D_i`` into ``D_i − g_i``,
-    exactly the missing term, at no cost beyond the backward the model's attention needs anyway (each product
-    ``dO_id·δ_id`` has the sign of ``−g_i`` and size at most ``|g_i|``, so the float32 sum is accurate). Rows with no
-    output gradient cannot carry ``g`` that way; then one extra head-dim column — zero in q, k and v, one in the
-    output, ``−g_i`` in its gradient — does the same (a 1/D wider head), for the batch elements that need it.
+    ``rows``: the batch rows to read (``R`` of them), ``image``: the image queries' span of the joint sequence
+    (``N``), ``text_index``: the kept text keys' positions (``T``). Returns ``None`` exactly when
+    :func:`fused_attention_with_lse` does (the caller must fall back to the original call). The probabilities are
+    float32 and differentiable when the inputs are: on the CPU their gradient is computed inside the kernel's own
+    backward (:class:`_CpuFlashTextProbs`), elsewhere through :func:`text_probs_from_lse`.
+    """
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and needs_grad:
+        if SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale)) != SDPBackend.FLASH_ATTENTION:
+            return None
+        return _CpuFlashTextProbs.apply(q, k, v, scale, rows, image, text_index)
+    fused = fused_attention_with_lse(q, k, v, scale)
+    if fused is None:
+        return None
+    out, lse = fused
+    k_rows = k[rows]
+    probs = text_probs_from_lse(q[rows, :, image], k_rows.index_select(-2, text_index), lse[rows, :, image], scale, k_all=k_rows)
+    return out, probs
+
+
+class _CpuFlashTextProbs(torch.autograd.Function):
+    """CPU flash attention that also returns text-key probabilities, with their gradient in one kernel backward.
+
+    ``P_it = exp(s·q_i·k_t − lse_i)``, so a gradient ``G`` on ``P`` is a score gradient ``G⊙P`` on the kept columns
+    (added to ``dq`` and ``dk`` in place, as two small matmuls) plus a log-sum-exp gradient ``g_i = −Σ_t (G⊙P)_it``,
+    which adds ``g_i·P_ij`` to every score gradient. The flash backward computes the score gradient as
+    ``P_ij·(dP_ij − D_i)`` with ``D_i = Σ_d dO_id·O_id``, and reads the output ``O`` for nothing else. So handing it
+    ``O_i − g_i·dO_i / ‖dO_i‖²`` in place of ``O_i`` turns ``D_i`` into ``D_i − g_i``, exactly the missing term, at
+    no cost beyond the backward the model's attention needs anyway (each product ``dO_id·δ_id`` has the sign of
+    ``−g_i`` and size at most ``|g_i|``, so the float32 sum is accurate). Rows with no output gradient cannot carry
+    ``g`` that way; then one extra head-dim column — zero in q, k and v, one in the output, ``−g_i`` in its
+    gradient — does the same (a 1/D wider head), for the batch elements that need it.
+
+    Nothing of shape ``(B, H, S, D)`` is allocated beyond what the kernel's backward returns: no autograd graph
+    through slices of ``q`` and ``k`` (whose backward would zero-fill and add full-size gradients).
     """
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+        rows: slice, image: slice, text_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = _scale(q, scale)
+        k_text = k[rows].index_select(-2, text_index)
+        probs = text_probs_from_lse(q[rows, :, image], k_text, lse[rows, :, image], scale)
+        ctx.save_for_backward(q, k, v, out, lse, probs, text_index)
+        ctx.scale, ctx.rows, ctx.image = _scale(q, scale), rows, image
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out, probs
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    def backward(ctx: Any, grad_out: torch.Tensor | None, grad_probs: torch.Tensor | None) -> tuple[Any, ...]:
+        q, k, v, out, lse, probs, text_index = ctx.saved_tensors
+        rows, image, scale = ctx.rows, ctx.image, ctx.scale
+        kernel_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        if grad_lse is None:
-            dq, dk, dv = backward(grad_out, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
-            return dq, dk, dv, None
+        if grad_probs is None:
+            return (*kernel_backward(grad_out, q, k, v, out, lse, 0.0, False, scale=scale), None, None, None, None)
+        grad_scores = grad_probs.float() * probs  # (R, H, N, T): on the kept columns' scores
+        grad_lse = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
+        grad_lse[rows, :, image] = -grad_scores.sum(dim=-1)
+        dq, dk, dv = _backward_with_lse_gradient(q, k, v, out, lse, grad_out, grad_lse, scale)
+        k_text = k[rows].index_select(-2, text_index).float()
+        dq[rows, :, image] += (scale * torch.matmul(grad_scores, k_text)).to(dq.dtype)
+        grad_k_text = scale * torch.matmul(grad_scores.transpose(-1, -2), q[rows, :, image].float())
+        dk[rows].index_add_(-2, text_index, grad_k_text.to(dk.dtype))
+        return dq, dk, dv, None, None, None, None
 
-        # Rows whose output gradient is (nearly) zero cannot carry g in the output (g·dO/‖dO‖² would overflow):
-        # batch elements with such a row take the extra column instead. Attention is independent per batch
-        # element, so the two kinds run as two kernel calls on their own elements.
-        norm2 = torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32).square()
-        needs_column = ((norm2 < 1e-30) & (grad_lse != 0)).flatten(1).any(dim=1)
-        if not needs_column.any():
-            return (*_folded_backward(q, k, v, out, lse, grad_out, grad_lse, norm2, ctx.scale), None)
-        if needs_column.all():
-            return (*_widened_backward(q, k, v, out, lse, grad_out, grad_lse, ctx.scale), None)
-        folded, widened = torch.nonzero(~needs_column).flatten(), torch.nonzero(needs_column).flatten()
 
-        def elements(index: torch.Tensor) -> list[torch.Tensor]:
-            return [t.index_select(0, index) for t in (q, k, v, out, lse, grad_out, grad_lse)]
+def _backward_with_lse_gradient(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, grad_lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flash backward for output gradient ``grad_out`` and log-sum-exp gradient ``grad_lse`` (see
+    :class:`_CpuFlashTextProbs`): folded into the output, or in an extra column for elements that need one."""
+    # Rows whose output gradient is (nearly) zero cannot carry g in the output (g·dO/‖dO‖² would overflow):
+    # batch elements with such a row take the extra column instead. Attention is independent per batch
+    # element, so the two kinds run as two kernel calls on their own elements.
+    norm2 = torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32).square()
+    needs_column = ((norm2 < 1e-30) & (grad_lse != 0)).flatten(1).any(dim=1)
+    if not needs_column.any():
+        return _folded_backward(q, k, v, out, lse, grad_out, grad_lse, norm2, scale)
+    if needs_column.all():
+        return _widened_backward(q, k, v, out, lse, grad_out, grad_lse, scale)
+    folded, widened = torch.nonzero(~needs_column).flatten(), torch.nonzero(needs_column).flatten()
 
-        grads = [torch.empty_like(t) for t in (q, k, v)]
-        for index, part in (
-            (folded, _folded_backward(*elements(folded), norm2.index_select(0, folded), ctx.scale)),
-            (widened, _widened_backward(*elements(widened), ctx.scale)),
-        ):
-            for grad, value in zip(grads, part):
-                grad.index_copy_(0, index, value)
-        return (*grads, None)
+    def elements(index: torch.Tensor) -> list[torch.Tensor]:
+        return [t.index_select(0, index) for t in (q, k, v, out, lse, grad_out, grad_lse)]
+
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    for index, part in (
+        (folded, _folded_backward(*elements(folded), norm2.index_select(0, folded), scale)),
+        (widened, _widened_backward(*elements(widened), scale)),
+    ):
+        for grad, value in zip(grads, part):
+            grad.index_copy_(0, index, value)
+    return grads[0], grads[1], grads[2]
 
 
 def _folded_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     grad_out: torch.Tensor, grad_lse: torch.Tensor, norm2: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`_CpuFlashAttention`'s backward with the log-sum-exp gradient folded into the output."""
+    """The flash backward with the log-sum-exp gradient folded into the output."""
     shifted = torch.addcmul(out.float(), (grad_lse.float() / norm2).unsqueeze(-1), grad_out.float(), value=-1)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, shifted.to(out.dtype), lse, 0.0, False, scale=scale
@@ -140,7 +199,7 @@ def _widened_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     grad_out: torch.Tensor, grad_lse: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`_CpuFlashAttention`'s backward with the log-sum-exp gradient in an extra head-dim column."""
+    """The flash backward with the log-sum-exp gradient in an extra head-dim column."""
 
     def widen(t: torch.Tensor, column: torch.Tensor | float) -> torch.Tensor:
         extra = column.unsqueeze(-1) if isinstance(column, torch.Tensor) else torch.full_like(t[..., :1], column)
@@ -191,7 +250,7 @@ def text_probs_from_lse(
     q_img ``(B, H, N, D)``, k_text ``(B, H, T, D)``, lse_img ``(B, H, N)`` → ``(B, H, N, T)``. Computed in
     float32 whatever the input dtype: the subtraction of two large numbers is where low precision would hurt.
     Pass ``k_all`` (all keys, ``(B, H, S, D)``) to make the result differentiable through a log-sum-exp that
-    carries no gradient of its own (CUDA kernels; on the CPU :func:`fused_attention_with_lse` returns one that does).
+    carries no gradient of its own (what :func:`fused_attention_with_lse` returns).
     """
     needs_grad = q_img.requires_grad or k_all is not None and k_all.requires_grad
     if k_all is not None and torch.is_grad_enabled() and needs_grad and not lse_img.requires_grad:

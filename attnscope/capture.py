@@ -24,7 +24,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .attention import fused_attention_with_lse, text_probs_chunked, text_probs_from_lse
+from .attention import fused_attention_with_text_probs, text_probs_chunked
 
 if TYPE_CHECKING:
     from .adapters import LayerInfo
@@ -83,14 +83,12 @@ class CaptureSite:
         if plan is None:
             return original()
         image, text_index, rows = plan
-        q_img, k_rows = q[rows, :, image], k[rows]
         if self.trace.path != "chunked" and fused_allowed():
-            fused = fused_attention_with_lse(q, k, v, scale)
+            fused = fused_attention_with_text_probs(q, k, v, scale, rows, image, text_index)
             if fused is not None:
-                out, lse = fused
-                k_text = k_rows.index_select(-2, text_index)
-                probs = text_probs_from_lse(q_img, k_text, lse[rows, :, image], scale, k_all=k_rows)
+                out, probs = fused
                 self.trace.record(self.layer, probs)
+                self.trace.stop_if_done(self.layer)
                 return out
         if self.trace.path == "fused":
             raise RuntimeError(
@@ -98,7 +96,9 @@ class CaptureSite:
                 "log-sum-exp here (attention mask, non-native backend, or unsupported device/dtype); use path='auto'"
             )
         out = original()
-        self.trace.record(self.layer, text_probs_chunked(q_img, k_rows, text_index, scale, self.trace.chunk_size))
+        probs = text_probs_chunked(q[rows, :, image], k[rows], text_index, scale, self.trace.chunk_size)
+        self.trace.record(self.layer, probs)
+        self.trace.stop_if_done(self.layer)
         return out
 
 

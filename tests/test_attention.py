@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from attnscope.attention import (
     fused_attention_with_lse,
+    fused_attention_with_text_probs,
     text_probs_chunked,
     text_probs_from_lse,
     text_probs_reference,
@@ -71,17 +72,19 @@ def test_chunked_is_differentiable_and_matches_full_gradient() -> None:
     torch.testing.assert_close(grad_k, k.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lse_grad", ["kernel", "sdpa"])
+@pytest.mark.parametrize("route", ["kernel", "sdpa"])
 @pytest.mark.parametrize("use_output", ["all_rows", "some_rows", "none"])
 @pytest.mark.parametrize("layout", ["contiguous", "diffusers"])
-def test_fused_path_gradient_matches_full_softmax(lse_grad: str, use_output: str, layout: str) -> None:
-    """The kernel's log-sum-exp is differentiable — inside the CPU kernel's own backward ("kernel"), or through
-    SDPA when it carries no gradient ("sdpa", the CUDA route) — with the definition's gradients. The output's
-    gradient reaches every query row (the log-sum-exp's gradient folds into the output), only some rows of the
-    second batch element (that element takes the extra column, the first folds), or none."""
+def test_fused_path_gradient_matches_full_softmax(route: str, use_output: str, layout: str) -> None:
+    """The fused path's probabilities are differentiable — inside the CPU kernel's own backward ("kernel"), or
+    through one more SDPA forward and backward from a log-sum-exp without gradient ("sdpa", the CUDA route) —
+    with the definition's gradients. The output's gradient reaches every query row (the log-sum-exp's gradient
+    folds into the output), only some rows of the second batch element (that element takes the extra column, the
+    first folds), or none (as when a trace stops the forward after this layer)."""
     q, k, v = (x.contiguous() if layout == "contiguous" else x for x in _qkv(4, b=2, h=2, s=48, d=8))
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     text, image = torch.arange(6), torch.arange(6, 48)
+    kept = torch.tensor([0, 2, 5])
     weights = torch.randn(2, 2, 42, 3, generator=torch.Generator().manual_seed(0))
     out_weights = torch.randn(2, 2, 48, 8, generator=torch.Generator().manual_seed(1))
     if use_output == "some_rows":
@@ -92,15 +95,30 @@ def test_fused_path_gradient_matches_full_softmax(lse_grad: str, use_output: str
     def output_term(out: torch.Tensor) -> torch.Tensor | int:
         return (out * out_weights).sum() if use_output != "none" else 0
 
-    out, lse = fused_attention_with_lse(q, k, v)
-    assert lse.requires_grad
-    if lse_grad == "sdpa":
-        lse = lse.detach()
-    probs = text_probs_from_lse(q[:, :, 6:], k[:, :, :3], lse[:, :, 6:], k_all=k)
+    if route == "kernel":
+        out, probs = fused_attention_with_text_probs(q, k, v, None, slice(0, 2), slice(6, 48), kept)
+    else:
+        out, lse = fused_attention_with_lse(q, k, v)
+        assert not lse.requires_grad
+        probs = text_probs_from_lse(q[:, :, 6:], k.index_select(2, kept), lse[:, :, 6:], k_all=k)
+    assert probs.requires_grad
     ((probs * weights).sum() + output_term(out)).backward()
     grads = q.grad.clone(), k.grad.clone(), v.grad.clone() if v.grad is not None else torch.zeros_like(v)
     q.grad = k.grad = v.grad = None
-    reference = text_probs_reference(q, k, image, text[:3]).float()
+    reference = text_probs_reference(q, k, image, kept).float()
     ((reference * weights).sum() + output_term(F.scaled_dot_product_attention(q, k, v))).backward()
     for got, want in zip(grads, (q.grad, k.grad, v.grad if v.grad is not None else torch.zeros_like(v))):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_text_probs_read_the_asked_rows_and_keep_the_output() -> None:
+    """Probabilities of a batch-row subset equal that subset of the all-rows result; the output is SDPA's."""
+    q, k, v = (x.detach().requires_grad_() for x in _qkv(5, b=3, h=2, s=40, d=8))
+    kept = torch.tensor([1, 3])
+    out, every = fused_attention_with_text_probs(q, k, v, None, slice(0, 3), slice(5, 40), kept)
+    _, tail = fused_attention_with_text_probs(q, k, v, None, slice(1, 3), slice(5, 40), kept)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert tail.shape == (2, 2, 35, 2)
+    torch.testing.assert_close(tail, every[1:])
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert fused_attention_with_text_probs(q, k, v, None, slice(0, 3), slice(5, 40), kept) is None
