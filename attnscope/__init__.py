@@ -13,7 +13,7 @@ from .capture import UnsupportedProcessorError
 from .maps import SelectionError, TokenMaps
 from .pipelines import check_size, load_pipeline
 from .tokens import EmptyPromptError, PromptTokens, UnknownWordError, Word
-from .trace import Trace, TraceError, trace
+from .trace import StopForward, Trace, TraceError, trace
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "LayerInfo",
     "PromptTokens",
     "SelectionError",
+    "StopForward",
     "TokenMaps",
     "Trace",
     "TraceError",

@@ -42,6 +42,12 @@ class TraceError(RuntimeError):
     """A trace was misused (entered twice, nothing captured yet, ...)."""
 
 
+class StopForward(Exception):
+    """Raised inside the model by a ``trace(..., stop=True)`` once the last captured layer of a call is recorded,
+    so that nothing after it runs; the trace's ``with`` block swallows it (code that must stay inside the block,
+    e.g. for a backward pass, catches it itself)."""
+
+
 @dataclass
 class _Generation:
     """Everything captured for one pipeline call (or, for a bare transformer, for the whole trace)."""
@@ -79,6 +85,7 @@ class Trace:
         store_device: str | torch.device = "cpu",
         differentiable: bool = False,
         rows: slice | None = None,
+        stop: bool = False,
     ):
         self.transformer = transformer_of(pipe_or_transformer)
         self.pipe = None if pipe_or_transformer is self.transformer else pipe_or_transformer
@@ -112,6 +119,8 @@ class Trace:
         self.store_device = torch.device(store_device)
         self.differentiable = differentiable
         self.rows = rows
+        self.stop = stop
+        self._last_index = max((layer.index for layer in self.layers), default=-1)
 
         self.generations: list[_Generation] = []
         self._taken: list[dict[str, torch.Tensor]] = []
@@ -156,9 +165,10 @@ class Trace:
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> bool:
         self._uninstall()
         self._active = False
+        return exc_type is not None and issubclass(exc_type, StopForward)
 
     def _uninstall(self) -> None:
         if self._saved_processors is not None:
@@ -298,6 +308,12 @@ class Trace:
             else:
                 gen.records[branch].setdefault(self._step, {})[layer.index] = part
 
+    def stop_if_done(self, layer: LayerInfo) -> None:
+        """With ``stop=True``: end the forward once ``layer``, the last captured one, has been recorded."""
+        # A backward that recomputes checkpointed blocks must run them to the end: never stop it.
+        if self.stop and layer.index == self._last_index and torch._C._current_graph_task_id() == -1:
+            raise StopForward(f"trace(stop=True) ended the forward after {layer.label}")
+
     def _select_heads(self, probs: torch.Tensor) -> torch.Tensor:
         if self.heads == "mean":
             return probs.mean(dim=1)
@@ -418,8 +434,11 @@ def trace(pipe_or_transformer: Any, **options: Any) -> Trace:
         differentiable: keep the autograd graph; results come from :meth:`Trace.take` (used by erasure).
         rows: capture only these batch rows of each transformer call (a contiguous slice; default all rows of
             the kept branch), for a batch where only some rows need maps; the others pay nothing.
+        stop: end each transformer call right after the last captured layer (raising :class:`StopForward`, which
+            the ``with`` block swallows): for calls whose output is not needed, only their maps — the layers
+            after the last captured one never run. A pipeline call is abandoned at its first captured step.
     """
     return Trace(pipe_or_transformer, **options)
 
 
-__all__ = ["Trace", "TraceError", "trace"]
+__all__ = ["StopForward", "Trace", "TraceError", "trace"]

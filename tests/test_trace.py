@@ -29,6 +29,18 @@ def _run(pipe, call: dict, prompt: str = PROMPT, seed: int = 0, **extra) -> np.n
     return pipe(prompt, generator=generator, output_type="np", **{**call, **extra}).images
 
 
+def _transformer_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
+    n_txt, gen = 8, torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, 64, transformer.config.in_channels, generator=gen),
+        encoder_hidden_states=torch.randn(batch, n_txt, transformer.config.joint_attention_dim, generator=gen),
+        pooled_projections=torch.zeros(batch, transformer.config.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3),
+        txt_ids=torch.zeros(n_txt, 3),
+    )
+
+
 def _processors(pipe) -> dict:
     return dict(pipe.transformer.attn_processors)
 
@@ -256,16 +268,7 @@ def test_rows_captures_a_subset_of_the_batch_at_the_same_values() -> None:
     """``rows=`` captures only some batch rows (a batch mixing rows that need maps with rows that do not): the
     maps are those rows' maps from an all-rows capture, and the model's output is unchanged."""
     transformer = build_tiny_flux_pipeline(seed=3).transformer
-    n_img, n_txt, batch = 64, 8, 4
-    gen = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(batch, n_img, transformer.config.in_channels, generator=gen),
-        encoder_hidden_states=torch.randn(batch, n_txt, transformer.config.joint_attention_dim, generator=gen),
-        pooled_projections=torch.zeros(batch, transformer.config.pooled_projection_dim),
-        timestep=torch.full((batch,), 0.5),
-        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3),
-        txt_ids=torch.zeros(n_txt, 3),
-    )
+    inputs = _transformer_inputs(transformer, batch=4)
     with torch.no_grad():
         plain = transformer(**inputs).sample
         with attnscope.trace(transformer, differentiable=True, positions=[1, 2]) as everything:
@@ -279,6 +282,58 @@ def test_rows_captures_a_subset_of_the_batch_at_the_same_values() -> None:
         torch.testing.assert_close(part[label], probs[2:])
     with pytest.raises(ValueError, match="contiguous slice"):
         attnscope.trace(transformer, rows=[0, 2])
+
+
+def test_stop_ends_the_forward_after_the_last_captured_layer(flux) -> None:
+    """``stop=True``: the maps are those of a full run, nothing after the last captured layer runs, and the
+    ``with`` block swallows the StopForward (processors and hooks restored)."""
+    transformer = flux.transformer
+    inputs = _transformer_inputs(transformer)
+    ran: list[str] = []
+    hooks = [block.register_forward_pre_hook(lambda module, args, name=f"double.{i}": ran.append(name))
+             for i, block in enumerate(transformer.transformer_blocks)]
+    hooks += [block.register_forward_pre_hook(lambda module, args, name=f"single.{i}": ran.append(name))
+              for i, block in enumerate(transformer.single_transformer_blocks)]
+    before = _processors(flux)
+    try:
+        with torch.no_grad():
+            with attnscope.trace(transformer, positions=[1, 2], layers=[0, 1], reduce_steps=True) as full:
+                transformer(**inputs)
+            ran_full, ran[:] = list(ran), []
+            with attnscope.trace(transformer, positions=[1, 2], layers=[0, 1], reduce_steps=True, stop=True) as stopped:
+                transformer(**inputs)
+                pytest.fail("the forward should have ended at double.1")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran_full[-1].startswith("single") and ran == ["double.0", "double.1"]
+    torch.testing.assert_close(stopped.maps().data, full.maps().data, atol=0, rtol=0)
+    assert _processors(flux) == before and not transformer._forward_pre_hooks
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stopped_differentiable_trace_has_the_full_runs_gradient(checkpointing: bool) -> None:
+    """A loss on the maps has the same parameter gradient whether the forward stops after the last captured
+    layer or runs to the end (the output then carries no gradient), with and without gradient checkpointing."""
+    transformer = build_tiny_flux_pipeline(seed=4).transformer
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    inputs = _transformer_inputs(transformer, seed=1)
+    weight = transformer.transformer_blocks[0].attn.add_k_proj.weight
+    grads = []
+    for stop in (False, True):
+        weight.grad = None
+        with attnscope.trace(transformer, differentiable=True, positions=[1, 3], layers="double", stop=stop) as tr:
+            try:
+                transformer(**inputs)
+            except attnscope.StopForward:
+                assert stop
+            (call,) = tr.take()
+            sum((p * (i + 1)).sum() for i, p in enumerate(call.values())).backward()
+        grads.append(weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- bad input
