@@ -6,8 +6,9 @@ Both are timed on the same model with the same LoRA and optimizer (``attnscope.e
 
 * plain: flow-matching loss on ``batch`` noised base-model samples, forward + backward + AdamW step, no capture;
 * pair: the erase step (``batch`` concept rows: ESD + differentiable attention capture) followed by the preserve
-  step (``batch`` rows in one forward: flow-matching and keep rows, and ``contrastive_rows`` concept rows whose
-  attention is captured), as ``attnscope erase`` runs them. Base-model quantities come from the cache, built once (its time is reported separately).
+  step (``batch`` rows: a forward of the flow-matching and keep rows, and one of the ``contrastive_rows`` concept
+  rows that stops after the last captured attention layer), as ``attnscope erase`` runs them. Base-model
+  quantities come from the cache, built once (its time is reported separately).
 
 Plain steps and pairs are timed in alternation. Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
 """

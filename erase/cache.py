@@ -108,19 +108,19 @@ def maps_forward(
     text_ids: torch.Tensor,
     positions: Sequence[int],
     layers: Any = "double",
-) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, ...]]:
-    """Velocity and the image→text attention maps of ``positions`` in ``layers``, differentiable.
+) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """The image→text attention maps of ``positions`` in ``layers``, differentiable; the forward stops after the
+    last of ``layers`` (nothing after it is needed).
 
-    Returns ``v (B, N, C)``, one ``(B, N, T)`` map per layer (heads averaged, softmax over all keys) and the kept
-    positions (sorted, ``T`` of them). Under ``torch.no_grad()`` the maps simply carry no graph.
+    Returns one ``(B, N, T)`` map per layer (heads averaged, softmax over all keys) and the kept positions
+    (sorted, ``T`` of them). Under ``torch.no_grad()`` the maps simply carry no graph.
     """
     import attnscope
 
     keep = tuple(sorted(set(positions)))
-    with attnscope.trace(transformer, differentiable=True, positions=keep, layers=layers) as tr:
-        v = call.velocity(transformer, x, sigma, embeds, pooled, text_ids)
-        calls = tr.take()
-    return v, list(calls[-1].values()), keep
+    with attnscope.trace(transformer, differentiable=True, positions=keep, layers=layers, stop=True) as tr:
+        call.velocity(transformer, x, sigma, embeds, pooled, text_ids)
+    return list(tr.take()[-1].values()), keep
 
 
 def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str) -> str:
@@ -216,7 +216,7 @@ def build_cache(
             positions = [bank.positions(p, w) for p, w in zip(rows, row_words)]
             embeds, pooled = bank.get(rows)
             owner_t = torch.tensor(owner)
-            _, maps, keep = maps_forward(
+            maps, keep = maps_forward(
                 call, transformer, xb[owner_t], sb[owner_t], embeds, pooled, bank.text_ids,
                 [p for ps in positions for p in ps], layers,
             )

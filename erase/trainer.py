@@ -6,9 +6,10 @@ else — flow matching on base-model samples of irrelevant prompts plus the reve
 ``schedule="alternate"`` alternates them (official code: even steps erase, odd steps preserve);
 ``schedule="joint"`` takes both levels' weighted sum in every step (gradients of both accumulate).
 
-A step only runs the adapted model (one forward/backward of ``batch`` rows per level: the erase rows; the
-flow-matching, keep and contrastive rows); base-model quantities come from the :class:`~erase.cache.EraseCache` built once
-at the start.
+A step only runs the adapted model on ``batch`` rows per level — the erase rows in one forward/backward; the
+flow-matching and keep rows in one, and the contrastive rows in a second that stops after the last layer whose
+attention the loss reads (``trace(stop=True)``) — and base-model quantities come from the
+:class:`~erase.cache.EraseCache` built once at the start.
 
 Output folder (``out``): ``checkpoint.pt`` (atomic: LoRA, optimizer, step, RNG, log), ``cache.pt``,
 ``run.json`` (config + specs, fixed at the first start), and at the end ``pytorch_lora_weights.safetensors``,
@@ -116,8 +117,8 @@ class EraseConfig:
     """Everything that determines a run (recorded in ``run.json``; a resumed run must match it).
 
     ``batch``: rows per erase step and per preserve step; ``contrastive_rows`` of a preserve step's rows are
-    concept points for the contrastive loss, ``keep_rows`` keep points for the keep loss, the rest flow-matching
-    rows. ``height``/``width``/
+    concept points for the contrastive loss (run only up to the last of ``attention_layers``), ``keep_rows`` keep
+    points for the keep loss, the rest flow-matching rows. ``height``/``width``/
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
     layers the attention and contrastive losses read (trace ``layers`` selector). The device is the pipeline's.
     ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
@@ -304,31 +305,35 @@ class Trainer:
         x: torch.Tensor,
         sigma: torch.Tensor,
         prompts: list[str],
-        losses_of: Callable[[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None], dict[str, torch.Tensor]],
+        losses_of: Callable[[torch.Tensor | None, list[torch.Tensor] | None, torch.Tensor | None], dict[str, torch.Tensor]],
         concept_words: list[str] | None = None,
+        maps_only: bool = False,
     ) -> dict[str, float]:
         """One forward of the adapted model on cached rows, its losses, and their weighted backward.
 
-        With ``concept_words`` (one per row of the *last* ``len(concept_words)`` rows) the forward runs inside a
-        differentiable trace of those rows' concept columns — the other rows pay no capture — and ``losses_of``
-        gets their maps ``(R, N, T)`` per layer and the ``(R, T)`` column mask. The backward runs *inside* the
-        trace: with gradient checkpointing the blocks are recomputed during backward and must see the same
-        capture processors as in the forward. Raises NonFiniteLossError before any backward of a bad loss.
+        With ``concept_words`` (one per row) the forward runs inside a differentiable trace of each row's concept
+        columns and ``losses_of(v, maps, columns)`` gets their maps ``(B, N, T)`` per layer and the ``(B, T)``
+        column mask; with ``maps_only`` as well, the forward ends after the last traced layer (``v`` is None):
+        rows that feed only map losses never run the layers after it. The backward runs *inside* the trace: with
+        gradient checkpointing the blocks are recomputed during backward and must see the same capture processors
+        as in the forward. Raises NonFiniteLossError before the backward of a bad loss.
         """
         device, dtype = self.transformer.device, self.transformer.dtype
         x, sigma = x.to(device, dtype), sigma.to(device)
         embeds, pooled = self.bank.get(prompts)
         with contextlib.ExitStack() as stack:
-            maps = columns = None
+            maps = columns = v = None
             if concept_words:
-                first = len(prompts) - len(concept_words)
-                rows = self._positions(prompts[first:], concept_words)
+                rows = self._positions(prompts, concept_words)
                 keep = tuple(sorted({q for r in rows for q in r}))
                 tracer = stack.enter_context(attnscope.trace(
                     self.transformer, differentiable=True, positions=keep, layers=self.config.attention_layers,
-                    rows=slice(first, None),
+                    stop=maps_only,
                 ))
-            v = self.call.velocity(self.transformer, x, sigma, embeds, pooled, self.bank.text_ids)
+            try:
+                v = self.call.velocity(self.transformer, x, sigma, embeds, pooled, self.bank.text_ids)
+            except attnscope.StopForward:
+                pass
             if concept_words:
                 maps = list(tracer.take()[-1].values())
                 columns = column_mask(keep, rows, device)
@@ -363,9 +368,9 @@ class Trainer:
         return self._backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], erase_losses, words)
 
     def _preserve_step(self) -> dict[str, float]:
-        """Flow matching on noised preservation samples, the keep loss on ``keep_rows`` keep points and the
-        contrastive loss on ``contrastive_rows`` concept points, ``batch`` rows in one forward (captured on the
-        contrastive rows only)."""
+        """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one
+        forward), and the contrastive loss on ``contrastive_rows`` concept points (a second forward that stops after
+        the last layer whose maps it reads): ``batch`` rows in all."""
         c, w, device = self.cache, self.config.weights, self.transformer.device
         n_contrastive = self.config.contrastive_rows if w.contrastive > 0 else 0
         room = max(self.config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
@@ -387,25 +392,33 @@ class Trainer:
             if n_flow:
                 values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
             if n_keep:
-                values["keep"] = losses.velocity_matching_loss(v[n_flow : n_flow + n_keep], c.keep_v[keep].to(device))
-            if n_contrastive:
-                values["contrastive"] = losses.contrastive_loss(
-                    losses.attention_features(maps, columns),
-                    c.positives[concept].to(device),
-                    c.negatives[concept].to(device),
-                    self.config.tau,
-                    c.positive_mask[concept].to(device),
-                    c.negative_mask[concept].to(device),
-                )
+                values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
             return values
 
-        return self._backward_group(
-            torch.cat([x_t, c.keep_x[keep], c.x[concept]]),
-            torch.cat([t, c.keep_sigma[keep], c.sigma[concept]]),
-            [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep] + [c.prompts[i] for i in concept],
-            preserve_losses,
-            [c.words[i] for i in concept] if n_contrastive else None,
-        )
+        def contrastive_losses(v, maps, columns):
+            return {"contrastive": losses.contrastive_loss(
+                losses.attention_features(maps, columns),
+                c.positives[concept].to(device),
+                c.negatives[concept].to(device),
+                self.config.tau,
+                c.positive_mask[concept].to(device),
+                c.negative_mask[concept].to(device),
+            )}
+
+        values: dict[str, float] = {}
+        if n_flow or n_keep:
+            values |= self._backward_group(
+                torch.cat([x_t, c.keep_x[keep]]),
+                torch.cat([t, c.keep_sigma[keep]]),
+                [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
+                preserve_losses,
+            )
+        if n_contrastive:
+            values |= self._backward_group(
+                c.x[concept], c.sigma[concept], [c.prompts[i] for i in concept], contrastive_losses,
+                [c.words[i] for i in concept], maps_only=True,
+            )
+        return values
 
     def level(self, step: int) -> str:
         if self.config.schedule == "joint":

@@ -19,6 +19,8 @@ from attnscope.erase.trainer import (
     NonFiniteLossError,
     OutputExistsError,
     ResumeMismatchError,
+    Trainer,
+    model_defaults,
     train,
 )
 from diffusers import FluxPipeline
@@ -114,7 +116,7 @@ def test_attention_loss_lowers_concept_attention_in_the_model(tmp_path) -> None:
 
     def mass() -> float:
         with torch.no_grad():
-            _, maps, keep = maps_forward(call, pipe.transformer, x, sigma, embeds, pooled, bank.text_ids, positions)
+            maps, keep = maps_forward(call, pipe.transformer, x, sigma, embeds, pooled, bank.text_ids, positions)
         return float(losses.attention_loss(maps, torch.ones(1, len(keep), dtype=torch.bool)))
 
     before = mass()
@@ -123,6 +125,31 @@ def test_attention_loss_lowers_concept_attention_in_the_model(tmp_path) -> None:
     with base_model(pipe.transformer):
         assert mass() == pytest.approx(before)
     assert after < 0.9 * before
+
+
+def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> None:
+    """A preserve step is one full forward of its flow-matching and keep rows and one of its contrastive rows that
+    ends after the last double-stream attention (the only maps the loss reads): the single-stream blocks see the
+    batch without the contrastive rows; an erase step runs all its rows through every block."""
+    pipe = small_shapes_pipeline()
+    config = _config(**model_defaults("shapes", pipe))
+    trainer = Trainer(pipe, [shapes_spec("red")], config, tmp_path)
+    trainer.prepare_cache(None)
+    calls: dict[str, list[int]] = {"double": [], "single": []}
+    hooks = [
+        pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: calls["double"].append(kwargs["hidden_states"].shape[0]), with_kwargs=True),
+        pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: calls["single"].append(kwargs["hidden_states"].shape[0]), with_kwargs=True),
+    ]
+    try:
+        erase, preserve = trainer.train_step(), trainer.train_step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {"esd", "attention"} == set(erase) and {"flow", "keep", "contrastive"} == set(preserve)
+    rows, contrastive = config.batch, config.contrastive_rows
+    assert calls == {"double": [rows, rows - contrastive, contrastive], "single": [rows, rows - contrastive]}
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(red_run, tmp_path) -> None:
