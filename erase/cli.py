@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="write checkpoint.pt every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward (large models)")
     p.add_argument("--device", default="cpu", help="torch device; on cuda the model runs in bf16 (LoRA in fp32)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for the tiny shapes model on a busy machine (same count needed for a bit-identical resume)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 is faster on a machine busy with other jobs; a bit-identical resume needs the same count)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", type=Path, default=Path("runs/erase"), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--clip-model", default=None, help="real models: CLIP zero-shot classifier, hub id or folder "
                    "(default openai/clip-vit-large-patch14)")
     e.add_argument("--device", default="cpu", help="torch device")
-    e.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny shapes model on a busy machine)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 is faster on a machine busy with other jobs)")
     e.add_argument("--out", type=Path, default=None, help="JSON report path (default: LORA/eval.json)")
     e.set_defaults(run=run_eval)
 
@@ -194,7 +194,8 @@ def run_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run_model, run_specs = read_run(args.lora) if args.lora.is_dir() else (None, None)
     model = args.model or run_model or "shapes"
     if not is_shapes_model(model):

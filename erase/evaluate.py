@@ -171,8 +171,10 @@ def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _score_model(
-    pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int
+    pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int, label: str
 ) -> tuple[ModelScores, dict[str, list[np.ndarray]]]:
+    from tqdm import tqdm
+
     from attnscope.shapes.metrics import score_image
     from attnscope.shapes.reader import read_scene
     from attnscope.shapes.vocabulary import canonical, words_of
@@ -183,22 +185,23 @@ def _score_model(
     hits: dict[str, list[bool]] = {"erased": [], "synonym": [], "irrelevant": []}
     masses: dict[str, list[float]] = {"erased": [], "synonym": []}
     attributes: dict[str, list[bool]] = {"color": [], "shape": []}
-    for group, group_prompts in prompts.items():
-        for prompt in group_prompts:
-            words = [w for w in words_of(prompt) if group != "irrelevant" and _canonical_or_none(w, canonical) in concepts]
-            imgs, mass = _generate(pipe, prompt, seeds, words)
-            images[prompt] = imgs
-            detected = [read_scene(im) for im in imgs]
-            if group == "irrelevant":
-                scores = [score_image(prompt, d) for d in detected]
-                ok = [all(s["color_hits"]) and all(s["shape_hits"]) for s in scores]
-                for kind in ("color", "shape"):
-                    attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
-            else:
-                ok = [_shows(d, concepts) for d in detected]
-                masses[group].append(mass)
-            hits[group] += ok
-            per_prompt[prompt] = {"group": group, "rate": float(np.mean(ok)), **({"attention_mass": mass} if mass is not None else {})}
+    jobs = [(group, prompt) for group, group_prompts in prompts.items() for prompt in group_prompts]
+    # disable=None: a bar on a terminal, nothing in logs and tests
+    for group, prompt in tqdm(jobs, desc=f"{label} ({seeds} seeds per prompt)", unit="prompt", leave=False, disable=None):
+        words = [w for w in words_of(prompt) if group != "irrelevant" and _canonical_or_none(w, canonical) in concepts]
+        imgs, mass = _generate(pipe, prompt, seeds, words)
+        images[prompt] = imgs
+        detected = [read_scene(im) for im in imgs]
+        if group == "irrelevant":
+            scores = [score_image(prompt, d) for d in detected]
+            ok = [all(s["color_hits"]) and all(s["shape_hits"]) for s in scores]
+            for kind in ("color", "shape"):
+                attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
+        else:
+            ok = [_shows(d, concepts) for d in detected]
+            masses[group].append(mass)
+        hits[group] += ok
+        per_prompt[prompt] = {"group": group, "rate": float(np.mean(ok)), **({"attention_mass": mass} if mass is not None else {})}
     rate = {g: float(np.mean(v)) if v else float("nan") for g, v in hits.items()}
     return (
         ModelScores(
@@ -292,9 +295,9 @@ def evaluate(
     pipe.set_progress_bar_config(disable=True)
     check_lora_file(pipe, lora_dir)  # before spending minutes on base images
     prompts = shapes_prompts(specs)
-    base, base_images = _score_model(pipe, prompts, specs, seeds)
+    base, base_images = _score_model(pipe, prompts, specs, seeds, "base model")
     load_lora(pipe, lora_dir)
-    erased, erased_images = _score_model(pipe, prompts, specs, seeds)
+    erased, erased_images = _score_model(pipe, prompts, specs, seeds, "with the LoRA")
 
     irrelevant = prompts["irrelevant"]
     pixel_mae = mean_pixel_difference(
