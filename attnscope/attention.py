@@ -117,8 +117,8 @@ class _CpuFlashTextProbs(torch.autograd.Function):
     ``g`` that way; then one extra head-dim column — zero in q, k and v, one in the output, ``−g_i`` in its
     gradient — does the same (a 1/D wider head), for the batch elements that need it.
 
-    Nothing of shape ``(B, H, S, D)`` is allocated beyond what the kernel's backward returns: no autograd graph
-    through slices of ``q`` and ``k`` (whose backward would zero-fill and add full-size gradients).
+    The probabilities get no autograd graph of their own: one through slices of ``q`` and ``k`` would zero-fill
+    and add full ``(B, H, S, D)`` gradients at every captured layer.
     """
 
     @staticmethod
