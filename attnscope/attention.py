@@ -43,6 +43,11 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
+def _sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> SDPBackend:
+    """The kernel ``F.scaled_dot_product_attention`` would run for these inputs (no mask, no dropout)."""
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
+
+
 def fused_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -54,7 +59,7 @@ def fused_attention_with_lse(
     Under autograd the output is differentiable and the log-sum-exp is not (the kernels' own rule); see
     :func:`text_probs_from_lse` and :func:`fused_attention_with_text_probs` for probabilities with gradient.
     """
-    choice = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
+    choice = _sdpa_choice(q, k, v, scale)
     if q.device.type == "cpu":
         if choice != SDPBackend.FLASH_ATTENTION:
             return None
@@ -92,7 +97,7 @@ def fused_attention_with_text_probs(
     """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and needs_grad:
-        if SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale)) != SDPBackend.FLASH_ATTENTION:
+        if _sdpa_choice(q, k, v, scale) != SDPBackend.FLASH_ATTENTION:
             return None
         return _CpuFlashTextProbs.apply(q, k, v, scale, rows, image, text_index)
     fused = fused_attention_with_lse(q, k, v, scale)
@@ -129,14 +134,14 @@ class _CpuFlashTextProbs(torch.autograd.Function):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         k_text = k[rows].index_select(-2, text_index)
         probs = text_probs_from_lse(q[rows, :, image], k_text, lse[rows, :, image], scale)
-        ctx.save_for_backward(q, k, v, out, lse, probs, text_index)
+        ctx.save_for_backward(q, k, v, out, lse, probs, k_text, text_index)
         ctx.scale, ctx.rows, ctx.image = _scale(q, scale), rows, image
         ctx.set_materialize_grads(False)
         return out, probs
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor | None, grad_probs: torch.Tensor | None) -> tuple[Any, ...]:
-        q, k, v, out, lse, probs, text_index = ctx.saved_tensors
+        q, k, v, out, lse, probs, k_text, text_index = ctx.saved_tensors
         rows, image, scale = ctx.rows, ctx.image, ctx.scale
         kernel_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         if grad_out is None:
@@ -147,8 +152,7 @@ class _CpuFlashTextProbs(torch.autograd.Function):
         grad_lse = torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)
         grad_lse[rows, :, image] = -grad_scores.sum(dim=-1)
         dq, dk, dv = _backward_with_lse_gradient(q, k, v, out, lse, grad_out, grad_lse, scale)
-        k_text = k[rows].index_select(-2, text_index).float()
-        dq[rows, :, image] += (scale * torch.matmul(grad_scores, k_text)).to(dq.dtype)
+        dq[rows, :, image] += (scale * torch.matmul(grad_scores, k_text.float())).to(dq.dtype)
         grad_k_text = scale * torch.matmul(grad_scores.transpose(-1, -2), q[rows, :, image].float())
         dk[rows].index_add_(-2, text_index, grad_k_text.to(dk.dtype))
         return dq, dk, dv, None, None, None, None

@@ -88,7 +88,6 @@ class CaptureSite:
             if fused is not None:
                 out, probs = fused
                 self.trace.record(self.layer, probs)
-                self.trace.stop_if_done(self.layer)
                 return out
         if self.trace.path == "fused":
             raise RuntimeError(
@@ -96,9 +95,7 @@ class CaptureSite:
                 "log-sum-exp here (attention mask, non-native backend, or unsupported device/dtype); use path='auto'"
             )
         out = original()
-        probs = text_probs_chunked(q[rows, :, image], k[rows], text_index, scale, self.trace.chunk_size)
-        self.trace.record(self.layer, probs)
-        self.trace.stop_if_done(self.layer)
+        self.trace.record(self.layer, text_probs_chunked(q[rows, :, image], k[rows], text_index, scale, self.trace.chunk_size))
         return out
 
 

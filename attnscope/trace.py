@@ -289,13 +289,20 @@ class Trace:
         return self.adapter.image_span(self._ctx, q.shape[-2]), self._text_index[q.device], self._rows
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> None:
-        """Store ``probs`` ``(rows, H, N_img, T_kept)`` from ``layer`` for the current call."""
-        if self.differentiable:
-            # Gradient checkpointing re-runs blocks inside backward(): those recomputations are not new calls.
-            if torch._C._current_graph_task_id() != -1:
-                return
-            self._taken[-1][layer.label] = self._select_heads(probs)
+        """Store ``probs`` ``(rows, H, N_img, T_kept)`` from ``layer`` for the current call; with ``stop=True``,
+        then end the forward (StopForward) if ``layer`` is the last captured one."""
+        # Gradient checkpointing re-runs blocks inside backward(): those recomputations are not new calls, and
+        # must run their blocks to the end.
+        if torch._C._current_graph_task_id() != -1 and (self.differentiable or self.stop):
             return
+        if self.differentiable:
+            self._taken[-1][layer.label] = self._select_heads(probs)
+        else:
+            self._store(layer, probs)
+        if self.stop and layer.index == self._last_index:
+            raise StopForward(f"trace(stop=True) ended the forward after {layer.label}")
+
+    def _store(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         probs = self._select_heads(probs)
         probs = probs.detach().to(self.store_device, torch.float32)
         gen = self.generations[-1]
@@ -307,12 +314,6 @@ class Trace:
                 gen.summed_steps[branch].add(self._step)
             else:
                 gen.records[branch].setdefault(self._step, {})[layer.index] = part
-
-    def stop_if_done(self, layer: LayerInfo) -> None:
-        """With ``stop=True``: end the forward once ``layer``, the last captured one, has been recorded."""
-        # A backward that recomputes checkpointed blocks must run them to the end: never stop it.
-        if self.stop and layer.index == self._last_index and torch._C._current_graph_task_id() == -1:
-            raise StopForward(f"trace(stop=True) ended the forward after {layer.label}")
 
     def _select_heads(self, probs: torch.Tensor) -> torch.Tensor:
         if self.heads == "mean":
