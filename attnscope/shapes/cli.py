@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--uniform-t", type=float, default=None, help="fraction of noise levels drawn uniformly "
                     "instead of logit-normal, for more training at the high noise where layouts form (default 0 for "
                     "a new run; on --resume: unchanged unless given)")
+    tr.add_argument("--grounding", type=float, default=None, help="weight of the token grounding loss on the "
+                    "captured attention (0 for a new run; unchanged on --resume; see shapes/grounding.py)")
+    tr.add_argument("--grounding-layers", default=_DEFAULTS.grounding_layers, help="layers the grounding loss "
+                    "supervises: a trace layer selector such as double, single, all (default %(default)s)")
+    tr.add_argument("--init-from", default=None, metavar="FOLDER", help="fine-tune an exported model (e.g. "
+                    "attnscope/shapes/weights) instead of training from scratch")
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
@@ -68,6 +74,9 @@ def _train(args: argparse.Namespace) -> int:
         cooldown=args.cooldown,
         caption_dropout=args.caption_dropout,
         uniform_t=args.uniform_t,
+        grounding=args.grounding,
+        grounding_layers=args.grounding_layers,
+        init_from=args.init_from,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,

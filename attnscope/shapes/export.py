@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import bundled_path
-from .train import load_checkpoint_pipeline
+from .train import load_checkpoint_pipeline, train_command
 
 #: Upper bound on the committed weights (bytes), as the repository promises.
 MAX_BUNDLE_BYTES = 20 * 1024 * 1024
@@ -25,7 +25,8 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
     """Write the checkpoint's pipeline (EMA weights, safetensors) to ``to`` (default: ``bundled_path()``).
 
     The folder is built next to the target and swapped in by renames, so readers never see a half-written
-    bundle. ``training.json`` in the folder records the step, wall time, config and ``extra_info``.
+    bundle. ``training.json`` in the folder records the step, wall time, config, the command, the record of the
+    model a fine-tune started from (``fine_tuned_from``) and ``extra_info``.
 
     Raises:
         ValueError: if the result exceeds MAX_BUNDLE_BYTES (the previous folder is kept).
@@ -40,15 +41,12 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
         pipe.save_pretrained(tmp, safe_serialization=True)
         cfg = state["config"]
         info = {
-            "command": (
-                f"attnscope shapes train --out {cfg['out']} --minutes {cfg['minutes']:g} --seed {cfg['seed']} "
-                f"--batch {cfg['batch']} --lr {cfg['lr']:g} --vae-steps {cfg['vae_steps']} --threads {cfg['threads']}"
-            ),
+            "command": train_command(cfg),
             "step": state["step"],
             "train_minutes": round(state["elapsed"] / 60, 2),
             "config": cfg,
             "vae": {k: state["vae_config"][k] for k in ("scaling_factor", "shift_factor")},
-        } | (extra_info or {})
+        } | ({"fine_tuned_from": state["parent"]} if state.get("parent") else {}) | (extra_info or {})
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
         size = folder_bytes(tmp)
         if size > MAX_BUNDLE_BYTES:

@@ -9,7 +9,11 @@ Two stages, both on scenes rendered on the fly:
    ``caption_dropout`` of captions emptied (for
    classifier-free guidance), AdamW at constant LR after a warm-up and before a cool-down over the
    last 15 % of the time budget, and an EMA of the weights that is what gets exported. Constant LR + EMA keeps
-   every intermediate checkpoint usable.
+   every intermediate checkpoint usable. With ``grounding`` > 0, the token grounding loss (``grounding.py``) on
+   the captured attention of ``grounding_layers`` is added with that weight.
+
+``--init-from FOLDER`` starts stage 2 from the weights of an exported model (e.g. the bundled one) instead of
+training the VAE and a fresh transformer: a fine-tune with a fresh optimizer.
 
 Checkpoints (``OUT/ckpt.pt``: weights, EMA, optimizer, RNG, step, wall time) are written to a temporary file and
 renamed, so a kill at any moment leaves the previous checkpoint intact; ``--resume`` continues from it with the
@@ -34,6 +38,10 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from tqdm import tqdm
 from transformers import T5EncoderModel, T5Tokenizer
 
+import attnscope
+from attnscope.tokens import t5_tokens
+
+from .grounding import grounding_loss, grounding_targets
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
@@ -74,6 +82,10 @@ class TrainConfig:
     # its mass above t = 0.9, where the sampler decides the layout (how many objects, where); a tiny model trained
     # on it draws extra objects. None: 0 for a new run, unchanged on --resume.
     uniform_t: float | None = None
+    # Weight of the token grounding loss (grounding.py). None: 0 for a new run, unchanged on --resume.
+    grounding: float | None = None
+    grounding_layers: str = "double"  # a trace layer selector: "double", "single" or "all"
+    init_from: str | None = None  # an exported model folder to fine-tune (skips stage 1)
     size: int = NATIVE_SIZE
     model: dict = field(default_factory=lambda: ShapesModelConfig().to_dict())
 
@@ -88,6 +100,25 @@ def render_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch
     """A batch of random scenes: (B, 3, size, size) images in [-1, 1] and their captions."""
     scenes = [render_scene(rng, size=size) for _ in range(batch)]
     return images_to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+
+
+def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[AutoencoderKL, FluxTransformer2DModel, T5EncoderModel]:
+    """The VAE, transformer and T5 of an exported model folder, in modules built for ``mcfg`` (so the frozen
+    zero pooled path stays frozen)."""
+    folder = Path(folder)
+    missing = [sub for sub in ("vae", "transformer", "text_encoder_2") if not (folder / sub).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not an exported shapes model: no {', '.join(missing)} folder")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    transformer = build_transformer(mcfg)
+    _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())
+    for module, sub, cls in ((transformer, "transformer", FluxTransformer2DModel), (t5, "text_encoder_2", T5EncoderModel)):
+        loaded = cls.from_pretrained(folder, subfolder=sub)
+        try:
+            module.load_state_dict(loaded.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"{folder / sub} does not match the model config {mcfg.to_dict()}: {err}") from None
+    return vae, transformer, t5
 
 
 def train_vae(cfg: TrainConfig, log) -> AutoencoderKL:
@@ -188,7 +219,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         # Checkpoints from before these options existed trained without them; given options change them from here.
         saved = {"caption_dropout": 0.0, "uniform_t": 0.0, **state["config"]}
         changed = {}
-        for name in ("caption_dropout", "uniform_t"):
+        saved.setdefault("grounding", 0.0)
+        for name in ("caption_dropout", "uniform_t", "grounding"):
             value = getattr(cfg, name)
             changed[name] = saved[name] if value is None else value
             if changed[name] != saved[name]:
@@ -201,13 +233,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             cfg.caption_dropout = DEFAULT_CAPTION_DROPOUT
         if cfg.uniform_t is None:
             cfg.uniform_t = 0.0
+        if cfg.grounding is None:
+            cfg.grounding = 0.0
         log(f"start: {json.dumps(cfg.__dict__)}")
-        vae = train_vae(cfg, log)
+        vae = None if cfg.init_from else train_vae(cfg, log)
 
     mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
     torch.manual_seed(cfg.seed)
     transformer = build_transformer(mcfg)
     _, t5 = build_text_encoders(mcfg, tokenizer, build_clip_tokenizer())
+    # The record of the model a fine-tune started from travels with its checkpoints into the export.
+    parent = state.get("parent") if state is not None else None
+    if state is None and cfg.init_from:
+        vae, transformer, t5 = load_exported(cfg.init_from, mcfg)
+        record = Path(cfg.init_from) / "training.json"
+        parent = json.loads(record.read_text()) if record.exists() else None
+        log(f"initialized from {cfg.init_from}")
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
@@ -240,6 +281,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "gen": gen.get_state(),
                 "step": step,
                 "elapsed": elapsed,
+                "parent": parent,
             },
             ckpt_path,
         )
@@ -249,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if budget <= 0 and cfg.steps <= 0:
         raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
     last_ckpt = time.time()
-    window_loss, window_n, window_t = 0.0, 0, time.time()
+    window_loss, window_ground, window_n, window_t = 0.0, 0.0, 0, time.time()
     bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes", mininterval=10)
     transformer.train()
     t5.train()
@@ -258,15 +300,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         with _stop_on_signals(stop):
             while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
                 t0 = time.time()
-                x, captions = render_batch(rng, cfg.batch, cfg.size)
+                scenes = [render_scene(rng, size=cfg.size) for _ in range(cfg.batch)]
+                captions = [s.caption for s in scenes]
                 if cfg.caption_dropout:
                     drop = rng.random(len(captions)) < cfg.caption_dropout
                     captions = ["" if d else c for c, d in zip(captions, drop)]
                 with torch.no_grad():
-                    latents = (vae.encode(x).latent_dist.mode() - shift) * scale
+                    latents = (vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mode() - shift) * scale
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
-                loss = flow_loss(transformer, t5, tokenizer, latents, captions, gen, cfg.uniform_t)
+                targets = None
+                if cfg.grounding:
+                    tokens = [t5_tokens(tokenizer, c, MAX_SEQUENCE_LENGTH) if c else None for c in captions]
+                    targets = grounding_targets(scenes, tokens)
+                if targets is None:
+                    flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, cfg.uniform_t)
+                    ground = torch.zeros(())
+                else:
+                    with attnscope.trace(transformer, differentiable=True, positions=targets.positions,
+                                         layers=cfg.grounding_layers) as tracer:
+                        flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, cfg.uniform_t)
+                    ground = grounding_loss(list(tracer.take()[-1].values()), targets)
+                loss = flow + cfg.grounding * ground if cfg.grounding else flow
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -278,14 +333,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     for k, v in _trainable_state(transformer, t5).items():
                         ema[k].lerp_(v, 1 - decay)
                 elapsed += time.time() - t0
-                window_loss += loss.item()
+                window_loss += flow.item()
+                window_ground += ground.item()
                 window_n += 1
                 bar.update(1)
                 if step % cfg.log_every == 0:
                     rate = window_n / (time.time() - window_t)
-                    log(f"step {step} loss {window_loss / window_n:.4f} it/s {rate:.2f} min {elapsed / 60:.1f}")
+                    grounded = f" grounding {window_ground / window_n:.4f}" if cfg.grounding else ""
+                    log(f"step {step} loss {window_loss / window_n:.4f}{grounded} it/s {rate:.2f} min {elapsed / 60:.1f}")
                     bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
-                    window_loss, window_n, window_t = 0.0, 0, time.time()
+                    window_loss, window_ground, window_n, window_t = 0.0, 0.0, 0, time.time()
                 if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
                     save()
                     last_ckpt = time.time()
@@ -327,6 +384,26 @@ def _lr_factor(step: int, elapsed: float, budget: float, cfg: TrainConfig) -> fl
     return warm * max(0.05, min(1.0, left))
 
 
+def train_command(cfg: dict) -> str:
+    """The ``attnscope shapes train`` command line of a checkpoint's config (options at their defaults omitted)."""
+    command = (
+        f"attnscope shapes train --out {cfg['out']} --minutes {cfg['minutes']:g} --seed {cfg['seed']} "
+        f"--batch {cfg['batch']} --lr {cfg['lr']:g} --threads {cfg['threads']}"
+    )
+    if cfg.get("steps"):
+        command += f" --steps {cfg['steps']}"
+    if cfg.get("init_from"):
+        command += f" --init-from {cfg['init_from']}"
+    else:
+        command += f" --vae-steps {cfg['vae_steps']}"
+    for name in ("caption_dropout", "uniform_t", "grounding"):
+        if cfg.get(name):
+            command += f" --{name.replace('_', '-')} {cfg[name]:g}"
+    if cfg.get("grounding") and cfg.get("grounding_layers", "double") != "double":
+        command += f" --grounding-layers {cfg['grounding_layers']}"
+    return command
+
+
 def _trainable_state(transformer: torch.nn.Module, t5: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Float weights of both trained modules under ``transformer.`` / ``t5.`` prefixes (live tensors)."""
     state = {f"transformer.{k}": v for k, v in transformer.state_dict(keep_vars=True).items()}
@@ -357,4 +434,7 @@ def wall_minutes(ckpt_path: str | Path) -> float:
     return float(torch.load(ckpt_path, weights_only=False, map_location="cpu")["elapsed"]) / 60
 
 
-__all__ = ["TrainConfig", "train", "train_vae", "flow_loss", "load_checkpoint_pipeline", "wall_minutes"]
+__all__ = [
+    "TrainConfig", "train", "train_vae", "flow_loss", "load_checkpoint_pipeline", "load_exported", "train_command",
+    "wall_minutes",
+]
