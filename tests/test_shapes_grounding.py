@@ -132,6 +132,7 @@ def test_trainer_fine_tunes_an_exported_model_with_grounding(tmp_path):
     assert flow < 0.2 and ground > 0
     bundled = FluxPipeline.from_pretrained(bundled_path()).vae
     assert state["vae_config"]["shift_factor"] == bundled.config.shift_factor
+    assert "_name_or_path" not in state["vae_config"]  # an export must not name the folder it was loaded from
     # Resuming without the option keeps the saved weight.
     train(TrainConfig(**{**cfg.__dict__, "steps": 3, "grounding": None}), resume=True)
     assert torch.load(ckpt, weights_only=False)["config"]["grounding"] == 0.05

@@ -109,7 +109,12 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
     missing = [sub for sub in ("vae", "transformer", "text_encoder_2") if not (folder / sub).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not an exported shapes model: no {', '.join(missing)} folder")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    # Fresh modules take the loaded weights, so the folder's loading metadata (``_name_or_path``) stays behind.
+    loaded_vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae = build_vae(mcfg)
+    vae.load_state_dict(loaded_vae.state_dict())
+    vae.register_to_config(**{k: loaded_vae.config[k] for k in ("shift_factor", "scaling_factor")})
+    vae.eval()
     transformer = build_transformer(mcfg)
     _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())
     for module, sub, cls in ((transformer, "transformer", FluxTransformer2DModel), (t5, "text_encoder_2", T5EncoderModel)):
