@@ -222,9 +222,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log(f"--resume given but no {ckpt_path}: starting fresh")
     if state is not None:
         # Checkpoints from before these options existed trained without them; given options change them from here.
-        saved = {"caption_dropout": 0.0, "uniform_t": 0.0, **state["config"]}
+        saved = {"caption_dropout": 0.0, "uniform_t": 0.0, "grounding": 0.0, **state["config"]}
         changed = {}
-        saved.setdefault("grounding", 0.0)
         for name in ("caption_dropout", "uniform_t", "grounding"):
             value = getattr(cfg, name)
             changed[name] = saved[name] if value is None else value
@@ -245,8 +244,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
     torch.manual_seed(cfg.seed)
-    transformer = build_transformer(mcfg)
-    _, t5 = build_text_encoders(mcfg, tokenizer, build_clip_tokenizer())
     # The record of the model a fine-tune started from travels with its checkpoints into the export.
     parent = state.get("parent") if state is not None else None
     if state is None and cfg.init_from:
@@ -254,6 +251,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         record = Path(cfg.init_from) / "training.json"
         parent = json.loads(record.read_text()) if record.exists() else None
         log(f"initialized from {cfg.init_from}")
+    else:  # a new run, or a resumed one (its checkpoint's weights are loaded below)
+        transformer = build_transformer(mcfg)
+        _, t5 = build_text_encoders(mcfg, tokenizer, build_clip_tokenizer())
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
@@ -326,7 +326,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                          layers=cfg.grounding_layers) as tracer:
                         flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, cfg.uniform_t)
                     ground = grounding_loss(list(tracer.take()[-1].values()), targets)
-                loss = flow + cfg.grounding * ground if cfg.grounding else flow
+                loss = flow + cfg.grounding * ground
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
