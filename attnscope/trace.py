@@ -407,6 +407,20 @@ class Trace:
         )
 
 
+def column_mask(keep: Sequence[int], rows: Sequence[Sequence[int]], device: torch.device | None = None) -> torch.Tensor:
+    """``(len(rows), len(keep))`` bool: ``[r, j]`` is True when ``keep[j]`` is one of ``rows[r]``'s text positions.
+
+    ``keep`` is the column order of a ``trace(positions=...)`` capture (its positions, sorted and deduplicated), so
+    this selects each row's (word's) columns of the ``(B, N_img, T_kept)`` maps that ``take()`` returns.
+    """
+    index = {p: j for j, p in enumerate(keep)}
+    mask = torch.zeros(len(rows), len(keep), dtype=torch.bool, device=device)
+    for r, positions in enumerate(rows):
+        for p in positions:
+            mask[r, index[p]] = True
+    return mask
+
+
 def _step_selected(step: int, selector: int | slice | Sequence[int]) -> bool:
     if isinstance(selector, int):
         return step == selector
@@ -442,4 +456,4 @@ def trace(pipe_or_transformer: Any, **options: Any) -> Trace:
     return Trace(pipe_or_transformer, **options)
 
 
-__all__ = ["StopForward", "Trace", "TraceError", "trace"]
+__all__ = ["StopForward", "Trace", "TraceError", "column_mask", "trace"]

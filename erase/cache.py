@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 
+from attnscope.trace import column_mask
+
 from .losses import attention_features
 from .sampling import FluxCall, PromptBank, euler_trajectory, flow_sigmas
 from .spec import ConceptSpec, find_word, replace_word
 
-__all__ = ["CacheConfig", "EraseCache", "build_cache", "column_mask", "maps_forward", "multi_anchor_prompt"]
+__all__ = ["CacheConfig", "EraseCache", "build_cache", "maps_forward", "multi_anchor_prompt"]
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,6 @@ class EraseCache:
     @classmethod
     def load(cls, path: str | Path) -> EraseCache:
         return cls(**torch.load(path, weights_only=False, map_location="cpu"))
-
-
-def column_mask(keep: Sequence[int], rows: Sequence[Sequence[int]], device: torch.device | None = None) -> torch.Tensor:
-    """``(B, T)`` bool: ``[b, j]`` is True when kept text position ``keep[j]`` is one of row ``b``'s positions."""
-    index = {p: j for j, p in enumerate(keep)}
-    mask = torch.zeros(len(rows), len(keep), dtype=torch.bool, device=device)
-    for b, positions in enumerate(rows):
-        for p in positions:
-            mask[b, index[p]] = True
-    return mask
 
 
 def maps_forward(

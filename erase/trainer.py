@@ -34,9 +34,10 @@ import yaml
 from tqdm import tqdm
 
 import attnscope
+from attnscope.trace import column_mask
 
 from . import losses
-from .cache import CacheConfig, EraseCache, build_cache, column_mask
+from .cache import CacheConfig, EraseCache, build_cache
 from .parallel import DataParallel
 from .lora import (
     LORA_FILE,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from attnscope.tokens import PromptTokens
+from attnscope.trace import column_mask
 
 from .render import Scene
 
@@ -70,10 +71,7 @@ def grounding_targets(scenes: Sequence[Scene], tokens: Sequence[PromptTokens | N
     if not pairs:
         return None
     positions = tuple(sorted({p for _, pos, _ in pairs for p in pos}))
-    column_of = {p: j for j, p in enumerate(positions)}
-    columns = torch.zeros(len(pairs), len(positions))
-    for i, (_, pos, _) in enumerate(pairs):
-        columns[i, [column_of[p] for p in pos]] = 1.0
+    columns = column_mask(positions, [pos for _, pos, _ in pairs]).float()
     targets = torch.from_numpy(np.stack([cov / cov.sum() for _, _, cov in pairs])).float()
     return GroundingTargets(positions, torch.tensor([b for b, _, _ in pairs]), columns, targets)
 

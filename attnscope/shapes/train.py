@@ -52,7 +52,7 @@ from .model import (
     build_clip_tokenizer,
     assemble_pipeline,
 )
-from .render import NATIVE_SIZE, render_scene
+from .render import NATIVE_SIZE, Scene, render_scene
 
 
 DEFAULT_CAPTION_DROPOUT = 0.1
@@ -96,10 +96,10 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def render_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    """A batch of random scenes: (B, 3, size, size) images in [-1, 1] and their captions."""
+def render_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch.Tensor, list[Scene]]:
+    """A batch of random scenes: (B, 3, size, size) images in [-1, 1] and the scenes (captions, masks)."""
     scenes = [render_scene(rng, size=size) for _ in range(batch)]
-    return images_to_tensor([s.image for s in scenes]), [s.caption for s in scenes]
+    return images_to_tensor([s.image for s in scenes]), scenes
 
 
 def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[AutoencoderKL, FluxTransformer2DModel, T5EncoderModel]:
@@ -305,13 +305,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         with _stop_on_signals(stop):
             while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
                 t0 = time.time()
-                scenes = [render_scene(rng, size=cfg.size) for _ in range(cfg.batch)]
+                x, scenes = render_batch(rng, cfg.batch, cfg.size)
                 captions = [s.caption for s in scenes]
                 if cfg.caption_dropout:
                     drop = rng.random(len(captions)) < cfg.caption_dropout
                     captions = ["" if d else c for c, d in zip(captions, drop)]
                 with torch.no_grad():
-                    latents = (vae.encode(images_to_tensor([s.image for s in scenes])).latent_dist.mode() - shift) * scale
+                    latents = (vae.encode(x).latent_dist.mode() - shift) * scale
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
                 targets = None
