@@ -34,8 +34,22 @@ def test_score_image_counts_errors():
     rec = score_image("a red circle and a blue square", read_scene(scene.image))
     assert rec["color_hits"] == [True, False]
     assert not rec["all_correct"] and rec["spurious"] == 1 and not rec["count_ok"]
+    assert rec["extras"] == ["unrelated"]  # the yellow triangle; the green square is matched to the blue square
     # Missing objects count as wrong.
     assert match_objects([("red", "circle"), ("blue", "square")], []) == [None, None]
+
+
+def test_extras_are_classified_by_their_relation_to_the_prompt():
+    """A bag-of-attributes drawing of "a red circle and a blue square" shows up as a cross-binding, not as noise."""
+    prompt = "a red circle and a blue square"
+    for third, kind in ((("blue", "circle"), "cross_binding"), (("red", "circle"), "duplicate")):
+        scene = render_scene(3, objects=[("red", "circle"), ("blue", "square"), third])
+        rec = score_image(prompt, read_scene(scene.image))
+        assert len(rec["detected"]) == 3 and all(rec["color_hits"] + rec["shape_hits"]) and not rec["all_correct"]
+        assert rec["extras"] == [kind]
+    expected = parse_prompt(prompt)
+    assert metrics.classify_extra(expected, "green", "circle") == "one_attribute"
+    assert metrics.classify_extra(expected, "yellow", "triangle") == "unrelated"
 
 
 def test_a_box_is_a_square_but_not_true_to_form():

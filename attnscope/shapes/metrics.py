@@ -21,6 +21,9 @@ that maximizes 2·[colour right] + [shape right]; an expected object with no det
 * ``synonym_color_acc`` / ``synonym_shape_acc``: the same accuracies on synonym prompts;
 * ``count_acc``: fraction of images with exactly the asked number of objects; ``spurious_objects``: mean number
   of detections beyond that number per image;
+* ``extra_objects``: the detections left unmatched (canonical prompts), counted by how they relate to the prompt
+  (``EXTRA_KINDS``): a *duplicate* of an asked object, a *cross-binding* (one asked object's colour with
+  another's shape: the prompt drawn as a bag of attributes), *one attribute* from the prompt, or *unrelated*;
 * ``sampling_seconds``: median time of one 20-step single-image call (``torch_threads`` threads);
 * ``miou_color`` / ``miou_shape``: localization of colour / shape words (mean-threshold mIoU at the best layer
   and step band), with best-τ mIoU, pixel accuracy and AP per layer and per step: see ``localization.py``
@@ -85,6 +88,21 @@ SYNONYM_PROMPTS: tuple[str, ...] = (
 )
 
 
+#: How an unmatched detection relates to the prompt, in the order ``classify_extra`` tests them.
+EXTRA_KINDS: tuple[str, ...] = ("duplicate", "cross_binding", "one_attribute", "unrelated")
+
+
+def classify_extra(expected: list[tuple[str, str]], color: str, shape: str) -> str:
+    """Which of ``EXTRA_KINDS`` an extra (colour, shape) detection is, given the prompt's expected objects."""
+    if (color, shape) in expected:
+        return "duplicate"
+    color_asked = any(color == c for c, _ in expected)
+    shape_asked = any(shape == s for _, s in expected)
+    if color_asked and shape_asked:
+        return "cross_binding"
+    return "one_attribute" if color_asked or shape_asked else "unrelated"
+
+
 def match_objects(expected: list[tuple[str, str]], detected: list[DetectedObject]) -> list[DetectedObject | None]:
     """Best assignment of detections to expected (colour, shape) objects (brute force; ≤ 3 objects asked).
 
@@ -104,12 +122,14 @@ def match_objects(expected: list[tuple[str, str]], detected: list[DetectedObject
 
 
 def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
-    """Per-image scores: colour/shape hits per expected object, exact-set correctness, count, spurious."""
+    """Per-image scores: colour/shape hits per expected object, exact-set correctness, count, spurious and extras."""
     expected = parse_prompt(prompt)
     matched = match_objects(expected, detected)
     color_hits = [d is not None and d.color == c for (c, _), d in zip(expected, matched)]
     shape_hits = [d is not None and d.shape == s for (_, s), d in zip(expected, matched)]
     form_hits = [hit and 1 / ASPECT_TOLERANCE <= d.aspect <= ASPECT_TOLERANCE for hit, d in zip(shape_hits, matched)]
+    matched_ids = {id(d) for d in matched if d is not None}
+    extras = [classify_extra(expected, d.color, d.shape) for d in detected if id(d) not in matched_ids]
     return {
         "prompt": prompt,
         "expected": expected,
@@ -120,6 +140,7 @@ def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
         "all_correct": len(detected) == len(expected) and all(color_hits) and all(shape_hits),
         "count_ok": len(detected) == len(expected),
         "spurious": max(0, len(detected) - len(expected)),
+        "extras": extras,
     }
 
 
@@ -184,6 +205,7 @@ def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str,
         "synonym_shape_acc": _mean([h for r in syn for h in r["shape_hits"]]),
         "count_acc": _mean([r["count_ok"] for r in records]),
         "spurious_objects": _mean([float(r["spurious"]) for r in records]),
+        "extra_objects": {kind: sum(r["extras"].count(kind) for r in canon) for kind in EXTRA_KINDS},
         "n_images": len(records),
         "seconds_per_image": (time.time() - t0) / max(len(records), 1),
         "sampling_seconds": single_call,
