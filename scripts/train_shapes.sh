@@ -7,6 +7,7 @@
 # (--threads 1) is the recorded setting; more threads only change the speed, not the result per step.
 # The bundled weights took more than one run (resumes with changed options, then a grounding fine-tune with
 # --init-from): the exact sequence is the "history" in attnscope/shapes/weights/training.json.
+# On a lent GPU, use scripts/train_shapes_gpu.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1

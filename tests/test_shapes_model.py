@@ -196,3 +196,51 @@ def test_clip_tokenizer_is_rebuilt_identically_in_another_process():
 
     bundled = CLIPTokenizer.from_pretrained(bundled_path() / "tokenizer")
     assert build_clip_tokenizer().get_vocab() == bundled.get_vocab()
+
+
+def test_render_workers_feed_the_inline_data_stream(tmp_path):
+    """Batches rendered ahead by worker processes (what a GPU run needs) train exactly the weights an inline run
+    trains: every step's batch comes from its own seed, not from where it was rendered."""
+    from attnscope.shapes.train import training_batch
+
+    scenes, captions = training_batch(0, 5, 4, 32, 0.5)
+    again, again_captions = training_batch(0, 5, 4, 32, 0.5)
+    assert again_captions == captions and all((a.image == b.image).all() for a, b in zip(scenes, again))
+    assert training_batch(0, 6, 4, 32, 0.5)[1] != captions
+    base = dict(vae_steps=2, batch=2, steps=3, minutes=0, checkpoint_minutes=60.0, model=asdict(TINY))
+    inline = torch.load(train(TrainConfig(out=str(tmp_path / "inline"), **base)), weights_only=False)
+    ahead = torch.load(train(TrainConfig(out=str(tmp_path / "ahead"), workers=1, **base)), weights_only=False)
+    assert ahead["config"]["workers"] == 1 and ahead["step"] == 3
+    for name, value in inline["transformer"].items():
+        torch.testing.assert_close(ahead["transformer"][name], value, rtol=0, atol=0)
+
+
+def test_train_refuses_a_device_this_machine_lacks(tmp_path):
+    from attnscope.shapes.train import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        resolve_device("meta")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            train(TrainConfig(out=str(tmp_path / "run"), device="cuda", steps=1, model=asdict(TINY)))
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_model_size_options_reach_the_run_and_its_recorded_command(capsys):
+    from attnscope.cli import main
+    from attnscope.shapes.train import train_command
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shapes", "train", "--t5-layers", "3", "--hidden-heads", "6", "--device", "cuda"])
+    assert (args.t5_layers, args.hidden_heads, args.device, args.double_layers) == (3, 6, "cuda", None)
+    cfg = TrainConfig(model=ShapesModelConfig(t5_layers=3).to_dict(), device="cuda").__dict__
+    command = train_command(cfg)
+    assert command.endswith("--t5-layers 3 --device cuda") and "--hidden-heads" not in command
+    assert "--t5-layers" not in train_command(TrainConfig().__dict__)
+    # Sizes cannot change under a fine-tune or a resume: said before any training starts.
+    assert main(["shapes", "train", "--init-from", "attnscope/shapes/weights", "--t5-layers", "2"]) == 2
+    assert "--t5-layers: a resumed run or a fine-tune keeps the sizes" in capsys.readouterr().err

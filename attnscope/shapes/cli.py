@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from .model import ShapesModelConfig
 from .train import TrainConfig
 
 _DEFAULTS = TrainConfig()
+#: Model sizes a new run can set (``--hidden-heads 6`` ...); a fine-tune or a resumed run keeps its model's.
+_SIZE_OPTIONS = ("hidden_heads", "head_dim", "double_layers", "single_layers", "t5_layers", "t5_d_ff")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
+    tr.add_argument("--device", default=_DEFAULTS.device, help="where the models train: cpu or cuda[:N] "
+                    "(default %(default)s)")
+    tr.add_argument("--workers", type=int, default=_DEFAULTS.workers, help="processes rendering batches ahead; "
+                    "a GPU run needs several (default %(default)s: render in the training process)")
+    sizes = tr.add_argument_group("model size (a new run only; default: the bundled model's)")
+    for name in _SIZE_OPTIONS:
+        sizes.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                           help=f"default {getattr(ShapesModelConfig(), name)}")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
     tr.set_defaults(run=_train)
 
@@ -64,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
+    sizes = {name: getattr(args, name) for name in _SIZE_OPTIONS if getattr(args, name) is not None}
+    if sizes and (args.resume or args.init_from):
+        given = ", ".join(f"--{n.replace('_', '-')}" for n in sizes)
+        raise ValueError(f"{given}: a resumed run or a fine-tune keeps the sizes of the model it continues")
     cfg = TrainConfig(
         out=args.out,
         seed=args.seed,
@@ -80,6 +95,9 @@ def _train(args: argparse.Namespace) -> int:
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,
+        device=args.device,
+        workers=args.workers,
+        model=ShapesModelConfig(**sizes).to_dict(),
     )
     path = train(cfg, resume=args.resume)
     print(f"checkpoint: {path}")

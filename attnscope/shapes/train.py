@@ -15,6 +15,10 @@ Two stages, both on scenes rendered on the fly:
 ``--init-from FOLDER`` starts stage 2 from the weights of an exported model (e.g. the bundled one) instead of
 training the VAE and a fresh transformer: a fine-tune with a fresh optimizer.
 
+Step ``n``'s batch is rendered from its own seed ``(seed, 2, n)``, so the data stream does not depend on where it
+is rendered: ``--workers N`` renders batches ahead in N processes (what a GPU run needs to be fed) and gives the
+weights an inline run gives. ``--device cuda`` trains on a GPU; the noise draws stay on the CPU generator.
+
 Checkpoints (``OUT/ckpt.pt``: weights, EMA, optimizer, RNG, step, wall time) are written to a temporary file and
 renamed, so a kill at any moment leaves the previous checkpoint intact; ``--resume`` continues from it with the
 same data stream. Progress goes to a tqdm bar and, one line per ``--log-every`` steps, to ``OUT/train.log``.
@@ -24,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +81,8 @@ class TrainConfig:
     checkpoint_minutes: float = 4.0
     log_every: int = 25
     threads: int = 1
+    device: str = "cpu"  # where the models train; the data is rendered on the CPU
+    workers: int = 0  # processes rendering batches ahead (0: in the training process)
     # Fraction of captions replaced by the empty prompt, so that the model also learns the unconditional velocity
     # that classifier-free guidance needs. None: DEFAULT_CAPTION_DROPOUT for a new run, unchanged on --resume.
     caption_dropout: float | None = None
@@ -102,6 +110,64 @@ def render_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch
     return images_to_tensor([s.image for s in scenes]), scenes
 
 
+def training_batch(seed: int, step: int, batch: int, size: int, caption_dropout: float) -> tuple[list[Scene], list[str]]:
+    """Step ``step``'s scenes and captions (a fraction ``caption_dropout`` emptied), from the step's own seed."""
+    rng = np.random.default_rng([seed, 2, step])
+    scenes = [render_scene(rng, size=size) for _ in range(batch)]
+    captions = [s.caption for s in scenes]
+    if caption_dropout:
+        drop = rng.random(batch) < caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+    return scenes, captions
+
+
+class BatchStream:
+    """``training_batch`` for steps ``start, start + 1, ...``, rendered ahead by ``workers`` processes (none: in
+    this process). A context manager: the processes end on exit."""
+
+    def __init__(self, cfg: TrainConfig, start: int):
+        self._args = (cfg.seed, cfg.batch, cfg.size, cfg.caption_dropout or 0.0)
+        self._next = start
+        self._ahead = 2 * cfg.workers
+        self._pending: deque = deque()
+        # spawn, not fork: forking a process that already runs torch threads can deadlock the child.
+        self._pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 0 else None
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def _claim_step(self) -> tuple:
+        """``training_batch`` arguments of the next step not yet handed out."""
+        seed, batch, size, dropout = self._args
+        step, self._next = self._next, self._next + 1
+        return seed, step, batch, size, dropout
+
+    def next(self) -> tuple[list[Scene], list[str]]:
+        if self._pool is None:
+            return training_batch(*self._claim_step())
+        while len(self._pending) < self._ahead:
+            self._pending.append(self._pool.apply_async(training_batch, self._claim_step()))
+        return self._pending.popleft().get()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device, refusing one this machine does not have (before any training starts)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine's torch sees no CUDA GPU (train with --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the shapes trainer runs on cpu or cuda")
+    return device
+
+
 def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[AutoencoderKL, FluxTransformer2DModel, T5EncoderModel]:
     """The VAE, transformer and T5 of an exported model folder, in modules built for ``mcfg`` (so the frozen
     zero pooled path stays frozen)."""
@@ -126,14 +192,14 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
     return vae, transformer, t5
 
 
-def train_vae(cfg: TrainConfig, log) -> AutoencoderKL:
+def train_vae(cfg: TrainConfig, log, device: torch.device | str = "cpu") -> AutoencoderKL:
     """Stage 1: teach the one-level VAE the identity; set shift/scaling factors from latent statistics."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 1])
-    vae = build_vae(ShapesModelConfig(**cfg.model))
+    vae = build_vae(ShapesModelConfig(**cfg.model)).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=5):
-        x, _ = render_batch(rng, 16, cfg.size)
+        x = render_batch(rng, 16, cfg.size)[0].to(device)
         z = vae.encode(x).latent_dist.mode()
         # The decoder also sees slightly perturbed pixels, as generated latents are never exactly clean.
         noisy = x + 0.05 * torch.randn_like(x)
@@ -145,7 +211,7 @@ def train_vae(cfg: TrainConfig, log) -> AutoencoderKL:
             log(f"vae step {step} loss {loss.item():.5f}")
     vae.eval()
     with torch.no_grad():
-        x, _ = render_batch(rng, 256, cfg.size)
+        x = render_batch(rng, 256, cfg.size)[0].to(device)
         z = vae.encode(x).latent_dist.mode()
         recon = vae.decode(z).sample
     shift, scale = float(z.mean()), float(1.0 / z.std())
@@ -159,7 +225,7 @@ def encode_text(tokenizer: T5Tokenizer, t5: T5EncoderModel, captions: list[str])
     ids = tokenizer(
         captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
     ).input_ids
-    return t5(ids)[0]
+    return t5(ids.to(t5.device))[0]
 
 
 def flow_loss(
@@ -174,6 +240,7 @@ def flow_loss(
     """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0.
 
     t ~ logit-normal(0, 1) (most weight on mid noise levels), or with probability ``uniform_t`` uniform in [0, 1].
+    ``gen`` is a CPU generator whatever the device, so a run draws the same noise on every device.
     """
     b, c, h, w = latents.shape
     t = torch.sigmoid(torch.randn(b, generator=gen))
@@ -181,15 +248,16 @@ def flow_loss(
         uniform = torch.rand(b, generator=gen) < uniform_t
         t = torch.where(uniform, torch.rand(b, generator=gen), t)
     noise = torch.randn(latents.shape, generator=gen)
+    t, noise = t.to(latents.device), noise.to(latents.device)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     text = encode_text(tokenizer, t5, captions)
-    txt_ids = torch.zeros(text.shape[1], 3)
+    txt_ids = torch.zeros(text.shape[1], 3, device=latents.device)
     pred = transformer(
         hidden_states=packed,
         encoder_hidden_states=text,
-        pooled_projections=torch.zeros(b, transformer.config.pooled_projection_dim),
+        pooled_projections=torch.zeros(b, transformer.config.pooled_projection_dim, device=latents.device),
         timestep=t,
         img_ids=img_ids,
         txt_ids=txt_ids,
@@ -208,6 +276,7 @@ def _atomic_save(obj: object, path: Path) -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) training; returns the checkpoint path. See the module docstring."""
     torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
@@ -217,7 +286,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
 
     tokenizer = build_t5_tokenizer()
-    state = torch.load(ckpt_path, weights_only=False) if resume and ckpt_path.exists() else None
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if resume and ckpt_path.exists() else None
     if resume and state is None:
         log(f"--resume given but no {ckpt_path}: starting fresh")
     if state is not None:
@@ -229,7 +298,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             changed[name] = saved[name] if value is None else value
             if changed[name] != saved[name]:
                 log(f"{name} changed from {saved[name]} to {changed[name]} at step {state['step']}")
-        cfg = TrainConfig(**{**saved, "out": cfg.out, "minutes": cfg.minutes, "steps": cfg.steps, **changed})
+        # Budgets and the machine's settings come from this call; everything else from the checkpoint.
+        given = {k: getattr(cfg, k) for k in ("out", "minutes", "steps", "threads", "device", "workers")}
+        cfg = TrainConfig(**{**saved, **given, **changed})
         vae = AutoencoderKL.from_config(state["vae_config"])
         vae.load_state_dict(state["vae"])
     else:
@@ -240,35 +311,41 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if cfg.grounding is None:
             cfg.grounding = 0.0
         log(f"start: {json.dumps(cfg.__dict__)}")
-        vae = None if cfg.init_from else train_vae(cfg, log)
+        vae = None if cfg.init_from else train_vae(cfg, log, device)
 
-    mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
-    torch.manual_seed(cfg.seed)
     # The record of the model a fine-tune started from travels with its checkpoints into the export.
     parent = state.get("parent") if state is not None else None
     if state is None and cfg.init_from:
-        vae, transformer, t5 = load_exported(cfg.init_from, mcfg)
         record = Path(cfg.init_from) / "training.json"
         parent = json.loads(record.read_text()) if record.exists() else None
+        if parent is not None:  # a fine-tune keeps the sizes of the model it starts from
+            cfg.model = parent["config"]["model"]
+    mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
+    torch.manual_seed(cfg.seed)
+    if state is None and cfg.init_from:
+        vae, transformer, t5 = load_exported(cfg.init_from, mcfg)
         log(f"initialized from {cfg.init_from}")
     else:  # a new run, or a resumed one (its checkpoint's weights are loaded below)
         transformer = build_transformer(mcfg)
         _, t5 = build_text_encoders(mcfg, tokenizer, build_clip_tokenizer())
+    if state is not None:  # loaded before the optimizer exists, so its state follows the weights' device
+        transformer.load_state_dict(state["transformer"])
+        t5.load_state_dict(state["t5"])
+    for module in (vae, transformer, t5):
+        module.to(device)
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
     step, elapsed = 0, 0.0
-    rng = np.random.default_rng([cfg.seed, 2])
     gen = torch.Generator().manual_seed(cfg.seed)
     if state is not None:
-        transformer.load_state_dict(state["transformer"])
-        t5.load_state_dict(state["t5"])
         opt.load_state_dict(state["opt"])
-        ema = state["ema"]
+        ema = {k: v.to(device) for k, v in state["ema"].items()}
         step, elapsed = state["step"], state["elapsed"]
-        rng.bit_generator.state = state["rng"]
         gen.set_state(state["gen"])
         log(f"resumed at step {step}, {elapsed / 60:.1f} min trained")
+        if "rng" in state:
+            log("checkpoint from before per-step batch seeds: the data stream changes from here")
 
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
 
@@ -282,7 +359,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "t5": t5.state_dict(),
                 "ema": ema,
                 "opt": opt.state_dict(),
-                "rng": rng.bit_generator.state,
                 "gen": gen.get_state(),
                 "step": step,
                 "elapsed": elapsed,
@@ -296,20 +372,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if budget <= 0 and cfg.steps <= 0:
         raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
     last_ckpt = time.time()
-    window_loss, window_ground, window_n, window_t = 0.0, 0.0, 0, time.time()
+    # Window sums stay on the device: reading them every step would wait for the GPU every step.
+    window_loss, window_ground = torch.zeros((), device=device), torch.zeros((), device=device)
+    window_n, window_t = 0, time.time()
     bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes", mininterval=10)
     transformer.train()
     t5.train()
     stop = threading.Event()
     try:
-        with _stop_on_signals(stop):
+        with _stop_on_signals(stop), BatchStream(cfg, step) as stream:
             while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
                 t0 = time.time()
-                x, scenes = render_batch(rng, cfg.batch, cfg.size)
-                captions = [s.caption for s in scenes]
-                if cfg.caption_dropout:
-                    drop = rng.random(len(captions)) < cfg.caption_dropout
-                    captions = ["" if d else c for c, d in zip(captions, drop)]
+                scenes, captions = stream.next()
+                x = images_to_tensor([s.image for s in scenes]).to(device)
                 with torch.no_grad():
                     latents = (vae.encode(x).latent_dist.mode() - shift) * scale
                 for g in opt.param_groups:
@@ -320,7 +395,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     targets = grounding_targets(scenes, tokens)
                 if targets is None:
                     flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, cfg.uniform_t)
-                    ground = torch.zeros(())
+                    ground = torch.zeros((), device=device)
                 else:
                     with attnscope.trace(transformer, differentiable=True, positions=targets.positions,
                                          layers=cfg.grounding_layers) as tracer:
@@ -338,16 +413,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     for k, v in _trainable_state(transformer, t5).items():
                         ema[k].lerp_(v, 1 - decay)
                 elapsed += time.time() - t0
-                window_loss += flow.item()
-                window_ground += ground.item()
+                window_loss += flow.detach()
+                window_ground += ground.detach()
                 window_n += 1
                 bar.update(1)
                 if step % cfg.log_every == 0:
                     rate = window_n / (time.time() - window_t)
-                    grounded = f" grounding {window_ground / window_n:.4f}" if cfg.grounding else ""
-                    log(f"step {step} loss {window_loss / window_n:.4f}{grounded} it/s {rate:.2f} min {elapsed / 60:.1f}")
-                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
-                    window_loss, window_ground, window_n, window_t = 0.0, 0.0, 0, time.time()
+                    mean_loss = window_loss.item() / window_n
+                    grounded = f" grounding {window_ground.item() / window_n:.4f}" if cfg.grounding else ""
+                    log(f"step {step} loss {mean_loss:.4f}{grounded} it/s {rate:.2f} min {elapsed / 60:.1f}")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    window_loss.zero_()
+                    window_ground.zero_()
+                    window_n, window_t = 0, time.time()
                 if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
                     save()
                     last_ckpt = time.time()
@@ -401,6 +479,12 @@ def train_command(cfg: dict) -> str:
         command += f" --init-from {cfg['init_from']}"
     else:
         command += f" --vae-steps {cfg['vae_steps']}"
+        sizes = ShapesModelConfig().to_dict()
+        for name, value in cfg["model"].items():
+            if value != sizes[name]:
+                command += f" --{name.replace('_', '-')} {value}"
+    if cfg.get("device", "cpu") != "cpu":
+        command += f" --device {cfg['device']}"
     for name in ("caption_dropout", "uniform_t", "grounding"):
         if cfg.get(name):
             command += f" --{name.replace('_', '-')} {cfg[name]:g}"
@@ -440,6 +524,6 @@ def wall_minutes(ckpt_path: str | Path) -> float:
 
 
 __all__ = [
-    "TrainConfig", "train", "train_vae", "flow_loss", "load_checkpoint_pipeline", "load_exported", "train_command",
-    "wall_minutes",
+    "BatchStream", "TrainConfig", "train", "train_vae", "training_batch", "flow_loss", "load_checkpoint_pipeline",
+    "load_exported", "resolve_device", "train_command", "wall_minutes",
 ]
