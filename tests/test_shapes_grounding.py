@@ -23,7 +23,7 @@ from attnscope.shapes.model import (
     build_transformer,
 )
 from attnscope.shapes.render import render_scene
-from attnscope.shapes.train import TrainConfig, flow_loss, images_to_tensor, train
+from attnscope.shapes.train import TrainConfig, flow_loss, images_to_tensor, train, train_command
 from attnscope.tokens import t5_tokens
 
 TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=32, clip_hidden=16)
@@ -148,3 +148,24 @@ def test_init_from_a_folder_that_is_not_a_model_says_what_is_missing(tmp_path):
                       model=asdict(TINY))
     with pytest.raises(FileNotFoundError, match="no transformer, text_encoder_2 folder"):
         train(cfg)
+
+
+def test_grounding_max_t_supervises_only_rows_at_or_below_that_noise_level(tmp_path):
+    """With grounding_max_t = 0 no row qualifies (t > 0 always): the run is exactly the ungrounded run, step for
+    step; with the default every row with a caption is supervised."""
+
+    def first_steps(name: str, **options) -> list[tuple[float, float]]:
+        cfg = TrainConfig(out=str(tmp_path / name), steps=3, minutes=0, batch=4, vae_steps=2, log_every=1,
+                          checkpoint_minutes=60.0, model=asdict(TINY), caption_dropout=0.0, **options)
+        train(cfg)
+        lines = [line for line in (tmp_path / name / "train.log").read_text().splitlines() if " it/s " in line]
+        return [(float(ln.split(" loss ")[1].split()[0]),
+                 float(ln.split(" grounding ")[1].split()[0]) if " grounding " in ln else 0.0) for ln in lines]
+
+    plain = first_steps("plain")
+    none_low_enough = first_steps("max0", grounding=1.0, grounding_max_t=0.0)
+    every_row = first_steps("all", grounding=1.0)
+    assert none_low_enough == [(flow, 0.0) for flow, _ in plain]
+    assert all(ground > 0 for _, ground in every_row)
+    command = train_command(TrainConfig(grounding=0.1, grounding_max_t=0.7).__dict__)
+    assert command.endswith("--grounding 0.1 --grounding-max-t 0.7")

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "captured attention (0 for a new run; unchanged on --resume; see shapes/grounding.py)")
     tr.add_argument("--grounding-layers", default=_DEFAULTS.grounding_layers, help="layers the grounding loss "
                     "supervises: a trace layer selector such as double, single, all (default %(default)s)")
+    tr.add_argument("--grounding-max-t", type=float, default=_DEFAULTS.grounding_max_t, help="supervise only "
+                    "rows with noise level t at most this (the layout is not in x_t at high noise; default "
+                    "%(default)s: all)")
     tr.add_argument("--init-from", default=None, metavar="FOLDER", help="fine-tune an exported model (e.g. "
                     "attnscope/shapes/weights) instead of training from scratch")
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
@@ -91,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
         uniform_t=args.uniform_t,
         grounding=args.grounding,
         grounding_layers=args.grounding_layers,
+        grounding_max_t=args.grounding_max_t,
         init_from=args.init_from,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
