@@ -21,7 +21,7 @@ that maximizes 2·[colour right] + [shape right]; an expected object with no det
 * ``synonym_color_acc`` / ``synonym_shape_acc``: the same accuracies on synonym prompts;
 * ``count_acc``: fraction of images with exactly the asked number of objects; ``spurious_objects``: mean number
   of detections beyond that number per image;
-* ``extra_objects``: the detections left unmatched (canonical prompts), counted by how they relate to the prompt
+* ``extra_objects``: the detections left unmatched on two-object prompts, counted by how they relate to the prompt
   (``EXTRA_KINDS``): a *duplicate* of an asked object, a *cross-binding* (one asked object's colour with
   another's shape: the prompt drawn as a bag of attributes), *one attribute* from the prompt, or *unrelated*;
 * ``sampling_seconds``: median time of one 20-step single-image call (``torch_threads`` threads);
@@ -205,7 +205,7 @@ def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str,
         "synonym_shape_acc": _mean([h for r in syn for h in r["shape_hits"]]),
         "count_acc": _mean([r["count_ok"] for r in records]),
         "spurious_objects": _mean([float(r["spurious"]) for r in records]),
-        "extra_objects": {kind: sum(r["extras"].count(kind) for r in canon) for kind in EXTRA_KINDS},
+        "extra_objects": {kind: sum(r["extras"].count(kind) for r in two) for kind in EXTRA_KINDS},
         "n_images": len(records),
         "seconds_per_image": (time.time() - t0) / max(len(records), 1),
         "sampling_seconds": single_call,
