@@ -10,11 +10,9 @@ import argparse
 import json
 
 from .model import ShapesModelConfig
-from .train import TrainConfig
+from .train import SIZE_OPTIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
-#: Model sizes a new run can set (``--hidden-heads 6`` ...); a fine-tune or a resumed run keeps its model's.
-_SIZE_OPTIONS = ("hidden_heads", "head_dim", "double_layers", "single_layers", "t5_layers", "t5_d_ff")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=int, default=_DEFAULTS.workers, help="processes rendering batches ahead; "
                     "a GPU run needs several (default %(default)s: render in the training process)")
     sizes = tr.add_argument_group("model size (a new run only; default: the bundled model's)")
-    for name in _SIZE_OPTIONS:
+    for name in SIZE_OPTIONS:
         sizes.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                            help=f"default {getattr(ShapesModelConfig(), name)}")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
@@ -78,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    sizes = {name: getattr(args, name) for name in _SIZE_OPTIONS if getattr(args, name) is not None}
+    sizes = {name: getattr(args, name) for name in SIZE_OPTIONS if getattr(args, name) is not None}
     if sizes and (args.resume or args.init_from):
         given = ", ".join(f"--{n.replace('_', '-')}" for n in sizes)
         raise ValueError(f"{given}: a resumed run or a fine-tune keeps the sizes of the model it continues")

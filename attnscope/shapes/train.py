@@ -63,6 +63,8 @@ from .render import NATIVE_SIZE, Scene, render_scene
 
 
 DEFAULT_CAPTION_DROPOUT = 0.1
+#: ``ShapesModelConfig`` fields a new run can set from the command line (``--t5-layers 3`` ...).
+SIZE_OPTIONS: tuple[str, ...] = ("hidden_heads", "head_dim", "double_layers", "single_layers", "t5_layers", "t5_d_ff")
 
 
 @dataclass
@@ -108,10 +110,9 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def render_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch.Tensor, list[Scene]]:
-    """A batch of random scenes: (B, 3, size, size) images in [-1, 1] and the scenes (captions, masks)."""
-    scenes = [render_scene(rng, size=size) for _ in range(batch)]
-    return images_to_tensor([s.image for s in scenes]), scenes
+def render_batch(rng: np.random.Generator, batch: int, size: int) -> torch.Tensor:
+    """(B, 3, size, size) images in [-1, 1] of random scenes, for the VAE stage (its own sequential stream)."""
+    return images_to_tensor([render_scene(rng, size=size).image for _ in range(batch)])
 
 
 def training_batch(seed: int, step: int, batch: int, size: int, caption_dropout: float) -> tuple[list[Scene], list[str]]:
@@ -203,7 +204,7 @@ def train_vae(cfg: TrainConfig, log, device: torch.device | str = "cpu") -> Auto
     vae = build_vae(ShapesModelConfig(**cfg.model)).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=5):
-        x = render_batch(rng, 16, cfg.size)[0].to(device)
+        x = render_batch(rng, 16, cfg.size).to(device)
         z = vae.encode(x).latent_dist.mode()
         # The decoder also sees slightly perturbed pixels, as generated latents are never exactly clean.
         noisy = x + 0.05 * torch.randn_like(x)
@@ -215,7 +216,7 @@ def train_vae(cfg: TrainConfig, log, device: torch.device | str = "cpu") -> Auto
             log(f"vae step {step} loss {loss.item():.5f}")
     vae.eval()
     with torch.no_grad():
-        x = render_batch(rng, 256, cfg.size)[0].to(device)
+        x = render_batch(rng, 256, cfg.size).to(device)
         z = vae.encode(x).latent_dist.mode()
         recon = vae.decode(z).sample
     shift, scale = float(z.mean()), float(1.0 / z.std())
@@ -328,14 +329,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # The record of the model a fine-tune started from travels with its checkpoints into the export.
     parent = state.get("parent") if state is not None else None
-    if state is None and cfg.init_from:
+    fine_tune = state is None and cfg.init_from
+    if fine_tune:
         record = Path(cfg.init_from) / "training.json"
         parent = json.loads(record.read_text()) if record.exists() else None
         if parent is not None:  # a fine-tune keeps the sizes of the model it starts from
             cfg.model = parent["config"]["model"]
     mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
     torch.manual_seed(cfg.seed)
-    if state is None and cfg.init_from:
+    if fine_tune:
         vae, transformer, t5 = load_exported(cfg.init_from, mcfg)
         log(f"initialized from {cfg.init_from}")
     else:  # a new run, or a resumed one (its checkpoint's weights are loaded below)
@@ -495,10 +497,10 @@ def train_command(cfg: dict) -> str:
         command += f" --init-from {cfg['init_from']}"
     else:
         command += f" --vae-steps {cfg['vae_steps']}"
-        sizes = ShapesModelConfig().to_dict()
-        for name, value in cfg["model"].items():
-            if value != sizes[name]:
-                command += f" --{name.replace('_', '-')} {value}"
+        default = ShapesModelConfig().to_dict()
+        for name in SIZE_OPTIONS:
+            if cfg["model"][name] != default[name]:
+                command += f" --{name.replace('_', '-')} {cfg['model'][name]}"
     if cfg.get("device", "cpu") != "cpu":
         command += f" --device {cfg['device']}"
     for name in ("caption_dropout", "uniform_t", "grounding"):
