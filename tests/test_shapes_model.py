@@ -23,7 +23,7 @@ from attnscope.shapes.model import (
     build_t5_tokenizer,
 )
 from attnscope.shapes.model import build_text_encoders, build_transformer
-from attnscope.shapes.train import TrainConfig, flow_loss, load_checkpoint_pipeline, train
+from attnscope.shapes.train import TrainConfig, flow_loss, load_checkpoint_pipeline, train, train_command
 from attnscope.shapes.vocabulary import ALL_WORDS
 
 TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
@@ -231,7 +231,6 @@ def test_train_refuses_a_device_this_machine_lacks(tmp_path):
 
 def test_model_size_options_reach_the_run_and_its_recorded_command(capsys):
     from attnscope.cli import main
-    from attnscope.shapes.train import train_command
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -244,3 +243,64 @@ def test_model_size_options_reach_the_run_and_its_recorded_command(capsys):
     # Sizes cannot change under a fine-tune or a resume: said before any training starts.
     assert main(["shapes", "train", "--init-from", "attnscope/shapes/weights", "--t5-layers", "2"]) == 2
     assert "--t5-layers: a resumed run or a fine-tune keeps the sizes" in capsys.readouterr().err
+
+
+def _encode(t5, tokenizer, prompts: list[str]) -> tuple[list[list[str]], torch.Tensor]:
+    ids = tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return [tokenizer.convert_ids_to_tokens(row) for row in ids], t5(ids)[0]
+
+
+def test_positional_t5_attends_by_offset_and_carries_word_order():
+    """Flux gives text tokens no positions, so the T5 is the only place word order can enter: a positional T5
+    attends by relative offset alone, and a shape word's encoding depends on the colour before it."""
+    from attnscope.shapes.model import POSITIONAL_OFFSETS
+
+    tokenizer = build_t5_tokenizer()
+    _, t5 = build_text_encoders(TINY, tokenizer, build_clip_tokenizer())
+    attention = t5.encoder.block[0].layer[0].SelfAttention
+    assert not attention.q.weight.any() and not attention.k.weight.any()
+    assert not attention.q.weight.requires_grad and not attention.k.weight.requires_grad
+    # With zero queries and keys the attention weights are the softmax of the position bias: query 5 of head h
+    # looks at 5 + offset_h.
+    weights = attention.compute_bias(MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH)[0].softmax(-1)
+    for head in range(TINY.hidden_heads):
+        assert weights[head, 5, 5 + POSITIONAL_OFFSETS[head]] > 0.9
+    tokens, encoded = _encode(t5, tokenizer, ["a red circle and a blue square", "a blue circle and a red square"])
+    circle = tokens[0].index("▁circle")
+    assert (encoded[0, circle] - encoded[1, circle]).norm() > 0.1 * encoded[0, circle].norm()
+    # A content-attention T5 is the plain one (trainable queries and keys).
+    _, content = build_text_encoders(ShapesModelConfig(**{**asdict(TINY), "t5_attention": "content"}), tokenizer,
+                                     build_clip_tokenizer())
+    assert content.encoder.block[0].layer[0].SelfAttention.q.weight.requires_grad
+
+
+def test_model_config_reads_old_records_as_content_attention_and_refuses_unknown_kinds():
+    old_record = {k: v for k, v in asdict(TINY).items() if k != "t5_attention"}
+    assert ShapesModelConfig.from_dict(old_record).t5_attention == "content"
+    assert ShapesModelConfig.from_dict(asdict(TINY)).t5_attention == "positional"
+    with pytest.raises(ValueError, match="t5_attention must be one of"):
+        ShapesModelConfig(t5_attention="rotary")
+
+
+def test_fine_tune_converts_a_content_t5_to_positional_and_refuses_the_reverse(tmp_path):
+    content_cfg = ShapesModelConfig(**{**asdict(TINY), "t5_attention": "content"})
+    parent = assemble_pipeline(content_cfg)
+    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=1, minutes=0, batch=2, checkpoint_minutes=60.0,
+                      init_from=str(tmp_path / "parent"), t5_attention="positional", model=asdict(content_cfg))
+    state = torch.load(train(cfg), weights_only=False)
+    assert state["config"]["model"]["t5_attention"] == "positional"
+    assert not state["t5"]["encoder.block.0.layer.0.SelfAttention.q.weight"].any()
+    # Everything but the attention's queries, keys and position bias carried over (one step at lr 6e-4 moves
+    # each weight by ~lr at most).
+    parent_t5 = parent.text_encoder_2.state_dict()
+    assert torch.allclose(state["t5"]["shared.weight"], parent_t5["shared.weight"], atol=1e-2)
+    assert "--t5-attention positional" in train_command(state["config"])
+    pipe = load_checkpoint_pipeline(tmp_path / "run" / "ckpt.pt")
+    export_checkpoint(tmp_path / "run" / "ckpt.pt", tmp_path / "positional")
+    assert not pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.k.weight.any()
+    back = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "back"), "t5_attention": "content",
+                          "init_from": str(tmp_path / "positional")})
+    with pytest.raises(ValueError, match="cannot be fine-tuned into content attention"):
+        train(back)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .model import ShapesModelConfig
+from .model import T5_ATTENTION_KINDS, ShapesModelConfig
 from .train import SIZE_OPTIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     for name in SIZE_OPTIONS:
         sizes.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                            help=f"default {getattr(ShapesModelConfig(), name)}")
+    tr.add_argument("--t5-attention", choices=T5_ATTENTION_KINDS, default=None, help="T5 self-attention: "
+                    "positional (by relative position only, so word order reaches the model; the default) or content "
+                    "(plain T5). With --init-from: converts the parent's encoder (default: keep its kind)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
     tr.set_defaults(run=_train)
 
@@ -80,6 +83,8 @@ def _train(args: argparse.Namespace) -> int:
     if sizes and (args.resume or args.init_from):
         given = ", ".join(f"--{n.replace('_', '-')}" for n in sizes)
         raise ValueError(f"{given}: a resumed run or a fine-tune keeps the sizes of the model it continues")
+    if args.t5_attention and args.resume:
+        raise ValueError("--t5-attention: a resumed run keeps the text encoder of its checkpoint")
     cfg = TrainConfig(
         out=args.out,
         seed=args.seed,
@@ -99,7 +104,8 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         workers=args.workers,
-        model=ShapesModelConfig(**sizes).to_dict(),
+        t5_attention=args.t5_attention if args.init_from else None,
+        model=ShapesModelConfig(**sizes, **({"t5_attention": args.t5_attention} if args.t5_attention else {})).to_dict(),
     )
     path = train(cfg, resume=args.resume)
     print(f"checkpoint: {path}")

@@ -57,6 +57,7 @@ from .model import (
     build_transformer,
     build_vae,
     build_clip_tokenizer,
+    make_attention_positional,
     assemble_pipeline,
 )
 from .render import NATIVE_SIZE, Scene, render_scene
@@ -100,6 +101,9 @@ class TrainConfig:
     # find the object (the bundled model's grounding KL: 0.30 at t ≤ 0.2, 0.70 at 0.8, 1.7 at 0.97).
     grounding_max_t: float = 1.0
     init_from: str | None = None  # an exported model folder to fine-tune (skips stage 1)
+    # A fine-tune's T5 attention kind ("positional" converts a content-attention parent, see model.py; None:
+    # the parent's). A new run takes it from ``model``.
+    t5_attention: str | None = None
     size: int = NATIVE_SIZE
     model: dict = field(default_factory=lambda: ShapesModelConfig().to_dict())
 
@@ -182,18 +186,27 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
         raise FileNotFoundError(f"{folder} is not an exported shapes model: no {', '.join(missing)} folder")
     # Fresh modules take the loaded weights, so the folder's loading metadata (``_name_or_path``) stays behind.
     loaded_vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    loaded_t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2")
+    # A positional T5 is recognizable by its weights: every query projection is zero.
+    positional = all(not block.layer[0].SelfAttention.q.weight.any() for block in loaded_t5.encoder.block)
+    if positional and mcfg.t5_attention == "content":
+        raise ValueError(f"{folder} has a positional T5 (zero query/key weights, which never receive a gradient): "
+                         "it cannot be fine-tuned into content attention")
     vae = build_vae(mcfg)
     vae.load_state_dict(loaded_vae.state_dict())
     vae.register_to_config(**{k: loaded_vae.config[k] for k in ("shift_factor", "scaling_factor")})
     vae.eval()
     transformer = build_transformer(mcfg)
     _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())
-    for module, sub, cls in ((transformer, "transformer", FluxTransformer2DModel), (t5, "text_encoder_2", T5EncoderModel)):
-        loaded = cls.from_pretrained(folder, subfolder=sub)
+    loaded_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    for module, sub, loaded in ((transformer, "transformer", loaded_transformer), (t5, "text_encoder_2", loaded_t5)):
         try:
             module.load_state_dict(loaded.state_dict())
         except RuntimeError as err:
             raise ValueError(f"{folder / sub} does not match the model config {mcfg.to_dict()}: {err}") from None
+    if mcfg.t5_attention == "positional" and not positional:
+        # Conversion: embeddings, values, outputs and feed-forward carry over; the content attention is replaced.
+        make_attention_positional(t5)
     return vae, transformer, t5
 
 
@@ -201,7 +214,7 @@ def train_vae(cfg: TrainConfig, log, device: torch.device | str = "cpu") -> Auto
     """Stage 1: teach the one-level VAE the identity; set shift/scaling factors from latent statistics."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 1])
-    vae = build_vae(ShapesModelConfig(**cfg.model)).to(device)
+    vae = build_vae(ShapesModelConfig.from_dict(cfg.model)).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=5):
         x = render_batch(rng, 16, cfg.size).to(device)
@@ -334,8 +347,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         record = Path(cfg.init_from) / "training.json"
         parent = json.loads(record.read_text()) if record.exists() else None
         if parent is not None:  # a fine-tune keeps the sizes of the model it starts from
-            cfg.model = parent["config"]["model"]
-    mcfg = ShapesModelConfig(**cfg.model)  # after resuming: the checkpoint's model config wins
+            cfg.model = ShapesModelConfig.from_dict(parent["config"]["model"]).to_dict()
+        if cfg.t5_attention is not None:
+            cfg.model["t5_attention"] = cfg.t5_attention
+    mcfg = ShapesModelConfig.from_dict(cfg.model)  # after resuming: the checkpoint's model config wins
     torch.manual_seed(cfg.seed)
     if fine_tune:
         vae, transformer, t5 = load_exported(cfg.init_from, mcfg)
@@ -495,12 +510,15 @@ def train_command(cfg: dict) -> str:
         command += f" --steps {cfg['steps']}"
     if cfg.get("init_from"):
         command += f" --init-from {cfg['init_from']}"
+        if cfg.get("t5_attention"):
+            command += f" --t5-attention {cfg['t5_attention']}"
     else:
         command += f" --vae-steps {cfg['vae_steps']}"
         default = ShapesModelConfig().to_dict()
-        for name in SIZE_OPTIONS:
-            if cfg["model"][name] != default[name]:
-                command += f" --{name.replace('_', '-')} {cfg['model'][name]}"
+        model = ShapesModelConfig.from_dict(cfg["model"]).to_dict()
+        for name in (*SIZE_OPTIONS, "t5_attention"):
+            if model[name] != default[name]:
+                command += f" --{name.replace('_', '-')} {model[name]}"
     if cfg.get("device", "cpu") != "cpu":
         command += f" --device {cfg['device']}"
     for name in ("caption_dropout", "uniform_t", "grounding"):
@@ -523,7 +541,7 @@ def _trainable_state(transformer: torch.nn.Module, t5: torch.nn.Module) -> dict[
 def load_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) -> FluxPipeline:
     """A FluxPipeline built from a training checkpoint (EMA weights by default)."""
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-    mcfg = ShapesModelConfig(**state["config"]["model"])
+    mcfg = ShapesModelConfig.from_dict(state["config"]["model"])
     transformer = build_transformer(mcfg)
     _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())
     transformer.load_state_dict(state["transformer"])
