@@ -304,6 +304,8 @@ def test_fine_tune_converts_a_content_t5_to_positional_and_refuses_the_reverse(t
                           "init_from": str(tmp_path / "positional")})
     with pytest.raises(ValueError, match="cannot be fine-tuned into content attention"):
         train(back)
+
+
 @pytest.mark.skipif(not (bundled_path() / "model_index.json").exists(), reason="bundled weights not exported yet")
 def test_bundled_model_tells_apart_prompts_that_bind_attributes_differently():
     """The same words bound differently are different prompts: the first bundled model (content-attention T5,

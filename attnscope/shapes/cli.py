@@ -104,8 +104,8 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         workers=args.workers,
-        t5_attention=args.t5_attention if args.init_from else None,
-        model=ShapesModelConfig(**sizes, **({"t5_attention": args.t5_attention} if args.t5_attention else {})).to_dict(),
+        t5_attention=args.t5_attention,
+        model=ShapesModelConfig(**sizes).to_dict(),
     )
     path = train(cfg, resume=args.resume)
     print(f"checkpoint: {path}")

@@ -179,7 +179,7 @@ def build_text_encoders(
 
 def make_attention_positional(t5: T5EncoderModel) -> None:
     """Freeze every T5 layer's query and key projections at zero, so attention scores are the relative-position
-    bias alone, and start head h on ``POSITIONAL_OFFSETS[h % 4]`` (see module docstring for why)."""
+    bias alone, and start head h on ``POSITIONAL_OFFSETS[h % len(POSITIONAL_OFFSETS)]`` (see module docstring)."""
     for block in t5.encoder.block:
         attention = block.layer[0].SelfAttention
         for proj in (attention.q, attention.k):
@@ -196,6 +196,11 @@ def make_attention_positional(t5: T5EncoderModel) -> None:
         first.relative_attention_bias.weight.zero_()
         for head in range(first.n_heads):
             first.relative_attention_bias.weight[buckets[head % len(offsets)], head] = POSITIONAL_BIAS
+
+
+def is_attention_positional(t5: T5EncoderModel) -> bool:
+    """Whether ``t5`` is a positional encoder: every layer's query projection is zero."""
+    return all(not block.layer[0].SelfAttention.q.weight.any() for block in t5.encoder.block)
 
 
 def build_transformer(cfg: ShapesModelConfig) -> FluxTransformer2DModel:

@@ -57,6 +57,7 @@ from .model import (
     build_transformer,
     build_vae,
     build_clip_tokenizer,
+    is_attention_positional,
     make_attention_positional,
     assemble_pipeline,
 )
@@ -101,8 +102,9 @@ class TrainConfig:
     # find the object (the bundled model's grounding KL: 0.30 at t ≤ 0.2, 0.70 at 0.8, 1.7 at 0.97).
     grounding_max_t: float = 1.0
     init_from: str | None = None  # an exported model folder to fine-tune (skips stage 1)
-    # A fine-tune's T5 attention kind ("positional" converts a content-attention parent, see model.py; None:
-    # the parent's). A new run takes it from ``model``.
+    # The T5 attention kind asked for (model.py): sets ``model["t5_attention"]`` of a new run, and converts a
+    # fine-tune's content-attention parent to "positional". None: ``model``'s for a new run, the parent's for a
+    # fine-tune.
     t5_attention: str | None = None
     size: int = NATIVE_SIZE
     model: dict = field(default_factory=lambda: ShapesModelConfig().to_dict())
@@ -187,8 +189,7 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
     # Fresh modules take the loaded weights, so the folder's loading metadata (``_name_or_path``) stays behind.
     loaded_vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     loaded_t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2")
-    # A positional T5 is recognizable by its weights: every query projection is zero.
-    positional = all(not block.layer[0].SelfAttention.q.weight.any() for block in loaded_t5.encoder.block)
+    positional = is_attention_positional(loaded_t5)
     if positional and mcfg.t5_attention == "content":
         raise ValueError(f"{folder} has a positional T5 (zero query/key weights, which never receive a gradient): "
                          "it cannot be fine-tuned into content attention")
@@ -348,8 +349,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         parent = json.loads(record.read_text()) if record.exists() else None
         if parent is not None:  # a fine-tune keeps the sizes of the model it starts from
             cfg.model = ShapesModelConfig.from_dict(parent["config"]["model"]).to_dict()
-        if cfg.t5_attention is not None:
-            cfg.model["t5_attention"] = cfg.t5_attention
+    if state is None and cfg.t5_attention is not None:
+        cfg.model["t5_attention"] = cfg.t5_attention
     mcfg = ShapesModelConfig.from_dict(cfg.model)  # after resuming: the checkpoint's model config wins
     torch.manual_seed(cfg.seed)
     if fine_tune:
