@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from attnscope.maps import TokenMaps
+from attnscope.shapes.grounding import token_coverage
 from attnscope.shapes.localization import (
+    MAP_UPSAMPLING,
     TAUS,
     LocalizationTally,
     average_precision,
@@ -51,6 +55,19 @@ def test_iou_at_tau_is_monotone_in_the_threshold_for_a_cone():
     cone = np.clip(1 - np.hypot(xx - 10, yy - 12) / 12, 0, 1)  # the disc's edge is at 0.5 of the cone
     curve = score_maps(cone, mask).iou_tau
     assert TAUS[int(np.argmax(curve))] == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_protocol_upsampling_keeps_a_token_exact_map_exact():
+    # A word map that is exactly its object on the grid of 2×2-pixel tokens: the protocol's upsampling must score it
+    # as the object itself; bilinear interpolation adds a half-token skirt that the mean threshold keeps.
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 10:18] = True
+    coverage = torch.from_numpy(token_coverage(mask).reshape(1, 1, 1, 1, 16, 16)).float()
+    maps = TokenMaps(data=coverage, present=(), positions=(0,), layers=(), steps=(0,), heads=(), tokens=None)
+    exact = score_maps(maps.upsample((32, 32), mode=MAP_UPSAMPLING).numpy(), mask)
+    smooth = score_maps(maps.upsample((32, 32), mode="bilinear").numpy(), mask)
+    assert exact.iou_mean == 1.0
+    assert smooth.iou_mean < 0.8
 
 
 def test_mask_size_mismatch_is_a_clear_error():

@@ -46,7 +46,7 @@ from .localization import localization_metrics, save_sample_maps
 from .reader import DetectedObject, read_scene
 from .vocabulary import COLORS, SHAPES, parse_prompt
 
-PROTOCOL_VERSION = 3  # 3: the reader fits each shape's width-to-height ratio (v2 ties on boxes and ovals)
+PROTOCOL_VERSION = 4  # 4: token maps upsampled nearest, not bilinear; 3: the reader fits width-to-height ratios
 DEFAULT_SEEDS = 4
 #: An object is true to form when its fitted stretch is within this factor of the renderer's proportions.
 ASPECT_TOLERANCE = 1.25
