@@ -24,7 +24,7 @@ phase-6 bundle; protocol v3 used it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,7 +34,7 @@ TAUS: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace(0.05, 0.9
 BANDS: tuple[str, ...] = ("all", "early", "late")
 KINDS: tuple[str, ...] = ("color", "shape")
 #: How token maps are brought to the mask's pixel grid (see the module docstring).
-MAP_UPSAMPLING = "nearest"
+MAP_UPSAMPLING: Literal["nearest", "bilinear", "bicubic"] = "nearest"
 
 
 @dataclass(frozen=True)
