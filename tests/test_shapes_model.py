@@ -30,6 +30,11 @@ TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_la
 FAST_CALL = DEFAULT_CALL_KWARGS | {"num_inference_steps": 2}
 
 
+@pytest.fixture(scope="module")
+def bundled_pipe() -> FluxPipeline:
+    return FluxPipeline.from_pretrained(bundled_path())
+
+
 def test_tokenizers_give_single_pieces_and_round_trip(tmp_path):
     t5, clip = build_t5_tokenizer(), build_clip_tokenizer()
     for w in sorted(ALL_WORDS):
@@ -134,11 +139,9 @@ def test_cli_registers_shapes_group():
     assert args.out == "y" and args.model is None
 
 
-@pytest.mark.skipif(not (bundled_path() / "model_index.json").exists(), reason="bundled weights not exported yet")
-def test_bundled_weights_load_and_generate():
+def test_bundled_weights_load_and_generate(bundled_pipe):
     assert folder_bytes(bundled_path()) <= MAX_BUNDLE_BYTES
-    pipe = FluxPipeline.from_pretrained(bundled_path())
-    img = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images
+    img = bundled_pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images
     assert img.shape == (1, 32, 32, 3)
 
 
@@ -306,11 +309,11 @@ def test_fine_tune_converts_a_content_t5_to_positional_and_refuses_the_reverse(t
         train(back)
 
 
-@pytest.mark.skipif(not (bundled_path() / "model_index.json").exists(), reason="bundled weights not exported yet")
-def test_bundled_model_tells_apart_prompts_that_bind_attributes_differently():
+def test_bundled_model_tells_apart_prompts_that_bind_attributes_differently(bundled_pipe):
     """The same words bound differently are different prompts: the first bundled model (content-attention T5,
     no text positions) drew "a red circle and a blue square" and "a blue circle and a red square" bit-identically."""
-    pipe = FluxPipeline.from_pretrained(bundled_path())
     prompts = ["a red circle and a blue square", "a blue circle and a red square"]
-    images = [pipe(p, generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images for p in prompts]
+    images = [
+        bundled_pipe(p, generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images for p in prompts
+    ]
     assert np.abs(images[0] - images[1]).mean() > 0.01
