@@ -12,6 +12,7 @@ from .adapters import LayerInfo, UnsupportedModelError
 from .capture import UnsupportedProcessorError
 from .maps import SelectionError, TokenMaps
 from .pipelines import check_size, load_pipeline
+from .sampling import FlowMatchRenoisingScheduler
 from .tokens import EmptyPromptError, PromptTokens, UnknownWordError, Word
 from .trace import StopForward, Trace, TraceError, trace
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EmptyPromptError",
+    "FlowMatchRenoisingScheduler",
     "LayerInfo",
     "PromptTokens",
     "SelectionError",
