@@ -27,6 +27,7 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 import attnscope.cli
+from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes.model import (
     ShapesModelConfig,
     build_clip_tokenizer,
@@ -298,10 +299,12 @@ def test_spec_flags_override_or_define_a_spec() -> None:
 
 @pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
 def test_euler_trajectory_is_the_pipelines_sampler(true_cfg_scale: float) -> None:
-    """The cache's base-model samples are the images ``FluxPipeline`` draws, true CFG included."""
+    """The cache's base-model samples are the images ``FluxPipeline`` draws with plain Euler on its scheduler's
+    sigmas (the bundled scheduler with re-noising switched off), true CFG included."""
     from attnscope.erase.sampling import euler_trajectory, flow_sigmas
 
     pipe = small_shapes_pipeline()
+    pipe.scheduler = FlowMatchRenoisingScheduler.from_config(pipe.scheduler.config, renoise_above=1.0)
     prompt, steps = "a red circle", 4
     cfg = {"true_cfg_scale": true_cfg_scale, "negative_prompt": ""} if true_cfg_scale > 1 else {}
     expected = pipe(prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=20,

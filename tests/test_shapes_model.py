@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path
 from attnscope.shapes.cli import register
 from attnscope.shapes.export import MAX_BUNDLE_BYTES, export_checkpoint, folder_bytes
@@ -20,6 +21,7 @@ from attnscope.shapes.model import (
     ShapesModelConfig,
     assemble_pipeline,
     build_clip_tokenizer,
+    build_scheduler,
     build_t5_tokenizer,
 )
 from attnscope.shapes.model import build_text_encoders, build_transformer
@@ -141,6 +143,10 @@ def test_cli_registers_shapes_group():
 
 def test_bundled_weights_load_and_generate(bundled_pipe):
     assert folder_bytes(bundled_path()) <= MAX_BUNDLE_BYTES
+    # The bundle samples with the scheduler the code builds (the one its figures were measured with).
+    assert isinstance(bundled_pipe.scheduler, FlowMatchRenoisingScheduler)
+    public = [dict((k, v) for k, v in s.config.items() if not k.startswith("_")) for s in (bundled_pipe.scheduler, build_scheduler())]
+    assert public[0] == public[1]
     img = bundled_pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images
     assert img.shape == (1, 32, 32, 3)
 

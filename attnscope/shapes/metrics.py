@@ -6,7 +6,8 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
   same-shape pairs, varied connectors), ``SYNONYM_PROMPTS`` (synonyms for colours and shapes, one and two
   objects);
 * seeds 0..``DEFAULT_SEEDS``−1 per prompt (``torch.Generator().manual_seed(seed)``, one generator per image);
-* the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 Euler steps, true CFG against the empty prompt, max_sequence_length 20;
+* the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 steps of the model's own scheduler (recorded as ``sampler``),
+  true CFG against the empty prompt, max_sequence_length 20;
 * images are read by ``reader.read_scene``.
 
 Per image the expected objects (``vocabulary.parse_prompt``) are matched to the detected ones by the assignment
@@ -170,6 +171,12 @@ def _mean(values: list[bool] | list[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def sampler_record(scheduler: Any) -> dict[str, Any]:
+    """The model's sampler, as the eval JSON records it: class, shift and re-noising threshold (if any)."""
+    config = scheduler.config
+    return {"class": type(scheduler).__name__, "shift": config.shift, "renoise_above": config.get("renoise_above")}
+
+
 def sampling_seconds(pipe: Any, repeats: int = 3) -> float:
     """Median wall time of one single-image call with ``DEFAULT_CALL_KWARGS`` (after one warm-up call)."""
     times = []
@@ -243,7 +250,8 @@ def evaluate(
         summary |= loc
     else:
         summary |= {"miou_color": None, "miou_shape": None}
-    summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "model": str(model or bundled_path())}
+    summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "model": str(model or bundled_path()),
+                "sampler": sampler_record(pipe.scheduler)}
     images = [r.pop("image") for r in records]
     result = {"summary": summary, "records": records}
     if out_dir is not None:
