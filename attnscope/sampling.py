@@ -129,7 +129,8 @@ class FlowMatchRenoisingScheduler(FlowMatchEulerDiscreteScheduler):
             raise NotImplementedError("FlowMatchRenoisingScheduler does not support per-token timesteps")
         if self.step_index is None:
             self._init_step_index(timestep)
-        if self._noise_generators is None or len(self._noise_generators) != sample.shape[0]:
+        seeded = self._noise_generators is not None and len(self._noise_generators) == sample.shape[0]
+        if self.config.renoise_above < 1.0 and generator is None and not seeded:
             # The first step of a run sees the pipeline's starting latents: one seed per image, whatever the
             # prompt, so two prompts sampled from one seed re-noise alike.
             self._noise_generators = [torch.Generator().manual_seed(_seed_of(row)) for row in sample]
