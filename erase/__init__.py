@@ -6,7 +6,7 @@
     report = evaluate("runs/erase-red")          # acc_e, acc_g, acc_ir (+ base figures)
 
 Modules: ``spec`` (concept specs), ``lora`` (adapter, teacher, file format), ``sampling`` (direct transformer
-calls, Euler sampling), ``cache`` (base-model data drawn once), ``losses``, ``trainer`` (bi-level loop,
+calls, sampling with the pipeline's scheduler), ``cache`` (base-model data drawn once), ``losses``, ``trainer`` (bi-level loop,
 checkpoints), ``evaluate`` (``attnscope eval`` on the shapes world), ``real_eval`` (CLIP / NudeNet on real models), ``cli`` (``erase``/``eval`` commands).
 """
 

@@ -1,8 +1,8 @@
 """Training data drawn once from the frozen base model, so that a training step is one forward/backward.
 
 The official EraseAnything code samples the base model for 28 steps in every training step to get ``x_t``.
-Here the base model's few-step Euler trajectories on the concept prompts are sampled once, and every state on
-them is a training point ``x_t``. What the losses need from the base model at that point is computed once too:
+Here the base model's few-step trajectories (the pipeline scheduler's own steps) on the concept prompts are
+sampled once, and every state on them is a training point ``x_t``. What the losses need from the base model at that point is computed once too:
 
 * ``v*(x_t, c)`` (the sampler's own velocity there) and ``v*(x_t, c_anc)`` (one extra forward) for ESD;
 * the base model's attention features of irrelevant concepts and synonyms at ``x_t`` (the prompt with the
@@ -28,7 +28,7 @@ import torch
 from attnscope.trace import column_mask
 
 from .losses import attention_features
-from .sampling import FluxCall, PromptBank, euler_trajectory, flow_sigmas
+from .sampling import FluxCall, PromptBank, sample_trajectory
 from .spec import ConceptSpec, find_word, replace_word
 
 __all__ = ["CacheConfig", "EraseCache", "build_cache", "maps_forward", "multi_anchor_prompt"]
@@ -36,8 +36,8 @@ __all__ = ["CacheConfig", "EraseCache", "build_cache", "maps_forward", "multi_an
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """How much base-model data to draw: ``seeds`` trajectories of ``sample_steps`` Euler steps per concept
-    prompt (every state is a training point, so few steps suffice), ``preserve_steps`` Euler steps per
+    """How much base-model data to draw: ``seeds`` trajectories of ``sample_steps`` sampler steps per concept
+    prompt (every state is a training point, so few steps suffice), ``preserve_steps`` steps per
     preservation sample (these are the flow-matching targets, so they should look like the model's images),
     ``k_irrelevant`` contrastive positives per point for at most ``contrastive_points`` evenly spread points
     (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward."""
@@ -151,7 +151,6 @@ def build_cache(
     ``progress``: optional callable ``(done, total)`` for a progress bar.
     """
     transformer = call.pipe.transformer
-    sigmas = flow_sigmas(call.pipe, config.sample_steps, call.n_tokens)
     generator = torch.Generator().manual_seed(config.seed)
     jobs = [(ci, p, s) for ci, spec in enumerate(specs) for p in spec.prompts for s in range(config.seeds)]
     total = len(jobs) + len(preserve_prompts) * config.seeds
@@ -162,13 +161,13 @@ def build_cache(
         chunk_prompts = [p for _, p, _ in chunk]
         embeds, pooled = bank.get(chunk_prompts)
         x1 = call.noise(len(chunk), generator)
-        trajectory = euler_trajectory(call, transformer, x1, sigmas, embeds, pooled, bank.text_ids)
+        trajectory = sample_trajectory(call, transformer, x1, config.sample_steps, embeds, pooled, bank.text_ids)
         for k in range(config.sample_steps):
             x_list.append(trajectory.states[k])
             v_list.append(trajectory.velocities[k])
             if trajectory.negative_velocities is not None:
                 neg_list.append(trajectory.negative_velocities[k])
-            sig_list.append(sigmas[k].expand(len(chunk)))
+            sig_list.append(trajectory.sigmas[k].expand(len(chunk)))
             prompts += chunk_prompts
             words += [specs[ci].target_in(p) for ci, p, _ in chunk]
             concept += [ci for ci, _, _ in chunk]
@@ -226,7 +225,6 @@ def build_cache(
         neg_mask.append(nm)
 
     # Preservation samples: the end of each trajectory.
-    preserve_sigmas = flow_sigmas(call.pipe, config.preserve_steps, call.n_tokens)
     x0_list, q_prompts = [], []
     keep_x, keep_sigma, keep_v, keep_prompts = [], [], [], []
     if neg_list:  # the concept points with the negative prompt
@@ -239,12 +237,12 @@ def build_cache(
         chunk = pjobs[start : start + config.batch]
         embeds, pooled = bank.get(chunk)
         x1 = call.noise(len(chunk), generator)
-        trajectory = euler_trajectory(call, transformer, x1, preserve_sigmas, embeds, pooled, bank.text_ids)
+        trajectory = sample_trajectory(call, transformer, x1, config.preserve_steps, embeds, pooled, bank.text_ids)
         x0_list.append(trajectory.states[-1].cpu())
         q_prompts += chunk
-        steps = len(preserve_sigmas) - 1
+        steps = config.preserve_steps
         keep_x.append(trajectory.states[:-1].flatten(0, 1).cpu())  # (steps·B, N, C), step-major
-        keep_sigma.append(preserve_sigmas[:-1].repeat_interleave(len(chunk)))
+        keep_sigma.append(trajectory.sigmas[:-1].repeat_interleave(len(chunk)))
         keep_v.append(trajectory.velocities.flatten(0, 1).cpu())
         keep_prompts += chunk * steps
         done += len(chunk)

@@ -68,8 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
     p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
                    "(default: add_q_proj,add_k_proj as in the paper; the shapes model adds add_v_proj)")
-    p.add_argument("--sample-steps", type=int, default=8, help="Euler steps of the cached base-model trajectories")
-    p.add_argument("--preserve-steps", type=int, default=20, help="Euler steps of the cached base-model preservation samples")
+    p.add_argument("--sample-steps", type=int, default=8, help="sampler steps of the cached base-model trajectories")
+    p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model preservation samples")
     p.add_argument("--cache-seeds", type=int, default=4, help="base-model trajectories per training prompt")
     p.add_argument("--checkpoint-every", type=int, default=50, help="write checkpoint.pt every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward (large models)")

@@ -1,5 +1,5 @@
 """Calling the Flux transformer directly: prompt encoding, latent geometry, velocities with attention maps,
-and few-step Euler sampling with the base model.
+and few-step sampling with the base model through the pipeline's own scheduler.
 
 Training never goes through ``pipe(...)``: it needs the velocity at a chosen ``x_t`` (and the attention maps of
 that call, with gradient), so this module prepares exactly the inputs ``FluxPipeline.__call__`` would give the
@@ -22,7 +22,7 @@ import torch
 import attnscope
 from attnscope.tokens import PromptTokens, flux_tokens
 
-__all__ = ["FluxCall", "PromptBank", "Trajectory", "euler_trajectory", "flow_sigmas"]
+__all__ = ["FluxCall", "PromptBank", "Trajectory", "flow_sigmas", "sample_trajectory"]
 
 
 class PromptBank:
@@ -176,34 +176,41 @@ def flow_sigmas(pipe: Any, steps: int, n_tokens: int) -> torch.Tensor:
 
 @dataclass
 class Trajectory:
-    """Euler sampling result: ``states (K + 1, B, N, C)`` (``states[k]`` at ``sigmas[k]``; the last is the sample),
-    the *conditional* velocities ``(K, B, N, C)`` at each state but the last, and with true CFG the negative
-    prompt's velocities there too (else None). All float32, on the device of the start noise."""
+    """A base-model sample: ``sigmas (K + 1,)``, ``states (K + 1, B, N, C)`` (``states[k]`` at ``sigmas[k]``; the
+    last is the sample), the *conditional* velocities ``(K, B, N, C)`` at each state but the last, and with true
+    CFG the negative prompt's velocities there too (else None). All float32, states and velocities on the device
+    of the start noise."""
 
+    sigmas: torch.Tensor
     states: torch.Tensor
     velocities: torch.Tensor
     negative_velocities: torch.Tensor | None
 
 
 @torch.no_grad()
-def euler_trajectory(
+def sample_trajectory(
     call: FluxCall,
     transformer: torch.nn.Module,
     x1: torch.Tensor,
-    sigmas: torch.Tensor,
+    steps: int,
     embeds: torch.Tensor,
     pooled: torch.Tensor,
     text_ids: torch.Tensor,
 ) -> Trajectory:
-    """Euler sampling from noise ``x1 (B, N, C)`` along ``sigmas (K + 1,)``, guided as ``call`` says."""
+    """Sample from noise ``x1 (B, N, C)`` in ``steps`` steps of the pipeline's own scheduler (its sigmas and its
+    update, e.g. the shapes bundle's re-noising), guided as ``call`` says: the images ``pipe(...)`` draws."""
+    scheduler = call.pipe.scheduler
+    sigmas = flow_sigmas(call.pipe, steps, call.n_tokens)  # also starts a new run of the scheduler
     x = x1
     states, velocities, negatives = [x.float()], [], []
-    for k in range(len(sigmas) - 1):
+    for k, timestep in enumerate(scheduler.timesteps):
         sigma = sigmas[k].expand(x.shape[0]).to(x.device)
         v, v_cond, v_neg = call.sampling_velocity(transformer, x, sigma, embeds, pooled, text_ids)
         velocities.append(v_cond.float())
         if v_neg is not None:
             negatives.append(v_neg.float())
-        x = (x.float() + (sigmas[k + 1] - sigmas[k]) * v.float()).to(x.dtype)
+        x = scheduler.step(v, timestep, x, return_dict=False)[0].to(x.dtype)
         states.append(x.float())
-    return Trajectory(torch.stack(states), torch.stack(velocities), torch.stack(negatives) if negatives else None)
+    return Trajectory(
+        sigmas, torch.stack(states), torch.stack(velocities), torch.stack(negatives) if negatives else None
+    )

@@ -297,14 +297,14 @@ def test_spec_flags_override_or_define_a_spec() -> None:
         _specs(parser.parse_args(["erase", "--concept", "red", "--concept", "blue", "--anchor", "x"]))
 
 
+@pytest.mark.parametrize("renoise_above", [1.0, 0.5])
 @pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
-def test_euler_trajectory_is_the_pipelines_sampler(true_cfg_scale: float) -> None:
-    """The cache's base-model samples are the images ``FluxPipeline`` draws with plain Euler on its scheduler's
-    sigmas (the bundled scheduler with re-noising switched off), true CFG included."""
-    from attnscope.erase.sampling import euler_trajectory, flow_sigmas
+def test_sample_trajectory_is_the_pipelines_sampler(true_cfg_scale: float, renoise_above: float) -> None:
+    """The cache's base-model samples are the images ``FluxPipeline`` draws, true CFG and re-noising included."""
+    from attnscope.erase.sampling import flow_sigmas, sample_trajectory
 
     pipe = small_shapes_pipeline()
-    pipe.scheduler = FlowMatchRenoisingScheduler.from_config(pipe.scheduler.config, renoise_above=1.0)
+    pipe.scheduler = FlowMatchRenoisingScheduler.from_config(pipe.scheduler.config, renoise_above=renoise_above)
     prompt, steps = "a red circle", 4
     cfg = {"true_cfg_scale": true_cfg_scale, "negative_prompt": ""} if true_cfg_scale > 1 else {}
     expected = pipe(prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=20,
@@ -313,11 +313,11 @@ def test_euler_trajectory_is_the_pipelines_sampler(true_cfg_scale: float) -> Non
     call = FluxCall(pipe, 32, 32, true_cfg_scale=true_cfg_scale, negative=bank.get([""]) if cfg else None)
     embeds, pooled = bank.get([prompt])
     x1 = call.noise(1, torch.Generator().manual_seed(5))
-    trajectory = euler_trajectory(call, pipe.transformer, x1, flow_sigmas(pipe, steps, call.n_tokens),
-                                  embeds, pooled, bank.text_ids)
+    trajectory = sample_trajectory(call, pipe.transformer, x1, steps, embeds, pooled, bank.text_ids)
     torch.testing.assert_close(trajectory.states[-1], expected.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trajectory.sigmas, flow_sigmas(pipe, steps, call.n_tokens))
     # The recorded velocities are the conditional ones (ESD's v*(x_t, c)), not the guided ones.
-    sigma = flow_sigmas(pipe, steps, call.n_tokens)[:1]
+    sigma = trajectory.sigmas[:1]
     v_cond = call.velocity(pipe.transformer, x1, sigma, embeds, pooled, bank.text_ids)
     torch.testing.assert_close(trajectory.velocities[0], v_cond)
     if cfg:
