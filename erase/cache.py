@@ -2,7 +2,8 @@
 
 The official EraseAnything code samples the base model for 28 steps in every training step to get ``x_t``.
 Here the base model's few-step trajectories (the pipeline scheduler's own steps) on the concept prompts are
-sampled once, and every state on them is a training point ``x_t``. What the losses need from the base model at that point is computed once too:
+sampled once, and every state on them is a training point ``x_t``. What the losses need from the base model at
+that point is computed once too:
 
 * ``v*(x_t, c)`` (the sampler's own velocity there) and ``v*(x_t, c_anc)`` (one extra forward) for ESD;
 * the base model's attention features of irrelevant concepts and synonyms at ``x_t`` (the prompt with the
