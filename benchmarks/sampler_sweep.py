@@ -20,8 +20,13 @@ import numpy as np
 import torch
 
 from attnscope.sampling import FlowMatchRenoisingScheduler
-from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS, generate, load_model, score_image
-from attnscope.shapes.reader import read_scene
+from attnscope.shapes.metrics import (
+    SINGLE_PROMPTS,
+    TWO_OBJECT_PROMPTS,
+    load_model,
+    score_prompts,
+    summarize_generation,
+)
 
 
 def parse_setting(text: str) -> tuple[float, float, float]:
@@ -35,22 +40,20 @@ def parse_setting(text: str) -> tuple[float, float, float]:
 
 def sweep_setting(pipe, shift: float, renoise_above: float, guidance: float, seeds: list[int]) -> dict:
     pipe.scheduler = FlowMatchRenoisingScheduler(shift=shift, renoise_above=renoise_above)
-    two = [score_image(p, read_scene(im)) for p in TWO_OBJECT_PROMPTS
-           for im in generate(pipe, p, seeds, true_cfg_scale=guidance)]
-    one = [score_image(p, read_scene(im)) for p in SINGLE_PROMPTS
-           for im in generate(pipe, p, seeds[:4], true_cfg_scale=guidance)]
-    scored = two + one
+    two = score_prompts(pipe, "two", TWO_OBJECT_PROMPTS, seeds, true_cfg_scale=guidance)
+    one = score_prompts(pipe, "single", SINGLE_PROMPTS, seeds[:4], true_cfg_scale=guidance)
+    summary = summarize_generation(two + one)
     return {
         "shift": shift,
         "renoise_above": renoise_above,
         "guidance": guidance,
         "seeds": f"{seeds[0]}..{seeds[-1]}",
-        "two_object_all_correct": round(float(np.mean([r["all_correct"] for r in two])), 3),
+        "two_object_all_correct": round(summary["two_object_all_correct"], 3),
         "two_object_count": round(float(np.mean([r["count_ok"] for r in two])), 3),
-        "single_object_all_correct": round(float(np.mean([r["all_correct"] for r in one])), 3),
-        "color": round(float(np.mean([h for r in scored for h in r["color_hits"]])), 3),
-        "shape": round(float(np.mean([h for r in scored for h in r["shape_hits"]])), 3),
-        "duplicates": sum(kind == "duplicate" for r in two for kind in r["extras"]),
+        "single_object_all_correct": round(summary["single_object_all_correct"], 3),
+        "color": round(summary["color_acc"], 3),
+        "shape": round(summary["shape_acc"], 3),
+        "duplicates": summary["extra_objects"]["duplicate"],
         "two_object_images": len(two),
     }
 

@@ -187,22 +187,24 @@ def sampling_seconds(pipe: Any, repeats: int = 3) -> float:
     return float(np.median(times[1:]))
 
 
-def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate the protocol's prompts × seeds and score them; returns (summary, per-image records)."""
-    single_call = sampling_seconds(pipe)
+def score_prompts(
+    pipe: Any, group: str, prompts: tuple[str, ...], seeds: list[int], **call_kwargs: Any
+) -> list[dict[str, Any]]:
+    """Generate every prompt × seed and score it: one ``score_image`` record per image, with its ``group``, ``seed``
+    and ``image`` (call kwargs override ``DEFAULT_CALL_KWARGS``)."""
     records = []
-    groups = (("single", SINGLE_PROMPTS), ("two", TWO_OBJECT_PROMPTS), ("synonym", SYNONYM_PROMPTS))
-    t0 = time.time()
-    for group, prompts in groups:
-        for prompt in prompts:
-            for seed, image in zip(range(seeds), generate(pipe, prompt, list(range(seeds)))):
-                rec = score_image(prompt, read_scene(image)) | {"group": group, "seed": seed}
-                rec["image"] = image
-                records.append(rec)
+    for prompt in prompts:
+        for seed, image in zip(seeds, generate(pipe, prompt, seeds, **call_kwargs)):
+            records.append(score_image(prompt, read_scene(image)) | {"group": group, "seed": seed, "image": image})
+    return records
+
+
+def summarize_generation(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The protocol's generation metrics of scored records (groups ``single``, ``two``, ``synonym``; see above)."""
     canon = [r for r in records if r["group"] != "synonym"]
     syn = [r for r in records if r["group"] == "synonym"]
     two = [r for r in records if r["group"] == "two"]
-    summary = {
+    return {
         "color_acc": _mean([h for r in canon for h in r["color_hits"]]),
         "shape_acc": _mean([h for r in canon for h in r["shape_hits"]]),
         "shape_acc_true_to_form": _mean([h for r in canon for h in r["form_hits"]]),
@@ -214,6 +216,16 @@ def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str,
         "spurious_objects": _mean([float(r["spurious"]) for r in records]),
         "extra_objects": {kind: sum(r["extras"].count(kind) for r in two) for kind in EXTRA_KINDS},
         "n_images": len(records),
+    }
+
+
+def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate the protocol's prompts × seeds and score them; returns (summary, per-image records)."""
+    single_call = sampling_seconds(pipe)
+    groups = (("single", SINGLE_PROMPTS), ("two", TWO_OBJECT_PROMPTS), ("synonym", SYNONYM_PROMPTS))
+    t0 = time.time()
+    records = [rec for group, prompts in groups for rec in score_prompts(pipe, group, prompts, list(range(seeds)))]
+    summary = summarize_generation(records) | {
         "seconds_per_image": (time.time() - t0) / max(len(records), 1),
         "sampling_seconds": single_call,
         "torch_threads": torch.get_num_threads(),
