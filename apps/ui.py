@@ -10,7 +10,10 @@ wait in line instead of running out of memory; view events (slicing stored maps)
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import logging
+import os
 import math
 import shutil
 import tempfile
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+from PIL import Image
 
 from .explorer import (
     COLORMAPS,
@@ -111,6 +115,26 @@ def _progress(progress: gr.Progress, what: str) -> Callable[[int, int], None]:
     return lambda done, total: progress((done, total), desc=f"{what}: step {done}/{total}")
 
 
+def _shown(image: Image.Image, folder: Path) -> Path:
+    """``image`` as a PNG file in the session's ``folder``, which is what the image components are handed.
+
+    Handed a PIL image, Gradio writes it into its cache in place (truncate, then write) under a name made from the
+    image's bytes, so two sessions showing the same image at once (same prompt and seed) can serve each other a
+    half-written file. Handed a path, Gradio copies it under a temporary name and renames it into place. Our file is
+    written the same way and named by its bytes, so it is never rewritten while it is read.
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    data = buffer.getvalue()
+    path = folder / "shown" / f"{hashlib.blake2b(data, digest_size=16).hexdigest()}.png"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{uuid.uuid4().hex}.png")
+        staging.write_bytes(data)
+        os.replace(staging, path)
+    return path
+
+
 def _remove_folder(folder: Path | None) -> None:
     """Delete a session's download folder when Gradio drops the session."""
     if folder is not None:
@@ -118,10 +142,14 @@ def _remove_folder(folder: Path | None) -> None:
 
 
 def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = None) -> gr.Blocks:
-    """The explorer app for ``model``. Download files go to ``workdir`` (default: a fresh temporary folder),
-    one sub-folder per browser session, removed with the session."""
+    """The explorer app for ``model``. The files it serves (downloads, shown images) go to ``workdir`` (default: a
+    fresh temporary folder), one sub-folder per browser session, removed with the session."""
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="attnscope-app-"))
+
+    def _folder(folder: Path | None) -> Path:
+        """The session's folder, named on its first use."""
+        return folder or workdir / uuid.uuid4().hex
     height, width = model.default_size
     multiple = model.size_multiple
 
@@ -198,7 +226,7 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
         ) -> tuple[Any, ...]:  # fmt: skip
             request = _request(prompt_text, seed_value, steps_value, h, w)
             result = generate(model, request, limits, on_step=_progress(progress, "Generating"))
-            folder = folder or workdir / uuid.uuid4().hex  # the files of a new generation replace the old ones
+            folder = _folder(folder)  # the files of a new generation replace the old ones
             files = export_result(result, folder)
             for note in result.notes:
                 gr.Warning(note)
@@ -208,8 +236,8 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
             return (
                 result,
                 folder,
-                result.image,
-                overlay_image(result, View()),
+                _shown(result.image, folder),
+                _shown(overlay_image(result, View()), folder),
                 gr.update(choices=result.words, value=None),
                 gr.update(choices=result.layer_labels, value=[]),
                 gr.update(maximum=max(last, 1), value=0, interactive=last > 0),
@@ -237,7 +265,7 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
                 return gr.skip(), gr.skip()
             view = _view(*values)
             path = export_overlay(result, view, folder) if view.word else None
-            return overlay_image(result, view), path
+            return _shown(overlay_image(result, view), folder), path
 
         gr.on(
             [c.change for c in view_inputs],
@@ -250,58 +278,60 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
         )
 
         @_user_errors
-        def on_grid(result: Result | None, by: str, chosen: list[str], *values: Any) -> Any:
-            if result is None:
+        def on_grid(result: Result | None, folder: Path | None, by: str, chosen: list[str], *values: Any) -> Any:
+            if result is None or folder is None:
                 raise RequestError("Generate an image first.")
-            return grid_image(result, _view(*values), list(chosen or ()), by)  # type: ignore[arg-type]
+            return _shown(grid_image(result, _view(*values), list(chosen or ()), by), folder)  # type: ignore[arg-type]
 
         grid_button.click(
             on_grid,
-            inputs=[result_state, grid_by, grid_words, *view_inputs],
+            inputs=[result_state, folder_state, grid_by, grid_words, *view_inputs],
             outputs=grid,
             api_name="grid",
             concurrency_limit=2,
         )
 
-        def compared_views(pair: tuple[Result, Result], view: View) -> tuple[Any, Any, str]:
+        def compared_views(pair: tuple[Result, Result], view: View, folder: Path) -> tuple[Path, Path, str]:
             base, erased = pair
             if view.word is None or view.word.casefold() not in {w.casefold() for w in base.words}:
                 # no word yet, or the word of a newer prompt: show the images, not an error
-                plain = replace(view, word=None)
-                return overlay_image(base, plain), overlay_image(erased, plain), "Click a word of the compared prompt."
-            before, after = attention_mass(base, view), attention_mass(erased, view)
-            change = f"{100 * (after - before) / before:+.1f} %" if before > 0 else "n/a"
-            summary = f"Mean attention on **{view.word}**: base {before:.4g} → LoRA {after:.4g} ({change})"
-            return overlay_image(base, view), overlay_image(erased, view), summary
+                view, summary = replace(view, word=None), "Click a word of the compared prompt."
+            else:
+                before, after = attention_mass(base, view), attention_mass(erased, view)
+                change = f"{100 * (after - before) / before:+.1f} %" if before > 0 else "n/a"
+                summary = f"Mean attention on **{view.word}**: base {before:.4g} → LoRA {after:.4g} ({change})"
+            return _shown(overlay_image(base, view), folder), _shown(overlay_image(erased, view), folder), summary
 
         @_user_errors
         def on_compare(
-            folder: str, prompt_text: str, seed_value: float, steps_value: float, h: float, w: float, *values: Any,
+            lora_folder: str, folder: Path | None, prompt_text: str, seed_value: float, steps_value: float, h: float, w: float, *values: Any,
             progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:  # fmt: skip
             request = _request(prompt_text, seed_value, steps_value, h, w)
-            base, erased = compare(model, request, folder, limits, on_step=_progress(progress, "Base, then LoRA"))
-            return ((base, erased), base.image, erased.image, *compared_views((base, erased), _view(*values)))
+            base, erased = compare(model, request, lora_folder, limits, on_step=_progress(progress, "Base, then LoRA"))
+            folder = _folder(folder)
+            views = compared_views((base, erased), _view(*values), folder)
+            return (base, erased), folder, _shown(base.image, folder), _shown(erased.image, folder), *views
 
         compare_button.click(
             on_compare,
-            inputs=[lora, prompt, seed, steps, height_box, width_box, *view_inputs],
-            outputs=[compare_state, base_image, lora_image, base_overlay, lora_overlay, mass],
+            inputs=[lora, folder_state, prompt, seed, steps, height_box, width_box, *view_inputs],
+            outputs=[compare_state, folder_state, base_image, lora_image, base_overlay, lora_overlay, mass],
             api_name="compare",
             concurrency_id="model",
             concurrency_limit=1,
         )
 
         @_user_errors
-        def on_compare_view(pair: tuple[Result, Result] | None, *values: Any) -> tuple[Any, ...]:
-            if pair is None:
+        def on_compare_view(pair: tuple[Result, Result] | None, folder: Path | None, *values: Any) -> tuple[Any, ...]:
+            if pair is None or folder is None:
                 return gr.skip(), gr.skip(), gr.skip()
-            return compared_views(pair, _view(*values))
+            return compared_views(pair, _view(*values), folder)
 
         gr.on(
             [c.change for c in view_inputs],
             on_compare_view,
-            inputs=[compare_state, *view_inputs],
+            inputs=[compare_state, folder_state, *view_inputs],
             outputs=[base_overlay, lora_overlay, mass],
             api_visibility="private",
             trigger_mode="always_last",

@@ -252,6 +252,22 @@ def test_ui_reads_widget_values() -> None:
     )
 
 
+def test_shown_images_are_files_written_once_and_whole(result: explorer.Result, tmp_path: Path) -> None:
+    """Two sessions showing the same image at once must not rewrite the file the other is being served."""
+    from PIL import Image
+
+    from attnscope.apps import ui
+
+    path = ui._shown(result.image, tmp_path)
+    written = path.stat()
+    again = ui._shown(result.image.copy(), tmp_path)
+    assert again == path
+    assert (again.stat().st_ino, again.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns), "rewritten"
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(result.image))
+    assert ui._shown(explorer.overlay_image(result, View(word="red")), tmp_path) != path
+    assert sorted(p.name.startswith(".") for p in path.parent.iterdir()) == [False, False], "staging files left"
+
+
 def test_demo_builds_with_a_bounded_queue(model: explorer.Model, tmp_path: Path) -> None:
     from attnscope.apps import ui
 
