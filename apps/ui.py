@@ -13,8 +13,8 @@ import functools
 import hashlib
 import io
 import logging
-import os
 import math
+import os
 import shutil
 import tempfile
 import uuid
@@ -136,7 +136,7 @@ def _shown(image: Image.Image, folder: Path) -> Path:
 
 
 def _remove_folder(folder: Path | None) -> None:
-    """Delete a session's download folder when Gradio drops the session."""
+    """Delete a session's folder (downloads, shown images) when Gradio drops the session."""
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -150,6 +150,7 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
     def _folder(folder: Path | None) -> Path:
         """The session's folder, named on its first use."""
         return folder or workdir / uuid.uuid4().hex
+
     height, width = model.default_size
     multiple = model.size_multiple
 
