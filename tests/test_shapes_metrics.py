@@ -39,6 +39,19 @@ def test_score_image_counts_errors():
     assert match_objects([("red", "circle"), ("blue", "square")], []) == [None, None]
 
 
+def test_two_object_accuracy_is_also_given_per_seed():
+    prompt = "a red circle and a blue square"
+    right = read_scene(render_prompt(prompt, 0).image)
+    wrong = read_scene(render_scene(0, objects=[("red", "circle"), ("red", "circle"), ("blue", "square")]).image)
+    records = [
+        score_image(prompt, detected) | {"group": "two", "seed": seed}
+        for seed, detected in [(0, right), (0, right), (1, right), (1, wrong), (2, wrong)]
+    ]
+    summary = metrics.summarize_generation(records)
+    assert summary["two_object_all_correct"] == pytest.approx(3 / 5)
+    assert summary["two_object_by_seed"] == {"0": 1.0, "1": 0.5, "2": 0.0}
+
+
 def test_extras_are_classified_by_their_relation_to_the_prompt():
     """A bag-of-attributes drawing of "a red circle and a blue square" shows up as a cross-binding, not as noise."""
     prompt = "a red circle and a blue square"
@@ -79,6 +92,7 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
         assert key in data and key in result["summary"]
         assert data[key] is None or 0.0 <= data[key] <= 1.0
     assert data["n_images"] == 6 and (tmp_path / "eval" / "samples.png").exists()
+    assert data["two_object_by_seed"] == {"0": data["two_object_all_correct"]}
     if data["localization_pairs"]:  # a random model rarely draws an object in the asked colour
         assert set(data["miou_by_layer"]) == {"double.0", "single.0"}
         assert len(data["miou_by_step"]["color"]["double.0"]) == 2

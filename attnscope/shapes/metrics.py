@@ -18,7 +18,9 @@ that maximizes 2·[colour right] + [shape right]; an expected object with no det
 * ``shape_acc_true_to_form``: the right shape drawn within ``ASPECT_TOLERANCE`` of the renderer's proportions
   (a 2:1 box for "square" counts for ``shape_acc``, not here);
 * ``two_object_all_correct``: fraction of two-object images whose detected objects are exactly the two asked for
-  (colours and shapes, nothing more);
+  (colours and shapes, nothing more); ``two_object_by_seed`` gives it per seed. Layouts follow the seed (a seed
+  whose noise holds three bumps draws three objects for most prompts), so the spread over seeds, not the number
+  of images, sets how far the figure can be trusted;
 * ``synonym_color_acc`` / ``synonym_shape_acc``: the same accuracies on synonym prompts;
 * ``count_acc``: fraction of images with exactly the asked number of objects; ``spurious_objects``: mean number
   of detections beyond that number per image;
@@ -209,6 +211,10 @@ def summarize_generation(records: list[dict[str, Any]]) -> dict[str, Any]:
         "shape_acc": _mean([h for r in canon for h in r["shape_hits"]]),
         "shape_acc_true_to_form": _mean([h for r in canon for h in r["form_hits"]]),
         "two_object_all_correct": _mean([r["all_correct"] for r in two]),
+        "two_object_by_seed": {
+            str(seed): _mean([r["all_correct"] for r in two if r["seed"] == seed])
+            for seed in sorted({r["seed"] for r in two})
+        },
         "single_object_all_correct": _mean([r["all_correct"] for r in records if r["group"] == "single"]),
         "synonym_color_acc": _mean([h for r in syn for h in r["color_hits"]]),
         "synonym_shape_acc": _mean([h for r in syn for h in r["shape_hits"]]),
