@@ -17,6 +17,8 @@ from attnscope.shapes.vocabulary import (
     SYNONYMS,
     UnknownWordError,
     check_prompt,
+    is_color,
+    is_shape,
     parse_prompt,
     words_of,
 )
@@ -71,6 +73,16 @@ def test_render_is_deterministic_and_consistent():
         for idx, word, obj in s.word_objects:
             assert words_of(s.caption)[idx] == word
             assert (s.word_masks[word] & s.objects[obj].mask).sum() == s.objects[obj].mask.sum()
+
+
+def test_three_object_captions_share_no_connector_with_two_object_ones():
+    # A two-object prompt must not read as the tail of a three-object caption ("..., B and C"): the model then drew
+    # a third object for "B and C" twice as often as for "B with C" (benchmarks/two_object_count.py).
+    captions = {n: [render_scene(seed, n_objects=n).caption for seed in range(300)] for n in (2, 3)}
+    connectors = {n: {w for c in captions[n] for w in words_of(c) if not (is_color(w) or is_shape(w))} for n in (2, 3)}
+    assert {"and", "with", "beside"} <= connectors[2]
+    assert connectors[3] <= {"a", "an"}
+    assert all(c.count(",") == 2 for c in captions[3])
 
 
 def test_render_same_colour_pair_word_mask_is_union():

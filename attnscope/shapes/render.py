@@ -143,7 +143,8 @@ def make_caption(
     """A varied caption for (colour, shape) objects.
 
     Objects are mentioned in a random order, each colour/shape word is replaced by a synonym with probability
-    ``synonym_prob``, articles are sometimes dropped, and the connector varies ("and", "with", "next to", ...).
+    ``synonym_prob``, articles are sometimes dropped, and two objects are joined by a varied connector ("and",
+    "with", "next to", ...), three by commas.
 
     Returns:
         (caption, order): ``order[k]`` is the index in ``specs`` of the k-th object mentioned.
@@ -165,7 +166,9 @@ def make_caption(
     elif len(phrases) == 2:
         caption = phrases[0] + str(rng.choice(_CONNECTORS_2)) + phrases[1]
     else:
-        caption = ", ".join(phrases[:-1]) + " and " + phrases[-1] if rng.random() < 0.5 else " and ".join(phrases)
+        # Commas only: a three-object caption that ended in "B and C" taught the model that a two-object prompt
+        # ("B and C") may come with a third object, and it drew one (benchmarks/RESULTS.md, connector diagnostic).
+        caption = ", ".join(phrases)
     return caption, order
 
 
