@@ -305,7 +305,8 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
 
         @_user_errors
         def on_compare(
-            lora_folder: str, folder: Path | None, prompt_text: str, seed_value: float, steps_value: float, h: float, w: float, *values: Any,
+            lora_folder: str, folder: Path | None, prompt_text: str, seed_value: float, steps_value: float,
+            h: float, w: float, *values: Any,
             progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:  # fmt: skip
             request = _request(prompt_text, seed_value, steps_value, h, w)

@@ -167,7 +167,7 @@ def make_caption(
         caption = phrases[0] + str(rng.choice(_CONNECTORS_2)) + phrases[1]
     else:
         # Commas only: a three-object caption that ended in "B and C" taught the model that a two-object prompt
-        # ("B and C") may come with a third object, and it drew one (benchmarks/RESULTS.md, connector diagnostic).
+        # ("B and C") may come with a third object, and it drew one (benchmarks/two_object_count.py; RESULTS.md).
         caption = ", ".join(phrases)
     return caption, order
 
