@@ -39,7 +39,10 @@ def parse_setting(text: str) -> tuple[float, float, float]:
 
 
 def sweep_setting(pipe, shift: float, renoise_above: float, guidance: float, seeds: list[int]) -> dict:
-    pipe.scheduler = FlowMatchRenoisingScheduler(shift=shift, renoise_above=renoise_above)
+    # The model's own scheduler config with the two swept knobs changed, so nothing else differs from the bundle.
+    pipe.scheduler = FlowMatchRenoisingScheduler.from_config(
+        pipe.scheduler.config, shift=shift, renoise_above=renoise_above
+    )
     two = score_prompts(pipe, "two", TWO_OBJECT_PROMPTS, seeds, true_cfg_scale=guidance)
     one = score_prompts(pipe, "single", SINGLE_PROMPTS, seeds[:4], true_cfg_scale=guidance)
     summary = summarize_generation(two + one)

@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 
-import numpy as np
 import torch
 
 from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, load_model, score_prompts, summarize_generation
@@ -43,7 +42,7 @@ def count_setting(pipe, connector: str, negative: str, seeds: list[int]) -> dict
         "negative_prompt": negative,
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "two_object_all_correct": round(summary["two_object_all_correct"], 3),
-        "count": round(float(np.mean([r["count_ok"] for r in records])), 3),
+        "count": round(summary["count_acc"], 3),
         "images_with_1_2_3plus_objects": [sum(n <= 1 for n in drawn), drawn.count(2), sum(n >= 3 for n in drawn)],
         "color": round(summary["color_acc"], 3),
         "duplicates": summary["extra_objects"]["duplicate"],

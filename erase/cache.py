@@ -241,11 +241,10 @@ def build_cache(
         trajectory = sample_trajectory(call, transformer, x1, config.preserve_steps, embeds, pooled, bank.text_ids)
         x0_list.append(trajectory.states[-1].cpu())
         q_prompts += chunk
-        steps = config.preserve_steps
         keep_x.append(trajectory.states[:-1].flatten(0, 1).cpu())  # (steps·B, N, C), step-major
         keep_sigma.append(trajectory.sigmas[:-1].repeat_interleave(len(chunk)))
         keep_v.append(trajectory.velocities.flatten(0, 1).cpu())
-        keep_prompts += chunk * steps
+        keep_prompts += chunk * config.preserve_steps
         done += len(chunk)
         if progress:
             progress(done, total)

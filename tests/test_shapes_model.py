@@ -145,6 +145,7 @@ def test_bundled_weights_load_and_generate(bundled_pipe):
     assert folder_bytes(bundled_path()) <= MAX_BUNDLE_BYTES
     # The bundle samples with the scheduler the code builds (the one its figures were measured with).
     assert isinstance(bundled_pipe.scheduler, FlowMatchRenoisingScheduler)
+
     def public(config) -> dict:
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
