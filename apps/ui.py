@@ -14,7 +14,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import shutil
 import tempfile
 import uuid
@@ -25,6 +24,8 @@ from typing import Any, TypeVar
 
 import gradio as gr
 from PIL import Image
+
+from attnscope import atomic
 
 from .explorer import (
     COLORMAPS,
@@ -129,9 +130,7 @@ def _shown(image: Image.Image, folder: Path) -> Path:
     path = folder / "shown" / f"{hashlib.blake2b(data, digest_size=16).hexdigest()}.png"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{uuid.uuid4().hex}.png")
-        staging.write_bytes(data)
-        os.replace(staging, path)
+        atomic.write_bytes(data, path)
     return path
 
 

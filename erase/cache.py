@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from attnscope import atomic
 from attnscope.trace import column_mask
 
 from .losses import attention_features
@@ -82,9 +83,7 @@ class EraseCache:
     keep_prompts: list[str]
 
     def save(self, path: str | Path) -> None:
-        tmp = Path(str(path) + ".tmp")
-        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
-        tmp.replace(path)
+        atomic.torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> EraseCache:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ import yaml
 from tqdm import tqdm
 
 import attnscope
+from attnscope import atomic
 from attnscope.trace import column_mask
 
 from . import losses
@@ -176,12 +176,6 @@ class EraseResult:
     final_losses: dict[str, float]
     seconds: float
     log: list[dict[str, Any]]
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -458,7 +452,7 @@ class Trainer:
         path = self.out / CHECKPOINT_FILE
         state = self.state()  # collective: every process takes part
         if self.parallel.is_main:
-            _atomic_save(state, path)
+            atomic.torch_save(state, path)
         self.parallel.barrier()
         self.last_checkpoint = path
 

@@ -96,7 +96,8 @@ def test_train_resume_export(tmp_path):
     )
     ckpt = train(cfg)
     state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == 2 and not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    assert state["step"] == 2
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")], "staging files left"
     train(TrainConfig(**{**cfg.__dict__, "steps": 3}), resume=True)
     assert torch.load(ckpt, weights_only=False)["step"] == 3
     log = (tmp_path / "run" / "train.log").read_text()

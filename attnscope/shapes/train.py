@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import signal
 import threading
 import time
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from transformers import T5EncoderModel, T5Tokenizer
 
 import attnscope
+from attnscope import atomic
 from attnscope.tokens import t5_tokens
 
 from .grounding import grounding_loss, grounding_targets
@@ -295,12 +295,6 @@ def flow_loss(
     return F.mse_loss(pred, target)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) training; returns the checkpoint path. See the module docstring."""
     torch.set_num_threads(cfg.threads)
@@ -381,7 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
 
     def save() -> None:
-        _atomic_save(
+        atomic.torch_save(
             {
                 "config": cfg.__dict__,
                 "vae_config": dict(vae.config),
