@@ -23,8 +23,9 @@ import re
 import torch
 
 from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, load_model, score_prompts, summarize_generation
+from attnscope.shapes.render import TWO_OBJECT_CONNECTORS
 
-_CONNECTOR = re.compile(r" (and|with|next to|beside|plus) ")
+_CONNECTOR = re.compile(" (" + "|".join(map(re.escape, TWO_OBJECT_CONNECTORS)) + ") ")
 
 
 def with_connector(prompt: str, connector: str) -> str:

@@ -21,7 +21,9 @@ NATIVE_SIZE = 32
 RADIUS_RANGE: dict[int, tuple[float, float]] = {1: (6.0, 11.0), 2: (5.0, 8.5), 3: (4.5, 6.5)}
 _SUPERSAMPLE = 4
 _GAP = 2.0  # minimum distance between object bounding boxes (px at 32×32)
-_CONNECTORS_2 = (" and ", " and ", " with ", " next to ", " beside ", " plus ")
+#: Words joining the two objects of a two-object caption (three objects are joined by commas only).
+TWO_OBJECT_CONNECTORS: tuple[str, ...] = ("and", "with", "next to", "beside", "plus")
+_CONNECTOR_DRAW = tuple(f" {c} " for c in ("and", *TWO_OBJECT_CONNECTORS))  # "and" drawn twice as often
 _VOWEL_START = tuple("aeiou")
 
 
@@ -164,7 +166,7 @@ def make_caption(
     if len(phrases) == 1:
         caption = phrases[0]
     elif len(phrases) == 2:
-        caption = phrases[0] + str(rng.choice(_CONNECTORS_2)) + phrases[1]
+        caption = phrases[0] + str(rng.choice(_CONNECTOR_DRAW)) + phrases[1]
     else:
         # Commas only: a three-object caption that ended in "B and C" taught the model that a two-object prompt
         # ("B and C") may come with a third object, and it drew one (benchmarks/two_object_count.py; RESULTS.md).
@@ -254,4 +256,14 @@ def render_prompt(prompt: str, seed: int | np.random.Generator, size: int = NATI
     return render_scene(seed, objects=parse_prompt(prompt), caption=prompt, size=size)
 
 
-__all__ = ["NATIVE_SIZE", "Scene", "SceneObject", "coverage", "draw", "make_caption", "render_prompt", "render_scene"]
+__all__ = [
+    "NATIVE_SIZE",
+    "TWO_OBJECT_CONNECTORS",
+    "Scene",
+    "SceneObject",
+    "coverage",
+    "draw",
+    "make_caption",
+    "render_prompt",
+    "render_scene",
+]
