@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from tqdm import tqdm
 
 #: Fixed thresholds of the best-τ search (on min-max normalized maps).
 TAUS: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace(0.05, 0.95, 19), 2))
@@ -172,7 +173,8 @@ def localization_metrics(pipe: Any, seeds: int, prompts: tuple[str, ...]) -> tup
 
     tally: LocalizationTally | None = None
     samples: list[dict[str, Any]] = []
-    for prompt in prompts:
+    # disable=None: a bar on a terminal, nothing in logs and tests
+    for prompt in tqdm(prompts, desc=f"tracing ({seeds} seeds per prompt)", unit="prompt", leave=False, disable=None):
         expected = parse_prompt(prompt)
         kind_words = {"color": [w for w in words_of(prompt) if is_color(w)],
                       "shape": [w for w in words_of(prompt) if is_shape(w)]}
