@@ -3,7 +3,7 @@
     python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] SHIFT,RENOISE_ABOVE,GUIDANCE ...
 
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
-``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–3, so
+``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so
 a setting chosen here is not tuned on the eval's images) and the 12 single-object prompts with the first 4 of
 them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)`` and ``true_cfg_scale = GUIDANCE``; images are
 scored as the eval scores them. This is how the bundle's sampler was chosen (benchmarks/RESULTS.md). Prints one

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from attnscope.shapes import metrics
 from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, evaluate, match_objects, score_image
@@ -86,17 +87,26 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "TWO_OBJECT_PROMPTS", TWO_OBJECT_PROMPTS[:2])
     monkeypatch.setattr(metrics, "SYNONYM_PROMPTS", metrics.SYNONYM_PROMPTS[:2])
     monkeypatch.setitem(metrics.DEFAULT_CALL_KWARGS, "num_inference_steps", 2)
-    result = evaluate(folder, out_dir=tmp_path / "eval", seeds=1)
+    result = evaluate(folder, out_dir=tmp_path / "eval", seeds=1, two_object_seeds=2)
     data = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
     for key in REQUIRED_KEYS:
         assert key in data and key in result["summary"]
         assert data[key] is None or 0.0 <= data[key] <= 1.0
-    assert data["n_images"] == 6 and (tmp_path / "eval" / "samples.png").exists()
-    assert data["two_object_by_seed"] == {"0": data["two_object_all_correct"]}
+    # 2 single-object and 2 synonym prompts × 1 seed, 2 two-object prompts × 2 seeds.
+    assert data["n_images"] == 8 and (data["seeds"], data["two_object_seeds"]) == (1, 2)
+    assert set(data["two_object_by_seed"]) == {"0", "1"}
+    with Image.open(tmp_path / "eval" / "samples.png") as grid:  # one row per prompt, as wide as the longest
+        assert grid.size == (2 * 32, 6 * 32)
     if data["localization_pairs"]:  # a random model rarely draws an object in the asked colour
         assert set(data["miou_by_layer"]) == {"double.0", "single.0"}
         assert len(data["miou_by_step"]["color"]["double.0"]) == 2
         assert (tmp_path / "eval" / "maps.png").exists()
+
+
+@pytest.mark.parametrize("kwargs", [{"seeds": -1}, {"two_object_seeds": 0}])
+def test_evaluate_rejects_seed_counts_below_one(kwargs):
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate("no-model-is-loaded", **kwargs)
 
 
 def test_occurrence_query_counts_in_prompt_order() -> None:

@@ -142,6 +142,19 @@ def test_cli_registers_shapes_group():
     assert args.out == "y" and args.model is None
 
 
+def test_cli_eval_passes_seed_counts_to_the_protocol(monkeypatch, capsys):
+    from attnscope.shapes import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **kw: calls.append((a, kw)) or {"summary": {}})
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shapes", "eval", "--seeds", "2", "--two-object-seeds", "8", "--no-localization"])
+    assert args.run(args) == 0
+    (_, kwargs), = calls
+    assert (kwargs["seeds"], kwargs["two_object_seeds"], kwargs["localization"]) == (2, 8, False)
+
+
 def test_bundled_weights_load_and_generate(bundled_pipe):
     assert folder_bytes(bundled_path()) <= MAX_BUNDLE_BYTES
     # The bundle samples with the scheduler the code builds (the one its figures were measured with).

@@ -64,7 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="a training checkpoint (ckpt.pt) or a diffusers folder "
                     "(default: the bundled weights)")
     ev.add_argument("--out", default=None, help="write OUT/shapes_eval.json (and a sample grid)")
-    ev.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: the published protocol)")
+    ev.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: the published protocol's 4; "
+                    "given alone, also for the two-object prompts)")
+    ev.add_argument("--two-object-seeds", type=int, default=None,
+                    help="seeds per two-object prompt (default: the published protocol's 16)")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--no-localization", action="store_true", help="generation metrics only (no attention capture)")
     ev.set_defaults(run=_eval)
@@ -116,7 +119,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate
 
     result = evaluate(
-        args.model, out_dir=args.out, seeds=args.seeds, threads=args.threads, localization=not args.no_localization
+        args.model,
+        out_dir=args.out,
+        seeds=args.seeds,
+        threads=args.threads,
+        localization=not args.no_localization,
+        two_object_seeds=args.two_object_seeds,
     )
     print(json.dumps(result["summary"], indent=2))
     return 0

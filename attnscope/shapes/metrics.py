@@ -5,7 +5,10 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
 * prompts: ``SINGLE_PROMPTS`` (every colour × shape), ``TWO_OBJECT_PROMPTS`` (16 pairs incl. same-colour and
   same-shape pairs, varied connectors), ``SYNONYM_PROMPTS`` (synonyms for colours and shapes, one and two
   objects);
-* seeds 0..``DEFAULT_SEEDS``−1 per prompt (``torch.Generator().manual_seed(seed)``, one generator per image);
+* seeds 0..``DEFAULT_SEEDS``−1 per prompt, and 0..``TWO_OBJECT_SEEDS``−1 for the two-object prompts
+  (``torch.Generator().manual_seed(seed)``, one generator per image). A seed's noise fixes a layout, and most of
+  a layout's errors repeat across prompts, so the two-object figure needs many seeds more than many images: on
+  four seeds it moved by ±0.1 with the seed set (benchmarks/RESULTS.md, protocol v5);
 * the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 steps of the model's own scheduler (recorded as ``sampler``),
   true CFG against the empty prompt, max_sequence_length 20;
 * images are read by ``reader.read_scene``.
@@ -18,9 +21,8 @@ that maximizes 2·[colour right] + [shape right]; an expected object with no det
 * ``shape_acc_true_to_form``: the right shape drawn within ``ASPECT_TOLERANCE`` of the renderer's proportions
   (a 2:1 box for "square" counts for ``shape_acc``, not here);
 * ``two_object_all_correct``: fraction of two-object images whose detected objects are exactly the two asked for
-  (colours and shapes, nothing more); ``two_object_by_seed`` gives it per seed. Layouts follow the seed (a seed
-  whose noise holds three bumps draws three objects for most prompts), so the spread over seeds, not the number
-  of images, sets how far the figure can be trusted;
+  (colours and shapes, nothing more); ``two_object_by_seed`` gives it per seed, and its spread over seeds, not
+  the number of images, sets how far the figure can be trusted;
 * ``synonym_color_acc`` / ``synonym_shape_acc``: the same accuracies on synonym prompts;
 * ``count_acc``: fraction of images with exactly the asked number of objects; ``spurious_objects``: mean number
   of detections beyond that number per image;
@@ -30,7 +32,7 @@ that maximizes 2·[colour right] + [shape right]; an expected object with no det
 * ``sampling_seconds``: median time of one 20-step single-image call (``torch_threads`` threads);
 * ``miou_color`` / ``miou_shape``: localization of colour / shape words (mean-threshold mIoU at the best layer
   and step band), with best-τ mIoU, pixel accuracy and AP per layer and per step: see ``localization.py``
-  (null when skipped with ``--no-localization``).
+  (null when skipped with ``--no-localization``), on the two-object prompts × the first ``DEFAULT_SEEDS`` seeds.
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import DEFAULT_CALL_KWARGS, bundled_path
 from .localization import localization_metrics, save_sample_maps
 from .reader import DetectedObject, read_scene
 from .vocabulary import COLORS, SHAPES, parse_prompt
 
-PROTOCOL_VERSION = 4  # 4: token maps upsampled nearest, not bilinear; 3: the reader fits width-to-height ratios
+#: 5: 16 seeds for the two-object prompts; 4: token maps upsampled nearest, not bilinear; 3: the reader fits
+#: width-to-height ratios.
+PROTOCOL_VERSION = 5
 DEFAULT_SEEDS = 4
+TWO_OBJECT_SEEDS = 16
 #: An object is true to form when its fitted stretch is within this factor of the renderer's proportions.
 ASPECT_TOLERANCE = 1.25
 
@@ -225,12 +231,22 @@ def summarize_generation(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def generation_metrics(pipe: Any, seeds: int = DEFAULT_SEEDS) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def generation_metrics(
+    pipe: Any, seeds: int = DEFAULT_SEEDS, two_object_seeds: int = TWO_OBJECT_SEEDS
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate the protocol's prompts × seeds and score them; returns (summary, per-image records)."""
     single_call = sampling_seconds(pipe)
-    groups = (("single", SINGLE_PROMPTS), ("two", TWO_OBJECT_PROMPTS), ("synonym", SYNONYM_PROMPTS))
+    groups = (
+        ("single", SINGLE_PROMPTS, seeds),
+        ("two", TWO_OBJECT_PROMPTS, two_object_seeds),
+        ("synonym", SYNONYM_PROMPTS, seeds),
+    )
+    jobs = [(group, prompt, n) for group, prompts, n in groups for prompt in prompts]
     t0 = time.time()
-    records = [rec for group, prompts in groups for rec in score_prompts(pipe, group, prompts, list(range(seeds)))]
+    records = []
+    # disable=None: a bar on a terminal, nothing in logs and tests
+    for group, prompt, n in tqdm(jobs, desc="generating", unit="prompt", leave=False, disable=None):
+        records += score_prompts(pipe, group, (prompt,), list(range(n)))
     summary = summarize_generation(records) | {
         "seconds_per_image": (time.time() - t0) / max(len(records), 1),
         "sampling_seconds": single_call,
@@ -250,41 +266,53 @@ def evaluate(
     seeds: int | None = None,
     threads: int | None = None,
     localization: bool = True,
+    two_object_seeds: int | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol on a model; writes ``out_dir/shapes_eval.json``, ``out_dir/samples.png`` (every image) and
-    ``out_dir/maps.png`` (seed-0 two-object images with their word maps) if ``out_dir`` is given.
+    """Run the protocol on a model; writes ``out_dir/shapes_eval.json``, ``out_dir/samples.png`` (every image, one
+    prompt per row) and ``out_dir/maps.png`` (seed-0 two-object images with their word maps) if ``out_dir`` is given.
+
+    ``seeds`` and ``two_object_seeds`` default to the protocol's; a run given only ``seeds`` (a quick look) uses
+    that many for the two-object prompts too.
 
     Returns:
         {"summary": {...metrics...}, "records": [...per image, without pixels...]}.
     """
     if threads is not None:
         torch.set_num_threads(threads)
+    for name, value in (("seeds", seeds), ("two_object_seeds", two_object_seeds)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    two_object_seeds = two_object_seeds or (TWO_OBJECT_SEEDS if seeds is None else seeds)
     seeds = seeds or DEFAULT_SEEDS
     pipe = load_model(model)
-    summary, records = generation_metrics(pipe, seeds)
+    summary, records = generation_metrics(pipe, seeds, two_object_seeds)
     samples: list[dict[str, Any]] = []
     if localization:
         loc, samples = localization_metrics(pipe, seeds, TWO_OBJECT_PROMPTS)
         summary |= loc
     else:
         summary |= {"miou_color": None, "miou_shape": None}
-    summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "model": str(model or bundled_path()),
-                "sampler": sampler_record(pipe.scheduler)}
+    summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "two_object_seeds": two_object_seeds,
+                "model": str(model or bundled_path()), "sampler": sampler_record(pipe.scheduler)}
     images = [r.pop("image") for r in records]
     result = {"summary": summary, "records": records}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "shapes_eval.json").write_text(json.dumps(summary | {"records": records}, indent=1) + "\n")
-        _save_grid(images, seeds, out / "samples.png")
+        _save_grid(images, [r["prompt"] for r in records], out / "samples.png")
         if summary.get("localization"):
             save_sample_maps(samples, summary["localization"], summary["localization_bands"], out / "maps.png")
     return result
 
 
-def _save_grid(images: list[np.ndarray], per_row: int, path: Path) -> None:
-    """Images as a grid, one prompt per row, seeds across."""
+def _save_grid(images: list[np.ndarray], prompts: list[str], path: Path) -> None:
+    """Images as a grid, one prompt per row (consecutive images of a prompt), seeds across; short rows are padded
+    with white."""
     from PIL import Image
 
-    rows = [np.concatenate(images[i : i + per_row], axis=1) for i in range(0, len(images), per_row)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    rows = [list(group) for _, group in itertools.groupby(zip(prompts, images), key=lambda pair: pair[0])]
+    width = max(len(row) for row in rows)
+    blank = np.full_like(images[0], 255)
+    grid = [np.concatenate([im for _, im in row] + [blank] * (width - len(row)), axis=1) for row in rows]
+    Image.fromarray(np.concatenate(grid, axis=0)).save(path)
