@@ -1,14 +1,15 @@
 """Generation accuracy of the bundled shapes model under other samplers, on seeds the eval does not use.
 
-    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] SHIFT,RENOISE_ABOVE,GUIDANCE ...
+    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] SHIFT,RENOISE_ABOVE,GUIDANCE ...
 
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
 ``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so
 a setting chosen here is not tuned on the eval's images) and the 12 single-object prompts with the first 4 of
-them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)`` and ``true_cfg_scale = GUIDANCE``; images are
-scored as the eval scores them. This is how the bundle's sampler was chosen (benchmarks/RESULTS.md). Prints one
-JSON line per setting: two-object all correct, two-object count accuracy, single-object all correct, colour and
-shape accuracy over all objects, and the number of duplicated objects.
+them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)`` and ``true_cfg_scale = GUIDANCE`` (and
+``--steps`` sampling steps instead of the model's 20, to ask whether an error is the sampler's discretization);
+images are scored as the eval scores them. This is how the bundle's sampler was chosen (benchmarks/RESULTS.md).
+Prints one JSON line per setting: two-object all correct, two-object count accuracy, single-object all correct,
+colour and shape accuracy over all objects, and the number of duplicated objects.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from attnscope.sampling import FlowMatchRenoisingScheduler
+from attnscope.shapes import DEFAULT_CALL_KWARGS
 from attnscope.shapes.metrics import (
     SINGLE_PROMPTS,
     TWO_OBJECT_PROMPTS,
@@ -38,18 +40,22 @@ def parse_setting(text: str) -> tuple[float, float, float]:
     return shift, renoise_above, guidance
 
 
-def sweep_setting(pipe, shift: float, renoise_above: float, guidance: float, seeds: list[int]) -> dict:
+def sweep_setting(
+    pipe, shift: float, renoise_above: float, guidance: float, seeds: list[int], steps: int | None = None
+) -> dict:
     # The model's own scheduler config with the two swept knobs changed, so nothing else differs from the bundle.
     pipe.scheduler = FlowMatchRenoisingScheduler.from_config(
         pipe.scheduler.config, shift=shift, renoise_above=renoise_above
     )
-    two = score_prompts(pipe, "two", TWO_OBJECT_PROMPTS, seeds, true_cfg_scale=guidance)
-    one = score_prompts(pipe, "single", SINGLE_PROMPTS, seeds[:4], true_cfg_scale=guidance)
+    call = {"true_cfg_scale": guidance} | ({"num_inference_steps": steps} if steps else {})
+    two = score_prompts(pipe, "two", TWO_OBJECT_PROMPTS, seeds, **call)
+    one = score_prompts(pipe, "single", SINGLE_PROMPTS, seeds[:4], **call)
     summary = summarize_generation(two + one)
     return {
         "shift": shift,
         "renoise_above": renoise_above,
         "guidance": guidance,
+        "steps": steps or DEFAULT_CALL_KWARGS["num_inference_steps"],
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "two_object_all_correct": round(summary["two_object_all_correct"], 3),
         "two_object_count": round(float(np.mean([r["count_ok"] for r in two])), 3),
@@ -67,13 +73,14 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--model", default=None, help="a checkpoint or diffusers folder (default: the bundle)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_model(args.model)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     for shift, renoise_above, guidance in args.settings:
-        print(json.dumps(sweep_setting(pipe, shift, renoise_above, guidance, seeds)), flush=True)
+        print(json.dumps(sweep_setting(pipe, shift, renoise_above, guidance, seeds, args.steps)), flush=True)
 
 
 if __name__ == "__main__":
