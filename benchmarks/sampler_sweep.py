@@ -41,13 +41,18 @@ def parse_setting(text: str) -> tuple[float, float, float]:
 
 
 def sweep_setting(
-    pipe, shift: float, renoise_above: float, guidance: float, seeds: list[int], steps: int | None = None
+    pipe,
+    shift: float,
+    renoise_above: float,
+    guidance: float,
+    seeds: list[int],
+    steps: int = DEFAULT_CALL_KWARGS["num_inference_steps"],
 ) -> dict:
     # The model's own scheduler config with the two swept knobs changed, so nothing else differs from the bundle.
     pipe.scheduler = FlowMatchRenoisingScheduler.from_config(
         pipe.scheduler.config, shift=shift, renoise_above=renoise_above
     )
-    call = {"true_cfg_scale": guidance} | ({"num_inference_steps": steps} if steps else {})
+    call = {"true_cfg_scale": guidance, "num_inference_steps": steps}
     two = score_prompts(pipe, "two", TWO_OBJECT_PROMPTS, seeds, **call)
     one = score_prompts(pipe, "single", SINGLE_PROMPTS, seeds[:4], **call)
     summary = summarize_generation(two + one)
@@ -55,7 +60,7 @@ def sweep_setting(
         "shift": shift,
         "renoise_above": renoise_above,
         "guidance": guidance,
-        "steps": steps or DEFAULT_CALL_KWARGS["num_inference_steps"],
+        "steps": steps,
         "seeds": f"{seeds[0]}..{seeds[-1]}",
         "two_object_all_correct": round(summary["two_object_all_correct"], 3),
         "two_object_count": round(float(np.mean([r["count_ok"] for r in two])), 3),
@@ -73,7 +78,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_CALL_KWARGS["num_inference_steps"],
+                        help="sampling steps (default: the model's)")
     parser.add_argument("--model", default=None, help="a checkpoint or diffusers folder (default: the bundle)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -142,7 +142,7 @@ def test_cli_registers_shapes_group():
     assert args.out == "y" and args.model is None
 
 
-def test_cli_eval_passes_seed_counts_to_the_protocol(monkeypatch, capsys):
+def test_cli_eval_passes_seed_counts_to_the_protocol(monkeypatch):
     from attnscope.shapes import metrics
 
     calls = []
