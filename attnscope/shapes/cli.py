@@ -43,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "%(default)s: all)")
     tr.add_argument("--init-from", default=None, metavar="FOLDER", help="fine-tune an exported model (e.g. "
                     "attnscope/shapes/weights) instead of training from scratch")
+    tr.add_argument("--distill-from", default=None, metavar="TEACHER", help="guidance distillation: learn the "
+                    "true-CFG velocity of this exported model; the result takes guidance_scale as FLUX.1-dev does "
+                    "and samples with one transformer call per step (starts from TEACHER unless --init-from is given)")
+    tr.add_argument("--distill-guidance", type=_guidance_range, default=_DEFAULTS.distill_guidance, metavar="LOW,HIGH",
+                    help="guidance scales a distillation learns, drawn uniformly (default %(default)s)")
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
@@ -79,6 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return shapes
 
 
+def _guidance_range(text: str) -> list[float]:
+    """``"1,5"`` -> ``[1.0, 5.0]`` (argparse type of ``--distill-guidance``)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH such as 1,5, got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"need 0 <= LOW <= HIGH, got {text!r}")
+    return [low, high]
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
@@ -102,6 +118,8 @@ def _train(args: argparse.Namespace) -> int:
         grounding_layers=args.grounding_layers,
         grounding_max_t=args.grounding_max_t,
         init_from=args.init_from,
+        distill_from=args.distill_from,
+        distill_guidance=args.distill_guidance,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,

@@ -23,7 +23,10 @@ Components (standard diffusers / transformers classes but the scheduler, a diffu
 * ``vae``: a one-level ``AutoencoderKL`` (scale factor 1) trained to be the identity on rendered images, so the
   latent space *is* pixel space (normalized by ``shift_factor``/``scaling_factor``). With FluxPipeline's 2×2
   packing a 32×32 image gives 16×16 = 256 image tokens.
-* ``transformer``: ``FluxTransformer2DModel`` (hidden 128, 4 double + 2 single blocks, no guidance embedding).
+* ``transformer``: ``FluxTransformer2DModel`` (hidden 128, 4 double + 2 single blocks). A model trained on data
+  has no guidance embedding and is sampled with true classifier-free guidance; a guidance-distilled one
+  (``guidance_embeds=True``, ``distill.py``) takes the guidance scale as an input, like FLUX.1-dev, and needs one
+  transformer call per step instead of two.
 * ``scheduler``: ``attnscope.sampling.FlowMatchRenoisingScheduler`` (``SAMPLER_SHIFT``, ``RENOISE_ABOVE``):
   Euler steps that re-draw their noise while the layout forms, because with plain Euler the model drew an asked
   object twice in 26 of 64 two-object images (sweep in benchmarks/RESULTS.md). diffusers loads it once
@@ -82,6 +85,8 @@ class ShapesModelConfig:
     clip_hidden: int = 32
     # "positional": T5 self-attention by relative position only (see module docstring); "content": plain T5.
     t5_attention: str = "positional"
+    # Whether the transformer takes the guidance scale as an input (a guidance-distilled model, ``distill.py``).
+    guidance_embeds: bool = False
 
     def __post_init__(self) -> None:
         if self.t5_attention not in T5_ATTENTION_KINDS:
@@ -119,6 +124,14 @@ def build_t5_tokenizer() -> T5Tokenizer:
     vocab += [(f"▁{c}", -10.0) for c in letters if f"▁{c}" not in dict(vocab)]
     vocab += [(c, -10.0) for c in letters]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
+
+
+def encode_text(tokenizer: T5Tokenizer, t5: T5EncoderModel, captions: list[str]) -> torch.Tensor:
+    """T5 embeddings exactly as FluxPipeline computes them: padded to MAX_SEQUENCE_LENGTH, no attention mask."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+    return t5(ids.to(t5.device))[0]
 
 
 def build_clip_tokenizer() -> CLIPTokenizer:
@@ -214,7 +227,10 @@ def is_attention_positional(t5: T5EncoderModel) -> bool:
 
 
 def build_transformer(cfg: ShapesModelConfig) -> FluxTransformer2DModel:
-    """Tiny Flux transformer whose pooled-text path is a frozen zero (text enters only via joint attention)."""
+    """Tiny Flux transformer whose pooled-text path is a frozen zero (text enters only via joint attention).
+
+    With ``cfg.guidance_embeds`` the guidance embedding's output layer starts at zero, so a student initialized
+    from a model without one starts as that model's conditional velocity (``distill.py``)."""
     rope = cfg.head_dim // 4
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -225,10 +241,15 @@ def build_transformer(cfg: ShapesModelConfig) -> FluxTransformer2DModel:
         num_attention_heads=cfg.hidden_heads,
         joint_attention_dim=cfg.hidden,
         pooled_projection_dim=cfg.clip_hidden,
-        guidance_embeds=False,
+        guidance_embeds=cfg.guidance_embeds,
         axes_dims_rope=(cfg.head_dim - 2 * rope * 3 // 2, rope * 3 // 2, rope * 3 // 2),
     )
     zero_pooled_path(transformer)
+    if cfg.guidance_embeds:
+        last = transformer.time_text_embed.guidance_embedder.linear_2
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
     return transformer
 
 

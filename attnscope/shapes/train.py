@@ -14,7 +14,9 @@ Two stages, both on scenes rendered on the fly:
    most ``grounding_max_t``.
 
 ``--init-from FOLDER`` starts stage 2 from the weights of an exported model (e.g. the bundled one) instead of
-training the VAE and a fresh transformer: a fine-tune with a fresh optimizer.
+training the VAE and a fresh transformer: a fine-tune with a fresh optimizer. ``--distill-from TEACHER`` makes
+the fine-tune a guidance distillation (``distill.py``): the target is the teacher's guided velocity instead of
+ε − x0, and the student gets a guidance embedding (it starts from the teacher unless ``--init-from`` is given).
 
 Step ``n``'s batch is rendered from its own seed ``(seed, 2, n)``, so the data stream does not depend on where it
 is rendered: ``--workers N`` renders batches ahead in N processes (what a GPU run needs to be fed) and gives the
@@ -48,6 +50,7 @@ import attnscope
 from attnscope import atomic
 from attnscope.tokens import t5_tokens
 
+from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
 from .model import (
     MAX_SEQUENCE_LENGTH,
@@ -57,6 +60,7 @@ from .model import (
     build_transformer,
     build_vae,
     build_clip_tokenizer,
+    encode_text,
     is_attention_positional,
     make_attention_positional,
     assemble_pipeline,
@@ -102,6 +106,9 @@ class TrainConfig:
     # find the object (the bundled model's grounding KL: 0.30 at t ≤ 0.2, 0.70 at 0.8, 1.7 at 0.97).
     grounding_max_t: float = 1.0
     init_from: str | None = None  # an exported model folder to fine-tune (skips stage 1)
+    # An exported model sampled with true CFG whose guided velocity the run learns (distill.py); None: ε − x0.
+    distill_from: str | None = None
+    distill_guidance: list[float] = field(default_factory=lambda: list(DEFAULT_GUIDANCE_RANGE))
     # The T5 attention kind asked for (model.py): sets ``model["t5_attention"]`` of a new run, and converts a
     # fine-tune's content-attention parent to "positional". None: ``model``'s for a new run, the parent's for a
     # fine-tune.
@@ -179,6 +186,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: State-dict prefix of the guidance embedding of a guidance-distilled transformer.
+GUIDANCE_EMBEDDER = "time_text_embed.guidance_embedder."
+
+
 def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[AutoencoderKL, FluxTransformer2DModel, T5EncoderModel]:
     """The VAE, transformer and T5 of an exported model folder, in modules built for ``mcfg`` (so the frozen
     zero pooled path stays frozen)."""
@@ -201,14 +212,33 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
     _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())
     loaded_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     for module, sub, loaded in ((transformer, "transformer", loaded_transformer), (t5, "text_encoder_2", loaded_t5)):
+        weights = loaded.state_dict()
+        if module is transformer and mcfg.guidance_embeds and not loaded.config.guidance_embeds:
+            # A distillation student: its guidance embedding is new and keeps the zero start build_transformer gave it.
+            weights |= {k: v for k, v in transformer.state_dict().items() if k.startswith(GUIDANCE_EMBEDDER)}
         try:
-            module.load_state_dict(loaded.state_dict())
+            module.load_state_dict(weights)
         except RuntimeError as err:
             raise ValueError(f"{folder / sub} does not match the model config {mcfg.to_dict()}: {err}") from None
     if mcfg.t5_attention == "positional" and not positional:
         # Conversion: embeddings, values, outputs and feed-forward carry over; the content attention is replaced.
         make_attention_positional(t5)
     return vae, transformer, t5
+
+
+def load_teacher(folder: str | Path, guidance_range: tuple[float, float], device: torch.device) -> GuidanceTeacher:
+    """The exported model in ``folder`` as a frozen distillation teacher (sizes from its ``training.json``)."""
+    folder = Path(folder)
+    config = folder / "transformer" / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("guidance_embeds"):
+        raise ValueError(f"{folder} is guidance-distilled already (it takes the guidance scale as an input); "
+                         "distill from a model sampled with true classifier-free guidance")
+    record = folder / "training.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{folder} has no training.json: the teacher's sizes are unknown")
+    mcfg = ShapesModelConfig.from_dict(json.loads(record.read_text())["config"]["model"])
+    _, transformer, t5 = load_exported(folder, mcfg)
+    return GuidanceTeacher(transformer.to(device), t5.to(device), build_t5_tokenizer(), guidance_range)
 
 
 def train_vae(cfg: TrainConfig, log, device: torch.device | str = "cpu") -> AutoencoderKL:
@@ -239,14 +269,6 @@ def train_vae(cfg: TrainConfig, log, device: torch.device | str = "cpu") -> Auto
     return vae
 
 
-def encode_text(tokenizer: T5Tokenizer, t5: T5EncoderModel, captions: list[str]) -> torch.Tensor:
-    """T5 embeddings exactly as FluxPipeline computes them: padded to MAX_SEQUENCE_LENGTH, no attention mask."""
-    ids = tokenizer(
-        captions, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
-    ).input_ids
-    return t5(ids.to(t5.device))[0]
-
-
 def noise_levels(batch: int, gen: torch.Generator, uniform_t: float = 0.0) -> torch.Tensor:
     """Training noise levels ``(batch,)``: logit-normal(0, 1) (most weight on mid noise levels), or with
     probability ``uniform_t`` uniform in [0, 1]."""
@@ -266,8 +288,10 @@ def flow_loss(
     gen: torch.Generator,
     uniform_t: float = 0.0,
     t: torch.Tensor | None = None,
+    teacher: GuidanceTeacher | None = None,
 ) -> torch.Tensor:
-    """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0.
+    """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0, or with a
+    ``teacher``, between v_θ(x_t, t, w) and the teacher's velocity guided by w (drawn per row; ``distill.py``).
 
     ``t``: the rows' noise levels; drawn by ``noise_levels(B, gen, uniform_t)`` when None. ``gen`` is a CPU
     generator whatever the device, so a run draws the same noise on every device.
@@ -282,6 +306,7 @@ def flow_loss(
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     text = encode_text(tokenizer, t5, captions)
     txt_ids = torch.zeros(text.shape[1], 3, device=latents.device)
+    guidance = teacher.draw_guidance(b, gen).to(latents.device) if teacher is not None else None
     pred = transformer(
         hidden_states=packed,
         encoder_hidden_states=text,
@@ -289,9 +314,13 @@ def flow_loss(
         timestep=t,
         img_ids=img_ids,
         txt_ids=txt_ids,
+        guidance=guidance,
         return_dict=False,
     )[0]
-    target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
+    if teacher is None:
+        target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
+    else:
+        target = teacher.velocity(packed, t, captions, guidance, img_ids)
     return F.mse_loss(pred, target)
 
 
@@ -332,6 +361,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             cfg.uniform_t = 0.0
         if cfg.grounding is None:
             cfg.grounding = 0.0
+        if cfg.distill_from and not cfg.init_from:
+            cfg.init_from = cfg.distill_from  # a student starts as its teacher
         log(f"start: {json.dumps(cfg.__dict__)}")
         vae = None if cfg.init_from else train_vae(cfg, log, device)
 
@@ -345,6 +376,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             cfg.model = ShapesModelConfig.from_dict(parent["config"]["model"]).to_dict()
     if state is None and cfg.t5_attention is not None:
         cfg.model["t5_attention"] = cfg.t5_attention
+    if state is None and cfg.distill_from:
+        cfg.model["guidance_embeds"] = True
     mcfg = ShapesModelConfig.from_dict(cfg.model)  # after resuming: the checkpoint's model config wins
     torch.manual_seed(cfg.seed)
     if fine_tune:
@@ -358,6 +391,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         t5.load_state_dict(state["t5"])
     for module in (vae, transformer, t5):
         module.to(device)
+    teacher = None
+    if cfg.distill_from:
+        teacher = load_teacher(cfg.distill_from, tuple(cfg.distill_guidance), device)
+        log(f"distilling the guided velocity of {cfg.distill_from} (guidance {cfg.distill_guidance})")
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
@@ -422,12 +459,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                               else None for c, t_row in zip(captions, t.tolist())]
                     targets = grounding_targets(scenes, tokens)
                 if targets is None:
-                    flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t)
+                    flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t, teacher=teacher)
                     ground = torch.zeros((), device=device)
                 else:
                     with attnscope.trace(transformer, differentiable=True, positions=targets.positions,
                                          layers=cfg.grounding_layers) as tracer:
-                        flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t)
+                        flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t, teacher=teacher)
                     ground = grounding_loss(list(tracer.take()[-1].values()), targets)
                 loss = flow + cfg.grounding * ground
                 opt.zero_grad(set_to_none=True)
@@ -514,6 +551,11 @@ def train_command(cfg: dict) -> str:
         for name in (*SIZE_OPTIONS, "t5_attention"):
             if model[name] != default[name]:
                 command += f" --{name.replace('_', '-')} {model[name]}"
+    if cfg.get("distill_from"):
+        command += f" --distill-from {cfg['distill_from']}"
+        low, high = cfg.get("distill_guidance", DEFAULT_GUIDANCE_RANGE)
+        if (low, high) != DEFAULT_GUIDANCE_RANGE:
+            command += f" --distill-guidance {low:g},{high:g}"
     if cfg.get("device", "cpu") != "cpu":
         command += f" --device {cfg['device']}"
     for name in ("caption_dropout", "uniform_t", "grounding"):
@@ -558,5 +600,5 @@ def wall_minutes(ckpt_path: str | Path) -> float:
 
 __all__ = [
     "BatchStream", "TrainConfig", "train", "train_vae", "training_batch", "flow_loss", "load_checkpoint_pipeline",
-    "load_exported", "noise_levels", "resolve_device", "train_command", "wall_minutes",
+    "load_exported", "load_teacher", "noise_levels", "resolve_device", "train_command", "wall_minutes",
 ]
