@@ -5,7 +5,8 @@
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
 ``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so
 a setting chosen here is not tuned on the eval's images) and the 12 single-object prompts with the first 4 of
-them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)`` and ``true_cfg_scale = GUIDANCE`` (and
+them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)`` and guidance ``GUIDANCE`` in the form the model takes
+(``call_kwargs_for``: true CFG, or the guidance input of a distilled model) (and
 ``--steps`` sampling steps instead of the model's 20, to ask whether an error is the sampler's discretization);
 images are scored as the eval scores them. This is how the bundle's sampler was chosen (benchmarks/RESULTS.md).
 Prints one JSON line per setting: two-object all correct, two-object count accuracy, single-object all correct,
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from attnscope.sampling import FlowMatchRenoisingScheduler
-from attnscope.shapes import DEFAULT_CALL_KWARGS
+from attnscope.shapes import DEFAULT_CALL_KWARGS, call_kwargs_for
 from attnscope.shapes.metrics import (
     SINGLE_PROMPTS,
     TWO_OBJECT_PROMPTS,
@@ -52,7 +53,7 @@ def sweep_setting(
     pipe.scheduler = FlowMatchRenoisingScheduler.from_config(
         pipe.scheduler.config, shift=shift, renoise_above=renoise_above
     )
-    call = {"true_cfg_scale": guidance, "num_inference_steps": steps}
+    call = call_kwargs_for(pipe, guidance) | {"num_inference_steps": steps}
     two = score_prompts(pipe, "two", TWO_OBJECT_PROMPTS, seeds, **call)
     one = score_prompts(pipe, "single", SINGLE_PROMPTS, seeds[:4], **call)
     summary = summarize_generation(two + one)

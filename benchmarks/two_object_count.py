@@ -5,9 +5,11 @@
 
 The 16 two-object prompts of ``attnscope.shapes.metrics`` are rewritten with each connector in turn ("a red circle
 and a blue square" -> "a red circle with a blue square"; the prompts' own connectors are and / with / next to /
-beside) and sampled with ``DEFAULT_CALL_KWARGS`` on seeds the eval does not use, once per negative prompt ("" is
-the bundle's). Images are scored as the eval scores them. Prints one JSON line per (connector, negative): two-object
-all correct, count accuracy, how many images show 1, 2 and 3+ objects, colour accuracy and duplicated objects.
+beside) and sampled with the model's default call (``call_kwargs_for``) on seeds the eval does not use, once per
+negative prompt ("" is the bundle's; a negative prompt only acts on a model guided by true CFG, not on a
+guidance-distilled one). Images are scored as the eval scores them. Prints one JSON line per (connector, negative):
+two-object all correct, count accuracy, how many images show 1, 2 and 3+ objects, colour accuracy and duplicated
+objects.
 
 This is the diagnostic behind the three-object caption change (benchmarks/RESULTS.md): when three-object training
 captions ended in "B and C", prompts joined by "and" drew a third object twice as often as the same prompts joined

@@ -7,8 +7,8 @@ Shapes-world protocol (``PROTOCOL_VERSION``; fixed so numbers are comparable acr
   partner; *irrelevant* — every single-object prompt and the two-object prompts of
   ``attnscope.shapes.metrics.TWO_OBJECT_PROMPTS`` that name no erased concept;
 * seeds ``0 .. seeds-1`` per prompt (``DEFAULT_SEEDS`` = 16), one ``torch.Generator`` per image; the model's
-  ``DEFAULT_CALL_KWARGS`` (32×32, 20 steps of its own scheduler, true CFG against the empty prompt); images read by
-  ``attnscope.shapes.reader.read_scene``;
+  default call (``attnscope.shapes.call_kwargs_for``: 32×32, 20 steps of its own scheduler, guidance 3.5); images
+  read by ``attnscope.shapes.reader.read_scene``;
 * the base model (adapter not loaded) and the erased model see the same prompts and seeds.
 
 Figures (all in 0..1, for the erased model at top level and for the base model under ``base``):
@@ -137,10 +137,10 @@ def _shows(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
 def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple[list[np.ndarray], float | None]:
     """Images for seeds ``0..seeds-1`` and the mean attention mass of ``words`` (None when no word is asked)."""
     import attnscope
-    from attnscope.shapes import DEFAULT_CALL_KWARGS
+    from attnscope.shapes import call_kwargs_for
 
     generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
-    kwargs = dict(DEFAULT_CALL_KWARGS)
+    kwargs = call_kwargs_for(pipe)
     if not words:
         out = pipe([prompt] * seeds, generator=generators, output_type="np", **kwargs).images
         mass = None

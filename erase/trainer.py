@@ -202,8 +202,10 @@ def _clear_out(out: Path) -> None:
 def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
     """The call settings ``train`` fills into a config's ``None`` fields: size, text length, guidance."""
     from attnscope.pipelines import default_call_kwargs
+    from attnscope.shapes import call_kwargs_for
 
-    defaults = default_call_kwargs("shapes" if is_shapes_model(model) else model)
+    # A shapes checkpoint may predate guidance distillation: its guidance form comes from its own transformer.
+    defaults = call_kwargs_for(pipe) if is_shapes_model(model) else default_call_kwargs(model)
     size = pipe.default_sample_size * pipe.vae_scale_factor
     return {
         "height": defaults.get("height", size),

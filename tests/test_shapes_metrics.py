@@ -7,6 +7,7 @@ import json
 import pytest
 from PIL import Image
 
+from attnscope import shapes
 from attnscope.shapes import metrics
 from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, evaluate, match_objects, score_image
 from attnscope.shapes.model import ShapesModelConfig, assemble_pipeline
@@ -86,7 +87,7 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "SINGLE_PROMPTS", metrics.SINGLE_PROMPTS[:2])
     monkeypatch.setattr(metrics, "TWO_OBJECT_PROMPTS", TWO_OBJECT_PROMPTS[:2])
     monkeypatch.setattr(metrics, "SYNONYM_PROMPTS", metrics.SYNONYM_PROMPTS[:2])
-    monkeypatch.setitem(metrics.DEFAULT_CALL_KWARGS, "num_inference_steps", 2)
+    monkeypatch.setitem(shapes.DEFAULT_CALL_KWARGS, "num_inference_steps", 2)
     result = evaluate(folder, out_dir=tmp_path / "eval", seeds=1, two_object_seeds=2)
     data = json.loads((tmp_path / "eval" / "shapes_eval.json").read_text())
     for key in REQUIRED_KEYS:
@@ -95,6 +96,8 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
     # 2 single-object and 2 synonym prompts × 1 seed, 2 two-object prompts × 2 seeds.
     assert data["n_images"] == 8 and (data["seeds"], data["two_object_seeds"]) == (1, 2)
     assert set(data["two_object_by_seed"]) == {"0", "1"}
+    # A model without a guidance embedding is guided by true CFG; the call is recorded.
+    assert data["call"]["true_cfg_scale"] == shapes.GUIDANCE_SCALE and data["call"]["num_inference_steps"] == 2
     with Image.open(tmp_path / "eval" / "samples.png") as grid:  # one row per prompt, as wide as the longest
         assert grid.size == (2 * 32, 6 * 32)
     if data["localization_pairs"]:  # a random model rarely draws an object in the asked colour

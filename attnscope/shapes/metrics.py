@@ -9,8 +9,9 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
   (``torch.Generator().manual_seed(seed)``, one generator per image). A seed's noise fixes a layout, and most of
   a layout's errors repeat across prompts, so the two-object figure needs many seeds more than many images: on
   four seeds it moved by ±0.1 with the seed set (benchmarks/RESULTS.md, protocol v5);
-* the model's ``DEFAULT_CALL_KWARGS``: 32×32, 20 steps of the model's own scheduler (recorded as ``sampler``),
-  true CFG against the empty prompt, max_sequence_length 20;
+* the model's default call (``call_kwargs_for``, recorded as ``call``): 32×32, 20 steps of the model's own
+  scheduler (recorded as ``sampler``), guidance 3.5 (an input of a guidance-distilled transformer, true CFG against
+  the empty prompt for one without a guidance embedding), max_sequence_length 20;
 * images are read by ``reader.read_scene``.
 
 Per image the expected objects (``vocabulary.parse_prompt``) are matched to the detected ones by the assignment
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import DEFAULT_CALL_KWARGS, bundled_path
+from . import bundled_path, call_kwargs_for
 from .localization import localization_metrics, save_sample_maps
 from .reader import DetectedObject, read_scene
 from .vocabulary import COLORS, SHAPES, parse_prompt
@@ -169,7 +170,7 @@ def load_model(model: str | Path | None) -> Any:
 
 def generate(pipe: Any, prompt: str, seeds: list[int], **call_kwargs: Any) -> list[np.ndarray]:
     """One (H, W, 3) uint8 image per seed; batched, with one generator per image so each is reproducible alone."""
-    kwargs = DEFAULT_CALL_KWARGS | call_kwargs
+    kwargs = call_kwargs_for(pipe) | call_kwargs
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe([prompt] * len(seeds), generator=gens, output_type="np", **kwargs).images
     return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
@@ -186,7 +187,7 @@ def sampler_record(scheduler: Any) -> dict[str, Any]:
 
 
 def sampling_seconds(pipe: Any, repeats: int = 3) -> float:
-    """Median wall time of one single-image call with ``DEFAULT_CALL_KWARGS`` (after one warm-up call)."""
+    """Median wall time of one single-image call with the model's default call (after one warm-up call)."""
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -199,7 +200,7 @@ def score_prompts(
     pipe: Any, group: str, prompts: tuple[str, ...], seeds: list[int], **call_kwargs: Any
 ) -> list[dict[str, Any]]:
     """Generate every prompt × seed and score it: one ``score_image`` record per image, with its ``group``, ``seed``
-    and ``image`` (call kwargs override ``DEFAULT_CALL_KWARGS``)."""
+    and ``image`` (call kwargs override ``call_kwargs_for(pipe)``)."""
     records = []
     for prompt in prompts:
         for seed, image in zip(seeds, generate(pipe, prompt, seeds, **call_kwargs)):
@@ -293,7 +294,8 @@ def evaluate(
     else:
         summary |= {"miou_color": None, "miou_shape": None}
     summary |= {"protocol_version": PROTOCOL_VERSION, "seeds": seeds, "two_object_seeds": two_object_seeds,
-                "model": str(model or bundled_path()), "sampler": sampler_record(pipe.scheduler)}
+                "model": str(model or bundled_path()), "sampler": sampler_record(pipe.scheduler),
+                "call": call_kwargs_for(pipe)}
     images = [r.pop("image") for r in records]
     result = {"summary": summary, "records": records}
     if out_dir is not None:
