@@ -44,11 +44,13 @@ FAST = {"batch": 3, "contrastive_rows": 1, "keep_rows": 1, "cache": CacheConfig(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_shapes_pipeline(seed: int = 0) -> FluxPipeline:
-    """The shapes-world pipeline layout (tokenizers, one-level VAE, 32×32) with a small random transformer."""
+def small_shapes_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
+    """The shapes-world pipeline layout (tokenizers, one-level VAE, 32×32) with a small random transformer (with a
+    guidance input: a guidance-distilled one)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        cfg = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=64, clip_hidden=16)
+        cfg = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=64, clip_hidden=16,
+                                guidance_embeds=guidance_embeds)
         t5_tok, clip_tok = build_t5_tokenizer(), build_clip_tokenizer()
         clip, t5 = build_text_encoders(cfg, t5_tok, clip_tok)
         pipe = FluxPipeline(
@@ -126,6 +128,24 @@ def test_attention_loss_lowers_concept_attention_in_the_model(tmp_path) -> None:
     with base_model(pipe.transformer):
         assert mass() == pytest.approx(before)
     assert after < 0.9 * before
+
+
+def test_a_guidance_distilled_shapes_model_erases_through_its_guidance_input(tmp_path) -> None:
+    """A distilled shapes model (like FLUX.1-dev) is sampled with one call per step: no true CFG, no negative-prompt
+    keep points, and every transformer call gets the guidance scale."""
+    pipe = small_shapes_pipeline(guidance_embeds=True)
+    assert model_defaults("shapes", pipe)["true_cfg_scale"] == 1.0
+    scales: list[torch.Tensor] = []
+    hook = pipe.transformer.time_text_embed.register_forward_pre_hook(lambda module, args: scales.append(args[1]))
+    try:
+        result = train(pipe, [shapes_spec("red")], _config(steps=2), tmp_path, progress=False)
+    finally:
+        hook.remove()
+    assert result.lora_path.is_file()
+    cache = torch.load(tmp_path / "cache.pt", weights_only=False)
+    assert "" not in cache["keep_prompts"] and set(cache["keep_prompts"]) == set(cache["preserve_prompts"])
+    # The transformer scales guidance by 1000 as it does timesteps; FluxCall's default is FLUX.1-dev's 3.5.
+    assert scales and all(torch.all(g == 3500) for g in scales)
 
 
 def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> None:
