@@ -123,8 +123,9 @@ class EraseConfig:
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
     layers the attention and contrastive losses read (trace ``layers`` selector). The device is the pipeline's.
     ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
-    ``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache (``None``: the model's
-    defaults, i.e. true CFG for the shapes model and none for guidance-distilled FLUX.1-dev).
+    ``guidance_scale``/``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache and
+    called in the losses (``None``: the model's defaults: the guidance input of a guidance-distilled model such as
+    the bundled shapes model or FLUX.1-dev, true CFG for a shapes model trained on data).
     """
 
     model: str = "shapes"
@@ -144,6 +145,7 @@ class EraseConfig:
     height: int | None = None
     width: int | None = None
     max_sequence_length: int | None = None
+    guidance_scale: float | None = None
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     checkpoint_every: int = 50
@@ -211,6 +213,7 @@ def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
         "height": defaults.get("height", size),
         "width": defaults.get("width", size),
         "max_sequence_length": defaults.get("max_sequence_length", 512),
+        "guidance_scale": defaults.get("guidance_scale", 3.5),  # FluxPipeline's default
         "true_cfg_scale": defaults.get("true_cfg_scale", 1.0),
         "negative_prompt": defaults.get("negative_prompt", ""),
     }
@@ -260,6 +263,7 @@ class Trainer:
         guided = config.true_cfg_scale is not None and config.true_cfg_scale > 1
         self.call = FluxCall(
             pipe, config.height, config.width,
+            guidance_scale=FluxCall.guidance_scale if config.guidance_scale is None else config.guidance_scale,
             true_cfg_scale=config.true_cfg_scale or 1.0,
             negative=self.bank.get([config.negative_prompt or ""]) if guided else None,
         )

@@ -27,6 +27,7 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 import attnscope.cli
+from attnscope.shapes import GUIDANCE_SCALE
 from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes.model import (
     ShapesModelConfig,
@@ -144,8 +145,8 @@ def test_a_guidance_distilled_shapes_model_erases_through_its_guidance_input(tmp
     assert result.lora_path.is_file()
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert "" not in cache["keep_prompts"] and set(cache["keep_prompts"]) == set(cache["preserve_prompts"])
-    # The transformer scales guidance by 1000 as it does timesteps; FluxCall's default is FLUX.1-dev's 3.5.
-    assert scales and all(torch.all(g == 3500) for g in scales)
+    # The model's own guidance scale (the bundled shapes model's), scaled by 1000 as the transformer scales timesteps.
+    assert scales and all(torch.all(g == 1000 * GUIDANCE_SCALE) for g in scales)
 
 
 def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from attnscope.shapes import call_kwargs_for
+from attnscope.shapes import TRUE_CFG_SCALE, call_kwargs_for
 from attnscope.shapes.cli import register
 from attnscope.shapes.distill import GuidanceTeacher
 from attnscope.shapes.export import export_checkpoint
@@ -72,7 +72,9 @@ def test_distillation_trains_a_guidance_input_that_exports_and_loads(teacher_fol
     assert state["config"]["model"]["guidance_embeds"]
     assert state["parent"]["step"] == 2, "the teacher's record travels with the student"
     assert "distilling the guided velocity" in (tmp_path / "student" / "train.log").read_text()
-    assert f"--distill-from {teacher_folder} --distill-guidance 2,4" in train_command(state["config"])
+    command = train_command(state["config"])
+    assert f"--distill-from {teacher_folder} --distill-guidance 2,4" in command
+    assert "--init-from" not in command and "--vae-steps" not in command, "a student starts from its teacher"
 
     folder = export_checkpoint(tmp_path / "student" / "ckpt.pt", tmp_path / "export")
     pipe = FluxPipeline.from_pretrained(folder)
@@ -95,6 +97,7 @@ def test_call_kwargs_guide_a_model_without_guidance_embedding_by_true_cfg(teache
     pipe = FluxPipeline.from_pretrained(teacher_folder)
     call = call_kwargs_for(pipe, guidance_scale=2.5)
     assert call["true_cfg_scale"] == 2.5 and call["negative_prompt"] == "" and call["guidance_scale"] == 1.0
+    assert call_kwargs_for(pipe)["true_cfg_scale"] == TRUE_CFG_SCALE
     assert call["max_sequence_length"] == MAX_SEQUENCE_LENGTH
 
 

@@ -97,7 +97,7 @@ def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
     assert data["n_images"] == 8 and (data["seeds"], data["two_object_seeds"]) == (1, 2)
     assert set(data["two_object_by_seed"]) == {"0", "1"}
     # A model without a guidance embedding is guided by true CFG; the call is recorded.
-    assert data["call"]["true_cfg_scale"] == shapes.GUIDANCE_SCALE and data["call"]["num_inference_steps"] == 2
+    assert data["call"]["true_cfg_scale"] == shapes.TRUE_CFG_SCALE and data["call"]["num_inference_steps"] == 2
     with Image.open(tmp_path / "eval" / "samples.png") as grid:  # one row per prompt, as wide as the longest
         assert grid.size == (2 * 32, 6 * 32)
     if data["localization_pairs"]:  # a random model rarely draws an object in the asked colour

@@ -12,7 +12,7 @@ import torch
 from diffusers import FluxPipeline
 
 from attnscope.sampling import FlowMatchRenoisingScheduler
-from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path
+from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for
 from attnscope.shapes.cli import register
 from attnscope.shapes.export import MAX_BUNDLE_BYTES, export_checkpoint, folder_bytes
 from attnscope.shapes.model import (
@@ -164,8 +164,14 @@ def test_bundled_weights_load_and_generate(bundled_pipe):
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
     assert public(bundled_pipe.scheduler.config) == public(build_scheduler().config)
+    # The bundle is guidance-distilled (distill.py): its default call passes the guidance scale as an input.
+    assert bundled_pipe.transformer.config.guidance_embeds
+    assert call_kwargs_for(bundled_pipe) == DEFAULT_CALL_KWARGS
     img = bundled_pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL).images
     assert img.shape == (1, 32, 32, 3)
+    unguided = bundled_pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np",
+                            **FAST_CALL | {"guidance_scale": 1.0}).images
+    assert np.abs(img - unguided).mean() > 1e-3, "the guidance input must act"
 
 
 def test_lr_schedule_warmup_constant_cooldown():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attnscope.shapes import DEFAULT_CALL_KWARGS, NATIVE_SIZE, UntrainedSizeWarning, validate_call
+from attnscope.shapes import DEFAULT_CALL_KWARGS, GUIDANCE_SCALE, NATIVE_SIZE, UntrainedSizeWarning, validate_call
 from attnscope.shapes.reader import read_scene
 from attnscope.shapes.render import RADIUS_RANGE, coverage, render_prompt, render_scene
 from attnscope.shapes.vocabulary import (
@@ -55,7 +55,8 @@ def test_validate_call_warns_on_untrained_size():
     with pytest.warns(UntrainedSizeWarning):
         validate_call("a red circle", height=64, width=64)
     assert validate_call("a red circle", height=NATIVE_SIZE, width=NATIVE_SIZE) == ["a", "red", "circle"]
-    assert DEFAULT_CALL_KWARGS["height"] == NATIVE_SIZE and DEFAULT_CALL_KWARGS["guidance_scale"] == 1.0
+    assert DEFAULT_CALL_KWARGS["height"] == NATIVE_SIZE and DEFAULT_CALL_KWARGS["guidance_scale"] == GUIDANCE_SCALE
+    assert "true_cfg_scale" not in DEFAULT_CALL_KWARGS, "the bundle is guidance-distilled: one call per step"
 
 
 def test_render_is_deterministic_and_consistent():

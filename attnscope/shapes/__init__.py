@@ -22,37 +22,39 @@ from .vocabulary import UnknownWordError, check_prompt
 #: Resolution the bundled model was trained at (pixels); the latent grid is 16×16 image tokens.
 NATIVE_SIZE = 32
 
-#: Keyword arguments for ``pipe(prompt, **DEFAULT_CALL_KWARGS)`` on the bundled model: its training resolution,
-#: true classifier-free guidance against the empty prompt (the model was trained with caption dropout; it has no
-#: guidance embedding, so ``guidance_scale`` does nothing), and the text length it was trained with (shorter
-#: truncates captions, longer adds unseen padding). Guidance 3.5 with the bundle's re-noising sampler
-#: (``model.build_scheduler``) drew two-object prompts best on held-out seeds (3 to 4 are within a point of it;
-#: 5 draws duplicates), colour included (sweep in benchmarks/RESULTS.md).
+#: Guidance scale of the bundled model's default call, an input of its guidance-distilled transformer
+#: (``distill.py``): chosen on held-out seeds (4.5 drew two-object prompts at 0.785, 3.5 at 0.773; RESULTS).
+GUIDANCE_SCALE = 4.5
+#: True classifier-free guidance scale for a shapes model without a guidance embedding (trained on data, such as
+#: the phase-7 teacher of the bundle): 3.5 drew two-object prompts best on held-out seeds (3 to 4 are within a point
+#: of it; 5 draws duplicates).
+TRUE_CFG_SCALE = 3.5
+
+#: Keyword arguments for ``pipe(prompt, **DEFAULT_CALL_KWARGS)`` on the bundled model: its training resolution, 20
+#: steps of its own re-noising sampler (``model.build_scheduler``), the guidance scale as the input of its
+#: guidance-distilled transformer (one transformer call per step, as FLUX.1-dev), and the text length it was
+#: trained with (shorter truncates captions, longer adds unseen padding). ``call_kwargs_for`` gives the call of
+#: any shapes model, distilled or not.
 DEFAULT_CALL_KWARGS: dict = {
     "height": NATIVE_SIZE,
     "width": NATIVE_SIZE,
     "num_inference_steps": 20,
-    "guidance_scale": 1.0,
-    "true_cfg_scale": 3.5,
-    "negative_prompt": "",
+    "guidance_scale": GUIDANCE_SCALE,
     "max_sequence_length": 20,
 }
 
 
-#: Guidance scale of the shapes models' default call, as true CFG (3.5 drew two-object prompts best, see above).
-GUIDANCE_SCALE = 3.5
-
-
-def call_kwargs_for(pipe: Any, guidance_scale: float = GUIDANCE_SCALE) -> dict[str, Any]:
-    """The default call of a shapes pipeline at ``guidance_scale``: ``DEFAULT_CALL_KWARGS``'s size, steps and text
-    length, and guidance in the form its transformer takes. A guidance-distilled transformer (``guidance_embeds``,
-    ``distill.py``) gets ``guidance_scale`` as an input, one call per step; one without a guidance embedding (a
-    model trained on data, such as a distillation teacher) gets true classifier-free guidance against the empty
-    prompt, two calls per step."""
-    kwargs = {k: v for k, v in DEFAULT_CALL_KWARGS.items() if k not in ("guidance_scale", "true_cfg_scale", "negative_prompt")}
+def call_kwargs_for(pipe: Any, guidance_scale: float | None = None) -> dict[str, Any]:
+    """The default call of a shapes pipeline: ``DEFAULT_CALL_KWARGS``'s size, steps and text length, and guidance
+    (``guidance_scale``, or the kind's default) in the form its transformer takes. A guidance-distilled
+    transformer (``guidance_embeds``, ``distill.py``) gets it as an input (default ``GUIDANCE_SCALE``), one call
+    per step; one without a guidance embedding (a model trained on data, such as a distillation teacher) gets true
+    classifier-free guidance against the empty prompt (default ``TRUE_CFG_SCALE``), two calls per step."""
+    kwargs = {k: v for k, v in DEFAULT_CALL_KWARGS.items() if k != "guidance_scale"}
     if pipe.transformer.config.guidance_embeds:
-        return kwargs | {"guidance_scale": guidance_scale}
-    return kwargs | {"guidance_scale": 1.0, "true_cfg_scale": guidance_scale, "negative_prompt": ""}
+        return kwargs | {"guidance_scale": GUIDANCE_SCALE if guidance_scale is None else guidance_scale}
+    scale = TRUE_CFG_SCALE if guidance_scale is None else guidance_scale
+    return kwargs | {"guidance_scale": 1.0, "true_cfg_scale": scale, "negative_prompt": ""}
 
 
 def bundled_path() -> Path:
@@ -87,6 +89,7 @@ def validate_call(prompt: str, height: int | None = None, width: int | None = No
 __all__ = [
     "DEFAULT_CALL_KWARGS",
     "GUIDANCE_SCALE",
+    "TRUE_CFG_SCALE",
     "NATIVE_SIZE",
     "UnknownWordError",
     "UntrainedSizeWarning",

@@ -292,6 +292,7 @@ def flow_loss(
 ) -> torch.Tensor:
     """Rectified-flow loss on normalized latents (B, C, H, W): MSE between v_θ(x_t, t) and ε − x0, or with a
     ``teacher``, between v_θ(x_t, t, w) and the teacher's velocity guided by w (drawn per row; ``distill.py``).
+    A guidance-distilled transformer trained on data without a teacher gets w = 1 (ε − x0 is the unguided velocity).
 
     ``t``: the rows' noise levels; drawn by ``noise_levels(B, gen, uniform_t)`` when None. ``gen`` is a CPU
     generator whatever the device, so a run draws the same noise on every device.
@@ -306,7 +307,12 @@ def flow_loss(
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     text = encode_text(tokenizer, t5, captions)
     txt_ids = torch.zeros(text.shape[1], 3, device=latents.device)
-    guidance = teacher.draw_guidance(b, gen).to(latents.device) if teacher is not None else None
+    guidance = None
+    if teacher is not None:
+        guidance = teacher.draw_guidance(b, gen).to(latents.device)
+    elif transformer.config.guidance_embeds:
+        # A distilled model fine-tuned on data: ε − x0 is the unguided velocity, the one at guidance scale 1.
+        guidance = torch.ones(b, device=latents.device)
     pred = transformer(
         hidden_states=packed,
         encoder_hidden_states=text,
@@ -541,7 +547,8 @@ def train_command(cfg: dict) -> str:
     if cfg.get("steps"):
         command += f" --steps {cfg['steps']}"
     if cfg.get("init_from"):
-        command += f" --init-from {cfg['init_from']}"
+        if cfg["init_from"] != cfg.get("distill_from"):  # a student starts as its teacher unless told otherwise
+            command += f" --init-from {cfg['init_from']}"
         if cfg.get("t5_attention"):
             command += f" --t5-attention {cfg['t5_attention']}"
     else:
