@@ -7,7 +7,7 @@ Shapes-world protocol (``PROTOCOL_VERSION``; fixed so numbers are comparable acr
   partner; *irrelevant* — every single-object prompt and the two-object prompts of
   ``attnscope.shapes.metrics.TWO_OBJECT_PROMPTS`` that name no erased concept;
 * seeds ``0 .. seeds-1`` per prompt (``DEFAULT_SEEDS`` = 16), one ``torch.Generator`` per image; the model's
-  default call (``attnscope.shapes.call_kwargs_for``: 32×32, 20 steps of its own scheduler, guidance 3.5); images
+  default call (``attnscope.shapes.call_kwargs_for``: 32×32, 20 steps of its own scheduler, its guidance); images
   read by ``attnscope.shapes.reader.read_scene``;
 * the base model (adapter not loaded) and the erased model see the same prompts and seeds.
 

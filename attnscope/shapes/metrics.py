@@ -10,8 +10,9 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
   a layout's errors repeat across prompts, so the two-object figure needs many seeds more than many images: on
   four seeds it moved by ±0.1 with the seed set (benchmarks/RESULTS.md, protocol v5);
 * the model's default call (``call_kwargs_for``, recorded as ``call``): 32×32, 20 steps of the model's own
-  scheduler (recorded as ``sampler``), guidance 3.5 (an input of a guidance-distilled transformer, true CFG against
-  the empty prompt for one without a guidance embedding), max_sequence_length 20;
+  scheduler (recorded as ``sampler``), guidance ``GUIDANCE_SCALE`` (4.5) as the input of a guidance-distilled
+  transformer or true CFG ``TRUE_CFG_SCALE`` (3.5) against the empty prompt for one without a guidance embedding,
+  max_sequence_length 20;
 * images are read by ``reader.read_scene``.
 
 Per image the expected objects (``vocabulary.parse_prompt``) are matched to the detected ones by the assignment
