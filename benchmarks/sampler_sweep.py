@@ -5,10 +5,10 @@
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
 ``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so
 a setting chosen here is not tuned on the eval's images) and the 12 single-object prompts with the first 4 of
-them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)`` and guidance ``GUIDANCE`` in the form the model takes
-(``call_kwargs_for``: true CFG, or the guidance input of a distilled model) (and
-``--steps`` sampling steps instead of the model's 20, to ask whether an error is the sampler's discretization);
-images are scored as the eval scores them. This is how the bundle's sampler was chosen (benchmarks/RESULTS.md).
+them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)``, guidance ``GUIDANCE`` in the form the model
+takes (``call_kwargs_for``: the input of a guidance-distilled model, true CFG otherwise) and ``--steps`` sampling
+steps (the model's 20 by default; more asks whether an error is the sampler's discretization); images are scored
+as the eval scores them. This is how the bundle's sampler and guidance were chosen (benchmarks/RESULTS.md).
 Prints one JSON line per setting: two-object all correct, two-object count accuracy, single-object all correct,
 colour and shape accuracy over all objects, and the number of duplicated objects.
 """

@@ -213,7 +213,7 @@ def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
         "height": defaults.get("height", size),
         "width": defaults.get("width", size),
         "max_sequence_length": defaults.get("max_sequence_length", 512),
-        "guidance_scale": defaults.get("guidance_scale", 3.5),  # FluxPipeline's default
+        "guidance_scale": defaults.get("guidance_scale", FluxCall.guidance_scale),
         "true_cfg_scale": defaults.get("true_cfg_scale", 1.0),
         "negative_prompt": defaults.get("negative_prompt", ""),
     }

@@ -39,7 +39,7 @@ class GuidanceTeacher:
 
     def __post_init__(self) -> None:
         if self.transformer.config.guidance_embeds:
-            raise ValueError("the teacher takes the guidance scale as an input already (it is guidance-distilled); "
+            raise ValueError("the teacher is guidance-distilled already (it takes the guidance scale as an input); "
                              "distill from a model sampled with true classifier-free guidance")
         low, high = self.guidance_range
         if not 0 <= low <= high:

@@ -227,13 +227,9 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
 
 
 def load_teacher(folder: str | Path, guidance_range: tuple[float, float], device: torch.device) -> GuidanceTeacher:
-    """The exported model in ``folder`` as a frozen distillation teacher (sizes from its ``training.json``)."""
-    folder = Path(folder)
-    config = folder / "transformer" / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("guidance_embeds"):
-        raise ValueError(f"{folder} is guidance-distilled already (it takes the guidance scale as an input); "
-                         "distill from a model sampled with true classifier-free guidance")
-    record = folder / "training.json"
+    """The exported model in ``folder`` as a frozen distillation teacher (sizes, and whether it is distilled
+    already, from its ``training.json``)."""
+    record = Path(folder) / "training.json"
     if not record.is_file():
         raise FileNotFoundError(f"{folder} has no training.json: the teacher's sizes are unknown")
     mcfg = ShapesModelConfig.from_dict(json.loads(record.read_text())["config"]["model"])
