@@ -158,6 +158,10 @@ class _CpuFlashTextProbs(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# A squared output-gradient norm below this cannot carry a log-sum-exp gradient g as g·dO/‖dO‖².
+_ZERO_OUTPUT_GRADIENT = 1e-30
+
+
 def _backward_with_lse_gradient(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     grad_out: torch.Tensor, grad_lse: torch.Tensor, scale: float,
@@ -168,7 +172,7 @@ def _backward_with_lse_gradient(
     # batch elements with such a row take the extra column instead. Attention is independent per batch
     # element, so the two kinds run as two kernel calls on their own elements.
     norm2 = torch.linalg.vector_norm(grad_out, dim=-1, dtype=torch.float32).square()
-    needs_column = ((norm2 < 1e-30) & (grad_lse != 0)).flatten(1).any(dim=1)
+    needs_column = ((norm2 < _ZERO_OUTPUT_GRADIENT) & (grad_lse != 0)).flatten(1).any(dim=1)
     if not needs_column.any():
         return _folded_backward(q, k, v, out, lse, grad_out, grad_lse, norm2, scale)
     if needs_column.all():
@@ -193,7 +197,10 @@ def _folded_backward(
     grad_out: torch.Tensor, grad_lse: torch.Tensor, norm2: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The flash backward with the log-sum-exp gradient folded into the output."""
-    shifted = torch.addcmul(out.float(), (grad_lse.float() / norm2).unsqueeze(-1), grad_out.float(), value=-1)
+    # Rows here with a (nearly) zero output gradient have a zero log-sum-exp gradient (the others took the extra
+    # column); the clamp makes their shift 0 instead of 0/0, which would poison the whole backward with NaN.
+    coefficient = grad_lse.float() / norm2.clamp_min(_ZERO_OUTPUT_GRADIENT)
+    shifted = torch.addcmul(out.float(), coefficient.unsqueeze(-1), grad_out.float(), value=-1)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, shifted.to(out.dtype), lse, 0.0, False, scale=scale
     )

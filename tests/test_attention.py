@@ -75,7 +75,8 @@ def test_chunked_is_differentiable_and_matches_full_gradient() -> None:
 @pytest.mark.parametrize("route", ["kernel", "sdpa"])
 @pytest.mark.parametrize("use_output", ["all_rows", "some_rows", "none"])
 @pytest.mark.parametrize("layout", ["contiguous", "diffusers"])
-def test_fused_path_gradient_matches_full_softmax(route: str, use_output: str, layout: str) -> None:
+@pytest.mark.parametrize("supervised", ["both", "second"])
+def test_fused_path_gradient_matches_full_softmax(route: str, use_output: str, layout: str, supervised: str) -> None:
     """The fused path's probabilities are differentiable — inside the CPU kernel's own backward ("kernel"), or
     through one more SDPA forward and backward from a log-sum-exp without gradient ("sdpa", the CUDA route) —
     with the definition's gradients. The output's gradient reaches every query row (the log-sum-exp's gradient
@@ -86,6 +87,8 @@ def test_fused_path_gradient_matches_full_softmax(route: str, use_output: str, l
     text, image = torch.arange(6), torch.arange(6, 48)
     kept = torch.tensor([0, 2, 5])
     weights = torch.randn(2, 2, 42, 3, generator=torch.Generator().manual_seed(0))
+    if supervised == "second":
+        weights[0] = 0
     out_weights = torch.randn(2, 2, 48, 8, generator=torch.Generator().manual_seed(1))
     if use_output == "some_rows":
         out_weights[1, :, 20:] = 0

@@ -118,6 +118,29 @@ def test_train_resume_export(tmp_path):
     assert np.isfinite(img).all()
 
 
+def test_a_non_finite_gradient_stops_the_run_with_the_last_good_weights(tmp_path, monkeypatch):
+    """A NaN loss at step 3 stops the run before the update: the checkpoint holds step 2's finite weights, the
+    error and the log name the step."""
+    import attnscope.shapes.train as train_module
+
+    calls = []
+
+    def poisoned_at_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = flow_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "flow_loss", poisoned_at_step_3)
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=5, vae_steps=2, batch=2, checkpoint_minutes=0.0,
+                      log_every=1, model=asdict(TINY))
+    with pytest.raises(FloatingPointError, match="step 3: non-finite gradient"):
+        train(cfg)
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in [*state["transformer"].values(), *state["ema"].values()])
+    assert "checkpoint keeps step 2" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_uniform_t_moves_training_noise_levels_toward_the_ends():
     """Logit-normal(0, 1) rarely trains above t = 0.9 (~1.4 %); a uniform share of 1 puts ~10 % there."""
     tokenizer = build_t5_tokenizer()

@@ -471,7 +471,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 loss = flow + cfg.grounding * ground
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                try:  # a non-finite gradient stops the run before it reaches the weights, so the checkpoint stays good
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+                except RuntimeError:
+                    message = (f"step {step + 1}: non-finite gradient (flow loss {flow.item():.4g}, grounding "
+                               f"{ground.item():.4g}); the weights were not updated and the checkpoint keeps step {step}")
+                    log(message)
+                    raise FloatingPointError(message) from None
                 opt.step()
                 step += 1
                 # EMA warm-up (as in many diffusion trainers): early averages must not be dominated by the init.
