@@ -24,8 +24,8 @@ from attnscope.shapes.model import (
     build_scheduler,
     build_t5_tokenizer,
 )
-from attnscope.shapes.model import build_text_encoders, build_transformer
-from attnscope.shapes.train import TrainConfig, flow_loss, load_checkpoint_pipeline, train, train_command
+from attnscope.shapes.model import build_text_encoders, build_transformer, grown_double_stream
+from attnscope.shapes.train import TrainConfig, flow_loss, load_checkpoint_pipeline, load_exported, train, train_command
 from attnscope.shapes.vocabulary import ALL_WORDS
 
 TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
@@ -139,6 +139,64 @@ def test_a_non_finite_gradient_stops_the_run_with_the_last_good_weights(tmp_path
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in [*state["transformer"].values(), *state["ema"].values()])
     assert "checkpoint keeps step 2" in (tmp_path / "run" / "train.log").read_text()
+
+
+def _velocity(transformer, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n_img, n_txt = 64, MAX_SEQUENCE_LENGTH
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, n_img, 12, generator=g),
+            encoder_hidden_states=torch.randn(1, n_txt, transformer.config.joint_attention_dim, generator=g),
+            pooled_projections=torch.zeros(1, transformer.config.pooled_projection_dim),
+            timestep=torch.tensor([0.7]),
+            img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32),
+            txt_ids=torch.zeros(n_txt, 3),
+            return_dict=False,
+        )[0]
+
+
+def test_grown_double_stream_starts_as_its_parent_and_copies_the_last_blocks():
+    torch.manual_seed(0)
+    parent_cfg = ShapesModelConfig(**{**asdict(TINY), "double_layers": 2})
+    parent = build_transformer(parent_cfg)
+    for block in parent.transformer_blocks:  # open every gate, as in a trained model
+        for norm in (block.norm1, block.norm1_context):
+            torch.nn.init.normal_(norm.linear.weight, std=0.2)
+            torch.nn.init.normal_(norm.linear.bias, std=0.2)
+    for layers in (3, 5):  # 5: more new blocks than the parent has, so the copies cycle
+        grown = build_transformer(ShapesModelConfig(**{**asdict(parent_cfg), "double_layers": layers}))
+        weights = grown_double_stream(parent.state_dict(), 2, layers)
+        grown.load_state_dict(weights)
+        torch.testing.assert_close(_velocity(grown), _velocity(parent), atol=1e-6, rtol=0)
+        sources = [(index - (layers - 2)) % 2 for index in range(2, layers)]
+        for index, source in zip(range(2, layers), sources):
+            new, old = grown.transformer_blocks[index], parent.transformer_blocks[source]
+            torch.testing.assert_close(new.attn.to_q.weight, old.attn.to_q.weight)
+            gates = new.norm1.linear.weight.view(6, -1, new.norm1.linear.weight.shape[1])[[2, 5]]
+            assert not gates.any() and new.norm1.linear.weight.view(6, -1, gates.shape[-1])[[0, 1, 3, 4]].any()
+            assert not new.norm1_context.linear.bias.view(6, -1)[[2, 5]].any()
+    assert sources == [1, 0, 1]
+    with pytest.raises(ValueError, match="cannot grow 2 double-stream blocks into 1"):
+        grown_double_stream(parent.state_dict(), 2, 1)
+
+
+def test_fine_tune_grows_the_exported_model_and_records_it(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "parent"), steps=1, vae_steps=2, batch=2, checkpoint_minutes=60.0,
+                      model=asdict(TINY))
+    folder = export_checkpoint(train(cfg), tmp_path / "export")
+    parent = FluxPipeline.from_pretrained(folder).transformer
+    grown_cfg = ShapesModelConfig(**{**asdict(TINY), "double_layers": TINY.double_layers + 2})
+    _, grown, _ = load_exported(folder, grown_cfg)
+    torch.testing.assert_close(_velocity(grown), _velocity(parent), atol=1e-6, rtol=0)
+
+    fine = TrainConfig(out=str(tmp_path / "grown"), steps=1, batch=2, checkpoint_minutes=60.0, init_from=str(folder),
+                       grow_double=2)
+    state = torch.load(train(fine), weights_only=False)
+    assert state["config"]["model"]["double_layers"] == TINY.double_layers + 2
+    assert f"--init-from {folder} --grow-double 2" in train_command(state["config"])
+    with pytest.raises(ValueError, match="grow_double grows the model a fine-tune starts from"):
+        train(TrainConfig(out=str(tmp_path / "new"), steps=1, model=asdict(TINY), grow_double=1))
 
 
 def test_uniform_t_moves_training_noise_levels_toward_the_ends():

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "%(default)s: all)")
     tr.add_argument("--init-from", default=None, metavar="FOLDER", help="fine-tune an exported model (e.g. "
                     "attnscope/shapes/weights) instead of training from scratch")
+    tr.add_argument("--grow-double", type=int, default=0, metavar="N", help="with --init-from: append N "
+                    "double-stream blocks, copies of the last ones whose gates start at zero, so the grown model "
+                    "starts as the one it fine-tunes (default %(default)s)")
     tr.add_argument("--distill-from", default=None, metavar="TEACHER", help="guidance distillation: learn the "
                     "true-CFG velocity of this exported model; the result takes guidance_scale as FLUX.1-dev does "
                     "and samples with one transformer call per step (starts from TEACHER unless --init-from is given)")
@@ -101,7 +104,10 @@ def _train(args: argparse.Namespace) -> int:
     sizes = {name: getattr(args, name) for name in SIZE_OPTIONS if getattr(args, name) is not None}
     if sizes and (args.resume or args.init_from):
         given = ", ".join(f"--{n.replace('_', '-')}" for n in sizes)
-        raise ValueError(f"{given}: a resumed run or a fine-tune keeps the sizes of the model it continues")
+        raise ValueError(f"{given}: a resumed run or a fine-tune keeps the sizes of the model it continues "
+                         "(a fine-tune may add double-stream blocks: --grow-double)")
+    if args.grow_double and args.resume:
+        raise ValueError("--grow-double: a resumed run keeps the sizes of its checkpoint")
     if args.t5_attention and args.resume:
         raise ValueError("--t5-attention: a resumed run keeps the text encoder of its checkpoint")
     cfg = TrainConfig(
@@ -118,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
         grounding_layers=args.grounding_layers,
         grounding_max_t=args.grounding_max_t,
         init_from=args.init_from,
+        grow_double=args.grow_double,
         distill_from=args.distill_from,
         distill_guidance=args.distill_guidance,
         vae_steps=args.vae_steps,

@@ -253,6 +253,33 @@ def build_transformer(cfg: ShapesModelConfig) -> FluxTransformer2DModel:
     return transformer
 
 
+def grown_double_stream(weights: dict[str, torch.Tensor], parent_layers: int, layers: int) -> dict[str, torch.Tensor]:
+    """A transformer state dict with ``layers`` double-stream blocks from one with ``parent_layers``: the new
+    blocks, appended after the parent's, copy its last ones (cycling when more are asked) with the adaLN-Zero
+    gates of both streams at zero, so each new block is the identity and the grown model starts as its parent.
+
+    Why copies rather than fresh weights: the gates open from the first step (their gradient is not zero), and
+    what opens then is attention already fitted to this depth's inputs.
+    """
+    if not 0 < parent_layers <= layers:
+        raise ValueError(f"cannot grow {parent_layers} double-stream blocks into {layers}")
+    grown, extra = dict(weights), layers - parent_layers
+    for index in range(parent_layers, layers):
+        source = (index - extra) % parent_layers  # block parent_layers + j copies parent_layers - extra + j
+        prefix, new_prefix = f"transformer_blocks.{source}.", f"transformer_blocks.{index}."
+        for key, value in weights.items():
+            if key.startswith(prefix):
+                grown[new_prefix + key[len(prefix):]] = value.clone()
+        for norm in ("norm1", "norm1_context"):
+            # AdaLayerNormZero emits (shift, scale, gate) for attention, then for the MLP, hidden wide each.
+            weight, bias = grown[f"{new_prefix}{norm}.linear.weight"], grown[f"{new_prefix}{norm}.linear.bias"]
+            hidden = weight.shape[0] // 6
+            for gate in (2, 5):
+                weight[gate * hidden:(gate + 1) * hidden] = 0
+                bias[gate * hidden:(gate + 1) * hidden] = 0
+    return grown
+
+
 def zero_pooled_path(transformer: FluxTransformer2DModel) -> None:
     """Make the pooled-text embedding a constant zero and freeze it (see module docstring for why)."""
     lin = transformer.time_text_embed.text_embedder.linear_2

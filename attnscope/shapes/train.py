@@ -61,6 +61,7 @@ from .model import (
     build_vae,
     build_clip_tokenizer,
     encode_text,
+    grown_double_stream,
     is_attention_positional,
     make_attention_positional,
     assemble_pipeline,
@@ -106,6 +107,8 @@ class TrainConfig:
     # find the object (the bundled model's grounding KL: 0.30 at t ≤ 0.2, 0.70 at 0.8, 1.7 at 0.97).
     grounding_max_t: float = 1.0
     init_from: str | None = None  # an exported model folder to fine-tune (skips stage 1)
+    # Double-stream blocks appended to the fine-tune's parent, starting as the identity (model.grown_double_stream).
+    grow_double: int = 0
     # An exported model sampled with true CFG whose guided velocity the run learns (distill.py); None: ε − x0.
     distill_from: str | None = None
     distill_guidance: list[float] = field(default_factory=lambda: list(DEFAULT_GUIDANCE_RANGE))
@@ -213,6 +216,8 @@ def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[Autoenco
     loaded_transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     for module, sub, loaded in ((transformer, "transformer", loaded_transformer), (t5, "text_encoder_2", loaded_t5)):
         weights = loaded.state_dict()
+        if module is transformer and mcfg.double_layers > loaded.config.num_layers:
+            weights = grown_double_stream(weights, loaded.config.num_layers, mcfg.double_layers)
         if module is transformer and mcfg.guidance_embeds and not loaded.config.guidance_embeds:
             # A distillation student: its guidance embedding is new and keeps the zero start build_transformer gave it.
             weights |= {k: v for k, v in transformer.state_dict().items() if k.startswith(GUIDANCE_EMBEDDER)}
@@ -365,6 +370,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             cfg.grounding = 0.0
         if cfg.distill_from and not cfg.init_from:
             cfg.init_from = cfg.distill_from  # a student starts as its teacher
+        if cfg.grow_double and not cfg.init_from:
+            raise ValueError("grow_double grows the model a fine-tune starts from (init_from); a new run sets "
+                             "double_layers")
         log(f"start: {json.dumps(cfg.__dict__)}")
         vae = None if cfg.init_from else train_vae(cfg, log, device)
 
@@ -376,6 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         parent = json.loads(record.read_text()) if record.exists() else None
         if parent is not None:  # a fine-tune keeps the sizes of the model it starts from
             cfg.model = ShapesModelConfig.from_dict(parent["config"]["model"]).to_dict()
+        cfg.model["double_layers"] += cfg.grow_double
     if state is None and cfg.t5_attention is not None:
         cfg.model["t5_attention"] = cfg.t5_attention
     if state is None and cfg.distill_from:
@@ -553,6 +562,8 @@ def train_command(cfg: dict) -> str:
             command += f" --init-from {cfg['init_from']}"
         if cfg.get("t5_attention"):
             command += f" --t5-attention {cfg['t5_attention']}"
+        if cfg.get("grow_double"):
+            command += f" --grow-double {cfg['grow_double']}"
     else:
         command += f" --vae-steps {cfg['vae_steps']}"
         default = ShapesModelConfig().to_dict()
