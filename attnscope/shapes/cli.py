@@ -1,4 +1,4 @@
-"""``attnscope shapes ...`` commands: ``train``, ``eval``, ``export``.
+"""``attnscope shapes ...`` commands: ``train``, ``eval``, ``export``, ``preferences``.
 
 ``register(subparsers)`` adds the ``shapes`` group to an argparse subparsers object; ``attnscope.cli`` wires it
 (``attnscope shapes train ...`` or ``python -m attnscope.cli shapes train ...``).
@@ -16,7 +16,7 @@ _DEFAULTS = TrainConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``shapes {train,eval,export}`` to ``subparsers``; returns the ``shapes`` parser."""
+    """Add ``shapes {train,eval,export,preferences}`` to ``subparsers``; returns the ``shapes`` parser."""
     shapes = subparsers.add_parser("shapes", help="the shapes world: train / evaluate / export the bundled model")
     sub = shapes.add_subparsers(dest="shapes_command", required=True)
 
@@ -51,6 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "and samples with one transformer call per step (starts from TEACHER unless --init-from is given)")
     tr.add_argument("--distill-guidance", type=_guidance_range, default=_DEFAULTS.distill_guidance, metavar="LOW,HIGH",
                     help="guidance scales a distillation learns, drawn uniformly (default %(default)s)")
+    tr.add_argument("--preference", default=None, metavar="FILE", help="with --init-from: a preference fine-tune "
+                    "on the pairs of FILE (`attnscope shapes preferences`, drawn by the --init-from model): "
+                    "Diffusion-DPO against the starting model")
+    tr.add_argument("--preference-beta", type=float, default=_DEFAULTS.preference_beta,
+                    help="DPO β: how far the model may move from the starting one (default %(default)s)")
+    tr.add_argument("--preference-sft", type=float, default=_DEFAULTS.preference_sft,
+                    help="weight of plain flow matching on the right samples (default %(default)s)")
     tr.add_argument("--vae-steps", type=int, default=_DEFAULTS.vae_steps)
     tr.add_argument("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes)
     tr.add_argument("--threads", type=int, default=_DEFAULTS.threads, help="torch CPU threads")
@@ -84,6 +91,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="path to ckpt.pt")
     ex.add_argument("--to", default=None, help="target folder (default: the bundled attnscope/shapes/weights)")
     ex.set_defaults(run=_export)
+
+    pr = sub.add_parser("preferences", help="sample a model on training captions and judge each image with the "
+                        "scene reader: the pairs a --preference fine-tune learns from (shapes/preference.py)")
+    pr.add_argument("--model", default=None, help="an exported model folder (default: the bundled weights)")
+    pr.add_argument("--out", required=True, help="the preference set file (.pt); an interrupted run continues it")
+    pr.add_argument("--prompts", type=int, default=1000, help="captions, two or three objects (default %(default)s)")
+    pr.add_argument("--samples", type=int, default=4, help="images per caption (default %(default)s)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--guidance", type=float, default=None, help="guidance scale of the samples (default: the "
+                    "model's default call)")
+    pr.add_argument("--batch", type=int, default=32, help="images per pipeline call (default %(default)s)")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.set_defaults(run=_preferences)
     return shapes
 
 
@@ -127,6 +147,9 @@ def _train(args: argparse.Namespace) -> int:
         grow_double=args.grow_double,
         distill_from=args.distill_from,
         distill_guidance=args.distill_guidance,
+        preference=args.preference,
+        preference_beta=args.preference_beta,
+        preference_sft=args.preference_sft,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,
@@ -152,6 +175,22 @@ def _eval(args: argparse.Namespace) -> int:
         two_object_seeds=args.two_object_seeds,
     )
     print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def _preferences(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bundled_path
+    from .metrics import load_model
+    from .preference import sample_preferences
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = str(args.model or bundled_path())
+    preferences = sample_preferences(load_model(model), model, args.prompts, args.samples, args.seed, args.batch,
+                                     out=args.out, guidance_scale=args.guidance)
+    print(json.dumps(preferences.summary()))
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import bundled_path
+from .preference import PreferenceSet
 from .train import load_checkpoint_pipeline, train_command
 
 #: Upper bound on the committed weights (bytes), as the repository promises.
@@ -26,7 +27,8 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
 
     The folder is built next to the target and swapped in by renames, so readers never see a half-written
     bundle. ``training.json`` in the folder records the step, wall time, config, the command, the record of the
-    model a fine-tune started from (``fine_tuned_from``) and ``extra_info``.
+    model a fine-tune started from (``fine_tuned_from``), for a preference fine-tune how its preference set is drawn
+    again (``preference_set``, when the set's file is still there) and ``extra_info``.
 
     Raises:
         ValueError: if the result exceeds MAX_BUNDLE_BYTES (the previous folder is kept).
@@ -46,7 +48,10 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
             "train_minutes": round(state["elapsed"] / 60, 2),
             "config": cfg,
             "vae": {k: state["vae_config"][k] for k in ("scaling_factor", "shift_factor")},
-        } | ({"fine_tuned_from": state["parent"]} if state.get("parent") else {}) | (extra_info or {})
+        } | ({"fine_tuned_from": state["parent"]} if state.get("parent") else {})
+        if cfg.get("preference") and Path(cfg["preference"]).is_file():
+            info["preference_set"] = PreferenceSet.load(cfg["preference"]).record(cfg["preference"])
+        info |= extra_info or {}
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
         size = folder_bytes(tmp)
         if size > MAX_BUNDLE_BYTES:

@@ -17,6 +17,9 @@ Two stages, both on scenes rendered on the fly:
 training the VAE and a fresh transformer: a fine-tune with a fresh optimizer. ``--distill-from TEACHER`` makes
 the fine-tune a guidance distillation (``distill.py``): the target is the teacher's guided velocity instead of
 ε − x0, and the student gets a guidance embedding (it starts from the teacher unless ``--init-from`` is given).
+``--preference FILE`` makes the fine-tune a preference fine-tune (``preference.py``): the batches are pairs of
+the starting model's own samples, one judged right and one wrong, and the loss is Diffusion-DPO against a frozen
+copy of the starting model.
 
 Step ``n``'s batch is rendered from its own seed ``(seed, 2, n)``, so the data stream does not depend on where it
 is rendered: ``--workers N`` renders batches ahead in N processes (what a GPU run needs to be fed) and gives the
@@ -52,6 +55,7 @@ from attnscope.tokens import t5_tokens
 
 from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
+from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
@@ -112,6 +116,11 @@ class TrainConfig:
     # An exported model sampled with true CFG whose guided velocity the run learns (distill.py); None: ε − x0.
     distill_from: str | None = None
     distill_guidance: list[float] = field(default_factory=lambda: list(DEFAULT_GUIDANCE_RANGE))
+    # A preference set (preference.py) of the init_from model's own samples: the run learns from its pairs
+    # (Diffusion-DPO with weight preference_beta, plus preference_sft × flow matching on the right images).
+    preference: str | None = None
+    preference_beta: float = DEFAULT_BETA
+    preference_sft: float = 0.0
     # The T5 attention kind asked for (model.py): sets ``model["t5_attention"]`` of a new run, and converts a
     # fine-tune's content-attention parent to "positional". None: ``model``'s for a new run, the parent's for a
     # fine-tune.
@@ -298,37 +307,60 @@ def flow_loss(
     ``t``: the rows' noise levels; drawn by ``noise_levels(B, gen, uniform_t)`` when None. ``gen`` is a CPU
     generator whatever the device, so a run draws the same noise on every device.
     """
-    b, c, h, w = latents.shape
+    b = latents.shape[0]
     if t is None:
         t = noise_levels(b, gen, uniform_t)
     noise = torch.randn(latents.shape, generator=gen)
     t, noise = t.to(latents.device), noise.to(latents.device)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
-    packed = FluxPipeline._pack_latents(x_t, b, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
-    text = encode_text(tokenizer, t5, captions)
-    txt_ids = torch.zeros(text.shape[1], 3, device=latents.device)
     guidance = None
     if teacher is not None:
         guidance = teacher.draw_guidance(b, gen).to(latents.device)
     elif transformer.config.guidance_embeds:
         # A distilled model fine-tuned on data: ε − x0 is the unguided velocity, the one at guidance scale 1.
         guidance = torch.ones(b, device=latents.device)
-    pred = transformer(
-        hidden_states=packed,
+    pred = predict_velocity(transformer, t5, tokenizer, x_t, t, captions, guidance)
+    if teacher is None:
+        target = pack(noise - latents)
+    else:
+        target = teacher.velocity(pack(x_t), t, captions, guidance, image_ids(x_t))
+    return F.mse_loss(pred, target)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, C, H, W)`` as FluxPipeline packs them: ``(B, H/2 · W/2, 4C)`` tokens of 2×2 latent pixels."""
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def image_ids(latents: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline's position ids ``(H/2 · W/2, 3)`` of the packed tokens of latents ``(B, C, H, W)``."""
+    b, _, h, w = latents.shape
+    return FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+
+
+def predict_velocity(
+    transformer: FluxTransformer2DModel,
+    t5: T5EncoderModel,
+    tokenizer: T5Tokenizer,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    captions: list[str],
+    guidance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The transformer's packed velocity ``(B, N, 4C)`` at noisy latents ``x_t (B, C, H, W)`` and noise levels
+    ``t (B,)``, with the pooled text at zero (``model.py``) and ``guidance (B,)`` for a guidance-distilled model."""
+    text = encode_text(tokenizer, t5, captions)
+    return transformer(
+        hidden_states=pack(x_t),
         encoder_hidden_states=text,
-        pooled_projections=torch.zeros(b, transformer.config.pooled_projection_dim, device=latents.device),
+        pooled_projections=torch.zeros(len(x_t), transformer.config.pooled_projection_dim, device=x_t.device),
         timestep=t,
-        img_ids=img_ids,
-        txt_ids=txt_ids,
+        img_ids=image_ids(x_t),
+        txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device),
         guidance=guidance,
         return_dict=False,
     )[0]
-    if teacher is None:
-        target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
-    else:
-        target = teacher.velocity(packed, t, captions, guidance, img_ids)
-    return F.mse_loss(pred, target)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -373,6 +405,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if cfg.grow_double and not cfg.init_from:
             raise ValueError("grow_double grows the model a fine-tune starts from (init_from); a new run sets "
                              "double_layers")
+        if cfg.preference:
+            _check_preference_run(cfg)
         log(f"start: {json.dumps(cfg.__dict__)}")
         vae = None if cfg.init_from else train_vae(cfg, log, device)
 
@@ -406,6 +440,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.distill_from:
         teacher = load_teacher(cfg.distill_from, tuple(cfg.distill_guidance), device)
         log(f"distilling the guided velocity of {cfg.distill_from} (guidance {cfg.distill_guidance})")
+    preferences = reference = None
+    if cfg.preference:
+        preferences = PreferenceSet.load(cfg.preference)
+        # The reference is the model the run started from, frozen: on --resume it is loaded again from there.
+        _, *reference = load_exported(cfg.init_from, mcfg)
+        for module in reference:
+            module.to(device).eval().requires_grad_(False)
+        log(f"preference fine-tune on {cfg.preference}: {json.dumps(preferences.summary())}")
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
@@ -441,12 +483,47 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         )
         log(f"checkpoint step {step} ({elapsed / 60:.1f} min)")
 
+    def encode(images: list[np.ndarray]) -> torch.Tensor:
+        """Normalized latents of (H, W, 3) uint8 images."""
+        with torch.no_grad():
+            return (vae.encode(images_to_tensor(images).to(device)).latent_dist.mode() - shift) * scale
+
+    def data_losses(scenes: list[Scene], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow (or distillation) loss and grounding loss of a batch of rendered scenes."""
+        latents = encode([s.image for s in scenes])
+        t = noise_levels(len(captions), gen, cfg.uniform_t)
+        targets = None
+        if cfg.grounding:
+            # Rows with a dropped caption or above grounding_max_t have nothing to supervise.
+            tokens = [t5_tokens(tokenizer, c, MAX_SEQUENCE_LENGTH) if c and t_row <= cfg.grounding_max_t
+                      else None for c, t_row in zip(captions, t.tolist())]
+            targets = grounding_targets(scenes, tokens)
+        if targets is None:
+            flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t, teacher=teacher)
+            return flow, torch.zeros((), device=device)
+        with attnscope.trace(transformer, differentiable=True, positions=targets.positions,
+                             layers=cfg.grounding_layers) as tracer:
+            flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t, teacher=teacher)
+        return flow, grounding_loss(list(tracer.take()[-1].values()), targets)
+
+    def preference_losses(at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preference loss of the step's pairs, and the share of them the model prefers more than the reference."""
+        winners, losers, captions = preferences.batch(cfg.seed, at_step, cfg.batch // 2)
+        winners, losers = encode(list(winners)), encode(list(losers))
+        t = noise_levels(len(captions), gen, cfg.uniform_t)
+        noise = torch.randn(winners.shape, generator=gen)
+        errors = _velocity_errors(transformer, t5, reference, tokenizer, captions, preferences.guidance_scale)
+        return preference_loss(errors, winners, losers, t.to(device), noise.to(device), cfg.preference_beta,
+                               cfg.preference_sft)
+
     budget = cfg.minutes * 60  # 0: no time limit, ``steps`` only
     if budget <= 0 and cfg.steps <= 0:
         raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
     last_ckpt = time.time()
     # Window sums stay on the device: reading them every step would wait for the GPU every step.
     window_loss, window_ground = torch.zeros((), device=device), torch.zeros((), device=device)
+    # The second number of a log line: the grounding loss, or a preference run's share of preferred pairs.
+    second = "preferred" if preferences is not None else "grounding" if cfg.grounding else None
     window_n, window_t = 0, time.time()
     bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes", mininterval=10)
     transformer.train()
@@ -456,34 +533,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         with _stop_on_signals(stop), BatchStream(cfg, step) as stream:
             while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
                 t0 = time.time()
-                scenes, captions = stream.next()
-                x = images_to_tensor([s.image for s in scenes]).to(device)
-                with torch.no_grad():
-                    latents = (vae.encode(x).latent_dist.mode() - shift) * scale
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
-                t = noise_levels(len(captions), gen, cfg.uniform_t)
-                targets = None
-                if cfg.grounding:
-                    # Rows with a dropped caption or above grounding_max_t have nothing to supervise.
-                    tokens = [t5_tokens(tokenizer, c, MAX_SEQUENCE_LENGTH) if c and t_row <= cfg.grounding_max_t
-                              else None for c, t_row in zip(captions, t.tolist())]
-                    targets = grounding_targets(scenes, tokens)
-                if targets is None:
-                    flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t, teacher=teacher)
-                    ground = torch.zeros((), device=device)
+                if preferences is None:
+                    flow, ground = data_losses(*stream.next())
+                    loss = flow + cfg.grounding * ground
                 else:
-                    with attnscope.trace(transformer, differentiable=True, positions=targets.positions,
-                                         layers=cfg.grounding_layers) as tracer:
-                        flow = flow_loss(transformer, t5, tokenizer, latents, captions, gen, t=t, teacher=teacher)
-                    ground = grounding_loss(list(tracer.take()[-1].values()), targets)
-                loss = flow + cfg.grounding * ground
+                    loss, preferred = preference_losses(step)
+                    flow, ground = loss, preferred  # logged in the same two slots
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 try:  # a non-finite gradient stops the run before it reaches the weights, so the checkpoint stays good
                     torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
                 except RuntimeError:
-                    message = (f"step {step + 1}: non-finite gradient (flow loss {flow.item():.4g}, grounding "
+                    message = (f"step {step + 1}: non-finite gradient (loss {flow.item():.4g}, {second} "
                                f"{ground.item():.4g}); the weights were not updated and the checkpoint keeps step {step}")
                     log(message)
                     raise FloatingPointError(message) from None
@@ -502,7 +565,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 if step % cfg.log_every == 0:
                     rate = window_n / (time.time() - window_t)
                     mean_loss = window_loss.item() / window_n
-                    grounded = f" grounding {window_ground.item() / window_n:.4f}" if cfg.grounding else ""
+                    grounded = f" {second} {window_ground.item() / window_n:.4f}" if second else ""
                     log(f"step {step} loss {mean_loss:.4f}{grounded} it/s {rate:.2f} min {elapsed / 60:.1f}")
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     window_loss.zero_()
@@ -576,6 +639,12 @@ def train_command(cfg: dict) -> str:
         low, high = cfg.get("distill_guidance", DEFAULT_GUIDANCE_RANGE)
         if (low, high) != DEFAULT_GUIDANCE_RANGE:
             command += f" --distill-guidance {low:g},{high:g}"
+    if cfg.get("preference"):
+        command += f" --preference {cfg['preference']}"
+        if cfg.get("preference_beta", DEFAULT_BETA) != DEFAULT_BETA:
+            command += f" --preference-beta {cfg['preference_beta']:g}"
+        if cfg.get("preference_sft"):
+            command += f" --preference-sft {cfg['preference_sft']:g}"
     if cfg.get("device", "cpu") != "cpu":
         command += f" --device {cfg['device']}"
     for name in ("caption_dropout", "uniform_t", "grounding"):
@@ -586,6 +655,44 @@ def train_command(cfg: dict) -> str:
     if cfg.get("grounding") and cfg.get("grounding_max_t", 1.0) < 1.0:
         command += f" --grounding-max-t {cfg['grounding_max_t']:g}"
     return command
+
+
+def _check_preference_run(cfg: TrainConfig) -> None:
+    """A preference run fine-tunes the model that drew its pairs, and learns from the pairs alone."""
+    if not cfg.init_from or cfg.distill_from:
+        raise ValueError("a preference fine-tune starts from the exported model that drew its samples: give "
+                         "--init-from (and no --distill-from)")
+    preferences = PreferenceSet.load(cfg.preference)
+    if preferences.model_digest != model_digest(cfg.init_from):
+        raise ValueError(f"{cfg.preference} holds samples of {preferences.model} (other weights than "
+                         f"{cfg.init_from}): a preference fine-tune learns from the starting model's own samples")
+    if cfg.grounding or cfg.grow_double:
+        raise ValueError("a preference fine-tune learns from its pairs alone: no --grounding, no --grow-double")
+
+
+def _velocity_errors(
+    transformer: FluxTransformer2DModel,
+    t5: T5EncoderModel,
+    reference: list[torch.nn.Module],
+    tokenizer: T5Tokenizer,
+    captions: list[str],
+    guidance_scale: float,
+):
+    """``preference.VelocityErrors`` of the trained transformer and T5 and the frozen ``reference`` (its
+    transformer and T5) on rows that are the pairs' winners then losers of ``captions``."""
+    captions = captions * 2
+
+    def errors(x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((len(x_t),), guidance_scale, device=x_t.device)
+        target = pack(target)
+        error = (predict_velocity(transformer, t5, tokenizer, x_t, t, captions, guidance) - target).pow(2)
+        with torch.no_grad():
+            reference_error = (predict_velocity(*reference, tokenizer, x_t, t, captions, guidance) - target).pow(2)
+        return error.mean(dim=(1, 2)), reference_error.mean(dim=(1, 2))
+
+    return errors
 
 
 def _trainable_state(transformer: torch.nn.Module, t5: torch.nn.Module) -> dict[str, torch.Tensor]:
