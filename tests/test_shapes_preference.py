@@ -105,6 +105,23 @@ def test_pairs_join_each_right_sample_to_each_wrong_one_of_its_caption():
                           {}, "m", "d", 0)
     with pytest.raises(ValueError, match="no pair"):
         empty.batch(0, 0, 2)
+    with pytest.raises(ValueError, match="no wrong sample"):
+        empty.batch(0, 0, 2, rendered_winners=True)
+
+
+def test_rendered_winners_are_the_truth_of_each_wrong_sample_caption(tiny_folder):
+    prefs = _rendered_pairs(tiny_folder, prompts=4)
+    prefs.correct[0] = False  # both samples of the first caption wrong: two losers, and no sampled pair
+    assert prefs.wrong().tolist() == [[0, 0], [0, 1], [1, 1], [2, 1], [3, 1]]
+    winners, losers, captions = prefs.batch(seed=0, step=3, size=10, rendered_winners=True)
+    assert winners.shape == losers.shape == (10, 32, 32, 3)
+    for winner, loser, caption in zip(winners, losers, captions):
+        index = prefs.captions.index(caption)
+        assert any(np.array_equal(loser, prefs.images[index, k].numpy()) for k in (0, 1) if not prefs.correct[index, k])
+        assert score_image(caption, read_scene(winner))["all_correct"]  # the caption's objects, each once
+    again, _, _ = prefs.batch(seed=0, step=3, size=10, rendered_winners=True)
+    other, _, _ = prefs.batch(seed=0, step=4, size=10, rendered_winners=True)
+    assert np.array_equal(again, winners) and not np.array_equal(other, winners)
 
 
 def test_preference_loss_rewards_fitting_winners_better_than_the_reference_does():
@@ -170,6 +187,28 @@ def test_a_preference_fine_tune_learns_its_pairs_resumes_and_records_the_command
     assert "resumed at step 30" in (run / "train.log").read_text()
 
 
+def test_preference_min_t_keeps_the_pairs_at_high_noise(tiny_folder, tmp_path, monkeypatch):
+    import attnscope.shapes.train as train_module
+
+    seen = []
+
+    def recording_loss(errors, winners, losers, t, noise, beta, sft):
+        seen.append(t)
+        return preference_loss(errors, winners, losers, t, noise, beta, sft)
+
+    monkeypatch.setattr(train_module, "preference_loss", recording_loss)
+    _rendered_pairs(tiny_folder).save(tmp_path / "prefs.pt")
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=4, minutes=0, batch=8, checkpoint_minutes=60.0,
+                      init_from=tiny_folder, preference=str(tmp_path / "prefs.pt"), preference_min_t=0.6,
+                      uniform_t=0.5)
+    ckpt = train(cfg)
+    t = torch.cat(seen)
+    assert len(t) == 16 and t.min() >= 0.6 and t.max() <= 1.0 and t.std() > 0.02
+    assert "--preference-min-t 0.6" in train_command(torch.load(ckpt, weights_only=False)["config"])
+    with pytest.raises(ValueError, match="preference_min_t must be in"):
+        train(TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "bad"), "preference_min_t": 1.0}))
+
+
 def test_a_preference_run_refuses_what_it_cannot_learn_from(tiny_folder, tmp_path):
     prefs = _rendered_pairs(tiny_folder, prompts=1)
     prefs.model_digest = "0" * 64  # drawn by other weights
@@ -182,13 +221,18 @@ def test_a_preference_run_refuses_what_it_cannot_learn_from(tiny_folder, tmp_pat
         train(TrainConfig(**{**base, "init_from": None}, preference=str(tmp_path / "own.pt")))
     with pytest.raises(ValueError, match="no --grounding"):
         train(TrainConfig(**base, preference=str(tmp_path / "own.pt"), grounding=0.1))
+    with pytest.raises(ValueError, match="winners must be one of"):
+        train(TrainConfig(**base, preference=str(tmp_path / "own.pt"), preference_winners="drawn"))
 
 
 def test_cli_parses_the_preference_options():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["shapes", "train", "--init-from", "m", "--preference", "p.pt", "--preference-beta",
-                              "1000", "--preference-sft", "0.5"])
+                              "1000", "--preference-sft", "0.5", "--preference-winners", "rendered"])
     assert (args.preference, args.preference_beta, args.preference_sft) == ("p.pt", 1000.0, 0.5)
+    assert args.preference_winners == "rendered"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["shapes", "train", "--preference-winners", "drawn"])
     args = parser.parse_args(["shapes", "preferences", "--out", "p.pt", "--prompts", "5", "--samples", "3"])
     assert (args.out, args.prompts, args.samples, args.model) == ("p.pt", 5, 3, None)

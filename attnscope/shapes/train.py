@@ -55,7 +55,7 @@ from attnscope.tokens import t5_tokens
 
 from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
-from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
+from .preference import DEFAULT_BETA, PREFERENCE_WINNERS, PreferenceSet, model_digest, preference_loss
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
@@ -121,6 +121,12 @@ class TrainConfig:
     preference: str | None = None
     preference_beta: float = DEFAULT_BETA
     preference_sft: float = 0.0
+    # Winners of the pairs: "sampled" (the model's own right samples) or "rendered" (scenes rendered for the
+    # caption of each wrong sample).
+    preference_winners: str = "sampled"
+    # Noise levels of the pairs are squeezed into [preference_min_t, 1]: a count is decided at high noise, while
+    # at low noise x_t already holds the layout and the pair differs only in details the model draws right.
+    preference_min_t: float = 0.0
     # The T5 attention kind asked for (model.py): sets ``model["t5_attention"]`` of a new run, and converts a
     # fine-tune's content-attention parent to "positional". None: ``model``'s for a new run, the parent's for a
     # fine-tune.
@@ -508,9 +514,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     def preference_losses(at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Preference loss of the step's pairs, and the share of them the model prefers more than the reference."""
-        winners, losers, captions = preferences.batch(cfg.seed, at_step, cfg.batch // 2)
+        rendered = cfg.preference_winners == "rendered"
+        winners, losers, captions = preferences.batch(cfg.seed, at_step, cfg.batch // 2, rendered_winners=rendered)
         winners, losers = encode(list(winners)), encode(list(losers))
-        t = noise_levels(len(captions), gen, cfg.uniform_t)
+        t = cfg.preference_min_t + (1 - cfg.preference_min_t) * noise_levels(len(captions), gen, cfg.uniform_t)
         noise = torch.randn(winners.shape, generator=gen)
         errors = _velocity_errors(transformer, t5, reference, tokenizer, captions, preferences.guidance_scale)
         return preference_loss(errors, winners, losers, t.to(device), noise.to(device), cfg.preference_beta,
@@ -645,6 +652,10 @@ def train_command(cfg: dict) -> str:
             command += f" --preference-beta {cfg['preference_beta']:g}"
         if cfg.get("preference_sft"):
             command += f" --preference-sft {cfg['preference_sft']:g}"
+        if cfg.get("preference_winners", "sampled") != "sampled":
+            command += f" --preference-winners {cfg['preference_winners']}"
+        if cfg.get("preference_min_t"):
+            command += f" --preference-min-t {cfg['preference_min_t']:g}"
     if cfg.get("device", "cpu") != "cpu":
         command += f" --device {cfg['device']}"
     for name in ("caption_dropout", "uniform_t", "grounding"):
@@ -666,6 +677,10 @@ def _check_preference_run(cfg: TrainConfig) -> None:
     if preferences.model_digest != model_digest(cfg.init_from):
         raise ValueError(f"{cfg.preference} holds samples of {preferences.model} (other weights than "
                          f"{cfg.init_from}): a preference fine-tune learns from the starting model's own samples")
+    if cfg.preference_winners not in PREFERENCE_WINNERS:
+        raise ValueError(f"preference winners must be one of {PREFERENCE_WINNERS}, got {cfg.preference_winners!r}")
+    if not 0 <= cfg.preference_min_t < 1:
+        raise ValueError(f"preference_min_t must be in [0, 1), got {cfg.preference_min_t}")
     if cfg.grounding or cfg.grow_double:
         raise ValueError("a preference fine-tune learns from its pairs alone: no --grounding, no --grow-double")
 
