@@ -105,23 +105,6 @@ def test_pairs_join_each_right_sample_to_each_wrong_one_of_its_caption():
                           {}, "m", "d", 0)
     with pytest.raises(ValueError, match="no pair"):
         empty.batch(0, 0, 2)
-    with pytest.raises(ValueError, match="no wrong sample"):
-        empty.batch(0, 0, 2, rendered_winners=True)
-
-
-def test_rendered_winners_are_the_truth_of_each_wrong_sample_caption(tiny_folder):
-    prefs = _rendered_pairs(tiny_folder, prompts=4)
-    prefs.correct[0] = False  # both samples of the first caption wrong: two losers, and no sampled pair
-    assert prefs.wrong().tolist() == [[0, 0], [0, 1], [1, 1], [2, 1], [3, 1]]
-    winners, losers, captions = prefs.batch(seed=0, step=3, size=10, rendered_winners=True)
-    assert winners.shape == losers.shape == (10, 32, 32, 3)
-    for winner, loser, caption in zip(winners, losers, captions):
-        index = prefs.captions.index(caption)
-        assert any(np.array_equal(loser, prefs.images[index, k].numpy()) for k in (0, 1) if not prefs.correct[index, k])
-        assert score_image(caption, read_scene(winner))["all_correct"]  # the caption's objects, each once
-    again, _, _ = prefs.batch(seed=0, step=3, size=10, rendered_winners=True)
-    other, _, _ = prefs.batch(seed=0, step=4, size=10, rendered_winners=True)
-    assert np.array_equal(again, winners) and not np.array_equal(other, winners)
 
 
 def test_preference_loss_rewards_fitting_winners_better_than_the_reference_does():
@@ -221,18 +204,13 @@ def test_a_preference_run_refuses_what_it_cannot_learn_from(tiny_folder, tmp_pat
         train(TrainConfig(**{**base, "init_from": None}, preference=str(tmp_path / "own.pt")))
     with pytest.raises(ValueError, match="no --grounding"):
         train(TrainConfig(**base, preference=str(tmp_path / "own.pt"), grounding=0.1))
-    with pytest.raises(ValueError, match="winners must be one of"):
-        train(TrainConfig(**base, preference=str(tmp_path / "own.pt"), preference_winners="drawn"))
 
 
 def test_cli_parses_the_preference_options():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["shapes", "train", "--init-from", "m", "--preference", "p.pt", "--preference-beta",
-                              "1000", "--preference-sft", "0.5", "--preference-winners", "rendered"])
+                              "1000", "--preference-sft", "0.5"])
     assert (args.preference, args.preference_beta, args.preference_sft) == ("p.pt", 1000.0, 0.5)
-    assert args.preference_winners == "rendered"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["shapes", "train", "--preference-winners", "drawn"])
     args = parser.parse_args(["shapes", "preferences", "--out", "p.pt", "--prompts", "5", "--samples", "3"])
     assert (args.out, args.prompts, args.samples, args.model) == ("p.pt", 5, 3, None)

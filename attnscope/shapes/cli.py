@@ -10,7 +10,6 @@ import argparse
 import json
 
 from .model import T5_ATTENTION_KINDS, ShapesModelConfig
-from .preference import PREFERENCE_WINNERS
 from .train import SIZE_OPTIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -59,9 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="DPO β: how far the model may move from the starting one (default %(default)s)")
     tr.add_argument("--preference-sft", type=float, default=_DEFAULTS.preference_sft,
                     help="weight of plain flow matching on the right samples (default %(default)s)")
-    tr.add_argument("--preference-winners", choices=PREFERENCE_WINNERS, default=_DEFAULTS.preference_winners,
-                    help="winners of the pairs: the model's own right samples, or scenes rendered for the caption of "
-                    "each wrong sample (default %(default)s)")
     tr.add_argument("--preference-min-t", type=float, default=_DEFAULTS.preference_min_t, metavar="T",
                     help="train the pairs at noise levels in [T, 1] only, where a layout (and so a count) is decided "
                     "(default %(default)s: all)")
@@ -157,7 +153,6 @@ def _train(args: argparse.Namespace) -> int:
         preference=args.preference,
         preference_beta=args.preference_beta,
         preference_sft=args.preference_sft,
-        preference_winners=args.preference_winners,
         preference_min_t=args.preference_min_t,
         vae_steps=args.vae_steps,
         checkpoint_minutes=args.checkpoint_minutes,

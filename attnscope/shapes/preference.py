@@ -43,10 +43,6 @@ from . import call_kwargs_for
 from .metrics import score_image
 from .reader import read_scene
 from .render import render_scene
-from .vocabulary import parse_prompt
-
-#: Where the winner of a pair comes from: the model's own right sample of the caption, or a rendered scene.
-PREFERENCE_WINNERS: tuple[str, ...] = ("sampled", "rendered")
 
 #: Format of a saved ``PreferenceSet`` (``save``/``load``); change it when the fields change.
 FORMAT_VERSION = 1
@@ -104,28 +100,14 @@ class PreferenceSet:
                 for l in range(self.correct.shape[1]) if not self.correct[p, l]]
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
-    def wrong(self) -> torch.Tensor:
-        """Every (prompt, wrong sample) of the set, ``(M, 2)`` int64."""
-        return (~self.correct).nonzero()
-
-    def batch(
-        self, seed: int, step: int, size: int, rendered_winners: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def batch(self, seed: int, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Step ``step``'s ``size`` pairs, drawn from the step's own seed: (winner images, loser images, captions).
 
-        ``rendered_winners``: every wrong sample is a loser, and its winner is a scene rendered for its caption
-        (fresh positions each time; the truth rather than the model's own right sample).
+        The winners are the model's own right samples. Scenes rendered for the caption were tried as winners
+        instead (git 84cc23e) and taught the model to tell its own images from rendered ones, not to count
+        (benchmarks/RESULTS.md).
         """
         rng = np.random.default_rng([seed, 5, step])
-        if rendered_winners:
-            wrong = self.wrong()
-            if len(wrong) == 0:
-                raise ValueError("the preference set has no wrong sample to learn from")
-            p, l = wrong[torch.from_numpy(rng.integers(0, len(wrong), size))].unbind(1)
-            captions = [self.captions[i] for i in p.tolist()]
-            winners = np.stack([render_scene(rng, objects=parse_prompt(c), caption=c, size=self.images.shape[2]).image
-                                for c in captions])
-            return winners, self.images[p, l].numpy(), captions
         pairs = self.pairs()
         if len(pairs) == 0:
             raise ValueError("the preference set has no pair: no caption has both a right and a wrong sample")

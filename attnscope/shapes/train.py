@@ -55,7 +55,7 @@ from attnscope.tokens import t5_tokens
 
 from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
-from .preference import DEFAULT_BETA, PREFERENCE_WINNERS, PreferenceSet, model_digest, preference_loss
+from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
@@ -121,9 +121,6 @@ class TrainConfig:
     preference: str | None = None
     preference_beta: float = DEFAULT_BETA
     preference_sft: float = 0.0
-    # Winners of the pairs: "sampled" (the model's own right samples) or "rendered" (scenes rendered for the
-    # caption of each wrong sample).
-    preference_winners: str = "sampled"
     # Noise levels of the pairs are squeezed into [preference_min_t, 1]: a count is decided at high noise, while
     # at low noise x_t already holds the layout and the pair differs only in details the model draws right.
     preference_min_t: float = 0.0
@@ -514,8 +511,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     def preference_losses(at_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Preference loss of the step's pairs, and the share of them the model prefers more than the reference."""
-        rendered = cfg.preference_winners == "rendered"
-        winners, losers, captions = preferences.batch(cfg.seed, at_step, cfg.batch // 2, rendered_winners=rendered)
+        winners, losers, captions = preferences.batch(cfg.seed, at_step, cfg.batch // 2)
         winners, losers = encode(list(winners)), encode(list(losers))
         t = cfg.preference_min_t + (1 - cfg.preference_min_t) * noise_levels(len(captions), gen, cfg.uniform_t)
         noise = torch.randn(winners.shape, generator=gen)
@@ -652,8 +648,6 @@ def train_command(cfg: dict) -> str:
             command += f" --preference-beta {cfg['preference_beta']:g}"
         if cfg.get("preference_sft"):
             command += f" --preference-sft {cfg['preference_sft']:g}"
-        if cfg.get("preference_winners", "sampled") != "sampled":
-            command += f" --preference-winners {cfg['preference_winners']}"
         if cfg.get("preference_min_t"):
             command += f" --preference-min-t {cfg['preference_min_t']:g}"
     if cfg.get("device", "cpu") != "cpu":
@@ -677,8 +671,6 @@ def _check_preference_run(cfg: TrainConfig) -> None:
     if preferences.model_digest != model_digest(cfg.init_from):
         raise ValueError(f"{cfg.preference} holds samples of {preferences.model} (other weights than "
                          f"{cfg.init_from}): a preference fine-tune learns from the starting model's own samples")
-    if cfg.preference_winners not in PREFERENCE_WINNERS:
-        raise ValueError(f"preference winners must be one of {PREFERENCE_WINNERS}, got {cfg.preference_winners!r}")
     if not 0 <= cfg.preference_min_t < 1:
         raise ValueError(f"preference_min_t must be in [0, 1), got {cfg.preference_min_t}")
     if cfg.grounding or cfg.grow_double:
