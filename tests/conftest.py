@@ -25,6 +25,28 @@ def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_shapes_config():
+    """A shapes model config small enough to train a few steps in seconds."""
+    from attnscope.shapes.model import ShapesModelConfig
+
+    return ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_folder(tmp_path_factory: pytest.TempPathFactory, tiny_shapes_config) -> str:
+    """An exported tiny shapes model trained two steps on data (no guidance embedding); tests only read it."""
+    from dataclasses import asdict
+
+    from attnscope.shapes.export import export_checkpoint
+    from attnscope.shapes.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny-shapes")
+    cfg = TrainConfig(out=str(root / "run"), steps=2, minutes=0, vae_steps=2, batch=2, checkpoint_minutes=60.0,
+                      model=asdict(tiny_shapes_config))
+    return str(export_checkpoint(train(cfg), root / "export"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread; more oversubscribe a busy 2-core machine (10x slower)."""

@@ -16,17 +16,13 @@ from attnscope.shapes.export import export_checkpoint
 from attnscope.shapes.model import MAX_SEQUENCE_LENGTH, ShapesModelConfig, build_t5_tokenizer, encode_text
 from attnscope.shapes.train import TrainConfig, load_exported, load_teacher, train, train_command
 
-TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
 PROMPT = "a red circle and a blue square"
 
 
-@pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory) -> str:
+@pytest.fixture
+def teacher_folder(tiny_shapes_folder) -> str:
     """An exported tiny model trained on data (no guidance embedding), as a distillation teacher."""
-    root = tmp_path_factory.mktemp("teacher")
-    cfg = TrainConfig(out=str(root / "run"), steps=2, minutes=0, vae_steps=2, batch=2, checkpoint_minutes=60.0,
-                      model=asdict(TINY))
-    return str(export_checkpoint(train(cfg), root / "export"))
+    return tiny_shapes_folder
 
 
 def _velocity(transformer, x, t, text, guidance=None) -> torch.Tensor:
@@ -40,7 +36,8 @@ def _velocity(transformer, x, t, text, guidance=None) -> torch.Tensor:
         )[0]
 
 
-def test_teacher_target_is_true_cfg_and_the_student_starts_as_the_conditional_velocity(teacher_folder):
+def test_teacher_target_is_true_cfg_and_the_student_starts_as_the_conditional_velocity(teacher_folder,
+                                                                                       tiny_shapes_config):
     teacher = load_teacher(teacher_folder, (1.0, 5.0), torch.device("cpu"))
     tokenizer = build_t5_tokenizer()
     x, t = torch.randn(2, 256, 12, generator=torch.Generator().manual_seed(0)), torch.tensor([0.9, 0.3])
@@ -58,7 +55,8 @@ def test_teacher_target_is_true_cfg_and_the_student_starts_as_the_conditional_ve
 
     # The student is the teacher's weights plus a zero guidance embedding: at any guidance scale it starts as the
     # teacher's conditional velocity, so distillation only has to learn what guidance adds.
-    _, student, _ = load_exported(teacher_folder, ShapesModelConfig(**{**asdict(TINY), "guidance_embeds": True}))
+    student_config = ShapesModelConfig(**{**asdict(tiny_shapes_config), "guidance_embeds": True})
+    _, student, _ = load_exported(teacher_folder, student_config)
     assert student.config.guidance_embeds
     for scale in (1.0, 4.0):
         torch.testing.assert_close(_velocity(student, x, t, text, torch.full((2,), scale)), conditional)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 from attnscope.shapes.cli import register
 from attnscope.shapes.export import export_checkpoint
 from attnscope.shapes.metrics import load_model, score_image
-from attnscope.shapes.model import ShapesModelConfig, build_t5_tokenizer
+from attnscope.shapes.model import build_t5_tokenizer
 from attnscope.shapes.preference import (
     PreferenceSet,
     draw_captions,
@@ -35,15 +34,11 @@ from attnscope.shapes.train import (
     train_command,
 )
 
-TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = TrainConfig(out=str(root / "run"), steps=2, minutes=0, vae_steps=2, batch=2, checkpoint_minutes=60.0,
-                      model=asdict(TINY))
-    return str(export_checkpoint(train(cfg), root / "export"))
+@pytest.fixture
+def tiny_folder(tiny_shapes_folder) -> str:
+    return tiny_shapes_folder
 
 
 def _rendered_pairs(folder: str, prompts: int = 6) -> PreferenceSet:
@@ -126,7 +121,8 @@ def test_preference_loss_rewards_fitting_winners_better_than_the_reference_does(
     assert with_sft.item() == pytest.approx(better.item() + 2.0 * 0.49)
 
 
-def test_a_preference_fine_tune_learns_its_pairs_resumes_and_records_the_command(tiny_folder, tmp_path):
+def test_a_preference_fine_tune_learns_its_pairs_resumes_and_records_the_command(tiny_folder, tiny_shapes_config,
+                                                                                 tmp_path):
     prefs = _rendered_pairs(tiny_folder)
     prefs.save(tmp_path / "prefs.pt")
     run = tmp_path / "run"
@@ -139,7 +135,7 @@ def test_a_preference_fine_tune_learns_its_pairs_resumes_and_records_the_command
     # On the training pairs, at fixed noise, the tuned model fits the winners better than the losers *relative to*
     # the starting model: the DPO loss falls below log 2, where the starting model sits.
     tuned = load_checkpoint_pipeline(ckpt, use_ema=False)
-    _, *reference = load_exported(tiny_folder, TINY)
+    _, *reference = load_exported(tiny_folder, tiny_shapes_config)
     tokenizer = build_t5_tokenizer()
     winners, losers, captions = prefs.batch(seed=1, step=0, size=12)
     encode = lambda images: (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)  # noqa: E731

@@ -169,12 +169,17 @@ def load_model(model: str | Path | None) -> Any:
     return pipe
 
 
+def to_pixels(images: np.ndarray) -> list[np.ndarray]:
+    """A pipeline's ``output_type="np"`` images ``(B, H, W, 3)`` in [0, 1] as (H, W, 3) uint8 images."""
+    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in images]
+
+
 def generate(pipe: Any, prompt: str, seeds: list[int], **call_kwargs: Any) -> list[np.ndarray]:
     """One (H, W, 3) uint8 image per seed; batched, with one generator per image so each is reproducible alone."""
     kwargs = call_kwargs_for(pipe) | call_kwargs
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe([prompt] * len(seeds), generator=gens, output_type="np", **kwargs).images
-    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
+    return to_pixels(out)
 
 
 def _mean(values: list[bool] | list[float]) -> float | None:

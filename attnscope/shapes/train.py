@@ -409,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             raise ValueError("grow_double grows the model a fine-tune starts from (init_from); a new run sets "
                              "double_layers")
         if cfg.preference:
-            _check_preference_run(cfg)
+            _check_preference_options(cfg)
         log(f"start: {json.dumps(cfg.__dict__)}")
         vae = None if cfg.init_from else train_vae(cfg, log, device)
 
@@ -446,6 +446,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     preferences = reference = None
     if cfg.preference:
         preferences = PreferenceSet.load(cfg.preference)
+        if fine_tune and preferences.model_digest != model_digest(cfg.init_from):
+            raise ValueError(f"{cfg.preference} holds samples of {preferences.model} (other weights than "
+                             f"{cfg.init_from}): a preference fine-tune learns from the starting model's own samples")
         # The reference is the model the run started from, frozen: on --resume it is loaded again from there.
         _, *reference = load_exported(cfg.init_from, mcfg)
         for module in reference:
@@ -662,15 +665,12 @@ def train_command(cfg: dict) -> str:
     return command
 
 
-def _check_preference_run(cfg: TrainConfig) -> None:
-    """A preference run fine-tunes the model that drew its pairs, and learns from the pairs alone."""
+def _check_preference_options(cfg: TrainConfig) -> None:
+    """A preference run fine-tunes the model that drew its pairs (checked when the set is loaded), and learns from
+    the pairs alone."""
     if not cfg.init_from or cfg.distill_from:
         raise ValueError("a preference fine-tune starts from the exported model that drew its samples: give "
                          "--init-from (and no --distill-from)")
-    preferences = PreferenceSet.load(cfg.preference)
-    if preferences.model_digest != model_digest(cfg.init_from):
-        raise ValueError(f"{cfg.preference} holds samples of {preferences.model} (other weights than "
-                         f"{cfg.init_from}): a preference fine-tune learns from the starting model's own samples")
     if not 0 <= cfg.preference_min_t < 1:
         raise ValueError(f"preference_min_t must be in [0, 1), got {cfg.preference_min_t}")
     if cfg.grounding or cfg.grow_double:
