@@ -1,6 +1,6 @@
 """Generation accuracy of the bundled shapes model under other samplers, on seeds the eval does not use.
 
-    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] SHIFT,RENOISE_ABOVE,GUIDANCE ...
+    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] [--device cuda] SHIFT,RENOISE_ABOVE,GUIDANCE ...
 
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
 ``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so
@@ -82,9 +82,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_CALL_KWARGS["num_inference_steps"],
                         help="sampling steps (default: the model's)")
     parser.add_argument("--model", default=None, help="a checkpoint or diffusers folder (default: the bundle)")
+    parser.add_argument("--device", default="cpu", help="where the model samples: cpu or cuda[:N] (a GPU draws "
+                        "nearly, not bit-for-bit, the CPU's images)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_model(args.model)
+    pipe = load_model(args.model, args.device)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     for shift, renoise_above, guidance in args.settings:
         print(json.dumps(sweep_setting(pipe, shift, renoise_above, guidance, seeds, args.steps)), flush=True)

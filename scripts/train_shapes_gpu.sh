@@ -31,10 +31,7 @@ fi
 
 MINUTES="${1:?usage: train_shapes_gpu.sh MINUTES [train options] (or --fetch-wheels, here)}"
 shift
-ls .whl/diffusers-*.whl > /dev/null || { echo "no .whl/diffusers-*.whl: run --fetch-wheels here and carry .whl" >&2; exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'; print(torch.cuda.get_device_name())"
+source scripts/gpu_env.sh
 
 RUN=runs/shapes-gpu
 # Rendering is numpy on the CPU: 12 processes keep a batch of 128 ahead of the GPU.

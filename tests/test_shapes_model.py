@@ -328,12 +328,15 @@ def test_render_workers_feed_the_inline_data_stream(tmp_path):
         torch.testing.assert_close(ahead["transformer"][name], value, rtol=0, atol=0)
 
 
-def test_train_refuses_a_device_this_machine_lacks(tmp_path):
-    from attnscope.shapes.train import resolve_device
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    from attnscope.shapes.metrics import load_model
+    from attnscope.shapes.model import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="cpu or cuda"):
         resolve_device("meta")
+    with pytest.raises(ValueError, match="--device meta: the shapes models run on cpu or cuda"):
+        load_model(None, device="meta")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         resolve_device("gpu")
     if not torch.cuda.is_available():

@@ -72,6 +72,7 @@ def test_samples_are_judged_by_the_reader_saved_and_continued(tiny_folder, tmp_p
     out = tmp_path / "prefs.pt"
     first = sample_preferences(pipe, tiny_folder, prompts=2, samples=2, seed=3, batch=3, out=out)
     assert first.images.shape == (2, 2, 32, 32, 3) and first.images.dtype == torch.uint8
+    assert first.device == "cpu" and "--device" not in first.record(out)["command"]
     for p, caption in enumerate(first.captions):
         for k in range(2):
             judged = score_image(caption, read_scene(first.images[p, k].numpy()))["all_correct"]
@@ -164,6 +165,9 @@ def test_a_preference_fine_tune_learns_its_pairs_resumes_and_records_the_command
     cfg.steps = 32
     train(cfg, resume=True)
     assert "resumed at step 30" in (run / "train.log").read_text()
+    # Samples drawn on a GPU say so: they are the CPU's images only up to rounding.
+    prefs.device = "cuda"
+    assert prefs.record("p.pt")["command"].endswith("--guidance 1 --device cuda")
 
 
 def test_preference_min_t_keeps_the_pairs_at_high_noise(tiny_folder, tmp_path, monkeypatch):
@@ -209,4 +213,4 @@ def test_cli_parses_the_preference_options():
                               "1000", "--preference-sft", "0.5"])
     assert (args.preference, args.preference_beta, args.preference_sft) == ("p.pt", 1000.0, 0.5)
     args = parser.parse_args(["shapes", "preferences", "--out", "p.pt", "--prompts", "5", "--samples", "3"])
-    assert (args.out, args.prompts, args.samples, args.model) == ("p.pt", 5, 3, None)
+    assert (args.out, args.prompts, args.samples, args.model, args.device) == ("p.pt", 5, 3, None, "cpu")

@@ -106,6 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "model's default call)")
     pr.add_argument("--batch", type=int, default=32, help="images per pipeline call (default %(default)s)")
     pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--device", default="cpu", help="where the model samples: cpu or cuda[:N] (the reader judges "
+                    "on the CPU)")
     pr.set_defaults(run=_preferences)
     return shapes
 
@@ -192,7 +194,7 @@ def _preferences(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = str(args.model or bundled_path())
-    preferences = sample_preferences(load_model(model), model, args.prompts, args.samples, args.seed, args.batch,
+    preferences = sample_preferences(load_model(model, args.device), model, args.prompts, args.samples, args.seed, args.batch,
                                      out=args.out, guidance_scale=args.guidance)
     print(json.dumps(preferences.summary()))
     return 0

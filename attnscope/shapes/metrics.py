@@ -155,9 +155,15 @@ def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
     }
 
 
-def load_model(model: str | Path | None) -> Any:
-    """A FluxPipeline from a training checkpoint (``*.pt``), a diffusers folder, or the bundled weights (None)."""
+def load_model(model: str | Path | None, device: str = "cpu") -> Any:
+    """A FluxPipeline from a training checkpoint (``*.pt``), a diffusers folder, or the bundled weights (None), on
+    ``device`` (``cpu`` or ``cuda[:N]``; generators stay on the CPU, so a seed draws the same starting noise on
+    either)."""
     from diffusers import FluxPipeline
+
+    from .model import resolve_device
+
+    target = resolve_device(device)
 
     if model is not None and str(model).endswith(".pt"):
         from .train import load_checkpoint_pipeline
@@ -166,7 +172,7 @@ def load_model(model: str | Path | None) -> Any:
     else:
         pipe = FluxPipeline.from_pretrained(Path(model) if model is not None else bundled_path())
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(target)
 
 
 def to_pixels(images: np.ndarray) -> list[np.ndarray]:

@@ -338,3 +338,16 @@ def assemble_pipeline(
         tokenizer_2=t5_tok,
         transformer=(transformer or build_transformer(cfg)).eval(),
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device, refusing one this machine does not have (before any work starts)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine's torch sees no CUDA GPU (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: the shapes models run on cpu or cuda")
+    return device

@@ -86,6 +86,7 @@ class PreferenceSet:
     model: str  # the model folder that drew them
     model_digest: str  # ``model_digest`` of that folder: a fine-tune checks it starts from the same weights
     seed: int
+    device: str = "cpu"  # where the model sampled: a GPU draws nearly, not bit-for-bit, the CPU's images
 
     @property
     def guidance_scale(self) -> float:
@@ -125,6 +126,8 @@ class PreferenceSet:
         prompts, samples = self.correct.shape
         command = (f"attnscope shapes preferences --model {self.model} --out {path} --prompts {prompts} "
                    f"--samples {samples} --seed {self.seed} --guidance {guidance:g}")
+        if self.device != "cpu":
+            command += f" --device {self.device}"
         return {"command": command} | self.summary()
 
     def save(self, path: str | Path) -> None:
@@ -165,14 +168,15 @@ def sample_preferences(
     images = torch.zeros(prompts, samples, size, call["width"], 3, dtype=torch.uint8)
     correct = torch.zeros(prompts, samples, dtype=torch.bool)
     digest = model_digest(model)
+    device = str(pipe.device)
     done = 0
     if out is not None and Path(out).is_file():
         previous = PreferenceSet.load(out)
-        drawn_as = (previous.model_digest, previous.seed, previous.call, previous.images.shape[1])
-        same = drawn_as == (digest, seed, call, samples)
+        drawn_as = (previous.model_digest, previous.seed, previous.call, previous.images.shape[1], previous.device)
+        same = drawn_as == (digest, seed, call, samples, device)
         if not same or previous.captions != captions[: len(previous.captions)]:
-            raise ValueError(f"{out} holds samples of another model, seed, call or sample count; remove it or "
-                             "choose another --out")
+            raise ValueError(f"{out} holds samples of another model, seed, call, sample count or device; remove it "
+                             "or choose another --out")
         done = len(previous.captions)
         images[:done], correct[:done] = previous.images, previous.correct
     jobs = [(p, k) for p in range(done, prompts) for k in range(samples)]
@@ -187,10 +191,11 @@ def sample_preferences(
         bar.update(len(chunk))
         finished = chunk[-1][0] + (chunk[-1][1] == samples - 1)  # prompts whose samples are all drawn
         if out is not None:
-            so_far = PreferenceSet(captions[:finished], images[:finished], correct[:finished], call, model, digest, seed)
+            so_far = PreferenceSet(captions[:finished], images[:finished], correct[:finished], call, model, digest, seed,
+                                   device)
             so_far.save(out)
     bar.close()
-    return PreferenceSet(captions, images, correct, call, model, digest, seed)
+    return PreferenceSet(captions, images, correct, call, model, digest, seed, device)
 
 
 #: Default β: a margin of 1e-3 in per-row mean squared velocity error (small beside errors of 0.1–1) already

@@ -69,6 +69,7 @@ from .model import (
     is_attention_positional,
     make_attention_positional,
     assemble_pipeline,
+    resolve_device,
 )
 from .render import NATIVE_SIZE, Scene, render_scene
 
@@ -186,19 +187,6 @@ class BatchStream:
         while len(self._pending) < self._ahead:
             self._pending.append(self._pool.apply_async(training_batch, self._claim_step()))
         return self._pending.popleft().get()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``name`` as a torch device, refusing one this machine does not have (before any training starts)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine's torch sees no CUDA GPU (train with --device cpu)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: the shapes trainer runs on cpu or cuda")
-    return device
 
 
 #: State-dict prefix of the guidance embedding of a guidance-distilled transformer.
@@ -734,5 +722,5 @@ def wall_minutes(ckpt_path: str | Path) -> float:
 
 __all__ = [
     "BatchStream", "TrainConfig", "train", "train_vae", "training_batch", "flow_loss", "load_checkpoint_pipeline",
-    "load_exported", "load_teacher", "noise_levels", "resolve_device", "train_command", "wall_minutes",
+    "load_exported", "load_teacher", "noise_levels", "train_command", "wall_minutes",
 ]
