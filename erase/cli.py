@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step (2 of which feed the contrastive loss)")
     p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss (base velocities on preservation trajectories)")
-    p.add_argument("--eta", type=float, default=1.0, help="ESD negative-guidance strength η in v*(c_anc) − η·(v*(c) − v*(c_anc))")
+    p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
+                   "η·(v*(c) − v*(c_anc)) (default: 1 as in the paper; 2 for the bundled shapes model)")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate erase/preserve steps, or both every step")
     p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
     p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
@@ -142,7 +143,15 @@ def run_erase(args: argparse.Namespace) -> int:
     from .cache import CacheConfig
     from .lora import LoraSettings, default_targets
     from .parallel import DataParallel
-    from .trainer import STEPS_PER_CONCEPT, EraseConfig, LossWeights, NonFiniteLossError, load_model, train
+    from .trainer import (
+        STEPS_PER_CONCEPT,
+        EraseConfig,
+        LossWeights,
+        NonFiniteLossError,
+        default_eta,
+        load_model,
+        train,
+    )
 
     started = time.perf_counter()
     specs = _specs(args)
@@ -159,7 +168,7 @@ def run_erase(args: argparse.Namespace) -> int:
         batch=args.batch,
         keep_rows=args.keep_rows,
         schedule=args.schedule,
-        eta=args.eta,
+        eta=args.eta if args.eta is not None else default_eta(args.model),
         weights=weights,
         lora=LoraSettings(rank=args.rank, targets=_csv(args.targets) if args.targets else default_targets(args.model)),
         cache=CacheConfig(

@@ -58,6 +58,7 @@ __all__ = [
     "OutputExistsError",
     "ResumeMismatchError",
     "Trainer",
+    "default_eta",
     "model_defaults",
     "train",
 ]
@@ -74,6 +75,12 @@ RUN_FILES = (CHECKPOINT_FILE, CACHE_FILE, RUN_FILE, LOG_FILE, SPEC_FILE, LORA_FI
 #: Default optimizer steps per erased concept (erase and preserve steps count one each). 200 left red in 3.8 % of
 #: the shapes evaluation's erased-prompt images at 16 seeds; 300 left none (benchmarks/RESULTS.md).
 STEPS_PER_CONCEPT = 300
+
+#: ESD's negative-guidance strength η (``losses.esd_target``): the paper's 1 for every model but the bundled shapes
+#: model, whose phase-9 weights (three preference rounds that sharpened its colours) kept red in 24 % of the erased
+#: prompts' images at η 1 and in none at η 2 (benchmarks/RESULTS.md).
+PAPER_ETA = 1.0
+SHAPES_ETA = 2.0
 
 
 class OutputExistsError(FileExistsError):
@@ -217,6 +224,11 @@ def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
         "true_cfg_scale": defaults.get("true_cfg_scale", 1.0),
         "negative_prompt": defaults.get("negative_prompt", ""),
     }
+
+
+def default_eta(model: str) -> float:
+    """The η ``attnscope erase`` uses for ``model`` when ``--eta`` is not given."""
+    return SHAPES_ETA if is_shapes_model(model) else PAPER_ETA
 
 
 def is_shapes_model(model: str) -> bool:

@@ -246,8 +246,12 @@ def test_multi_concept_anchor_names_no_erased_concept() -> None:
     assert multi_anchor_prompt([dark], 0, "a red car") == "a dark red car"  # an anchor may contain the word
 
 
-def test_default_lora_targets_per_model() -> None:
+def test_default_lora_targets_and_eta_per_model() -> None:
     from attnscope.erase.lora import PAPER_TARGETS, default_targets
+    from attnscope.erase.trainer import default_eta
+
+    assert default_eta("black-forest-labs/FLUX.1-dev") == default_eta("tiny-flux") == 1.0
+    assert default_eta("shapes") == default_eta("runs/shapes-train/ckpt.pt") == 2.0
 
     assert default_targets("black-forest-labs/FLUX.1-dev") == PAPER_TARGETS == ("add_q_proj", "add_k_proj")
     assert default_targets("tiny-flux") == PAPER_TARGETS
