@@ -194,8 +194,8 @@ def _preferences(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = str(args.model or bundled_path())
-    preferences = sample_preferences(load_model(model, args.device), model, args.prompts, args.samples, args.seed, args.batch,
-                                     out=args.out, guidance_scale=args.guidance)
+    preferences = sample_preferences(load_model(model, args.device), model, args.prompts, args.samples, args.seed,
+                                     args.batch, out=args.out, guidance_scale=args.guidance)
     print(json.dumps(preferences.summary()))
     return 0
 

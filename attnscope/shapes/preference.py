@@ -191,8 +191,8 @@ def sample_preferences(
         bar.update(len(chunk))
         finished = chunk[-1][0] + (chunk[-1][1] == samples - 1)  # prompts whose samples are all drawn
         if out is not None:
-            so_far = PreferenceSet(captions[:finished], images[:finished], correct[:finished], call, model, digest, seed,
-                                   device)
+            so_far = PreferenceSet(captions[:finished], images[:finished], correct[:finished], call, model, digest,
+                                   seed, device)
             so_far.save(out)
     bar.close()
     return PreferenceSet(captions, images, correct, call, model, digest, seed, device)
