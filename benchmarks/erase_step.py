@@ -26,9 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from attnscope.erase.lora import LoraSettings, default_targets
 from attnscope.erase.spec import shapes_spec
-from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model, model_defaults
+from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model
 
 
 def _interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -56,9 +55,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     pipe = load_model(args.model)
-    # The model's own call settings (size, text length, true CFG for the shapes model), as `attnscope erase` uses.
-    config = EraseConfig(model=args.model, batch=args.batch, lora=LoraSettings(targets=default_targets(args.model)),
-                         **model_defaults(args.model, pipe))
+    # Fields left None take the model's defaults (call settings, LoRA targets, η), as `attnscope erase` does.
+    config = EraseConfig(model=args.model, batch=args.batch)
     trainer = Trainer(pipe, [shapes_spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-")))
     t0 = time.perf_counter()
     trainer.prepare_cache(None)

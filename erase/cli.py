@@ -143,15 +143,7 @@ def run_erase(args: argparse.Namespace) -> int:
     from .cache import CacheConfig
     from .lora import LoraSettings, default_targets
     from .parallel import DataParallel
-    from .trainer import (
-        STEPS_PER_CONCEPT,
-        EraseConfig,
-        LossWeights,
-        NonFiniteLossError,
-        default_eta,
-        load_model,
-        train,
-    )
+    from .trainer import STEPS_PER_CONCEPT, EraseConfig, LossWeights, NonFiniteLossError, load_model, train
 
     started = time.perf_counter()
     specs = _specs(args)
@@ -168,7 +160,7 @@ def run_erase(args: argparse.Namespace) -> int:
         batch=args.batch,
         keep_rows=args.keep_rows,
         schedule=args.schedule,
-        eta=args.eta if args.eta is not None else default_eta(args.model),
+        eta=args.eta,
         weights=weights,
         lora=LoraSettings(rank=args.rank, targets=_csv(args.targets) if args.targets else default_targets(args.model)),
         cache=CacheConfig(

@@ -44,6 +44,7 @@ from .lora import (
     LoraSettings,
     add_lora,
     base_model,
+    default_targets,
     save_lora,
 )
 from .sampling import FluxCall, PromptBank
@@ -59,6 +60,7 @@ __all__ = [
     "ResumeMismatchError",
     "Trainer",
     "default_eta",
+    "fill_model_defaults",
     "model_defaults",
     "train",
 ]
@@ -132,7 +134,9 @@ class EraseConfig:
     ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
     ``guidance_scale``/``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache and
     called in the losses (``None``: the model's defaults: the guidance input of a guidance-distilled model such as
-    the bundled shapes model or FLUX.1-dev, true CFG for a shapes model trained on data).
+    the bundled shapes model or FLUX.1-dev, true CFG for a shapes model trained on data). ``eta`` (ESD's
+    negative-guidance strength) and ``lora``: ``None`` takes the model's, as ``attnscope erase`` does
+    (``default_eta``; ``LoraSettings`` on ``lora.default_targets``).
     """
 
     model: str = "shapes"
@@ -144,9 +148,9 @@ class EraseConfig:
     keep_rows: int = 3
     schedule: Literal["alternate", "joint"] = "alternate"
     weights: LossWeights = field(default_factory=LossWeights)
-    eta: float = 1.0
+    eta: float | None = None
     tau: float = 0.07
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraSettings | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     attention_layers: str = "double"
     height: int | None = None
@@ -171,7 +175,8 @@ class EraseConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["lora"]["targets"] = list(self.lora.targets)
+        if self.lora is not None:
+            data["lora"]["targets"] = list(self.lora.targets)
         return data
 
 
@@ -208,8 +213,21 @@ def _clear_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
+    """Set ``config``'s ``None`` fields to ``config.model``'s defaults (in place; also returned): the call settings
+    of ``model_defaults``, ``default_eta`` and a LoRA on ``default_targets``."""
+    for key, value in model_defaults(config.model, pipe).items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+    if config.eta is None:
+        config.eta = default_eta(config.model)
+    if config.lora is None:
+        config.lora = LoraSettings(targets=default_targets(config.model))
+    return config
+
+
 def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
-    """The call settings ``train`` fills into a config's ``None`` fields: size, text length, guidance."""
+    """The call settings ``fill_model_defaults`` puts into a config's ``None`` fields: size, text length, guidance."""
     from attnscope.pipelines import default_call_kwargs
     from attnscope.shapes import call_kwargs_for
 
@@ -227,7 +245,7 @@ def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
 
 
 def default_eta(model: str) -> float:
-    """The η ``attnscope erase`` uses for ``model`` when ``--eta`` is not given."""
+    """The η ``attnscope erase`` (and an ``EraseConfig`` with ``eta=None``) uses for ``model``."""
     return SHAPES_ETA if is_shapes_model(model) else PAPER_ETA
 
 
@@ -268,7 +286,7 @@ class Trainer:
     def __init__(
         self, pipe: Any, specs: Sequence[ConceptSpec], config: EraseConfig, out: Path, parallel: DataParallel | None = None
     ):
-        self.pipe, self.specs, self.config, self.out = pipe, list(specs), config, out
+        self.pipe, self.specs, self.config, self.out = pipe, list(specs), fill_model_defaults(config, pipe), out
         self.parallel = parallel or DataParallel.for_device(pipe.transformer.device)
         self.transformer = pipe.transformer
         self.bank = PromptBank(pipe, config.max_sequence_length)
@@ -525,10 +543,7 @@ def train(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise SpecError(f"concept given twice: {names}")
-    defaults = model_defaults(config.model, pipe)
-    for key, value in defaults.items():
-        if getattr(config, key) is None:
-            setattr(config, key, value)
+    fill_model_defaults(config, pipe)
     for spec in specs:
         spec.check_prompts()
         check_known_words(pipe, [*spec.targets, *spec.synonyms, *spec.irrelevant], "shapes" if is_shapes_model(config.model) else config.model)

@@ -87,7 +87,9 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert result.lora_path == out / "pytorch_lora_weights.safetensors"
     keys = set(_lora(out))
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
-    assert {k.split(".")[-3] for k in keys} == {"add_q_proj", "add_k_proj"}
+    # An EraseConfig that names no LoRA and no η takes the model's, as `attnscope erase` does: q/k/v and η 2 here.
+    assert {k.split(".")[-3] for k in keys} == {"add_q_proj", "add_k_proj", "add_v_proj"}
+    assert json.loads((out / "run.json").read_text())["config"]["eta"] == 2.0
     log = json.loads((out / "train_log.json").read_text())
     assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
     assert {"esd", "attention"} <= set(log["steps"][0])
