@@ -80,7 +80,7 @@ def run_maps(args: argparse.Namespace) -> int:
 
     from . import viz
     from .adapters import adapter_for
-    from .pipelines import check_size, default_call_kwargs, load_pipeline
+    from .pipelines import check_size, default_call_kwargs, load_pipeline, validate_call
     from .trace import trace
 
     if not args.prompt.strip():
@@ -88,11 +88,12 @@ def run_maps(args: argparse.Namespace) -> int:
     if not args.words:
         raise CommandError("--words is empty: name at least one word of the prompt")
     started = time.perf_counter()
-    pipe = load_pipeline(args.model, device=args.device)
     call = default_call_kwargs(args.model)
     for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width)):
         if value is not None:
             call[key] = value
+    validate_call(args.model, args.prompt, call.get("height"), call.get("width"))
+    pipe = load_pipeline(args.model, device=args.device)
     if "height" in call and "width" in call:
         check_size(pipe, call["height"], call["width"])
     # Check the words before spending time on generation.

@@ -79,6 +79,15 @@ def check_size(pipe: Any, height: int, width: int) -> None:
         raise ValueError(f"{', '.join(bad)}: height and width must be positive multiples of {multiple} for this model")
 
 
+def validate_call(name_or_path: str, prompt: str, height: int | None, width: int | None) -> None:
+    """A built-in model's own checks of a call, before any work: the bundled shapes model raises
+    ``UnknownWordError`` naming the words it cannot draw and warns at sizes it was not trained for."""
+    if name_or_path == "shapes":
+        from .shapes import validate_call as validate_shapes_call
+
+        validate_shapes_call(prompt, height, width)
+
+
 def default_call_kwargs(name_or_path: str) -> dict[str, Any]:
     """Sensible ``pipe(...)`` keyword defaults for a built-in model (empty for hub/folder models)."""
     if name_or_path == "shapes":

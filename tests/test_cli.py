@@ -54,6 +54,18 @@ def test_maps_bad_input_is_one_clear_line(tmp_path, capsys, extra, message) -> N
     assert any(m in err for m in message.split("|")), err
 
 
+def test_maps_on_the_shapes_model_names_the_words_it_cannot_draw_and_warns_at_untrained_sizes(tmp_path, capsys) -> None:
+    from attnscope.shapes import UntrainedSizeWarning
+
+    assert main(["maps", "--prompt", "a purple circle and a red dog", "--words", "red", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "purple" in err and "dog" in err and "Traceback" not in err
+    assert not (tmp_path / "image.png").exists()  # refused before generating
+    with pytest.warns(UntrainedSizeWarning, match="height=48"):
+        assert main(["maps", "--prompt", "a red circle", "--words", "red", "--height", "48", "--steps", "2",
+                     "--out", str(tmp_path)]) == 0
+
+
 def test_empty_prompt(tmp_path, capsys) -> None:
     assert main(["maps", "--model", "tiny-flux", "--prompt", " ", "--words", "red", "--out", str(tmp_path)]) == 2
     assert "empty" in capsys.readouterr().err
