@@ -30,7 +30,7 @@ from PIL import Image
 import attnscope
 from attnscope import viz
 from attnscope.adapters import adapter_for, transformer_of
-from attnscope.pipelines import default_call_kwargs
+from attnscope.pipelines import default_call_kwargs, validate_call
 
 LayerMode = Literal["all", "double", "single", "blocks"]
 #: ``on_step(done, total)`` reports denoising progress.
@@ -106,18 +106,20 @@ def load_model(name: str = "shapes", device: str = "cpu") -> Model:
     pipe = attnscope.load_pipeline(name, device=device)
     # The app reports progress itself; tqdm bars would only clutter the server log.
     pipe.set_progress_bar_config(disable=True)
-    check = _check_shapes_call if name == "shapes" else None
-    return Model(name=name, pipe=pipe, call_kwargs=default_call_kwargs(name), check=check)
+    return Model(name=name, pipe=pipe, call_kwargs=default_call_kwargs(name), check=_call_check(name))
 
 
-def _check_shapes_call(prompt: str, height: int, width: int) -> list[str]:
-    """The bundled model's own checks: unknown words raise, untrained sizes come back as notes."""
-    from attnscope.shapes import validate_call
+def _call_check(name: str) -> Callable[[str, int, int], list[str]]:
+    """Model ``name``'s own checks of a call (``attnscope.pipelines.validate_call``): what it cannot draw raises,
+    untrained sizes come back as notes."""
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        validate_call(prompt, height, width)
-    return [str(w.message) for w in caught]
+    def check(prompt: str, height: int, width: int) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            validate_call(name, prompt, height, width)
+        return [str(w.message) for w in caught]
+
+    return check
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -1,6 +1,6 @@
 """Generation accuracy of the bundled shapes model under other samplers, on seeds the eval does not use.
 
-    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] [--device cuda] SHIFT,RENOISE_ABOVE,GUIDANCE ...
+    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] [--device cuda] [SHIFT,RENOISE_ABOVE,GUIDANCE ...]
 
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
 ``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so
@@ -8,7 +8,8 @@ a setting chosen here is not tuned on the eval's images) and the 12 single-objec
 them, through ``FlowMatchRenoisingScheduler(shift, renoise_above)``, guidance ``GUIDANCE`` in the form the model
 takes (``call_kwargs_for``: the input of a guidance-distilled model, true CFG otherwise) and ``--steps`` sampling
 steps (the model's 20 by default; more asks whether an error is the sampler's discretization); images are scored
-as the eval scores them. This is how the bundle's sampler and guidance were chosen (benchmarks/RESULTS.md).
+as the eval scores them. Without a setting, the model's own (its scheduler's shift and threshold, its default
+guidance) is scored. This is how the bundle's sampler and guidance were chosen (benchmarks/RESULTS.md).
 Prints one JSON line per setting: two-object all correct, two-object count accuracy, single-object all correct,
 colour and shape accuracy over all objects, and the number of duplicated objects.
 """
@@ -39,6 +40,14 @@ def parse_setting(text: str) -> tuple[float, float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected SHIFT,RENOISE_ABOVE,GUIDANCE such as 3,0.7,2.5") from None
     return shift, renoise_above, guidance
+
+
+def own_setting(pipe) -> tuple[float, float, float]:
+    """The setting ``pipe`` samples with by default: its scheduler's shift and re-noising threshold, and the
+    guidance scale of its default call (the input of a distilled model, true CFG otherwise)."""
+    call = call_kwargs_for(pipe)
+    return (pipe.scheduler.config.shift, pipe.scheduler.config.renoise_above,
+            call.get("true_cfg_scale", call["guidance_scale"]))
 
 
 def sweep_setting(
@@ -75,7 +84,8 @@ def sweep_setting(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("settings", nargs="+", type=parse_setting, metavar="SHIFT,RENOISE_ABOVE,GUIDANCE")
+    parser.add_argument("settings", nargs="*", type=parse_setting, metavar="SHIFT,RENOISE_ABOVE,GUIDANCE",
+                        help="settings to score (default: the model's own)")
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -88,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = load_model(args.model, args.device)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    for shift, renoise_above, guidance in args.settings:
+    for shift, renoise_above, guidance in args.settings or [own_setting(pipe)]:
         print(json.dumps(sweep_setting(pipe, shift, renoise_above, guidance, seeds, args.steps)), flush=True)
 
 

@@ -42,8 +42,8 @@ for round in $(seq 1 "$ROUNDS"); do
         --preference-sft "${SFT:-1}" --uniform-t 0.5 "${common[@]}" "$@"
     "$python" -m attnscope.cli shapes export "$dir/ckpt.pt" --to "$dir/export"
     sweep=("$python" benchmarks/sampler_sweep.py --model "$dir/export" --seeds "${SWEEP_SEEDS:-16}" "${common[@]}")
-    "${sweep[@]}" 3,0.7,4.5 > "$dir/heldout.part"
-    "${sweep[@]}" --first-seed 0 3,0.7,4.5 >> "$dir/heldout.part"
+    "${sweep[@]}" > "$dir/heldout.part"  # the model's own sampler and guidance
+    "${sweep[@]}" --first-seed 0 >> "$dir/heldout.part"
     mv "$dir/heldout.part" "$dir/heldout.jsonl"
     echo "round $round: $(head -1 "$dir/heldout.jsonl")"
     if [[ -n "${PACK:-}" ]]; then

@@ -86,9 +86,9 @@ def test_model_check_refuses_or_adds_notes(model: explorer.Model) -> None:
 def test_shapes_model_checks_vocabulary_and_size() -> None:
     pytest.importorskip("attnscope.shapes.vocabulary")
     with pytest.raises(ValueError, match="dog"):
-        explorer._check_shapes_call("a red dog", 32, 32)
-    assert explorer._check_shapes_call("a crimson disc", 32, 32) == []
-    assert "trained at 32" in " ".join(explorer._check_shapes_call("a red circle", 64, 64))
+        explorer._call_check("shapes")("a red dog", 32, 32)
+    assert explorer._call_check("shapes")("a crimson disc", 32, 32) == []
+    assert "trained at 32" in " ".join(explorer._call_check("shapes")("a red circle", 64, 64))
 
 
 # ------------------------------------------------------------------------------------------- generation
