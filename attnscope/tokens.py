@@ -3,7 +3,7 @@
 The capture core sees the joint-attention *text sequence*; this module says which of its positions belong to
 which word of the prompt.
 
-Layouts (position ``p`` of the text sequence):
+Layouts (position ``p`` of the text sequence; each adapter builds its own from the segments here):
 
 * Flux: the T5 sequence of length ``max_sequence_length``: ``p`` = T5 piece ``p`` (``</s>`` after the prompt, then
   ``<pad>`` up to the length; Flux does not mask padding, but padding carries no word).
@@ -51,10 +51,9 @@ __all__ = [
     "Word",
     "clip_tokens",
     "concat",
-    "flux_tokens",
-    "sd3_tokens",
     "split_words",
     "t5_tokens",
+    "zero_tokens",
 ]
 
 # Piece shown at positions that hold zeros instead of an encoded token (SD3 without its T5 encoder).
@@ -102,7 +101,7 @@ class PromptTokens:
     ``pieces[p - offset]`` is the tokenizer piece at position ``p`` (raw token strings such as ``▁red``,
     ``red</w>``, ``</s>``, ``<pad>``; padding included), so ``len(self)`` is the segment length. ``valid``: the
     positions that are not padding (BOS/EOS kept). ``words``: one :class:`Word` per word occurrence, in prompt
-    order. ``offset``: position of ``pieces[0]``; 0 for a whole layout (what ``flux_tokens``/``sd3_tokens`` return).
+    order. ``offset``: position of ``pieces[0]``; 0 for a whole layout (what an adapter's ``prompt_tokens`` returns).
     """
 
     prompt: str
@@ -231,7 +230,7 @@ def clip_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int
     return _encode(tokenizer, prompt, max_length, offset)
 
 
-def _zeros(prompt: str, length: int, offset: int) -> PromptTokens:
+def zero_tokens(prompt: str, length: int, offset: int) -> PromptTokens:
     """A segment of zero embeddings: all padding, no word has positions in it."""
     words = tuple(Word(text=text, index=k, positions=()) for k, (text, _, _) in enumerate(split_words(prompt)))
     return PromptTokens(prompt=prompt, pieces=(PAD_PIECE,) * length, valid=(), words=words, offset=offset)
@@ -268,24 +267,3 @@ def concat(*parts: PromptTokens) -> PromptTokens:
         words=words,
         offset=first.offset,
     )
-
-
-def flux_tokens(pipe: Any, prompt: str, text_length: int) -> PromptTokens:
-    """Flux's text sequence: the T5 tokens of ``pipe.tokenizer_2``, ``text_length`` = ``max_sequence_length``."""
-    return t5_tokens(pipe.tokenizer_2, prompt, text_length)
-
-
-def sd3_tokens(pipe: Any, prompt: str, text_length: int) -> PromptTokens:
-    """SD3's text sequence: CLIP (``pipe.tokenizer``, 77) then T5 (``pipe.tokenizer_3``, ``text_length - 77``).
-
-    Without ``pipe.text_encoder_3`` (or ``tokenizer_3``) the T5 positions hold zeros: padding, in no word.
-    """
-    clip_length = pipe.tokenizer_max_length
-    if text_length <= clip_length:
-        raise ValueError(f"SD3 text length {text_length} must exceed the {clip_length} CLIP positions")
-    clip = clip_tokens(pipe.tokenizer, prompt, clip_length)
-    if getattr(pipe, "text_encoder_3", None) is None or getattr(pipe, "tokenizer_3", None) is None:
-        t5 = _zeros(prompt, text_length - clip_length, offset=clip_length)
-    else:
-        t5 = t5_tokens(pipe.tokenizer_3, prompt, text_length - clip_length, offset=clip_length)
-    return concat(clip, t5)

@@ -29,13 +29,12 @@ import torch
 from einops import rearrange
 
 from .adapters import Adapter, ForwardContext, LayerInfo, adapter_for, transformer_of
-from .capture import CaptureSite, FluxCaptureProcessor, SD3CaptureProcessor
+from .capture import CaptureProcessor, CaptureSite
 from .maps import SelectionError, TokenMaps, _layer_indices
 from .tokens import PromptTokens
 
 Branch = Literal["cond", "uncond"]
 CapturePath = Literal["auto", "fused", "chunked"]
-_CAPTURE_TYPES = (FluxCaptureProcessor, SD3CaptureProcessor)
 
 
 class TraceError(RuntimeError):
@@ -141,7 +140,7 @@ class Trace:
             raise TraceError("this trace is already active; enter a trace once at a time")
         # Processors are swapped on the captured attention modules only: diffusers' set_attn_processor walks every
         # module of the model (thousands with LoRA layers), milliseconds per call, paid at every training step.
-        if any(isinstance(m.processor, _CAPTURE_TYPES) for m in self._attention_modules.values()):
+        if any(isinstance(m.processor, CaptureProcessor) for m in self._attention_modules.values()):
             raise TraceError("this model is already being traced; exit the other trace first")
         self._saved_processors = {}
         try:

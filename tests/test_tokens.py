@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from attnscope.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from attnscope.adapters.flux import flux_tokens
+from attnscope.adapters.sd3 import sd3_tokens
 from attnscope.tokens import (
     PAD_PIECE,
     EmptyPromptError,
@@ -19,8 +21,6 @@ from attnscope.tokens import (
     Word,
     clip_tokens,
     concat,
-    flux_tokens,
-    sd3_tokens,
     split_words,
     t5_tokens,
 )

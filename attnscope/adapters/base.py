@@ -1,15 +1,17 @@
-"""What the capture core needs to know about one MMDiT architecture, and nothing about what to record.
+"""What attnscope needs to know about one MMDiT architecture, and nothing about what to record.
 
-An :class:`Adapter` is the *locator* (where the joint attention lives, how its sequence is laid out); the
-capture processors and the trace are the *recorder*. Keeping them apart means a new architecture is one small
-file here and touches nothing else.
+An :class:`Adapter` is the *locator* (where the joint attention lives, how its sequence is laid out, which
+capture processor reroutes its kernel call) and the *call plumbing* (a :class:`ModelCall`: packed noise, image
+ids, one velocity call) that training code uses instead of ``pipe(...)``; the capture site and the trace are the
+*recorder*. Keeping them apart means a new architecture is one module of this package and touches nothing else.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -52,6 +54,40 @@ class ForwardContext:
     timestep: float
 
 
+class ModelCall(Protocol):
+    """A direct transformer call at a chosen state, for one image size (what training and erasure need).
+
+    Shapes: ``N`` image tokens, ``C`` transformer input channels, ``L`` text positions, ``D`` text width;
+    states are ``(B, N, C)``, ``sigma`` is ``(B,)`` in [0, 1].
+    """
+
+    pipe: Any
+    n_tokens: int
+    channels: int
+
+    def encode(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embeds (B, L, D), pooled (B, P), text_ids)`` as the pipeline's ``encode_prompt`` gives them."""
+
+    def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Starting noise ``(B, N, C)`` drawn as the pipeline draws it."""
+
+    def velocity(
+        self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+        pooled: torch.Tensor, text_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """The transformer's velocity ``(B, N, C)`` at ``x``."""
+
+    def sampling_velocity(
+        self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+        pooled: torch.Tensor, text_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(velocity the sampler follows, conditional velocity, negative-prompt velocity or None)``."""
+
+    @property
+    def guided(self) -> bool:
+        """Whether sampling uses true classifier-free guidance (two calls per step)."""
+
+
 class Adapter(ABC):
     """Per-architecture facts: joint-attention modules, token order, grid, text layout, CFG batch layout."""
 
@@ -59,6 +95,13 @@ class Adapter(ABC):
     name: str
     #: True when the joint sequence is ``[text; image]`` (Flux), False for ``[image; text]`` (SD3).
     text_first: bool
+    #: Whether :meth:`model_call` is implemented (training and erasure need it).
+    has_model_call: bool = False
+
+    @classmethod
+    def for_transformer(cls, transformer: torch.nn.Module) -> Adapter:
+        """The adapter of one transformer instance (override to read its config)."""
+        return cls()
 
     @abstractmethod
     def layers(self, transformer: torch.nn.Module) -> list[LayerInfo]:
@@ -83,6 +126,21 @@ class Adapter(ABC):
     @abstractmethod
     def make_processor(self, original: Any, site: Any) -> Any:
         """A capture processor that behaves exactly like ``original`` and reports to ``site``."""
+
+    def model_call(
+        self,
+        pipe: Any,
+        height: int,
+        width: int,
+        *,
+        guidance_scale: float | None = None,
+        true_cfg_scale: float = 1.0,
+        negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> ModelCall:
+        """The direct-call plumbing for images of ``height`` × ``width`` pixels (training, erasure)."""
+        raise NotImplementedError(
+            f"direct transformer calls (training, erasure) are not implemented for {self.name} models yet"
+        )
 
     def image_span(self, ctx: ForwardContext, seq_len: int) -> slice:
         """Positions of the image tokens in a joint sequence of ``seq_len`` tokens (always contiguous)."""

@@ -1,16 +1,26 @@
-"""Stable Diffusion 3 / 3.5: ``[image; text]``, no RoPE, CFG batched as ``[uncond, cond]``."""
+"""Stable Diffusion 3 / 3.5: ``[image; text]``, no RoPE, CFG batched as ``[uncond, cond]``.
+
+One module for the architecture: the locator (:class:`SD3Adapter`), the capture processor
+(:class:`SD3CaptureProcessor`) and the text layout (:func:`sd3_tokens`: 77 CLIP positions, then T5).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from ..tokens import PromptTokens, sd3_tokens
+from ..capture import CaptureProcessor, CaptureSite, require_stock, reroute
+from ..tokens import PromptTokens, clip_tokens, concat, t5_tokens, zero_tokens
+from . import register_adapter
 from .base import Adapter, ForwardContext, LayerInfo
 
 
+@register_adapter(SD3Transformer2DModel)
 class SD3Adapter(Adapter):
     """``SD3Transformer2DModel``: every block is dual-stream (``kind="double"``).
 
@@ -23,6 +33,10 @@ class SD3Adapter(Adapter):
 
     def __init__(self, patch_size: int):
         self.patch_size = patch_size
+
+    @classmethod
+    def for_transformer(cls, transformer: torch.nn.Module) -> SD3Adapter:
+        return cls(patch_size=transformer.config.patch_size)
 
     def layers(self, transformer: torch.nn.Module) -> list[LayerInfo]:
         return [
@@ -52,9 +66,7 @@ class SD3Adapter(Adapter):
     def size_multiple(self, pipe: Any) -> int:
         return pipe.vae_scale_factor * pipe.transformer.config.patch_size
 
-    def make_processor(self, original: Any, site: Any) -> Any:
-        from ..capture import SD3CaptureProcessor
-
+    def make_processor(self, original: Any, site: CaptureSite) -> SD3CaptureProcessor:
         return SD3CaptureProcessor(original, site)
 
     def conditional_rows(self, batch_size: int, n_prompts: int | None) -> slice:
@@ -69,5 +81,69 @@ class SD3Adapter(Adapter):
         return None
 
 
-def is_sd3(transformer: torch.nn.Module) -> bool:
-    return isinstance(transformer, SD3Transformer2DModel)
+
+def sd3_tokens(pipe: Any, prompt: str, text_length: int) -> PromptTokens:
+    """SD3's text sequence: CLIP (``pipe.tokenizer``, 77) then T5 (``pipe.tokenizer_3``, ``text_length - 77``).
+
+    Without ``pipe.text_encoder_3`` (or ``tokenizer_3``) the T5 positions hold zeros: padding, in no word.
+    """
+    clip_length = pipe.tokenizer_max_length
+    if text_length <= clip_length:
+        raise ValueError(f"SD3 text length {text_length} must exceed the {clip_length} CLIP positions")
+    clip = clip_tokens(pipe.tokenizer, prompt, clip_length)
+    if getattr(pipe, "text_encoder_3", None) is None or getattr(pipe, "tokenizer_3", None) is None:
+        t5 = zero_tokens(prompt, text_length - clip_length, offset=clip_length)
+    else:
+        t5 = t5_tokens(pipe.tokenizer_3, prompt, text_length - clip_length, offset=clip_length)
+    return concat(clip, t5)
+
+
+class _RoutedFunctional:
+    """``torch.nn.functional`` as seen by one SD3 processor: SDPA replaced, everything else passed through."""
+
+    def __init__(self, sdpa: Callable[..., torch.Tensor]):
+        self.scaled_dot_product_attention = sdpa
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(F, name)
+
+
+class SD3CaptureProcessor(CaptureProcessor, JointAttnProcessor2_0):
+    """``JointAttnProcessor2_0`` whose ``F.scaled_dot_product_attention`` call goes through a site.
+
+    Calls without text (SD3.5's ``attn2`` never gets here: it keeps its own processor) pass straight through.
+    """
+
+    def __init__(self, original: JointAttnProcessor2_0, site: CaptureSite):
+        require_stock(original, JointAttnProcessor2_0)
+        super().__init__()
+        self.original = original
+        self.site = site
+        self._routed_call = reroute(JointAttnProcessor2_0.__call__, F=_RoutedFunctional(self._sdpa))
+        self._has_text = False
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.FloatTensor,
+        encoder_hidden_states: torch.FloatTensor = None,
+        attention_mask: torch.FloatTensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.FloatTensor | tuple[torch.FloatTensor, torch.FloatTensor]:
+        self._has_text = encoder_hidden_states is not None
+        return self._routed_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+    def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def original() -> torch.Tensor:
+            return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+
+        if not self._has_text:
+            return original()
+        def plain() -> bool:
+            return not args and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
+
+        return self.site.attend(query, key, value, kwargs.get("scale"), plain, original)
+
+
+__all__ = ["SD3Adapter", "SD3CaptureProcessor", "sd3_tokens"]
