@@ -34,12 +34,12 @@ def run_app(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")  # grids are drawn in server threads, never on a screen
 
-    from .explorer import load_model
+    from .explorer import open_model
     from .ui import build_demo, launch
 
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
-    model = load_model(args.model, device=args.device)
+    model = open_model(args.model, device=args.device)
     launch(build_demo(model, Limits(max_steps=args.max_steps)), host=args.host, port=args.port, share=args.share)
     return 0
 

@@ -2,7 +2,7 @@
 
 Nothing here imports Gradio, so every step is unit-testable and reusable from a notebook:
 
-    model = load_model("tiny-flux")
+    model = open_model("tiny-flux")
     result = generate(model, Request("a red circle and a blue square", seed=0))
     picture = overlay_image(result, View(word="red", layers="double", head=1))
 
@@ -30,7 +30,7 @@ from PIL import Image
 import attnscope
 from attnscope import viz
 from attnscope.adapters import adapter_for, transformer_of
-from attnscope.pipelines import default_call_kwargs, validate_call
+from attnscope.profiles import ModelProfile, profile_for
 
 LayerMode = Literal["all", "double", "single", "blocks"]
 #: ``on_step(done, total)`` reports denoising progress.
@@ -101,22 +101,23 @@ class Model:
         return int(self.call_kwargs.get("num_inference_steps", 28))
 
 
-def load_model(name: str = "shapes", device: str = "cpu") -> Model:
-    """Load ``name`` (``"shapes"``, ``"tiny-flux"``, a hub id or a folder) with :func:`attnscope.load_pipeline`."""
-    pipe = attnscope.load_pipeline(name, device=device)
+def open_model(name: str = "shapes", device: str = "cpu") -> Model:
+    """Load ``name`` (``"shapes"``, ``"tiny-flux"``, a hub id or a folder) with :func:`attnscope.load_pipeline`, with
+    its profile's default call and call check."""
+    profile = profile_for(name)
     # The app reports progress itself; tqdm bars would only clutter the server log.
-    pipe.set_progress_bar_config(disable=True)
-    return Model(name=name, pipe=pipe, call_kwargs=default_call_kwargs(name), check=_call_check(name))
+    pipe = attnscope.load_pipeline(name, device=device, progress=False)
+    return Model(name=name, pipe=pipe, call_kwargs=profile.default_call(pipe), check=call_check(profile))
 
 
-def _call_check(name: str) -> Callable[[str, int, int], list[str]]:
-    """Model ``name``'s own checks of a call (``attnscope.pipelines.validate_call``): what it cannot draw raises,
-    untrained sizes come back as notes."""
+def call_check(profile: ModelProfile) -> Callable[[str, int, int], list[str]]:
+    """The profile's own checks of a call (``ModelProfile.check_call``): what the model cannot draw raises,
+    warnings (untrained sizes) come back as notes."""
 
     def check(prompt: str, height: int, width: int) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            validate_call(name, prompt, height, width)
+            profile.check_call(prompt, height, width)
         return [str(w.message) for w in caught]
 
     return check
@@ -449,7 +450,7 @@ __all__ = [
     "export_result",
     "generate",
     "grid_image",
-    "load_model",
+    "open_model",
     "overlay_image",
     "word_map",
 ]

@@ -8,10 +8,11 @@
     maps.word("red").select(layers="double").mean().numpy()     # (h, w) float32 over the image-token grid
 """
 
-from .adapters import LayerInfo, UnsupportedModelError
+from .adapters import LayerInfo, UnsupportedModelError, check_size
 from .capture import UnsupportedProcessorError
 from .maps import SelectionError, TokenMaps
-from .pipelines import check_size, load_pipeline
+from .pipelines import load_pipeline
+from .profiles import ModelNotFoundError, ModelProfile, profile_for
 from .sampling import FlowMatchRenoisingScheduler
 from .tokens import EmptyPromptError, PromptTokens, UnknownWordError, Word
 from .trace import StopForward, Trace, TraceError, trace
@@ -22,6 +23,8 @@ __all__ = [
     "EmptyPromptError",
     "FlowMatchRenoisingScheduler",
     "LayerInfo",
+    "ModelNotFoundError",
+    "ModelProfile",
     "PromptTokens",
     "SelectionError",
     "StopForward",
@@ -34,5 +37,6 @@ __all__ = [
     "Word",
     "check_size",
     "load_pipeline",
+    "profile_for",
     "trace",
 ]

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from .adapters import UnsupportedModelError
 from .capture import UnsupportedProcessorError
+from .commands import CommandError
 from .maps import SelectionError
 from .tokens import EmptyPromptError, UnknownWordError
 from .trace import TraceError
@@ -32,10 +33,6 @@ USER_ERRORS = (
     FileExistsError,
     ValueError,
 )
-
-
-class CommandError(Exception):
-    """Raised by a command for a bad input it detected itself; printed as ``error: <message>``."""
 
 
 def _csv(text: str) -> list[str]:
@@ -80,7 +77,9 @@ def run_maps(args: argparse.Namespace) -> int:
 
     from . import viz
     from .adapters import adapter_for
-    from .pipelines import check_size, default_call_kwargs, load_pipeline, validate_call
+    from .adapters import check_size
+    from .pipelines import load_pipeline
+    from .profiles import profile_for
     from .trace import trace
 
     if not args.prompt.strip():
@@ -88,12 +87,12 @@ def run_maps(args: argparse.Namespace) -> int:
     if not args.words:
         raise CommandError("--words is empty: name at least one word of the prompt")
     started = time.perf_counter()
-    call = default_call_kwargs(args.model)
-    for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width)):
-        if value is not None:
-            call[key] = value
-    validate_call(args.model, args.prompt, call.get("height"), call.get("width"))
+    profile = profile_for(args.model)
+    asked = {"num_inference_steps": args.steps, "height": args.height, "width": args.width}
+    call = profile.default_call() | {key: value for key, value in asked.items() if value is not None}
+    profile.check_call(args.prompt, call.get("height"), call.get("width"))
     pipe = load_pipeline(args.model, device=args.device)
+    call = profile.default_call(pipe) | {key: value for key, value in asked.items() if value is not None}
     if "height" in call and "width" in call:
         check_size(pipe, call["height"], call["width"])
     # Check the words before spending time on generation.
@@ -110,7 +109,7 @@ def run_maps(args: argparse.Namespace) -> int:
     image.save(args.out / "image.png")
     maps.save(args.out / "maps.safetensors")
     for word in args.words:
-        overlay = viz.overlay(maps.word(word).mean().numpy(), image)
+        overlay = viz.overlay(maps.word(word).mean().numpy(), viz.enlarged(image))
         overlay.save(args.out / f"overlay_{word.replace(' ', '_')}.png")
     for by in ("layer", "step"):
         fig = viz.grid_figure(maps, args.words, by=by, image=image)

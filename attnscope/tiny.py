@@ -30,7 +30,7 @@ then ``max_sequence_length`` T5 positions (see ``attnscope.tokens``).
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,12 +53,15 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from .profiles import ModelProfile, register_profile
+
 __all__ = [
     "CLIP_SPLITS",
     "T5_SPLITS",
     "TINY_FLUX_CALL_KWARGS",
     "TINY_SD3_CALL_KWARGS",
     "TINY_WORDS",
+    "TinyProfile",
     "build_clip_tokenizer",
     "build_t5_tokenizer",
     "build_tiny_flux_pipeline",
@@ -434,3 +437,23 @@ def build_tiny_sd3_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
+
+
+# -------------------------------------------------------------------------------------------------- profiles
+class TinyProfile(ModelProfile):
+    """A tiny random pipeline, built offline: a stand-in for a real model of its architecture (open world, the
+    paper's erasure defaults)."""
+
+    def __init__(self, name: str, build: Callable[[], Any], call_kwargs: Mapping[str, Any]):
+        self.name, self._build, self._call_kwargs = name, build, dict(call_kwargs)
+
+    def load(self, name_or_path: str, *, dtype: torch.dtype | None = None, **from_pretrained_kwargs: Any) -> Any:
+        pipe = self._build()
+        return pipe if dtype is None else pipe.to(dtype=dtype)
+
+    def default_call(self, pipe: Any | None = None) -> dict[str, Any]:
+        return dict(self._call_kwargs)
+
+
+register_profile(TinyProfile("tiny-flux", build_tiny_flux_pipeline, TINY_FLUX_CALL_KWARGS))
+register_profile(TinyProfile("tiny-sd3", build_tiny_sd3_pipeline, TINY_SD3_CALL_KWARGS))

@@ -17,14 +17,14 @@ from attnscope.apps.explorer import Limits, Request, RequestError, View  # noqa:
 import attnscope  # noqa: E402
 import attnscope.tiny  # noqa: E402
 from attnscope import viz  # noqa: E402
-from attnscope.pipelines import default_call_kwargs  # noqa: E402
+from attnscope.profiles import profile_for  # noqa: E402
 
 PROMPT = "a red circle and a blue square"
 
 
 @pytest.fixture(scope="module")
 def model() -> explorer.Model:
-    return explorer.load_model("tiny-flux")
+    return explorer.open_model("tiny-flux")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def traced_reference(seed: int, **options: object) -> tuple[object, attnscope.To
     """The image and maps through the public API alone (a fresh pipeline), to check the app against."""
     pipe = attnscope.load_pipeline("tiny-flux")
     with attnscope.trace(pipe, **options) as tr:
-        image = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **default_call_kwargs("tiny-flux")).images[
+        image = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **profile_for("tiny-flux").default_call()).images[
             0
         ]
     return image, tr.maps()
@@ -65,7 +65,7 @@ def test_invalid_requests_are_refused_with_a_message(model: explorer.Model, requ
 
 def test_valid_request_fills_in_the_model_defaults(model: explorer.Model) -> None:
     kwargs, notes = explorer.call_kwargs(model, Request(PROMPT, steps=3), Limits())
-    assert kwargs == {**default_call_kwargs("tiny-flux"), "num_inference_steps": 3, "height": 32, "width": 32}
+    assert kwargs == {**profile_for("tiny-flux").default_call(), "num_inference_steps": 3, "height": 32, "width": 32}
     assert notes == []
 
 
@@ -86,9 +86,9 @@ def test_model_check_refuses_or_adds_notes(model: explorer.Model) -> None:
 def test_shapes_model_checks_vocabulary_and_size() -> None:
     pytest.importorskip("attnscope.shapes.vocabulary")
     with pytest.raises(ValueError, match="dog"):
-        explorer._call_check("shapes")("a red dog", 32, 32)
-    assert explorer._call_check("shapes")("a crimson disc", 32, 32) == []
-    assert "trained at 32" in " ".join(explorer._call_check("shapes")("a red circle", 64, 64))
+        explorer.call_check(profile_for("shapes"))("a red dog", 32, 32)
+    assert explorer.call_check(profile_for("shapes"))("a crimson disc", 32, 32) == []
+    assert "trained at 32" in " ".join(explorer.call_check(profile_for("shapes"))("a red circle", 64, 64))
 
 
 # ------------------------------------------------------------------------------------------- generation

@@ -20,12 +20,12 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 
-from attnscope.apps.explorer import load_model  # noqa: E402
+from attnscope.apps.explorer import open_model  # noqa: E402
 from attnscope.apps.ui import build_demo, launch  # noqa: E402
 
 import attnscope  # noqa: E402
 from attnscope import viz  # noqa: E402
-from attnscope.pipelines import default_call_kwargs  # noqa: E402
+from attnscope.profiles import profile_for  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    demo = build_demo(load_model("tiny-flux"), workdir=tmp_path_factory.mktemp("app"))
+    demo = build_demo(open_model("tiny-flux"), workdir=tmp_path_factory.mktemp("app"))
     launch(demo, host="127.0.0.1", port=free_port(), block=False)
     try:
         yield demo.local_url
@@ -54,7 +54,7 @@ def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
     """Image and overlay of ``word`` through the public API alone, with the app's default settings."""
     pipe = attnscope.load_pipeline("tiny-flux")
     with attnscope.trace(pipe) as tr:
-        image = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), **default_call_kwargs("tiny-flux")).images[
+        image = pipe(PROMPT, generator=torch.Generator().manual_seed(SEED), **profile_for("tiny-flux").default_call()).images[
             0
         ]
     overlay = viz.overlay(tr.maps().word(word).mean().numpy(), image, alpha=0.5, cmap="jet")

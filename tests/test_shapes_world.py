@@ -15,7 +15,7 @@ from attnscope.shapes.vocabulary import (
     COLORS,
     SHAPES,
     SYNONYMS,
-    UnknownWordError,
+    OutOfVocabularyError,
     check_prompt,
     is_color,
     is_shape,
@@ -34,12 +34,12 @@ def test_vocabulary_synonyms_are_unique_and_canonical():
 
 def test_check_prompt_names_unknown_words():
     assert check_prompt("a red circle and a blue square") == ["a", "red", "circle", "and", "a", "blue", "square"]
-    with pytest.raises(UnknownWordError) as err:
+    with pytest.raises(OutOfVocabularyError) as err:
         check_prompt("a purple circle and a red dog")
     assert err.value.words == ["purple", "dog"]
     assert "purple" in str(err.value) and "dog" in str(err.value)
     assert isinstance(err.value, ValueError)
-    with pytest.raises(UnknownWordError):
+    with pytest.raises(OutOfVocabularyError):
         check_prompt("3 red circles")
 
 

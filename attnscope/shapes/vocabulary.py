@@ -52,8 +52,9 @@ ALL_WORDS: frozenset[str] = frozenset(CANONICAL) | frozenset(FUNCTION_WORDS)
 _WORD_RE = re.compile(r"[a-z]+")
 
 
-class UnknownWordError(ValueError):
-    """A prompt contains words outside the shapes vocabulary; ``.words`` lists them in order of appearance."""
+class OutOfVocabularyError(ValueError):
+    """A prompt contains words outside the shapes vocabulary (the model cannot draw them); ``.words`` lists them in
+    order of appearance. Not a lookup error of a word in a prompt (``attnscope.UnknownWordError``)."""
 
     def __init__(self, words: list[str]):
         self.words = words
@@ -73,7 +74,7 @@ def check_prompt(prompt: str) -> list[str]:
     """Validate a prompt against the vocabulary and return its words.
 
     Raises:
-        UnknownWordError: naming every word the model was not trained on (also for characters that are not
+        OutOfVocabularyError: naming every word the model was not trained on (also for characters that are not
             letters, spaces or simple punctuation, e.g. digits).
     """
     stray = re.sub(r"[a-zA-Z\s,.;!]", "", prompt)
@@ -81,7 +82,7 @@ def check_prompt(prompt: str) -> list[str]:
     if stray:
         unknown.append(stray)
     if unknown:
-        raise UnknownWordError(list(dict.fromkeys(unknown)))
+        raise OutOfVocabularyError(list(dict.fromkeys(unknown)))
     return words_of(prompt)
 
 
@@ -104,7 +105,7 @@ def parse_prompt(prompt: str) -> list[tuple[str, str]]:
     """Objects a prompt asks for, as canonical ``(colour, shape)`` pairs in prompt order.
 
     Each shape word closes an object whose colour is the last colour word before it ("a crimson box and a blue
-    disc" -> [("red", "square"), ("blue", "circle")]). Raises UnknownWordError for unknown words and ValueError
+    disc" -> [("red", "square"), ("blue", "circle")]). Raises OutOfVocabularyError for unknown words and ValueError
     for a shape without a colour or a dangling colour.
     """
     objects: list[tuple[str, str]] = []
@@ -122,3 +123,9 @@ def parse_prompt(prompt: str) -> list[tuple[str, str]]:
     if color is not None:
         raise ValueError(f"colour {color!r} without a shape in {prompt!r}")
     return objects
+
+
+def occurrence_query(words: list[str], k: int) -> str:
+    """``"word#n"`` for ``words[k]``: which occurrence of that word it is, counted in prompt order (the word
+    selector of ``TokenMaps.word``)."""
+    return f"{words[k]}#{words[: k + 1].count(words[k])}"

@@ -1,0 +1,65 @@
+"""The shapes world's model profile: the bundled model (``shapes``) and any exported shapes model folder.
+
+An exported folder is recognized by ``training.json`` beside its ``model_index.json`` (the record the lab's export
+writes), so a model exported from a training run gets the bundle's call, checks and erasure defaults too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..profiles import EraseDefaults, ModelProfile, World, dtype_keyword, register_profile
+from . import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for, validate_call
+
+
+class ShapesWorld(World):
+    """Coloured shapes on a plain background, drawn from a closed vocabulary (``vocabulary.py``) and read back by
+    the scene reader (``reader.py``)."""
+
+    description = "the shapes world"
+
+
+SHAPES_WORLD = ShapesWorld()
+
+#: LoRA placement for erasure in the shapes world: the paper's text-side queries and keys, and the values too. The
+#: shapes model's one-layer T5 spreads a colour into the context of every prompt token, so re-routing attention
+#: alone leaves no token without it; the values carry it out of every token.
+SHAPES_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj")
+#: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
+#: from the concept as the paper's η = 1 to stop drawing it (measurements in benchmarks/RESULTS.md).
+SHAPES_ETA = 2.0
+
+
+class ShapesProfile(ModelProfile):
+    """The bundled shapes model (``shapes``) and exported shapes folders."""
+
+    name = "shapes"
+    world = SHAPES_WORLD
+    erase_defaults = EraseDefaults(lora_targets=SHAPES_LORA_TARGETS, eta=SHAPES_ETA)
+
+    def claims(self, name_or_path: str) -> bool:
+        folder = Path(name_or_path).expanduser()
+        return name_or_path == self.name or (
+            (folder / "training.json").is_file() and (folder / "model_index.json").is_file()
+        )
+
+    def load(self, name_or_path: str, *, dtype: torch.dtype | None = None, **from_pretrained_kwargs: Any) -> Any:
+        from diffusers import FluxPipeline
+
+        folder = bundled_path() if name_or_path == self.name else Path(name_or_path).expanduser()
+        return FluxPipeline.from_pretrained(folder, **{dtype_keyword(): dtype or torch.float32}, **from_pretrained_kwargs)
+
+    def default_call(self, pipe: Any | None = None) -> dict[str, Any]:
+        # A shapes model's guidance form (an input, or true CFG) depends on its transformer: ask it when loaded.
+        return dict(DEFAULT_CALL_KWARGS) if pipe is None else call_kwargs_for(pipe)
+
+    def check_call(self, prompt: str, height: int | None, width: int | None) -> None:
+        validate_call(prompt, height, width)
+
+
+register_profile(ShapesProfile())
+
+__all__ = ["SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld"]
