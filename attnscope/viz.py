@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 
     from .maps import TokenMaps
 
+#: Shorter side, in pixels, below which an image is enlarged before an overlay is drawn on it for viewing: the
+#: bundled shapes model draws 32×32 images, on which a heatmap is a few unreadable pixels on screen; a real
+#: model's images (1024×1024) are above it and keep their size.
+MIN_VIEW_SIDE = 256
+
 
 def _normalized(grid: np.ndarray) -> np.ndarray:
     grid = np.asarray(grid, dtype=np.float32)
@@ -38,6 +43,19 @@ def overlay(grid: np.ndarray, image: Image.Image, alpha: float = 0.5, cmap: str 
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = image.convert("RGB")
     return Image.blend(base, heatmap(grid, base.size, cmap), alpha)
+
+
+def enlarged(image: Image.Image, min_side: int = MIN_VIEW_SIDE) -> Image.Image:
+    """``image`` scaled by the smallest whole factor that makes its shorter side at least ``min_side``.
+
+    Nearest-neighbour with a whole factor keeps every pixel a sharp, equal square; an image already that large is
+    returned unchanged. Draw the overlay on the result (``overlay(grid, enlarged(image))``) so that the heatmap is
+    interpolated at the larger size and stays smooth.
+    """
+    factor = -(-min_side // min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def show_overlay(

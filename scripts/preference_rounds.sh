@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On-policy preference rounds (attnscope/shapes/preference.py): each round samples the current model on fresh
+# On-policy preference rounds (lab/preference.py): each round samples the current model on fresh
 # training captions and judges the images (`attnscope shapes preferences`), fine-tunes it on its own pairs
 # (`attnscope shapes train --preference`), exports the result and scores it on the held-out seeds 100-115 and on
 # the eval's seeds 0-15 (benchmarks/sampler_sweep.py). The next round starts from that export, so the errors the

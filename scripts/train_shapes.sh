@@ -6,7 +6,7 @@
 # Re-running resumes from runs/shapes-train/ckpt.pt (delete the folder to start over). One CPU thread
 # (--threads 1) is the recorded setting; more threads only change the speed, not the result per step.
 # The bundled weights took more than one run (resumes with changed options, then a grounding fine-tune with
-# --init-from): the exact sequence is the "history" in attnscope/shapes/weights/training.json.
+# --init-from): the exact sequence is the "history" in attnscope/shapes/weights/training.json (lab/README.md).
 # On a lent GPU, use scripts/train_shapes_gpu.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."

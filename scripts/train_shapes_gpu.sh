@@ -12,7 +12,7 @@
 #                or a new run with a deeper text encoder: ... 8 --batch 128 --t5-layers 3 --grounding 0.1
 #   Back here:   tar -xf FILES_AT/shapes-gpu.tar -C runs
 #                attnscope shapes eval --model runs/shapes-gpu/export --out runs/shapes-gpu/eval
-#                then export into attnscope/shapes/weights with the history, as the bundled model's README says.
+#                then export into attnscope/shapes/weights with the history, as lab/README.md says.
 #
 # The export (≤ 20 MB, checked) and train.log come back in $OUT/shapes-gpu.tar; the checkpoint (optimizer state
 # included) is larger than what the device tool returns, so a GPU run is not resumed here: it is exported.

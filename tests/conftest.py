@@ -28,7 +28,7 @@ def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_shapes_config():
     """A shapes model config small enough to train a few steps in seconds."""
-    from attnscope.shapes.model import ShapesModelConfig
+    from attnscope.lab.model import ShapesModelConfig
 
     return ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
 
@@ -38,8 +38,8 @@ def tiny_shapes_folder(tmp_path_factory: pytest.TempPathFactory, tiny_shapes_con
     """An exported tiny shapes model trained two steps on data (no guidance embedding); tests only read it."""
     from dataclasses import asdict
 
-    from attnscope.shapes.export import export_checkpoint
-    from attnscope.shapes.train import TrainConfig, train
+    from attnscope.lab.export import export_checkpoint
+    from attnscope.lab.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("tiny-shapes")
     cfg = TrainConfig(out=str(root / "run"), steps=2, minutes=0, vae_steps=2, batch=2, checkpoint_minutes=60.0,

@@ -29,7 +29,27 @@ def test_maps_writes_image_overlays_grid_and_maps(tmp_path) -> None:
     assert maps.steps == (0, 1, 2) and maps.grid == (12, 8)
     assert set(maps.words()) == {"red", "crimson"}, "--words keeps only those words' tokens"
     overlay = np.asarray(Image.open(tmp_path / "overlay_red.png"), dtype=float)
-    assert overlay.shape == (48, 32, 3) and not np.array_equal(overlay, np.asarray(image.convert("RGB"), dtype=float))
+    enlarged = np.asarray(image.convert("RGB").resize((256, 384), Image.NEAREST), dtype=float)
+    assert overlay.shape == (384, 256, 3), "a small image's overlay is enlarged 8× to a viewable size"
+    assert not np.array_equal(overlay, enlarged)
+
+
+def test_maps_on_the_shapes_model_writes_viewable_overlays_and_the_native_image(tmp_path) -> None:
+    from attnscope import viz
+
+    words = ["red", "square"]
+    args = ["maps", "--prompt", "a red circle and a blue square", "--words", ",".join(words), "--steps", "4"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    image = Image.open(tmp_path / "image.png")
+    assert image.size == (32, 32), "image.png stays the model's own pixels"
+    maps = attnscope.TokenMaps.load(tmp_path / "maps.safetensors")
+    for word in words:
+        overlay = Image.open(tmp_path / f"overlay_{word}.png")
+        assert min(overlay.size) >= viz.MIN_VIEW_SIDE == 256, overlay.size
+        # The image is enlarged pixel for pixel (nearest) and the heatmap drawn at the enlarged size.
+        expected = viz.overlay(maps.word(word).mean().numpy(), image.resize(overlay.size, Image.NEAREST))
+        assert np.abs(np.asarray(overlay, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+    assert viz.enlarged(Image.new("RGB", (1024, 1024))).size == (1024, 1024), "a real model's size is kept"
 
 
 def test_maps_layers_option(tmp_path) -> None:

@@ -9,8 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import DEFAULT_CALL_KWARGS
-from attnscope.shapes.model import assemble_pipeline
-from tests.test_shapes_model import TINY
+from attnscope.lab.model import assemble_pipeline
 
 FAST_CALL = DEFAULT_CALL_KWARGS | {"num_inference_steps": 4}
 
@@ -86,8 +85,8 @@ def test_threshold_outside_noise_levels_is_refused():
         FlowMatchRenoisingScheduler(renoise_above=1.5)
 
 
-def test_pipeline_saves_and_loads_the_scheduler_and_a_seed_fixes_its_image(tmp_path):
-    pipe = assemble_pipeline(TINY)
+def test_pipeline_saves_and_loads_the_scheduler_and_a_seed_fixes_its_image(tmp_path, tiny_shapes_config):
+    pipe = assemble_pipeline(tiny_shapes_config)
     pipe.scheduler = FlowMatchRenoisingScheduler(shift=2.0, renoise_above=0.6)
     pipe.save_pretrained(tmp_path, safe_serialization=True)
     loaded = FluxPipeline.from_pretrained(tmp_path)

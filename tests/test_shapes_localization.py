@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from attnscope.maps import TokenMaps
-from attnscope.shapes.grounding import token_coverage
 from attnscope.shapes.localization import (
     MAP_UPSAMPLING,
     TAUS,
@@ -62,7 +61,7 @@ def test_the_protocol_upsampling_keeps_a_token_exact_map_exact():
     # as the object itself; bilinear interpolation adds a half-token skirt that the mean threshold keeps.
     mask = np.zeros((32, 32), bool)
     mask[8:20, 10:18] = True
-    coverage = torch.from_numpy(token_coverage(mask).reshape(1, 1, 1, 1, 16, 16)).float()
+    coverage = torch.from_numpy(mask.reshape(16, 2, 16, 2).mean(axis=(1, 3)).reshape(1, 1, 1, 1, 16, 16)).float()
     maps = TokenMaps(data=coverage, present=(), positions=(0,), layers=(), steps=(0,), heads=(), tokens=None)
     exact = score_maps(maps.upsample((32, 32), mode=MAP_UPSAMPLING).numpy(), mask)
     smooth = score_maps(maps.upsample((32, 32), mode="bilinear").numpy(), mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -9,11 +10,11 @@ from PIL import Image
 
 from attnscope import shapes
 from attnscope.shapes import metrics
-from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, evaluate, match_objects, score_image
-from attnscope.shapes.model import ShapesModelConfig, assemble_pipeline
-from attnscope.shapes.reader import read_scene
+from attnscope.shapes.cli import register
+from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS, evaluate, score_image
+from attnscope.shapes.reader import match_objects, read_scene
 from attnscope.shapes.render import render_prompt, render_scene
-from attnscope.shapes.vocabulary import parse_prompt
+from attnscope.shapes.vocabulary import occurrence_query, parse_prompt
 
 REQUIRED_KEYS = ("color_acc", "shape_acc", "two_object_all_correct", "synonym_color_acc", "miou_color", "miou_shape")
 
@@ -80,6 +81,9 @@ def test_a_box_is_a_square_but_not_true_to_form():
 
 @pytest.mark.slow
 def test_evaluate_writes_json_with_required_keys(tmp_path, monkeypatch):
+    # A random pipeline of the bundle's layout, built by the lab (the world has no model builder of its own).
+    from attnscope.lab.model import ShapesModelConfig, assemble_pipeline
+
     tiny = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
     folder = tmp_path / "model"
     assemble_pipeline(tiny).save_pretrained(folder)
@@ -114,7 +118,16 @@ def test_evaluate_rejects_seed_counts_below_one(kwargs):
 
 def test_occurrence_query_counts_in_prompt_order() -> None:
     """The second "red" stays "red#2" even when the first object was not generated (and so not scored)."""
-    from attnscope.shapes.metrics import occurrence_query
-
     words = ["red", "blue", "red"]
     assert [occurrence_query(words, k) for k in range(3)] == ["red#1", "blue#1", "red#2"]
+
+
+def test_cli_eval_passes_seed_counts_to_the_protocol(monkeypatch):
+    calls = []
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **kw: calls.append((a, kw)) or {"summary": {}})
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["shapes", "eval", "--seeds", "2", "--two-object-seeds", "8", "--no-localization"])
+    assert args.run(args) == 0
+    (_, kwargs), = calls
+    assert (kwargs["seeds"], kwargs["two_object_seeds"], kwargs["localization"]) == (2, 8, False)

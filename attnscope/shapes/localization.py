@@ -17,8 +17,8 @@ steps, the first half ("early"), the second half ("late"), and every single step
 Maps reach image size by ``MAP_UPSAMPLING`` (nearest): in the shapes world a token *is* a 2×2 pixel patch (the VAE
 keeps pixel resolution), so a map is piecewise constant by construction. Bilinear interpolation, right for
 FLUX.1-dev's 16-pixel tokens behind a convolutional VAE, would invent a half-token skirt around every object here,
-and the mean threshold keeps that skirt (it doubled the predicted area and cost ≈ 0.13 mean-threshold mIoU on the
-phase-6 bundle; protocol v3 used it).
+and the mean threshold keeps that skirt, which roughly doubles the predicted area (measured in
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
+
+from .generate import generate
+from .reader import match_objects, read_scene
+from .vocabulary import is_color, is_shape, occurrence_query, parse_prompt, words_of
 
 #: Fixed thresholds of the best-τ search (on min-max normalized maps).
 TAUS: tuple[float, ...] = tuple(float(t) for t in np.round(np.linspace(0.05, 0.95, 19), 2))
@@ -165,11 +169,7 @@ def localization_metrics(pipe: Any, seeds: int, prompts: tuple[str, ...]) -> tup
     ``localization_by_layer``, ``miou_by_step`` and ``localization_pairs`` — and, for the sample figure, the
     first seed's images with each scored word's ``(layer, band, H, W)`` maps at image size.
     """
-    import attnscope
-
-    from .metrics import generate, match_objects, occurrence_query
-    from .reader import read_scene
-    from .vocabulary import is_color, is_shape, parse_prompt, words_of
+    from ..trace import trace
 
     tally: LocalizationTally | None = None
     samples: list[dict[str, Any]] = []
@@ -179,7 +179,7 @@ def localization_metrics(pipe: Any, seeds: int, prompts: tuple[str, ...]) -> tup
         kind_words = {"color": [w for w in words_of(prompt) if is_color(w)],
                       "shape": [w for w in words_of(prompt) if is_shape(w)]}
         for seed in range(seeds):
-            with attnscope.trace(pipe) as tr:
+            with trace(pipe) as tr:
                 (image,) = generate(pipe, prompt, [seed])
             maps = tr.maps()
             size = image.shape[1], image.shape[0]

@@ -8,7 +8,7 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
 * seeds 0..``DEFAULT_SEEDS``−1 per prompt, and 0..``TWO_OBJECT_SEEDS``−1 for the two-object prompts
   (``torch.Generator().manual_seed(seed)``, one generator per image). A seed's noise fixes a layout, and most of
   a layout's errors repeat across prompts, so the two-object figure needs many seeds more than many images: on
-  four seeds it moved by ±0.1 with the seed set (benchmarks/RESULTS.md, protocol v5);
+  a few seeds it moves with the seed set (see benchmarks/RESULTS.md);
 * the model's default call (``call_kwargs_for``, recorded as ``call``): 32×32, 20 steps of the model's own
   scheduler (recorded as ``sampler``), guidance ``GUIDANCE_SCALE`` (4.5) as the input of a guidance-distilled
   transformer or true CFG ``TRUE_CFG_SCALE`` (3.5) against the empty prompt for one without a guidance embedding,
@@ -16,7 +16,8 @@ Protocol (fixed, published; change ``PROTOCOL_VERSION`` when it changes):
 * images are read by ``reader.read_scene``.
 
 Per image the expected objects (``vocabulary.parse_prompt``) are matched to the detected ones by the assignment
-that maximizes 2·[colour right] + [shape right]; an expected object with no detection counts as wrong.
+that maximizes 2·[colour right] + [shape right] (``reader.match_objects``); an expected object with no detection
+counts as wrong.
 
 * ``color_acc`` / ``shape_acc``: fraction of expected objects (canonical prompts) whose match has the right colour /
   shape (the shape *category*: the reader fits each prototype with the object's own width-to-height ratio);
@@ -49,13 +50,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..pipelines import load_pipeline
 from . import bundled_path, call_kwargs_for
+from .generate import generate, to_pixels  # noqa: F401 (to_pixels: re-exported for the eval's callers)
 from .localization import localization_metrics, save_sample_maps
-from .reader import DetectedObject, read_scene
+from .reader import DetectedObject, match_objects, read_scene
 from .vocabulary import COLORS, SHAPES, parse_prompt
 
-#: 5: 16 seeds for the two-object prompts; 4: token maps upsampled nearest, not bilinear; 3: the reader fits
-#: width-to-height ratios.
+#: Version of the protocol, recorded in every result: raise it whenever prompts, seeds, call, reader or map scoring
+#: change, so that figures of different versions are never compared (benchmarks/RESULTS.md says what each changed).
 PROTOCOL_VERSION = 5
 DEFAULT_SEEDS = 4
 TWO_OBJECT_SEEDS = 16
@@ -114,24 +117,6 @@ def classify_extra(expected: list[tuple[str, str]], color: str, shape: str) -> s
     return "one_attribute" if color_asked or shape_asked else "unrelated"
 
 
-def match_objects(expected: list[tuple[str, str]], detected: list[DetectedObject]) -> list[DetectedObject | None]:
-    """Best assignment of detections to expected (colour, shape) objects (brute force; ≤ 3 objects asked).
-
-    Returns one detection (or None) per expected object.
-    """
-    slots: list[DetectedObject | None] = list(detected) + [None] * len(expected)
-    best, best_score = [None] * len(expected), -1
-    for perm in itertools.permutations(range(len(slots)), len(expected)):
-        chosen = [slots[i] for i in perm]
-        score = sum(
-            2 * (d is not None and d.color == c) + (d is not None and d.shape == s)
-            for (c, s), d in zip(expected, chosen)
-        )
-        if score > best_score:
-            best, best_score = chosen, score
-    return best
-
-
 def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
     """Per-image scores: colour/shape hits per expected object, exact-set correctness, count, spurious and extras."""
     expected = parse_prompt(prompt)
@@ -156,36 +141,12 @@ def score_image(prompt: str, detected: list[DetectedObject]) -> dict[str, Any]:
 
 
 def load_model(model: str | Path | None, device: str = "cpu") -> Any:
-    """A FluxPipeline from a training checkpoint (``*.pt``), a diffusers folder, or the bundled weights (None), on
-    ``device`` (``cpu`` or ``cuda[:N]``; generators stay on the CPU, so a seed draws the same starting noise on
-    either)."""
-    from diffusers import FluxPipeline
-
-    from .model import resolve_device
-
-    target = resolve_device(device)
-
-    if model is not None and str(model).endswith(".pt"):
-        from .train import load_checkpoint_pipeline
-
-        pipe = load_checkpoint_pipeline(model)
-    else:
-        pipe = FluxPipeline.from_pretrained(Path(model) if model is not None else bundled_path())
+    """A shapes pipeline from a diffusers folder, the bundled weights (None), or anything else a model profile
+    claims (a training checkpoint ``*.pt`` once the lab is installed), on ``device`` (``cpu`` or ``cuda[:N]``;
+    generators stay on the CPU, so a seed draws the same starting noise on either), without progress bars."""
+    pipe = load_pipeline(str(model) if model else "shapes", device=device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(target)
-
-
-def to_pixels(images: np.ndarray) -> list[np.ndarray]:
-    """A pipeline's ``output_type="np"`` images ``(B, H, W, 3)`` in [0, 1] as (H, W, 3) uint8 images."""
-    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in images]
-
-
-def generate(pipe: Any, prompt: str, seeds: list[int], **call_kwargs: Any) -> list[np.ndarray]:
-    """One (H, W, 3) uint8 image per seed; batched, with one generator per image so each is reproducible alone."""
-    kwargs = call_kwargs_for(pipe) | call_kwargs
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    out = pipe([prompt] * len(seeds), generator=gens, output_type="np", **kwargs).images
-    return to_pixels(out)
+    return pipe
 
 
 def _mean(values: list[bool] | list[float]) -> float | None:
@@ -266,11 +227,6 @@ def generation_metrics(
         "torch_threads": torch.get_num_threads(),
     }
     return summary, records
-
-
-def occurrence_query(words: list[str], k: int) -> str:
-    """``"word#n"`` for ``words[k]``: which occurrence of that word it is, counted in prompt order."""
-    return f"{words[k]}#{words[: k + 1].count(words[k])}"
 
 
 def evaluate(

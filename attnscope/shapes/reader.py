@@ -17,11 +17,12 @@ Accuracy on rendered scenes is tested in ``tests/test_shapes_reader.py`` and rep
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from .render import coverage
 from .vocabulary import BACKGROUND, COLORS
@@ -32,6 +33,8 @@ MIN_AREA_FRACTION = 6 / 1024
 _AREA_PER_R2 = {"circle": float(np.pi), "square": (2 * 0.88) ** 2, "triangle": 0.5 * 2.08 * 1.8}
 #: Fitted stretches are clamped to this range (beyond it an object is no shape of the vocabulary anyway).
 _ASPECT_RANGE = (0.4, 2.5)
+#: 3×3 neighbourhood: diagonal neighbours touch, so objects are 8-connected and the dilation grows the rim diagonally.
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
 def _spread_ratio(weights: np.ndarray) -> float:
@@ -104,27 +107,9 @@ def color_alpha(image: np.ndarray | Image.Image) -> tuple[np.ndarray, np.ndarray
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a bool mask, as a list of bool masks (BFS; images here are tiny)."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    comps = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        comp = np.zeros_like(mask)
-        queue = deque([(y0, x0)])
-        seen[y0, x0] = True
-        while queue:
-            y, x = queue.popleft()
-            comp[y, x] = True
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    yy, xx = y + dy, x + dx
-                    if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
-                        seen[yy, xx] = True
-                        queue.append((yy, xx))
-        comps.append(comp)
-    return comps
+    """8-connected components of a bool mask, as a list of bool masks, in raster order of their first pixel."""
+    labels, n = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+    return [labels == i for i in range(1, n + 1)]
 
 
 def classify_shape(weights: np.ndarray) -> tuple[str, dict[str, float], float]:
@@ -203,12 +188,25 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
     return sorted(found, key=lambda o: -o.area)
 
 
+def match_objects(expected: list[tuple[str, str]], detected: list[DetectedObject]) -> list[DetectedObject | None]:
+    """Best assignment of detections to expected (colour, shape) objects: the one that maximizes
+    2·[colour right] + [shape right] (brute force; ≤ 3 objects asked).
+
+    Returns one detection (or None) per expected object.
+    """
+    slots: list[DetectedObject | None] = list(detected) + [None] * len(expected)
+    best, best_score = [None] * len(expected), -1
+    for perm in itertools.permutations(range(len(slots)), len(expected)):
+        chosen = [slots[i] for i in perm]
+        score = sum(
+            2 * (d is not None and d.color == c) + (d is not None and d.shape == s)
+            for (c, s), d in zip(expected, chosen)
+        )
+        if score > best_score:
+            best, best_score = chosen, score
+    return best
+
+
 def _dilate(mask: np.ndarray) -> np.ndarray:
-    """One-pixel 8-neighbour dilation."""
-    p = np.pad(mask, 1)
-    h, w = mask.shape
-    out = np.zeros_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            out |= p[dy : dy + h, dx : dx + w]
-    return out
+    """One-pixel 8-neighbour dilation (outside the image counts as background)."""
+    return ndimage.binary_dilation(mask, structure=_EIGHT_NEIGHBOURS)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import bundled_path
+from attnscope.shapes import bundled_path
+
 from .preference import PreferenceSet
 from .train import load_checkpoint_pipeline, train_command
 

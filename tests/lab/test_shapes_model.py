@@ -1,4 +1,5 @@
-"""Shapes model plumbing: tokenizers, offline pipeline, LoRA, trainer/resume/export, CLI (tiny configs)."""
+"""The lab's shapes model plumbing: tokenizers, offline pipeline, LoRA, trainer/resume/export, CLI (tiny configs),
+and the bundled weights against the code that builds them."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from attnscope.sampling import FlowMatchRenoisingScheduler
-from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for
-from attnscope.shapes.cli import register
-from attnscope.shapes.export import MAX_BUNDLE_BYTES, export_checkpoint, folder_bytes
-from attnscope.shapes.model import (
+from attnscope.lab.cli import register
+from attnscope.lab.export import MAX_BUNDLE_BYTES, export_checkpoint, folder_bytes
+from attnscope.lab.model import (
     MAX_SEQUENCE_LENGTH,
     MULTI_PIECE,
     ShapesModelConfig,
@@ -24,8 +23,10 @@ from attnscope.shapes.model import (
     build_scheduler,
     build_t5_tokenizer,
 )
-from attnscope.shapes.model import build_text_encoders, build_transformer, grown_double_stream
-from attnscope.shapes.train import TrainConfig, flow_loss, load_checkpoint_pipeline, load_exported, train, train_command
+from attnscope.lab.model import build_text_encoders, build_transformer, grown_double_stream
+from attnscope.lab.train import TrainConfig, flow_loss, load_checkpoint_pipeline, load_exported, train, train_command
+from attnscope.sampling import FlowMatchRenoisingScheduler
+from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for
 from attnscope.shapes.vocabulary import ALL_WORDS
 
 TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=1, single_layers=1, t5_d_ff=32, clip_hidden=16)
@@ -121,7 +122,7 @@ def test_train_resume_export(tmp_path):
 def test_a_non_finite_gradient_stops_the_run_with_the_last_good_weights(tmp_path, monkeypatch):
     """A NaN loss at step 3 stops the run before the update: the checkpoint holds step 2's finite weights, the
     error and the log name the step."""
-    import attnscope.shapes.train as train_module
+    import attnscope.lab.train as train_module
 
     calls = []
 
@@ -214,26 +215,36 @@ def test_uniform_t_moves_training_noise_levels_toward_the_ends():
     assert high[0] < 0.03 and 0.08 < high[1] < 0.12, high
 
 
-def test_cli_registers_shapes_group():
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["shapes", "train", "--minutes", "1", "--resume", "--out", "x"])
-    assert args.minutes == 1 and args.resume and args.out == "x" and callable(args.run)
-    args = parser.parse_args(["shapes", "eval", "--out", "y"])
-    assert args.out == "y" and args.model is None
+def test_cli_adds_the_lab_commands_to_the_worlds_shapes_group():
+    """The world registers ``shapes eval``, the lab ``train``/``export``/``preferences``: one group, either order."""
+    from attnscope.shapes.cli import register as register_world
+
+    for order in ((register_world, register), (register, register_world)):
+        parser = argparse.ArgumentParser()
+        subparsers = parser.add_subparsers(dest="command")
+        for add in order:
+            add(subparsers)
+        args = parser.parse_args(["shapes", "train", "--minutes", "1", "--resume", "--out", "x"])
+        assert args.minutes == 1 and args.resume and args.out == "x" and callable(args.run)
+        args = parser.parse_args(["shapes", "eval", "--out", "y"])
+        assert args.out == "y" and args.model is None
+        assert parser.parse_args(["shapes", "export", "ckpt.pt"]).checkpoint == "ckpt.pt"
 
 
-def test_cli_eval_passes_seed_counts_to_the_protocol(monkeypatch):
-    from attnscope.shapes import metrics
+def test_the_installed_cli_has_the_lab_commands(capsys):
+    """``attnscope shapes train`` reaches the lab through its ``attnscope.commands`` entry point."""
+    import subprocess
+    import sys
 
-    calls = []
-    monkeypatch.setattr(metrics, "evaluate", lambda *a, **kw: calls.append((a, kw)) or {"summary": {}})
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["shapes", "eval", "--seeds", "2", "--two-object-seeds", "8", "--no-localization"])
-    assert args.run(args) == 0
-    (_, kwargs), = calls
-    assert (kwargs["seeds"], kwargs["two_object_seeds"], kwargs["localization"]) == (2, 8, False)
+    from attnscope.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["shapes", "--help"])
+    usage = capsys.readouterr().out
+    assert all(command in usage for command in ("eval", "train", "export", "preferences"))
+    out = subprocess.run([sys.executable, "-m", "attnscope.cli", "shapes", "train", "--help"], capture_output=True,
+                         text=True, check=True)
+    assert "--distill-from" in out.stdout and "--preference" in out.stdout
 
 
 def test_bundled_weights_load_and_generate(bundled_pipe):
@@ -256,7 +267,7 @@ def test_bundled_weights_load_and_generate(bundled_pipe):
 
 
 def test_lr_schedule_warmup_constant_cooldown():
-    from attnscope.shapes.train import _lr_factor
+    from attnscope.lab.train import _lr_factor
 
     cfg = TrainConfig(steps=1000, minutes=0, warmup=100, cooldown=0.2)
     assert _lr_factor(0, 0.0, 0.0, cfg) == pytest.approx(0.01)
@@ -314,7 +325,7 @@ def test_clip_tokenizer_is_rebuilt_identically_in_another_process():
 def test_render_workers_feed_the_inline_data_stream(tmp_path):
     """Batches rendered ahead by worker processes (what a GPU run needs) train exactly the weights an inline run
     trains: every step's batch comes from its own seed, not from where it was rendered."""
-    from attnscope.shapes.train import training_batch
+    from attnscope.lab.train import training_batch
 
     scenes, captions = training_batch(0, 5, 4, 32, 0.5)
     again, again_captions = training_batch(0, 5, 4, 32, 0.5)
@@ -329,13 +340,13 @@ def test_render_workers_feed_the_inline_data_stream(tmp_path):
 
 
 def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    from attnscope.pipelines import resolve_device
     from attnscope.shapes.metrics import load_model
-    from attnscope.shapes.model import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="cpu or cuda"):
         resolve_device("meta")
-    with pytest.raises(ValueError, match="--device meta: the shapes models run on cpu or cuda"):
+    with pytest.raises(ValueError, match="device meta: attnscope runs models on cpu or cuda"):
         load_model(None, device="meta")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         resolve_device("gpu")
@@ -370,7 +381,7 @@ def _encode(t5, tokenizer, prompts: list[str]) -> tuple[list[list[str]], torch.T
 def test_positional_t5_attends_by_offset_and_carries_word_order():
     """Flux gives text tokens no positions, so the T5 is the only place word order can enter: a positional T5
     attends by relative offset alone, and a shape word's encoding depends on the colour before it."""
-    from attnscope.shapes.model import POSITIONAL_OFFSETS
+    from attnscope.lab.model import POSITIONAL_OFFSETS
 
     tokenizer = build_t5_tokenizer()
     _, t5 = build_text_encoders(TINY, tokenizer, build_clip_tokenizer())

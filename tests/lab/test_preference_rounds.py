@@ -1,4 +1,4 @@
-"""scripts/preference_rounds.sh, the chain that made the bundle's phase 9: one real round on the bundled model (a few
+"""scripts/preference_rounds.sh, the chain of on-policy preference rounds that made the bundle: one real round on the bundled model (a few
 captions, two fine-tune steps, one seed per scored prompt), its tar file kept over a worse one, and a second run
 that finds the round finished and redoes nothing."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rounds(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from attnscope.lab.cli import register
+from attnscope.lab.distill import GuidanceTeacher
+from attnscope.lab.export import export_checkpoint
+from attnscope.lab.model import MAX_SEQUENCE_LENGTH, ShapesModelConfig, build_t5_tokenizer, encode_text
+from attnscope.lab.train import TrainConfig, load_exported, load_teacher, train, train_command
 from attnscope.shapes import TRUE_CFG_SCALE, call_kwargs_for
-from attnscope.shapes.cli import register
-from attnscope.shapes.distill import GuidanceTeacher
-from attnscope.shapes.export import export_checkpoint
-from attnscope.shapes.model import MAX_SEQUENCE_LENGTH, ShapesModelConfig, build_t5_tokenizer, encode_text
-from attnscope.shapes.train import TrainConfig, load_exported, load_teacher, train, train_command
 
 PROMPT = "a red circle and a blue square"
 

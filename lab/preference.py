@@ -1,8 +1,8 @@
 """Preference fine-tuning on the model's own samples: Diffusion-DPO (Wallace et al. 2023) in rectified-flow form.
 
 Training on rendered scenes teaches a model what a right image looks like, never what its own wrong ones look like.
-The shapes model's remaining error is one: asked for two objects, it sometimes draws one of them twice, and more
-training on data stopped reducing that (benchmarks/RESULTS.md). Here the model samples several images per caption
+A typical error of the shapes model is one that more training on data does not reduce: asked for two objects, it
+sometimes draws one of them twice (benchmarks/RESULTS.md). Here the model samples several images per caption
 with its default call, the scene reader (``reader.py``) judges each one against the caption, and a fine-tune
 (``attnscope shapes train --preference FILE``) raises the likelihood of the right images *relative to* the wrong
 ones drawn for the same caption, measured against a frozen copy of the starting model:
@@ -16,7 +16,7 @@ flow matching on the right images, which keeps the likelihood of the winners fro
 The judge is the eval's own reader, so the captions and seeds drawn here are kept apart from the eval's: captions
 come from the renderer's training distribution (two and three objects, synonyms and all connectors) and the
 sampling seeds from a seed sequence no fixed-seed protocol uses (``sample_seed``). A model fine-tuned this way
-is reported on held-out seeds as well as the eval's (RESULTS).
+is reported on held-out seeds as well as the eval's (benchmarks/RESULTS.md).
 
 A guidance-distilled model samples and learns at the guidance scale of the call that drew the set (recorded in
 it): flow matching on samples of the guided distribution teaches exactly that distribution's velocity, which is
@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attnscope import atomic
-
-from . import call_kwargs_for
-from .metrics import score_image, to_pixels
-from .reader import read_scene
-from .render import render_scene
+from attnscope.shapes import call_kwargs_for
+from attnscope.shapes.generate import to_pixels
+from attnscope.shapes.metrics import score_image
+from attnscope.shapes.reader import read_scene
+from attnscope.shapes.render import render_scene
 
 #: Format of a saved ``PreferenceSet`` (``save``/``load``); change it when the fields change.
 FORMAT_VERSION = 1
@@ -100,9 +100,8 @@ class PreferenceSet:
     def batch(self, seed: int, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Step ``step``'s ``size`` pairs, drawn from the step's own seed: (winner images, loser images, captions).
 
-        The winners are the model's own right samples. Scenes rendered for the caption were tried as winners
-        instead (git 84cc23e) and taught the model to tell its own images from rendered ones, not to count
-        (benchmarks/RESULTS.md).
+        The winners are the model's own right samples: scenes rendered for the caption, as winners, teach the
+        model to tell its own images from rendered ones, not to count (benchmarks/RESULTS.md).
         """
         rng = np.random.default_rng([seed, 5, step])
         pairs = self.pairs()
@@ -199,7 +198,7 @@ def sample_preferences(
 
 
 #: Default β: a margin of 1e-3 in per-row mean squared velocity error (small beside errors of 0.1–1) already
-#: counts as a clear preference; the margins of the runs in RESULTS grew to ~1e-2 within 40 minutes.
+#: counts as a clear preference (benchmarks/RESULTS.md has the margins of real runs).
 DEFAULT_BETA = 2000.0
 
 #: ``errors(x_t, t, target)`` -> per-row mean squared velocity error of the trained model (with gradient) and of the

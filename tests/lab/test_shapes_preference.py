@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope.shapes.cli import register
-from attnscope.shapes.export import export_checkpoint
-from attnscope.shapes.metrics import load_model, score_image
-from attnscope.shapes.model import build_t5_tokenizer
-from attnscope.shapes.preference import (
+from attnscope.lab.cli import register
+from attnscope.lab.export import export_checkpoint
+from attnscope.lab.model import build_t5_tokenizer
+from attnscope.lab.preference import (
     PreferenceSet,
     draw_captions,
     model_digest,
@@ -22,10 +21,7 @@ from attnscope.shapes.preference import (
     sample_preferences,
     sample_seed,
 )
-from attnscope.shapes.reader import read_scene
-from attnscope.shapes.render import render_scene
-from attnscope.shapes.vocabulary import parse_prompt
-from attnscope.shapes.train import (
+from attnscope.lab.train import (
     TrainConfig,
     _velocity_errors,
     load_checkpoint_pipeline,
@@ -33,6 +29,10 @@ from attnscope.shapes.train import (
     train,
     train_command,
 )
+from attnscope.shapes.metrics import load_model, score_image
+from attnscope.shapes.reader import read_scene
+from attnscope.shapes.render import render_scene
+from attnscope.shapes.vocabulary import parse_prompt
 
 
 
@@ -171,7 +171,7 @@ def test_a_preference_fine_tune_learns_its_pairs_resumes_and_records_the_command
 
 
 def test_preference_min_t_keeps_the_pairs_at_high_noise(tiny_folder, tmp_path, monkeypatch):
-    import attnscope.shapes.train as train_module
+    import attnscope.lab.train as train_module
 
     seen = []
 

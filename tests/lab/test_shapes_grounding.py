@@ -11,10 +11,9 @@ import torch
 from diffusers import FluxPipeline
 
 import attnscope
-from attnscope.shapes import bundled_path
-from attnscope.shapes.export import export_checkpoint
-from attnscope.shapes.grounding import grounding_loss, grounding_targets, token_coverage
-from attnscope.shapes.model import (
+from attnscope.lab.export import export_checkpoint
+from attnscope.lab.grounding import grounding_loss, grounding_targets, token_coverage
+from attnscope.lab.model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
     build_clip_tokenizer,
@@ -22,8 +21,9 @@ from attnscope.shapes.model import (
     build_text_encoders,
     build_transformer,
 )
+from attnscope.lab.train import TrainConfig, flow_loss, images_to_tensor, train, train_command
+from attnscope.shapes import bundled_path
 from attnscope.shapes.render import render_scene
-from attnscope.shapes.train import TrainConfig, flow_loss, images_to_tensor, train, train_command
 from attnscope.tokens import t5_tokens
 
 TINY = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=32, clip_hidden=16)

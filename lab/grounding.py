@@ -21,10 +21,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from attnscope.shapes.render import Scene
 from attnscope.tokens import PromptTokens
 from attnscope.trace import column_mask
-
-from .render import Scene
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from transformers import T5EncoderModel, T5Tokenizer
 
+from attnscope.adapters.flux import flux_velocity
+
 from .model import encode_text
 
 #: Guidance scales a student learns (uniform): from none (w = 1, the conditional velocity) to beyond the teacher's
@@ -60,15 +62,9 @@ class GuidanceTeacher:
         scales ``guidance (B,)``; the conditional and unconditional halves run as one batch."""
         b = x.shape[0]
         text = encode_text(self.tokenizer, self.t5, [*captions, *[""] * b])
-        both = self.transformer(
-            hidden_states=torch.cat([x, x]),
-            encoder_hidden_states=text,
-            pooled_projections=torch.zeros(2 * b, self.transformer.config.pooled_projection_dim, device=x.device),
-            timestep=torch.cat([t, t]),
-            img_ids=img_ids,
-            txt_ids=torch.zeros(text.shape[1], 3, device=x.device),
-            return_dict=False,
-        )[0]
+        pooled = torch.zeros(2 * b, self.transformer.config.pooled_projection_dim, device=x.device)
+        text_ids = torch.zeros(text.shape[1], 3, device=x.device)
+        both = flux_velocity(self.transformer, torch.cat([x, x]), torch.cat([t, t]), text, pooled, text_ids, img_ids)
         conditional, unconditional = both.chunk(2)
         w = guidance.to(x.device, x.dtype)[:, None, None]
         return unconditional + w * (conditional - unconditional)

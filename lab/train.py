@@ -51,27 +51,28 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 import attnscope
 from attnscope import atomic
+from attnscope.adapters.flux import flux_velocity, latent_image_ids, pack_latents
+from attnscope.pipelines import resolve_device
+from attnscope.shapes.render import NATIVE_SIZE, Scene, render_scene
 from attnscope.tokens import t5_tokens
 
 from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
-from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
+    assemble_pipeline,
+    build_clip_tokenizer,
     build_t5_tokenizer,
     build_text_encoders,
     build_transformer,
     build_vae,
-    build_clip_tokenizer,
     encode_text,
     grown_double_stream,
     is_attention_positional,
     make_attention_positional,
-    assemble_pipeline,
-    resolve_device,
 )
-from .render import NATIVE_SIZE, Scene, render_scene
+from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
 
 
 DEFAULT_CAPTION_DROPOUT = 0.1
@@ -109,7 +110,7 @@ class TrainConfig:
     grounding: float | None = None
     grounding_layers: str = "double"  # a trace layer selector: "double", "single" or "all"
     # Supervise only rows with noise level t ≤ this: at high noise the layout is not yet in x_t, so no map can
-    # find the object (the bundled model's grounding KL: 0.30 at t ≤ 0.2, 0.70 at 0.8, 1.7 at 0.97).
+    # find the object (the grounding KL rises steeply with t; see benchmarks/RESULTS.md).
     grounding_max_t: float = 1.0
     init_from: str | None = None  # an exported model folder to fine-tune (skips stage 1)
     # Double-stream blocks appended to the fine-tune's parent, starting as the identity (model.grown_double_stream).
@@ -312,22 +313,15 @@ def flow_loss(
         guidance = torch.ones(b, device=latents.device)
     pred = predict_velocity(transformer, t5, tokenizer, x_t, t, captions, guidance)
     if teacher is None:
-        target = pack(noise - latents)
+        target = pack_latents(noise - latents)
     else:
-        target = teacher.velocity(pack(x_t), t, captions, guidance, image_ids(x_t))
+        target = teacher.velocity(pack_latents(x_t), t, captions, guidance, _image_ids(x_t))
     return F.mse_loss(pred, target)
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """Latents ``(B, C, H, W)`` as FluxPipeline packs them: ``(B, H/2 · W/2, 4C)`` tokens of 2×2 latent pixels."""
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
-
-
-def image_ids(latents: torch.Tensor) -> torch.Tensor:
-    """FluxPipeline's position ids ``(H/2 · W/2, 3)`` of the packed tokens of latents ``(B, C, H, W)``."""
-    b, _, h, w = latents.shape
-    return FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+def _image_ids(latents: torch.Tensor) -> torch.Tensor:
+    """The position ids ``(H/2 · W/2, 3)`` of the packed tokens of latents ``(B, C, H, W)``."""
+    return latent_image_ids(*latents.shape[-2:], latents.device, latents.dtype)
 
 
 def predict_velocity(
@@ -340,18 +334,12 @@ def predict_velocity(
     guidance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The transformer's packed velocity ``(B, N, 4C)`` at noisy latents ``x_t (B, C, H, W)`` and noise levels
-    ``t (B,)``, with the pooled text at zero (``model.py``) and ``guidance (B,)`` for a guidance-distilled model."""
+    ``t (B,)``: the captions encoded by the trained T5, the pooled text at zero (``model.py``), ``guidance (B,)``
+    for a guidance-distilled model; one call as ``FluxPipeline`` makes it (``attnscope.adapters.flux``)."""
     text = encode_text(tokenizer, t5, captions)
-    return transformer(
-        hidden_states=pack(x_t),
-        encoder_hidden_states=text,
-        pooled_projections=torch.zeros(len(x_t), transformer.config.pooled_projection_dim, device=x_t.device),
-        timestep=t,
-        img_ids=image_ids(x_t),
-        txt_ids=torch.zeros(text.shape[1], 3, device=x_t.device),
-        guidance=guidance,
-        return_dict=False,
-    )[0]
+    pooled = torch.zeros(len(x_t), transformer.config.pooled_projection_dim, device=x_t.device)
+    text_ids = torch.zeros(text.shape[1], 3, device=x_t.device)
+    return flux_velocity(transformer, pack_latents(x_t), t, text, pooled, text_ids, _image_ids(x_t), guidance)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -681,7 +669,7 @@ def _velocity_errors(
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full((len(x_t),), guidance_scale, device=x_t.device)
-        target = pack(target)
+        target = pack_latents(target)
         error = (predict_velocity(transformer, t5, tokenizer, x_t, t, captions, guidance) - target).pow(2)
         with torch.no_grad():
             reference_error = (predict_velocity(*reference, tokenizer, x_t, t, captions, guidance) - target).pow(2)

@@ -1,4 +1,4 @@
-"""Construction of the tiny shapes-world Flux pipeline, fully offline.
+"""Construction of the tiny shapes-world Flux pipeline, fully offline (the bundled model's architecture).
 
 Components (standard diffusers / transformers classes but the scheduler, a diffusers subclass; all load with
 ``FluxPipeline.from_pretrained``):
@@ -9,17 +9,16 @@ Components (standard diffusers / transformers classes but the scheduler, a diffu
   the query and key projections are frozen at zero, so each head attends by T5's relative-position bias alone,
   initialized to one neighbour offset per head (``POSITIONAL_OFFSETS``). A shape token thus always carries the
   word before it (its colour) and a colour token the word after it (its shape). Flux gives text tokens no
-  positions (``txt_ids`` are zero), so this encoder is the only place word order can enter the model: the
-  first bundled T5 ("content" attention) learned near one-hot content attention whose relative bias was
-  negligible, its output for "a red circle and a blue square" was a permutation of that for "a blue circle
-  and a red square", and the model drew both prompts bit-identically — it could not bind a colour to a shape.
-  One layer keeps the encoder close to non-contextual; earlier experiments with deeper content-attention
-  encoders moved shape information onto other tokens and shape words stopped localizing.
+  positions (``txt_ids`` are zero), so this encoder is the only place word order can enter the model: a T5 with
+  plain ("content") attention learns near one-hot attention by content with a negligible relative bias, its
+  output for "a red circle and a blue square" is a permutation of that for "a blue circle and a red square", and
+  the model draws both prompts identically — it cannot bind a colour to a shape. One layer keeps the encoder
+  close to non-contextual: deeper content-attention encoders moved shape information onto other tokens and shape
+  words stopped localizing.
 * ``tokenizer`` / ``text_encoder``: a CLIP BPE tokenizer (``</w>`` pieces, every vocabulary word one piece) and a
   tiny random ``CLIPTextModel``. FluxPipeline needs it for the pooled text vector, but the transformer ignores that
   vector: ``time_text_embed.text_embedder.linear_2`` is zero and frozen, so the pooled path adds a constant zero
-  and text reaches the image only through joint attention (with a pooled text vector, localization collapsed in
-  earlier experiments).
+  and text reaches the image only through joint attention (with a pooled text vector, localization collapses).
 * ``vae``: a one-level ``AutoencoderKL`` (scale factor 1) trained to be the identity on rendered images, so the
   latent space *is* pixel space (normalized by ``shift_factor``/``scaling_factor``). With FluxPipeline's 2×2
   packing a 32×32 image gives 16×16 = 256 image tokens.
@@ -28,9 +27,9 @@ Components (standard diffusers / transformers classes but the scheduler, a diffu
   (``guidance_embeds=True``, ``distill.py``) takes the guidance scale as an input, like FLUX.1-dev, and needs one
   transformer call per step instead of two.
 * ``scheduler``: ``attnscope.sampling.FlowMatchRenoisingScheduler`` (``SAMPLER_SHIFT``, ``RENOISE_ABOVE``):
-  Euler steps that re-draw their noise while the layout forms, because with plain Euler the model drew an asked
-  object twice in 26 of 64 two-object images (sweep in benchmarks/RESULTS.md). diffusers loads it once
-  ``attnscope`` is imported.
+  Euler steps that re-draw their noise while the layout forms, because with plain Euler the model draws an asked
+  object twice far more often (sweep in benchmarks/RESULTS.md). diffusers loads it once ``attnscope`` is
+  imported.
 """
 
 from __future__ import annotations
@@ -43,8 +42,9 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-from ..sampling import FlowMatchRenoisingScheduler
-from .vocabulary import ALL_WORDS
+from attnscope.sampling import FlowMatchRenoisingScheduler
+from attnscope.shapes import MAX_SEQUENCE_LENGTH
+from attnscope.shapes.vocabulary import ALL_WORDS
 
 #: Vocabulary words the T5 tokenizer splits into two pieces, so that word-span code is exercised on the bundled
 #: model as it is on real T5 ("scarlet" -> "▁scar" + "let").
@@ -53,8 +53,6 @@ MULTI_PIECE: dict[str, tuple[str, str]] = {
     "emerald": ("▁emer", "ald"),
     "pyramid": ("▁pyra", "mid"),
 }
-#: Text length (T5 tokens incl. </s>, padded) used in training and to be passed as ``max_sequence_length``.
-MAX_SEQUENCE_LENGTH = 20
 #: Sampler of the bundled model, chosen on seeds the eval does not use (100–115) for two-object accuracy: the
 #: shift spends more of the 20 steps at high noise, where the layout forms, and the steps above noise level
 #: ``RENOISE_ABOVE`` re-draw their noise (``attnscope.sampling``; below 0.7 re-noising changed no image's reading).
@@ -339,15 +337,3 @@ def assemble_pipeline(
         transformer=(transformer or build_transformer(cfg)).eval(),
     )
 
-
-def resolve_device(name: str) -> torch.device:
-    """``name`` as a torch device, refusing one this machine does not have (before any work starts)."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine's torch sees no CUDA GPU (use --device cpu)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: the shapes models run on cpu or cuda")
-    return device
