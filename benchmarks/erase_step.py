@@ -26,8 +26,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from attnscope.erase.spec import shapes_spec
-from attnscope.erase.trainer import EraseConfig, LossWeights, Trainer, load_model
+
+import attnscope
+from attnscope.erase.config import EraseConfig, LossWeights
+from attnscope.erase.trainer import Trainer
+from attnscope.erase.worlds import erasure_world
 
 
 def _interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
@@ -54,10 +57,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    pipe = load_model(args.model)
+    pipe = attnscope.load_pipeline(args.model, progress=False)
     # Fields left None take the model's defaults (call settings, LoRA targets, η), as `attnscope erase` does.
     config = EraseConfig(model=args.model, batch=args.batch)
-    trainer = Trainer(pipe, [shapes_spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-")))
+    trainer = Trainer(pipe, [erasure_world(args.model).spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-")))
     t0 = time.perf_counter()
     trainer.prepare_cache(None)
     cache_seconds = time.perf_counter() - t0

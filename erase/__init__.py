@@ -1,69 +1,48 @@
 """EraseAnything-style concept erasure built on attnscope capture hooks (installed as ``attnscope.erase``).
 
-    from attnscope.erase import EraseConfig, shapes_spec, train, evaluate, load_model
-    pipe = load_model("shapes")
-    result = train(pipe, [shapes_spec("red")], EraseConfig(), "runs/erase-red")
-    report = evaluate("runs/erase-red")          # acc_e, acc_g, acc_ir (+ base figures)
+    import attnscope
+    from attnscope.erase import EraseConfig, erasure_world, train
+    pipe = attnscope.load_pipeline("shapes", progress=False)
+    world = erasure_world("shapes")
+    result = train(pipe, [world.spec("red")], EraseConfig(), "runs/erase-red")
+    report = world.evaluate(result.out, [world.spec("red")], "shapes", seeds=16, out=result.out / "eval",
+                            device="cpu", options={})            # acc_e, acc_g, acc_ir (+ base figures)
 
-Modules: ``spec`` (concept specs), ``lora`` (adapter, teacher, file format), ``sampling`` (direct transformer
-calls, sampling with the pipeline's scheduler), ``cache`` (base-model data drawn once), ``losses``, ``trainer`` (bi-level loop,
-checkpoints), ``evaluate`` (``attnscope eval`` on the shapes world), ``real_eval`` (CLIP / NudeNet on real models), ``cli`` (``erase``/``eval`` commands).
+Modules, one job each: ``spec`` (concept specs), ``worlds`` (per world: specs, word checks, evaluation),
+``config`` (what determines a run, the model's defaults), ``run`` (the run folder), ``lora`` (adapter, teacher,
+file format), ``sampling`` (prompt bank, base-model trajectories), ``cache`` (base-model data drawn once),
+``losses``, ``methods`` (which losses a step computes), ``trainer`` (the loop, checkpoints), ``parallel`` (data
+parallel), ``cli`` (``erase``/``eval`` commands).
 """
 
-from .evaluate import EvalReport, evaluate, shapes_prompts
-from .lora import (
-    LoraFileError,
-    LoraSettings,
-    base_model,
-    check_lora_file,
-    load_lora,
-    save_lora,
-)
-from .real_eval import real_eval
-from .spec import (
-    ConceptNotInPromptError,
-    ConceptSpec,
-    SpecError,
-    UnknownConceptError,
-    load_spec,
-    resolve_spec,
-    shapes_spec,
-)
-from .trainer import (
-    EraseConfig,
-    EraseResult,
-    LossWeights,
-    NonFiniteLossError,
-    OutputExistsError,
-    ResumeMismatchError,
-    load_model,
-    train,
-)
+from .config import EraseConfig, LossWeights
+from .lora import LoraFileError, LoraSettings, base_model, check_lora_file, load_lora, save_lora
+from .run import OutputExistsError, ResumeMismatchError, read_run
+from .spec import ConceptNotInPromptError, ConceptSpec, PromptTooLongError, SpecError, UnknownConceptError, load_spec
+from .trainer import EraseResult, NonFiniteLossError, train
+from .worlds import ErasureWorld, erasure_world
 
 __all__ = [
     "ConceptNotInPromptError",
     "ConceptSpec",
     "EraseConfig",
     "EraseResult",
-    "EvalReport",
+    "ErasureWorld",
     "LoraFileError",
     "LoraSettings",
     "LossWeights",
     "NonFiniteLossError",
     "OutputExistsError",
+    "PromptTooLongError",
     "ResumeMismatchError",
     "SpecError",
     "UnknownConceptError",
     "base_model",
     "check_lora_file",
-    "evaluate",
+    "erasure_world",
     "load_lora",
-    "load_model",
     "load_spec",
-    "real_eval",
-    "resolve_spec",
+    "read_run",
     "save_lora",
-    "shapes_prompts",
-    "shapes_spec",
     "train",
 ]

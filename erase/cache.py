@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 from attnscope import atomic
+from attnscope.adapters import ModelCall
 from attnscope.trace import column_mask
 
 from .losses import attention_features
-from .sampling import FluxCall, PromptBank, sample_trajectory
+from .sampling import PromptBank, sample_trajectory
 from .spec import ConceptSpec, find_word, replace_word
 
 __all__ = ["CacheConfig", "EraseCache", "build_cache", "maps_forward", "multi_anchor_prompt"]
@@ -91,7 +92,7 @@ class EraseCache:
 
 
 def maps_forward(
-    call: FluxCall,
+    call: ModelCall,
     transformer: torch.nn.Module,
     x: torch.Tensor,
     sigma: torch.Tensor,
@@ -137,7 +138,7 @@ def _target_rows(spec: ConceptSpec, prompt: str, offset: int, k: int) -> tuple[l
 
 @torch.no_grad()
 def build_cache(
-    call: FluxCall,
+    call: ModelCall,
     bank: PromptBank,
     specs: Sequence[ConceptSpec],
     preserve_prompts: Sequence[str],

@@ -4,7 +4,7 @@
     attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 300 steps per concept
     attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
     accelerate launch --multi_gpu --num_processes 4 -m attnscope.cli erase ... --device cuda   # data parallel
-    attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval.json, eval_grid.png
+    attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval/eval.json, eval_grid.png
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step (2 of which feed the contrastive loss)")
     p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss (base velocities on preservation trajectories)")
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
-                   "η·(v*(c) − v*(c_anc)) (default: 1 as in the paper; 2 for the bundled shapes model)")
+                   "η·(v*(c) − v*(c_anc)) (default: the model profile's; 1 as in the paper, 2 for shapes models)")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate erase/preserve steps, or both every step")
     p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
     p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
-                   "(default: add_q_proj,add_k_proj as in the paper; the shapes model adds add_v_proj)")
+                   "(default: the model profile's; add_q_proj,add_k_proj as in the paper, shapes models add add_v_proj)")
     p.add_argument("--sample-steps", type=int, default=8, help="sampler steps of the cached base-model trajectories")
     p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model preservation samples")
     p.add_argument("--cache-seeds", type=int, default=4, help="base-model trajectories per training prompt")
@@ -84,31 +84,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = subparsers.add_parser(
         "eval",
-        help="measure an erasure LoRA: Acc_e, Acc_ir, Acc_g, attention mass, image quality (shapes world)",
+        help="measure an erasure LoRA: Acc_e, Acc_ir, Acc_g, attention mass, image quality",
         description=(
-            "Generate the fixed shapes-world prompt set with fixed seeds from the base model and with the LoRA, read "
-            "the images with the scene reader and write a JSON report (acc_e, acc_ir, acc_g, base figures) and a "
-            "base-vs-erased PNG grid."
+            "Generate the model world's fixed prompt set with fixed seeds from the base model and with the LoRA, "
+            "judge the images (shapes world: the scene reader; real models: CLIP zero-shot / NudeNet) and write "
+            "eval.json (acc_e, acc_ir, acc_g, base figures) and a base-vs-erased eval_grid.png to --out."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     e.add_argument("--lora", type=Path, required=True, help="folder written by `attnscope erase`")
     e.add_argument("--concept", action="append", default=[], help="erased concept(s) (default: the run's spec.yaml)")
     e.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
-    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: 16 on the shapes world, 2 on real models)")
+    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: the world's; 16 on the shapes world, 2 on real models)")
     e.add_argument("--clip-model", default=None, help="real models: CLIP zero-shot classifier, hub id or folder "
                    "(default openai/clip-vit-large-patch14)")
     e.add_argument("--device", default="cpu", help="torch device")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 is faster on a machine busy with other jobs)")
-    e.add_argument("--out", type=Path, default=None, help="JSON report path (default: LORA/eval.json)")
+    e.add_argument("--out", type=Path, default=None, help="output folder for eval.json and eval_grid.png (default: LORA/eval)")
     e.set_defaults(run=run_eval)
 
 
 def _specs(args: argparse.Namespace) -> list[Any]:
-    """Specs from --spec files and --concept names; the spec flags override (or, with --prompts, define) the
-    spec of a single --concept."""
-    from .spec import ConceptSpec, UnknownConceptError, load_spec, resolve_spec
-    from .trainer import is_shapes_model
+    """Specs from --spec files and --concept names (resolved by the model's world); the spec flags override (or,
+    with --prompts in an open-vocabulary world, define) the spec of a single --concept."""
+    from .spec import ConceptSpec, UnknownConceptError, load_spec
+    from .worlds import erasure_world
 
     overrides = {
         "synonyms": args.synonyms,
@@ -121,12 +121,12 @@ def _specs(args: argparse.Namespace) -> list[Any]:
     if given and len(args.concept) != 1:
         raise ValueError(f"--{next(iter(given)).replace('_', '-')} applies to exactly one --concept")
     specs = [s for path in args.spec for s in load_spec(path)]
-    world = "shapes" if is_shapes_model(args.model) else args.model
+    world = erasure_world(args.model)
     for concept in args.concept:
         try:
-            spec = resolve_spec(concept, world)
+            spec = world.spec(concept)
         except UnknownConceptError:
-            if world == "shapes" or "prompts" not in given:
+            if not world.open_vocabulary or "prompts" not in given:
                 raise
             spec = ConceptSpec(name=concept, targets=(concept,), prompts=given["prompts"])
         specs.append(spec.with_overrides(**given))
@@ -138,12 +138,15 @@ def _specs(args: argparse.Namespace) -> list[Any]:
 def run_erase(args: argparse.Namespace) -> int:
     import torch
 
-    from attnscope.cli import CommandError
+    import attnscope
+    from attnscope.commands import CommandError
+    from attnscope.profiles import profile_for
 
     from .cache import CacheConfig
-    from .lora import LoraSettings, default_targets
+    from .config import STEPS_PER_CONCEPT, EraseConfig, LossWeights
+    from .lora import LoraSettings
     from .parallel import DataParallel
-    from .trainer import STEPS_PER_CONCEPT, EraseConfig, LossWeights, NonFiniteLossError, load_model, train
+    from .trainer import NonFiniteLossError, train
 
     started = time.perf_counter()
     specs = _specs(args)
@@ -162,7 +165,10 @@ def run_erase(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         eta=args.eta,
         weights=weights,
-        lora=LoraSettings(rank=args.rank, targets=_csv(args.targets) if args.targets else default_targets(args.model)),
+        lora=LoraSettings(
+            rank=args.rank,
+            targets=_csv(args.targets) if args.targets else profile_for(args.model).erase_defaults.lora_targets,
+        ),
         cache=CacheConfig(
             sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
         ),
@@ -172,7 +178,7 @@ def run_erase(args: argparse.Namespace) -> int:
     )
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     parallel = DataParallel.for_device(args.device)
-    pipe = load_model(args.model, device=parallel.device(args.device), dtype=dtype)
+    pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)
     try:
         result = train(pipe, specs, config, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as err:  # not a bad input, but its message says all: print it as one line
@@ -189,58 +195,26 @@ def run_erase(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import DEFAULT_SEEDS, evaluate, read_run
-    from .trainer import is_shapes_model
+    import torch
+
+    from .run import EVAL_DIR, read_run
+    from .worlds import erasure_world
 
     started = time.perf_counter()
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_model, run_specs = read_run(args.lora) if args.lora.is_dir() else (None, None)
-    model = args.model or run_model or "shapes"
-    if not is_shapes_model(model):
-        return _run_real_eval(args, model, run_specs, started)
-    report = evaluate(args.lora, concepts=args.concept or None, model=args.model, seeds=args.seeds or DEFAULT_SEEDS, out=args.out,
-                      device=args.device)
-    base = report.base
-    out = args.out or args.lora / "eval.json"
-    rel = f"{report.acc_ir_relative:.1%}" if report.acc_ir_relative is not None else "n/a"
-    print(
-        f"{', '.join(report.concepts)}: Acc_e {report.acc_e:.1%} (base {base['acc_e']:.1%}), "
-        f"Acc_g {report.acc_g:.1%} (base {base['acc_g']:.1%}), Acc_ir {report.acc_ir:.1%} "
-        f"(base {base['acc_ir']:.1%}, relative {rel}), pixel MAE {report.quality['pixel_mae']:.3f} "
-        f"in {time.perf_counter() - started:.1f}s -> {out}"
-    )
-    return 0
-
-
-def _run_real_eval(args: argparse.Namespace, model: str, run_specs: list[Any] | None, started: float) -> int:
-    """``attnscope eval`` for a real model: CLIP zero-shot / NudeNet figures (``erase/real_eval.py``); ``run_specs``
-    are the specs the run folder recorded."""
-    from attnscope.pipelines import default_call_kwargs
-
-    from .real_eval import DEFAULT_CLIP_MODEL, DEFAULT_SEEDS, real_eval
-    from .spec import resolve_spec
-    from .trainer import load_model
-
     if not args.lora.is_dir():
         raise FileNotFoundError(f"{args.lora} does not exist: pass the --out folder of `attnscope erase`")
-    specs = [resolve_spec(c, model) for c in args.concept] if args.concept else run_specs
+    run_model, run_specs = read_run(args.lora)
+    model = args.model or run_model or "shapes"
+    world = erasure_world(model)
+    specs = [world.spec(c) for c in args.concept] if args.concept else run_specs
     if not specs:
         raise ValueError(f"{args.lora} has no spec.yaml: say which concept was erased with --concept")
-    import torch
-
-    pipe = load_model(model, device=args.device, dtype=torch.bfloat16 if args.device.startswith("cuda") else None)
-    report = real_eval(
-        args.lora, specs, pipe, seeds=args.seeds or DEFAULT_SEEDS, clip_model=args.clip_model or DEFAULT_CLIP_MODEL,
-        call_kwargs=default_call_kwargs(model), out=args.out,
+    out = args.out or args.lora / EVAL_DIR
+    report = world.evaluate(
+        args.lora, specs, model, seeds=args.seeds or world.default_eval_seeds, out=out, device=args.device,
+        options={"clip_model": args.clip_model},
     )
-    base = report["base"]
-    acc_g = "n/a" if report["acc_g"] is None else f"{report['acc_g']:.1%}"
-    print(
-        f"{', '.join(report['concepts'])}: Acc_e {report['acc_e']:.1%} (base {base['acc_e']:.1%}), Acc_g {acc_g}, "
-        f"Acc_ir {report['acc_ir']:.1%} (same zero-shot label as base) in {time.perf_counter() - started:.1f}s "
-        f"-> {args.out or args.lora / 'eval.json'}"
-    )
+    print(f"{world.summary(report)} in {time.perf_counter() - started:.1f}s -> {out}/")
     return 0

@@ -1,9 +1,10 @@
 """The erasure LoRA: where it goes, the frozen teacher it gives for free, and its diffusers file format.
 
 The adapter is a peft LoRA added through diffusers' ``PeftAdapterMixin`` (``transformer.add_adapter``), by
-default on ``add_q_proj`` / ``add_k_proj`` of the dual-stream blocks (the paper's choice; the bundled shapes model
-also needs ``add_v_proj``, see ``SHAPES_TARGETS``): these project the *text* tokens, so the edit changes what
-image tokens find at the concept's text and nothing about how the image stream itself is computed. The base model is the same module with the adapter disabled
+default on ``add_q_proj`` / ``add_k_proj`` of the dual-stream blocks (the paper's choice; a model profile may add
+more, see ``ModelProfile.erase_defaults``): these project the *text* tokens, so the edit changes what image
+tokens find at the concept's text and nothing about how the image stream itself is computed. The base model is
+the same module with the adapter disabled
 (:func:`base_model`): no second copy of the weights, and unlike the official code's self-teacher it does not
 drift while training.
 
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 
+from attnscope.profiles import PAPER_LORA_TARGETS
+
 __all__ = [
     "ADAPTER_NAME",
     "LORA_FILE",
@@ -31,7 +34,6 @@ __all__ = [
     "add_lora",
     "base_model",
     "check_lora_file",
-    "default_targets",
     "load_lora",
     "lora_parameters",
     "lora_state",
@@ -40,22 +42,6 @@ __all__ = [
 
 ADAPTER_NAME = "erase"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-#: The paper's placement: text-side queries and keys of the dual-stream blocks (re-route attention away from the
-#: concept's tokens). The default for every model but the bundled shapes model.
-PAPER_TARGETS = ("add_q_proj", "add_k_proj")
-#: The shapes model's placement: also the text-side values. Its one-layer T5 spreads a colour into the context of
-#: every prompt token, so re-routing attention leaves no token without it. Erasing "red" (true CFG 3): Acc_e 75 %
-#: with q/k (60 % at lr 3e-3), 0 % with q/k/v (erase/README.md).
-SHAPES_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj")
-
-
-def default_targets(model: str) -> tuple[str, ...]:
-    """LoRA target modules ``attnscope erase`` uses for ``model`` when ``--targets`` is not given."""
-    from .trainer import is_shapes_model
-
-    return SHAPES_TARGETS if is_shapes_model(model) else PAPER_TARGETS
 
 
 class LoraFileError(ValueError):
@@ -72,7 +58,7 @@ class LoraSettings:
 
     rank: int = 8
     alpha: float | None = None
-    targets: tuple[str, ...] = PAPER_TARGETS
+    targets: tuple[str, ...] = PAPER_LORA_TARGETS
     blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:

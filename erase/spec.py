@@ -2,9 +2,9 @@
 
 A :class:`ConceptSpec` is plain data (YAML on disk, no LLM at run time). Three sources:
 
-* the shapes world: :func:`shapes_spec` derives a spec for every colour and shape from
-  ``attnscope.shapes.vocabulary`` (synonyms, the other colours/shapes as irrelevant concepts, prompts);
-* shipped YAML files for real models in ``erase/specs/`` (``nudity``, ``van-gogh``, ``parachute``);
+* the model's world (:mod:`erase.worlds`): the shapes world derives a spec for every colour and shape from its
+  vocabulary; the open world of real models ships YAML files in ``erase/specs/`` (``nudity``, ``van-gogh``,
+  ``parachute``);
 * a user YAML file (``--spec``) or CLI flags.
 
 YAML layout (every key but ``name`` and ``targets`` optional)::
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,22 +30,18 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "SPECS_DIR",
     "ConceptNotInPromptError",
     "ConceptSpec",
+    "PromptTooLongError",
     "SpecError",
     "UnknownConceptError",
-    "builtin_specs",
-    "check_known_words",
+    "check_prompts_fit",
     "find_word",
     "load_spec",
     "replace_word",
-    "resolve_spec",
-    "shapes_spec",
+    "suggest",
+    "words_of",
 ]
-
-#: Folder of the shipped YAML specs for real models.
-SPECS_DIR = Path(__file__).with_name("specs")
 
 
 class SpecError(ValueError):
@@ -58,6 +54,10 @@ class UnknownConceptError(SpecError):
 
 class ConceptNotInPromptError(SpecError):
     """A training prompt does not contain any of the concept's target words, so there is nothing to erase in it."""
+
+
+class PromptTooLongError(SpecError):
+    """A spec prompt does not fit the model's text length: the words erasure needs would be cut off."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,9 @@ class ConceptSpec:
     # ------------------------------------------------------------------------------------ prompts
     def target_in(self, prompt: str) -> str:
         """The first target word of ``prompt`` (case-insensitive, whole word); ConceptNotInPromptError if none."""
-        words = {w.lower() for w in _words(prompt)}
+        words = {w.lower() for w in words_of(prompt)}
         for target in self.targets:
-            if all(part.lower() in words for part in _words(target)) and find_word(prompt, target):
+            if all(part.lower() in words for part in words_of(target)) and find_word(prompt, target):
                 return target
         raise ConceptNotInPromptError(
             f"training prompt {prompt!r} does not contain the concept {self.name!r} (targets: "
@@ -139,7 +139,8 @@ class ConceptSpec:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _words(text: str) -> list[str]:
+def words_of(text: str) -> list[str]:
+    """The words of ``text`` (letters/digits with inner apostrophes, the word rule of ``attnscope.tokens``)."""
     return re.findall(r"[^\W_]+(?:['’][^\W_]+)*", text)
 
 
@@ -177,138 +178,41 @@ def load_spec(path: str | Path) -> list[ConceptSpec]:
     return [ConceptSpec.from_dict(item, source=str(path)) for item in items]
 
 
-def builtin_specs() -> dict[str, Path]:
-    """Shipped real-model specs: name -> YAML path."""
-    return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}
+def suggest(word: str, candidates: Iterable[str], cutoff: float = 0.5) -> str:
+    """``"; did you mean 'a', 'b'?"`` for the distinct close matches of ``word`` among ``candidates`` (or "")."""
+    close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=3, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-# -------------------------------------------------------------------------------------- shapes world
-def shapes_spec(word: str) -> ConceptSpec:
-    """The spec of a shapes-world colour or shape, from ``attnscope.shapes.vocabulary``.
+def check_prompts_fit(pipe: Any, specs: Sequence[ConceptSpec], text_length: int) -> None:
+    """Raise :class:`PromptTooLongError` for the first spec prompt whose words erasure needs fall beyond the
+    model's text length: a training prompt's target (and that word swapped for each synonym and irrelevant
+    concept, the rows the cache draws), or any word of a preservation prompt."""
+    from attnscope.adapters import adapter_for
+    from attnscope.tokens import TruncatedWordError
 
-    Prompts: the concept with every partner (each shape for a colour, each colour for a shape) alone, plus
-    two-object scenes with a different object. Irrelevant: the other concepts of the same kind; preservation
-    prompts: every single-object scene that contains neither the concept nor a synonym, and
-    ``TWO_OBJECT_PRESERVATION`` two-object scenes of them (see :func:`_two_object_preservation`).
-    """
-    from attnscope.shapes import vocabulary as vocab
+    adapter = adapter_for(pipe)
 
-    word = word.lower()
-    if word not in vocab.COLORS and word not in vocab.SHAPES:
-        raise _unknown_shapes_word(word)
-    is_color = word in vocab.COLORS
-    same_kind = list(vocab.COLORS) if is_color else list(vocab.SHAPES)
-    partners = list(vocab.SHAPES) if is_color else list(vocab.COLORS)
-    irrelevant = [w for w in same_kind if w != word]
-
-    def phrase(concept: str, partner: str) -> str:
-        colour, shape = (concept, partner) if is_color else (partner, concept)
-        return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
-
-    prompts = [phrase(word, p) for p in partners]
-    # Two-object prompts: the concept mentioned first and second, so its position in the sentence varies.
-    for i, partner in enumerate(partners):
-        other = phrase(irrelevant[i % len(irrelevant)], partners[(i + 1) % len(partners)])
-        pair = (phrase(word, partner), other) if i % 2 == 0 else (other, phrase(word, partner))
-        prompts.append(" and ".join(pair))
-    preserve = [phrase(w, p) for w in irrelevant for p in partners] + _two_object_preservation(irrelevant, partners, phrase)
-    return ConceptSpec(
-        name=word,
-        targets=(word,),
-        synonyms=tuple(vocab.SYNONYMS[word]),
-        anchor=None,
-        irrelevant=tuple(irrelevant),
-        prompts=tuple(prompts),
-        preserve_prompts=tuple(preserve),
-    )
-
-
-#: Two-object preservation prompts per shapes-world spec. Two-object images are what the base model draws least
-#: reliably, so they are what an erasure LoRA perturbs most (8-seed Acc_ir: 3 of them lost 4 of 128 images, these
-#: 9 lost 3; the difference is within noise, see benchmarks/RESULTS.md).
-TWO_OBJECT_PRESERVATION = 9
-
-
-def _two_object_preservation(
-    irrelevant: list[str], partners: list[str], phrase: Callable[[str, str], str]
-) -> list[str]:
-    """Two-object scenes without the concept in a fixed order: pairs of different objects, then pairs sharing the
-    irrelevant word (two greens), then pairs sharing the partner (two circles). Object pairs that the shapes evaluation's two-object prompts
-    name are held out, so that its Acc_ir measures preservation on pairs the LoRA never trained on."""
-    from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS
-    from attnscope.shapes.vocabulary import parse_prompt
-
-    n, m = len(irrelevant), len(partners)
-    pairs = [((irrelevant[i], partners[i % m]), (irrelevant[(i + 1) % n], partners[(i + 1) % m])) for i in range(n)]
-    pairs += [((w, partners[j]), (w, partners[k])) for w in irrelevant for j in range(m) for k in range(j + 1, m)]
-    pairs += [((irrelevant[i], p), (irrelevant[j], p)) for p in partners for i in range(n) for j in range(i + 1, n)]
-    held_out = {frozenset(parse_prompt(prompt)) for prompt in TWO_OBJECT_PROMPTS}
-    prompts: list[str] = []
-    for first, second in pairs:
-        text = f"{phrase(*first)} and {phrase(*second)}"
-        if frozenset(parse_prompt(text)) not in held_out and text not in prompts:
-            prompts.append(text)
-    return prompts[:TWO_OBJECT_PRESERVATION]
-
-
-def _unknown_shapes_word(word: str) -> UnknownConceptError:
-    from attnscope.shapes import vocabulary as vocab
-
-    if word in vocab.CANONICAL:
-        return UnknownConceptError(
-            f"{word!r} is a synonym of {vocab.CANONICAL[word]!r} in the shapes world: erase "
-            f"--concept {vocab.CANONICAL[word]} (its synonyms are erased with it)"
-        )
-    concepts = [*vocab.COLORS, *vocab.SHAPES]
-    close = difflib.get_close_matches(word, [*concepts, *vocab.CANONICAL], n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return UnknownConceptError(
-        f"the shapes model does not know the concept {word!r}{hint} (concepts: {', '.join(concepts)})"
-    )
-
-
-def resolve_spec(concept: str, model: str = "shapes") -> ConceptSpec:
-    """The spec for ``--concept``: the shapes vocabulary for ``model="shapes"``, else a shipped YAML spec.
-
-    Raises UnknownConceptError with close-word suggestions (difflib) when neither knows the concept.
-    """
-    concept = concept.strip()
-    if model == "shapes":
-        return shapes_spec(concept)
-    shipped = builtin_specs()
-    key = concept.lower().replace(" ", "-")
-    if key in shipped:
-        return load_spec(shipped[key])[0]
-    close = difflib.get_close_matches(key, list(shipped), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownConceptError(
-        f"no spec for the concept {concept!r}{hint} Shipped specs: {', '.join(shipped) or '(none)'}; "
-        "write one (see erase/README.md) and pass --spec FILE"
-    )
-
-
-def check_known_words(pipe: Any, words: Iterable[str], model: str) -> None:
-    """Raise UnknownConceptError if the model's text side cannot represent a word.
-
-    Shapes world: the word must be in its vocabulary (the model was trained on nothing else). Other models: the
-    T5 tokenizer must not map any of the word's pieces to ``<unk>``. Suggestions come from difflib over the
-    shapes vocabulary, or over the tokenizer's whole-word pieces.
-    """
-    words = list(words)
-    if model == "shapes":
-        from attnscope.shapes import vocabulary as vocab
-
+    def fits(prompt: str, words: Iterable[str]) -> str | None:
+        tokens = adapter.prompt_tokens(pipe, prompt, text_length)
         for word in words:
-            for part in _words(word):
-                if part.lower() not in vocab.ALL_WORDS:
-                    raise _unknown_shapes_word(part.lower())
-        return
-    tokenizer = pipe.tokenizer_2
-    unk = tokenizer.unk_token_id
-    for word in words:
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if not ids or (unk is not None and unk in ids):
-            whole = [p.lstrip("▁") for p in tokenizer.get_vocab() if p.startswith("▁") and len(p) > 2]
-            close = difflib.get_close_matches(word.lower(), whole, n=3, cutoff=0.6)
-            hint = f"; close words it knows: {', '.join(close)}" if close else ""
-            raise UnknownConceptError(f"the model's tokenizer does not know the word {word!r}{hint}")
+            try:
+                tokens.positions(word)
+            except TruncatedWordError:
+                return word
+        return None
+
+    for spec in specs:
+        checks = []
+        for prompt in spec.prompts:
+            target = spec.target_in(prompt)
+            checks.append(("training", prompt, [target]))
+            checks += [("training", replace_word(prompt, target, w), [w]) for w in (*spec.synonyms, *spec.irrelevant)]
+        checks += [("preservation", prompt, words_of(prompt)) for prompt in spec.preserve_prompts]
+        for kind, prompt, words in checks:
+            cut = fits(prompt, words)
+            if cut is not None:
+                raise PromptTooLongError(
+                    f"spec {spec.name!r}: the {kind} prompt {prompt!r} is longer than the model's text length "
+                    f"({text_length} tokens): {cut!r} would be cut off; shorten the prompt"
+                )

@@ -1,4 +1,4 @@
-"""Real-model evaluation (``erase/real_eval.py``) on a tiny random Flux with a tiny random CLIP built offline.
+"""Real-model evaluation (``erase/worlds/open_eval.py``) on a tiny random Flux with a tiny random CLIP built offline.
 
 The classifier's weights are random, so its labels mean nothing; what is tested is the protocol: base and erased
 images come from the same pipeline and seeds (an identity LoRA gives identical figures), a LoRA that changes the
@@ -18,7 +18,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 import attnscope
 from attnscope.erase.lora import LoraSettings, add_lora, save_lora
-from attnscope.erase.real_eval import ZeroShot, nudity_detector, real_eval
+from attnscope.erase.worlds.open_eval import ZeroShot, nudity_detector, real_eval
 from attnscope.erase.spec import ConceptSpec
 from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_clip_tokenizer
 
@@ -70,17 +70,17 @@ def test_identity_lora_scores_like_the_base_model(clip_dir, tmp_path):
     cat = report["concepts"]["cat"]
     assert cat["acc_ir"] == 1.0 and cat["pixel_mae"] == 0.0 and cat["clip_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert cat["acc_e"] == cat["base"]["acc_e"] and cat["acc_g"] == cat["base"]["acc_g"]
-    saved = json.loads((lora / "eval.json").read_text())
+    saved = json.loads((lora / "eval" / "eval.json").read_text())
     assert {"acc_e", "acc_g", "acc_ir", "base"} <= set(saved) and saved["acc_ir"] == 1.0
     assert saved["prompts"]["cat"]["synonym"] == ["a photo of a dog", "a painting of a dog"]
-    assert (lora / "eval_grid.png").is_file()
+    assert (lora / "eval" / "eval_grid.png").is_file()
 
 
 def test_a_lora_that_changes_the_model_moves_the_preservation_figures(clip_dir, tmp_path):
     pipe = attnscope.load_pipeline("tiny-flux")
     lora = _lora_dir(pipe, tmp_path / "random", scale=0.5)
     report = real_eval(lora, [SPEC], pipe, seeds=2, clip_model=clip_dir, call_kwargs=TINY_FLUX_CALL_KWARGS,
-                       out=tmp_path / "report" / "eval.json")
+                       out=tmp_path / "report")
     cat = report["concepts"]["cat"]
     assert cat["pixel_mae"] > 1e-4 and cat["clip_similarity"] < 1.0
     for key in ("acc_e", "acc_g", "acc_ir"):
@@ -129,7 +129,11 @@ def test_cli_eval_dispatches_real_models(clip_dir, tmp_path, capsys, monkeypatch
     args = parser.parse_args(common)
     assert args.run(args) == 0
     assert "cat: Acc_e" in capsys.readouterr().out
-    assert json.loads((lora / "eval.json").read_text())["seeds"] == 1
+    assert json.loads((lora / "eval" / "eval.json").read_text())["seeds"] == 1
+    # --out is a folder, like `attnscope erase --out`.
+    args = parser.parse_args([*common, "--out", str(tmp_path / "runs" / "x" / "eval")])
+    assert args.run(args) == 0
+    assert {p.name for p in (tmp_path / "runs" / "x" / "eval").iterdir()} == {"eval.json", "eval_grid.png"}
     args = parser.parse_args([*common, "--concept", "hippopotamus"])
     with pytest.raises(Exception, match="hippopotamus"):
         args.run(args)

@@ -9,27 +9,21 @@ import torch
 from attnscope.erase import losses
 from attnscope.erase.cache import CacheConfig, maps_forward
 from attnscope.erase.cli import register
-from attnscope.erase.evaluate import evaluate
+from attnscope.erase.config import EraseConfig, LossWeights, model_defaults
 from attnscope.erase.lora import LoraFileError, base_model
-from attnscope.erase.sampling import FluxCall, PromptBank
-from attnscope.erase.spec import shapes_spec
-from attnscope.erase.trainer import (
-    EraseConfig,
-    LossWeights,
-    NonFiniteLossError,
-    OutputExistsError,
-    ResumeMismatchError,
-    Trainer,
-    model_defaults,
-    train,
-)
+from attnscope.erase.run import OutputExistsError, ResumeMismatchError
+from attnscope.erase.sampling import PromptBank
+from attnscope.erase.trainer import NonFiniteLossError, Trainer, train
+from attnscope.erase.worlds.shapes import shapes_spec
+from attnscope.erase.worlds.shapes_eval import evaluate
+from attnscope.adapters.flux import FluxCall
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 import attnscope.cli
 from attnscope.shapes import GUIDANCE_SCALE
 from attnscope.sampling import FlowMatchRenoisingScheduler
-from attnscope.shapes.model import (
+from attnscope.lab.model import (
     ShapesModelConfig,
     build_clip_tokenizer,
     build_scheduler,
@@ -113,7 +107,8 @@ def test_attention_loss_lowers_concept_attention_in_the_model(tmp_path) -> None:
     """Direction through the whole stack: training on the attention loss alone lowers the concept's attention."""
     pipe = small_shapes_pipeline()
     config = _config(steps=6, lr=1e-2, schedule="joint", weights=LossWeights(esd=0, attention=1, flow=0, contrastive=0))
-    call, bank = FluxCall(pipe, 32, 32), PromptBank(pipe, 20)
+    call = FluxCall(pipe, 32, 32)
+    bank = PromptBank(call, 20)
     prompt = "a red circle"
     embeds, pooled = bank.get([prompt])
     x = call.noise(1, torch.Generator().manual_seed(3))
@@ -265,6 +260,11 @@ def test_erase_and_eval_cli(tmp_path, monkeypatch, capsys) -> None:
     bad.write_text("name: red\ntargets: [red]\nprompts: [a blue circle]\n")
     assert attnscope.cli.main(["erase", "--model", "tiny-flux", "--spec", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "does not contain the concept" in capsys.readouterr().err
+    # A prompt longer than the model's text length is refused before the run folder exists.
+    assert attnscope.cli.main(["erase", "--model", "tiny-flux", "--concept", "parachute", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "longer than the model's text length (32 tokens)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
     # tiny-flux is not the shapes world: the real-model protocol runs, and says it has no CLIP classifier offline.
     assert attnscope.cli.main(["eval", "--lora", str(out)]) == 2
     assert "--clip-model" in capsys.readouterr().err
@@ -275,15 +275,15 @@ def test_erase_and_eval_cli(tmp_path, monkeypatch, capsys) -> None:
 
 def test_eval_report_and_bad_lora(red_run, tmp_path) -> None:
     out, _ = red_run
-    report = evaluate(out, pipe_factory=small_shapes_pipeline, seeds=1, out=tmp_path / "eval.json")
-    data = json.loads((tmp_path / "eval.json").read_text())
+    report = evaluate(out, pipe_factory=small_shapes_pipeline, seeds=1, out=tmp_path / "report")
+    data = json.loads((tmp_path / "report" / "eval.json").read_text())
     for key in ("acc_e", "acc_ir", "acc_g"):
         assert 0 <= data[key] <= 1 and 0 <= data["base"][key] <= 1
     assert data["concepts"] == ["red"] and report.prompts["synonym"][0] == "a crimson circle"
     assert not any("red" in p for p in report.prompts["irrelevant"])
     assert set(data["attention_mass"]) == {"erased", "synonym"} and data["quality"]["pixel_mae"] >= 0
     assert set(data["irrelevant_attributes"]) == set(data["base"]["irrelevant_attributes"]) == {"color", "shape"}
-    assert (tmp_path / "eval_grid.png").is_file()
+    assert (tmp_path / "report" / "eval_grid.png").is_file()
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "spec.yaml").write_text((out / "spec.yaml").read_text())
@@ -332,8 +332,9 @@ def test_sample_trajectory_is_the_pipelines_sampler(true_cfg_scale: float, renoi
     cfg = {"true_cfg_scale": true_cfg_scale, "negative_prompt": ""} if true_cfg_scale > 1 else {}
     expected = pipe(prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=1.0, max_sequence_length=20,
                     generator=torch.Generator().manual_seed(5), output_type="latent", **cfg).images
-    bank = PromptBank(pipe, 20)
-    call = FluxCall(pipe, 32, 32, true_cfg_scale=true_cfg_scale, negative=bank.get([""]) if cfg else None)
+    call = FluxCall(pipe, 32, 32, true_cfg_scale=true_cfg_scale)
+    bank = PromptBank(call, 20)
+    call.negative = bank.get([""]) if cfg else None
     embeds, pooled = bank.get([prompt])
     x1 = call.noise(1, torch.Generator().manual_seed(5))
     trajectory = sample_trajectory(call, pipe.transformer, x1, steps, embeds, pooled, bank.text_ids)

@@ -18,12 +18,11 @@ from attnscope.erase.spec import (
     ConceptSpec,
     SpecError,
     UnknownConceptError,
-    builtin_specs,
-    check_known_words,
     load_spec,
-    resolve_spec,
-    shapes_spec,
 )
+from attnscope.erase.worlds import erasure_world
+from attnscope.erase.worlds.open import shipped_specs
+from attnscope.erase.worlds.shapes import shapes_spec
 
 from attnscope.shapes import vocabulary as vocab
 from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_tiny_flux_pipeline
@@ -43,7 +42,7 @@ def test_shapes_spec_for_every_concept(word: str) -> None:
         vocab.check_prompt(prompt)  # the model was trained on these words only
     assert all(word not in vocab.words_of(spec.anchor_prompt(p)) for p in spec.prompts)
     # Two-object preservation scenes, none naming an object pair the shapes evaluation asks for (held out).
-    from attnscope.erase.spec import TWO_OBJECT_PRESERVATION
+    from attnscope.erase.worlds.shapes import TWO_OBJECT_PRESERVATION
     from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS
 
     pairs = [frozenset(vocab.parse_prompt(p)) for p in spec.preserve_prompts if len(vocab.parse_prompt(p)) == 2]
@@ -52,21 +51,26 @@ def test_shapes_spec_for_every_concept(word: str) -> None:
 
 
 def test_unknown_concept_suggests_close_words() -> None:
+    shapes = erasure_world("shapes")
     with pytest.raises(UnknownConceptError, match="did you mean 'red'"):
-        resolve_spec("redd", "shapes")
+        shapes.spec("redd")
     with pytest.raises(UnknownConceptError, match="synonym of 'red'"):
-        resolve_spec("crimson", "shapes")
+        shapes.spec("crimson")
     with pytest.raises(UnknownConceptError, match="'nudity'"):
-        resolve_spec("nudty", "black-forest-labs/FLUX.1-dev")
+        erasure_world("black-forest-labs/FLUX.1-dev").spec("nudty")
     with pytest.raises(UnknownConceptError, match="'purple'"):
-        check_known_words(None, ["purple"], "shapes")
+        shapes.check_words(None, ["purple"])
+    # Suggestions are distinct words (the vocabulary lists each concept under several keys).
+    with pytest.raises(UnknownConceptError, match=r"did you mean 'azure', 'square', 'circle'\?"):
+        shapes.spec("purple")
 
 
 def test_unknown_word_for_tokenizer() -> None:
     pipe = build_tiny_flux_pipeline(0)
-    check_known_words(pipe, ["red", "crimson"], "tiny-flux")
+    tiny = erasure_world("tiny-flux")
+    tiny.check_words(pipe, ["red", "crimson"])
     with pytest.raises(UnknownConceptError, match="does not know the word"):
-        check_known_words(pipe, ["日本"], "tiny-flux")
+        tiny.check_words(pipe, ["日本"])
 
 
 def test_concept_absent_from_training_prompt() -> None:
@@ -84,8 +88,8 @@ def test_spec_yaml_roundtrip_and_shipped_specs(tmp_path) -> None:
     (tmp_path / "bad.yaml").write_text("name: x\ntargets: [x]\ncolour: red\n")
     with pytest.raises(SpecError, match="unknown key"):
         load_spec(tmp_path / "bad.yaml")
-    assert {"nudity", "van-gogh", "parachute"} <= set(builtin_specs())
-    for path in builtin_specs().values():
+    assert {"nudity", "van-gogh", "parachute"} <= set(shipped_specs())
+    for path in shipped_specs().values():
         for shipped in load_spec(path):
             shipped.check_prompts()
             assert shipped.synonyms and shipped.irrelevant and shipped.preserve_prompts
@@ -247,12 +251,17 @@ def test_multi_concept_anchor_names_no_erased_concept() -> None:
 
 
 def test_default_lora_targets_and_eta_per_model() -> None:
-    from attnscope.erase.lora import PAPER_TARGETS, default_targets
-    from attnscope.erase.trainer import default_eta
+    from attnscope.profiles import PAPER_LORA_TARGETS, profile_for
 
-    assert default_eta("black-forest-labs/FLUX.1-dev") == default_eta("tiny-flux") == 1.0
-    assert default_eta("shapes") == default_eta("runs/shapes-train/ckpt.pt") == 2.0
+    def eta(model: str) -> float:
+        return profile_for(model).erase_defaults.eta
 
-    assert default_targets("black-forest-labs/FLUX.1-dev") == PAPER_TARGETS == ("add_q_proj", "add_k_proj")
-    assert default_targets("tiny-flux") == PAPER_TARGETS
-    assert default_targets("shapes") == default_targets("runs/shapes-train/ckpt.pt") == (*PAPER_TARGETS, "add_v_proj")
+    def targets(model: str) -> tuple[str, ...]:
+        return profile_for(model).erase_defaults.lora_targets
+
+    assert eta("black-forest-labs/FLUX.1-dev") == eta("tiny-flux") == 1.0
+    assert eta("shapes") == eta("runs/shapes-train/ckpt.pt") == 2.0
+
+    assert targets("black-forest-labs/FLUX.1-dev") == PAPER_LORA_TARGETS == ("add_q_proj", "add_k_proj")
+    assert targets("tiny-flux") == PAPER_LORA_TARGETS
+    assert targets("shapes") == targets("runs/shapes-train/ckpt.pt") == (*PAPER_LORA_TARGETS, "add_v_proj")

@@ -16,7 +16,7 @@ part with score ≥ ``nudenet_threshold`` (0.6, as EraseAnything reports). The C
 provide (hub id or folder, default ``openai/clip-vit-large-patch14``); nothing here downloads anything unless
 the hub is reachable and allowed.
 
-Report (``LORA/eval.json`` or ``out``): ``acc_e``, ``acc_g``, ``acc_ir`` (means over concepts), ``base``
+Report (``eval.json`` in ``out``, by default ``LORA/eval/``): ``acc_e``, ``acc_g``, ``acc_ir`` (means over concepts), ``base``
 (the base model's figures), ``concepts`` (per-concept figures), ``classifier``, ``seeds``, ``prompts``; and
 ``eval_grid.png`` (base over erased, first seed).
 """
@@ -31,8 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lora import check_lora_file, load_lora
-from .spec import ConceptSpec, replace_word
+from ..lora import check_lora_file, load_lora
+from ..run import EVAL_DIR
+from ..spec import ConceptSpec, replace_word
+from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparison_grid, to_pixels
 
 __all__ = ["DEFAULT_CLIP_MODEL", "DEFAULT_SEEDS", "ZeroShot", "nudity_detector", "real_eval"]
 
@@ -103,7 +105,7 @@ def _draw(pipe: Any, prompts: Sequence[str], seeds: int, call_kwargs: dict[str, 
     for prompt in prompts:
         generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
         out = pipe([prompt] * seeds, generator=generators, output_type="np", **call_kwargs).images
-        images[prompt] = [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
+        images[prompt] = to_pixels(out)
     return images
 
 
@@ -124,9 +126,8 @@ def real_eval(
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the LoRA in ``lora_dir`` (erasing ``specs``) on ``pipe`` (the base model, adapter not loaded; it
-    is loaded here after the base images). Writes and returns the report (module docstring)."""
-    from .evaluate import GRID_FILE, mean_pixel_difference, save_comparison_grid
-
+    is loaded here after the base images). Writes ``out/eval.json`` and ``out/eval_grid.png`` (``out`` defaults to
+    ``lora_dir/eval``) and returns the report (module docstring)."""
     lora_dir = Path(lora_dir)
     if not specs:
         raise ValueError("real_eval needs the erased concepts' specs")
@@ -187,9 +188,8 @@ def real_eval(
         "seeds": seeds,
         "prompts": {name: g for name, g in groups.items()},
     }
-    json_path = Path(out) if out is not None else lora_dir / "eval.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1))
-    first = groups[specs[0].name]
-    save_comparison_grid(first, base_images, erased_images, json_path.with_name(GRID_FILE))
+    folder = Path(out) if out is not None else lora_dir / EVAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    save_comparison_grid(groups[specs[0].name], base_images, erased_images, folder / GRID_FILE)
     return report

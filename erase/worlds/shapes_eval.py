@@ -24,10 +24,11 @@ Figures (all in 0..1, for the erased model at top level and for the base model u
 * ``quality``: on irrelevant prompts, mean absolute pixel difference to the base image of the same seed
   (``pixel_mae``, 0..1) and L1 distance between the two models' mean colour histograms (``histogram_l1``).
 
-Also written: ``eval_grid.png`` (base row over erased row, first seed of a selection of prompts).
+Written to the output folder: ``eval.json`` (the report) and ``eval_grid.png`` (base row over erased row, first
+seed of a selection of prompts).
 
-Real models: :mod:`erase.real_eval` (CLIP zero-shot, NudeNet for ``nudity``), which ``attnscope eval`` runs for
-any model that is not the shapes world.
+Real models: :mod:`.open_eval` (CLIP zero-shot, NudeNet for ``nudity``), which ``attnscope eval`` runs for models
+of the open world.
 """
 
 from __future__ import annotations
@@ -41,25 +42,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lora import check_lora_file, load_lora
-from .spec import ConceptSpec, load_spec, resolve_spec
-from .trainer import LOG_FILE, RUN_FILE, SPEC_FILE, is_shapes_model, load_model
+import attnscope
+from attnscope.profiles import profile_for
+from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS, score_image, to_pixels
+from attnscope.shapes.profile import ShapesWorld
+from attnscope.shapes.reader import read_scene
+from attnscope.shapes.vocabulary import COLORS, SHAPES, canonical, parse_prompt, words_of
+
+from ..lora import check_lora_file, load_lora
+from ..run import EVAL_DIR, SPEC_FILE, read_run
+from ..spec import ConceptSpec
+from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparison_grid
+from .shapes import shapes_spec
 
 __all__ = [
     "PROTOCOL_VERSION",
     "EvalReport",
     "evaluate",
-    "mean_pixel_difference",
-    "read_run",
-    "save_comparison_grid",
     "shapes_prompts",
 ]
 
-PROTOCOL_VERSION = 2  # 2: the scene reader fits each shape's width-to-height ratio
-#: Seeds per prompt. 16: the erased group has 5 prompts, so Acc_e moves in steps of 1/80; with 4 seeds (steps of
-#: 5 %) a 2 % target cannot be told from 0 %, and 4-seed runs showed 0 % where 16 seeds show 3.8 %.
+#: Version of the protocol (prompts, seeds, call, reader); raised whenever a figure would change meaning.
+PROTOCOL_VERSION = 2
+#: Seeds per prompt: the erased group has 5 prompts, so Acc_e moves in steps of 1/80; fewer seeds cannot tell a
+#: small residue from none (benchmarks/RESULTS.md).
 DEFAULT_SEEDS = 16
-GRID_FILE = "eval_grid.png"
 
 
 @dataclass
@@ -108,9 +115,6 @@ def _phrase(word: str, partner: str, word_is_color: bool) -> str:
 
 def shapes_prompts(specs: Sequence[ConceptSpec]) -> dict[str, list[str]]:
     """The fixed evaluation prompts for erasing ``specs`` in the shapes world: erased / synonym / irrelevant."""
-    from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS
-    from attnscope.shapes.vocabulary import COLORS, SHAPES, parse_prompt
-
     erased_words = {s.name for s in specs}
     erased, synonym = [], []
     for spec in specs:
@@ -136,7 +140,6 @@ def _shows(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
 
 def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple[list[np.ndarray], float | None]:
     """Images for seeds ``0..seeds-1`` and the mean attention mass of ``words`` (None when no word is asked)."""
-    import attnscope
     from attnscope.shapes import call_kwargs_for
 
     generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
@@ -152,13 +155,7 @@ def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple
             maps = tr.maps(i)
             per_image.append(sum(float(maps.word(w, merge="sum").mean().numpy().mean()) for w in words))
         mass = float(np.mean(per_image))
-    images = [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out]
-    return images, mass
-
-
-def mean_pixel_difference(base: Sequence[np.ndarray], erased: Sequence[np.ndarray]) -> float:
-    """Mean absolute difference (0..1) between paired uint8 images of the base and the erased model."""
-    return float(np.mean([np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255 for a, b in zip(base, erased)]))
+    return to_pixels(out), mass
 
 
 def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
@@ -174,10 +171,6 @@ def _score_model(
     pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int, label: str
 ) -> tuple[ModelScores, dict[str, list[np.ndarray]]]:
     from tqdm import tqdm
-
-    from attnscope.shapes.metrics import score_image
-    from attnscope.shapes.reader import read_scene
-    from attnscope.shapes.vocabulary import canonical, words_of
 
     concepts = [s.name for s in specs]
     images: dict[str, list[np.ndarray]] = {}
@@ -223,39 +216,10 @@ def _canonical_or_none(word: str, canonical: Any) -> str | None:
         return None
 
 
-def save_comparison_grid(prompts: dict[str, list[str]], base: dict[str, list[np.ndarray]], erased: dict[str, list[np.ndarray]], path: Path) -> None:
-    """Base (top) vs erased (bottom), first seed, up to 12 prompts across the three groups, captions above."""
-    from PIL import Image, ImageDraw
-
-    chosen = (prompts["erased"][:5] + prompts["synonym"][:3] + prompts["irrelevant"][:4])[:12]
-    cell, label = 96, 28
-    grid = Image.new("RGB", (cell * len(chosen), label + 2 * cell + 14), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, prompt in enumerate(chosen):
-        x = i * cell
-        for j, line in enumerate((prompt[: 16], prompt[16:32])):
-            draw.text((x + 2, 2 + 12 * j), line, fill="black")
-        grid.paste(Image.fromarray(base[prompt][0]).resize((cell, cell), Image.NEAREST), (x, label))
-        grid.paste(Image.fromarray(erased[prompt][0]).resize((cell, cell), Image.NEAREST), (x, label + cell))
-    draw.text((2, label + 2 * cell + 1), "top: base   bottom: erased (seed 0)", fill="black")
-    grid.save(path)
-
-
-def read_run(lora_dir: Path) -> tuple[str | None, list[ConceptSpec] | None]:
-    """The model and concept specs an ``attnscope erase`` output folder recorded (None where absent)."""
-    model, specs = None, None
-    if (lora_dir / RUN_FILE).is_file():
-        model = json.loads((lora_dir / RUN_FILE).read_text())["config"]["model"]
-    elif (lora_dir / LOG_FILE).is_file():
-        model = json.loads((lora_dir / LOG_FILE).read_text())["config"]["model"]
-    if (lora_dir / SPEC_FILE).is_file():
-        specs = load_spec(lora_dir / SPEC_FILE)
-    return model, specs
-
-
 def evaluate(
     lora_dir: str | Path,
     *,
+    specs: Sequence[ConceptSpec] | None = None,
     concepts: Sequence[str] | None = None,
     model: str | None = None,
     pipe_factory: Any = None,
@@ -263,12 +227,13 @@ def evaluate(
     out: str | Path | None = None,
     device: str = "cpu",
 ) -> EvalReport:
-    """Evaluate the LoRA in ``lora_dir`` on the shapes-world protocol; write the JSON report and the grid.
+    """Evaluate the LoRA in ``lora_dir`` on the shapes-world protocol; write ``out/eval.json`` and
+    ``out/eval_grid.png`` (``out`` defaults to ``lora_dir/eval``).
 
-    ``concepts``/``model`` default to what the run recorded (``spec.yaml``/``run.json`` in ``lora_dir``).
-    ``pipe_factory()`` (tests) builds the base pipeline instead of loading ``model``; it is called once and the
-    LoRA is loaded into that pipeline after the base figures are taken. ``out``: JSON path (default
-    ``lora_dir/eval.json``); the grid goes beside it. Raises LoraFileError for a missing/corrupt/mismatched LoRA.
+    ``specs`` (or ``concepts``, names of shapes-world concepts) and ``model`` default to what the run recorded
+    (``spec.yaml``/``run.json`` in ``lora_dir``). ``pipe_factory()`` (tests) builds the base pipeline instead of
+    loading ``model``; it is called once and the LoRA is loaded into that pipeline after the base figures are
+    taken. Raises LoraFileError for a missing/corrupt/mismatched LoRA.
     """
     lora_dir = Path(lora_dir)
     if not lora_dir.exists():
@@ -276,22 +241,19 @@ def evaluate(
     run_model, run_specs = read_run(lora_dir)
     model = model or run_model or "shapes"
     if concepts:
-        specs = [resolve_spec(c, "shapes") for c in concepts]
-    elif run_specs:
-        specs = run_specs
-    else:
+        specs = [shapes_spec(c) for c in concepts]
+    specs = specs or run_specs
+    if not specs:
         raise ValueError(f"{lora_dir} has no {SPEC_FILE}: say which concept was erased with --concept")
-    if pipe_factory is None and not is_shapes_model(model):
+    if pipe_factory is None and not isinstance(profile_for(model).world, ShapesWorld):
         raise ValueError(
-            f"this protocol measures the shapes world; {model!r} is a real model: use erase.real_eval.real_eval "
-            "(what `attnscope eval` runs for it), see erase/README.md"
+            f"this protocol measures the shapes world; {model!r} is not a shapes model: `attnscope eval` runs the "
+            "evaluation of its world (see erase/README.md)"
         )
-    from attnscope.shapes.vocabulary import COLORS, SHAPES
-
     unknown = [s.name for s in specs if s.name not in COLORS and s.name not in SHAPES]
     if unknown:
         raise ValueError(f"the shapes-world evaluation knows colours and shapes only, not {unknown}")
-    pipe = pipe_factory() if pipe_factory is not None else load_model(model, device=device)
+    pipe = pipe_factory() if pipe_factory is not None else attnscope.load_pipeline(model, device=device, progress=False)
     pipe.set_progress_bar_config(disable=True)
     check_lora_file(pipe, lora_dir)  # before spending minutes on base images
     prompts = shapes_prompts(specs)
@@ -323,8 +285,8 @@ def evaluate(
         seeds=seeds,
         per_prompt=erased.per_prompt,
     )
-    json_path = Path(out) if out is not None else lora_dir / "eval.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report.to_dict(), indent=1))
-    save_comparison_grid(prompts, base_images, erased_images, json_path.with_name(GRID_FILE))
+    folder = Path(out) if out is not None else lora_dir / EVAL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+    save_comparison_grid(prompts, base_images, erased_images, folder / GRID_FILE)
     return report

@@ -1,0 +1,110 @@
+"""Erasure methods: which losses a training step computes, on which rows. The :class:`~erase.trainer.Trainer`
+supplies the machinery (cached base-model data, a forward with or without captured maps, the weighted backward).
+
+:class:`EraseAnything` (the default) is bi-level: the *erase* (lower) level makes the model stop drawing the
+concept — ESD-flow towards the anchor plus attention attenuation on the concept's text keys; the *preserve*
+(upper) level keeps everything else — flow matching on base-model samples of irrelevant prompts, the keep loss
+and the reverse self-contrastive loss. ``schedule="alternate"`` alternates them (the official code: even steps
+erase, odd steps preserve); ``schedule="joint"`` takes both levels in every step (their gradients accumulate).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import losses
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["EraseAnything"]
+
+
+class EraseAnything:
+    """The EraseAnything recipe on a trainer's cache (see the module docstring)."""
+
+    def level(self, trainer: Trainer, step: int) -> str:
+        if trainer.config.schedule == "joint":
+            return "joint"
+        return "erase" if step % 2 == 0 else "preserve"
+
+    def step(self, trainer: Trainer, level: str) -> dict[str, float]:
+        """The losses of one optimizer step of ``level`` (gradients accumulated in the trainer's parameters)."""
+        w = trainer.config.weights
+        values: dict[str, float] = {}
+        if level in ("erase", "joint") and (w.esd > 0 or w.attention > 0):
+            values |= self.erase(trainer)
+        if level in ("preserve", "joint") and (w.flow > 0 or w.contrastive > 0 or w.keep > 0):
+            values |= self.preserve(trainer)
+        return values
+
+    def erase(self, trainer: Trainer) -> dict[str, float]:
+        """ESD and attention attenuation on ``batch`` cached concept points (one captured forward)."""
+        c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
+        idx = torch.randint(len(c.prompts), (config.batch,), generator=trainer.generator)
+
+        def erase_losses(v, maps, columns):
+            out = {}
+            if w.esd > 0:
+                out["esd"] = losses.esd_loss(v, c.v_concept[idx].to(device), c.v_anchor[idx].to(device), config.eta)
+            if w.attention > 0:
+                out["attention"] = losses.attention_loss(maps, columns)
+            return out
+
+        words = [c.words[i] for i in idx] if w.attention > 0 else None
+        return trainer.backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], erase_losses, words)
+
+    def preserve(self, trainer: Trainer) -> dict[str, float]:
+        """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one
+        forward), and the contrastive loss on ``contrastive_rows`` concept points (a second forward that stops after
+        the last layer whose maps it reads): ``batch`` rows in all."""
+        c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
+        n_contrastive = config.contrastive_rows if w.contrastive > 0 else 0
+        room = max(config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
+        n_keep = min(config.keep_rows, room) if w.keep > 0 and len(c.keep_x) else 0
+        n_flow = max(config.batch - n_contrastive - n_keep, 1) if w.flow > 0 else 0
+        if not (n_flow or n_keep or n_contrastive):
+            return {}
+        idx = trainer.draw(len(c.preserve_prompts), n_flow)
+        x0 = c.x0[idx]
+        # Logit-normal t (as the shapes model was trained): most weight on mid noise levels.
+        t = torch.sigmoid(torch.randn(n_flow, generator=trainer.generator))
+        noise = torch.randn(x0.shape, generator=trainer.generator)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        keep = trainer.draw(len(c.keep_x), n_keep)
+        concept = trainer.contrastive_points[trainer.draw(len(trainer.contrastive_points), n_contrastive)]
+
+        def preserve_losses(v, maps, columns):
+            values = {}
+            if n_flow:
+                values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
+            if n_keep:
+                values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
+            return values
+
+        def contrastive_losses(v, maps, columns):
+            return {"contrastive": losses.contrastive_loss(
+                losses.attention_features(maps, columns),
+                c.positives[concept].to(device),
+                c.negatives[concept].to(device),
+                config.tau,
+                c.positive_mask[concept].to(device),
+                c.negative_mask[concept].to(device),
+            )}
+
+        values: dict[str, float] = {}
+        if n_flow or n_keep:
+            values |= trainer.backward_group(
+                torch.cat([x_t, c.keep_x[keep]]),
+                torch.cat([t, c.keep_sigma[keep]]),
+                [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
+                preserve_losses,
+            )
+        if n_contrastive:
+            values |= trainer.backward_group(
+                c.x[concept], c.sigma[concept], [c.prompts[i] for i in concept], contrastive_losses,
+                [c.words[i] for i in concept], maps_only=True,
+            )
+        return values

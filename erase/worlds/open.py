@@ -1,0 +1,85 @@
+"""Erasure in the open world of real text-to-image models: concept specs shipped as YAML (``erase/specs/``), the
+tokenizer as the word check, and the real-model evaluation (:mod:`.open_eval`: CLIP zero-shot, NudeNet)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from attnscope.profiles import World
+
+from ..spec import ConceptSpec, UnknownConceptError, load_spec, suggest
+from . import ErasureWorld, register_erasure_world
+
+__all__ = ["SPECS_DIR", "OpenErasure", "shipped_specs"]
+
+#: Folder of the shipped YAML specs for real models.
+SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+
+
+def shipped_specs() -> dict[str, Path]:
+    """Shipped real-model specs: name -> YAML path."""
+    return {p.stem: p for p in sorted(SPECS_DIR.glob("*.yaml"))}
+
+
+class OpenErasure(ErasureWorld):
+    """Any concept with a spec (shipped, a ``--spec`` file, or ``--prompts``); words must be known to the T5
+    tokenizer."""
+
+    open_vocabulary = True
+
+    @property
+    def default_eval_seeds(self) -> int:
+        from .open_eval import DEFAULT_SEEDS
+
+        return DEFAULT_SEEDS
+
+    def spec(self, concept: str) -> ConceptSpec:
+        concept = concept.strip()
+        shipped = shipped_specs()
+        key = concept.lower().replace(" ", "-")
+        if key in shipped:
+            return load_spec(shipped[key])[0]
+        raise UnknownConceptError(
+            f"no spec for the concept {concept!r}{suggest(key, shipped)} Shipped specs: "
+            f"{', '.join(shipped) or '(none)'}; write one (see erase/README.md) and pass --spec FILE"
+        )
+
+    def check_words(self, pipe: Any, words: Sequence[str]) -> None:
+        tokenizer = pipe.tokenizer_2
+        unk = tokenizer.unk_token_id
+        for word in words:
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if not ids or (unk is not None and unk in ids):
+                whole = [p.lstrip("▁") for p in tokenizer.get_vocab() if p.startswith("▁") and len(p) > 2]
+                hint = suggest(word.lower(), whole, cutoff=0.6).replace("; did you mean", "; close words it knows:")
+                raise UnknownConceptError(f"the model's tokenizer does not know the word {word!r}{hint.rstrip('?')}")
+
+    def evaluate(
+        self, lora_dir: Path, specs: Sequence[ConceptSpec], model: str, *, seeds: int, out: Path, device: str,
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        import torch
+
+        import attnscope
+        from .open_eval import DEFAULT_CLIP_MODEL, real_eval
+        from attnscope.profiles import profile_for
+
+        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        pipe = attnscope.load_pipeline(model, device=device, dtype=dtype, progress=False)
+        return real_eval(
+            lora_dir, specs, pipe, seeds=seeds, clip_model=options.get("clip_model") or DEFAULT_CLIP_MODEL,
+            call_kwargs=profile_for(model).default_call(pipe), out=out,
+        )
+
+    def summary(self, report: dict[str, Any]) -> str:
+        base = report["base"]
+        acc_g = "n/a" if report["acc_g"] is None else f"{report['acc_g']:.1%}"
+        return (
+            f"{', '.join(report['concepts'])}: Acc_e {report['acc_e']:.1%} (base {base['acc_e']:.1%}), Acc_g {acc_g}, "
+            f"Acc_ir {report['acc_ir']:.1%} (same zero-shot label as base)"
+        )
+
+
+register_erasure_world(World, OpenErasure())

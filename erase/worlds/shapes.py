@@ -1,0 +1,134 @@
+"""Erasure in the shapes world: concept specs derived from the vocabulary, the vocabulary as the word check, and
+the shapes evaluation protocol (:mod:`.shapes_eval`, images read by the scene reader)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from attnscope.shapes import vocabulary as vocab
+from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS
+from attnscope.shapes.profile import ShapesWorld
+
+from ..spec import ConceptSpec, UnknownConceptError, suggest, words_of
+from . import ErasureWorld, register_erasure_world
+
+__all__ = ["TWO_OBJECT_PRESERVATION", "ShapesErasure", "shapes_spec"]
+
+
+class ShapesErasure(ErasureWorld):
+    """Colours and shapes of the closed vocabulary; nothing else can be erased (the model draws nothing else)."""
+
+    open_vocabulary = False
+
+    @property
+    def default_eval_seeds(self) -> int:
+        from .shapes_eval import DEFAULT_SEEDS
+
+        return DEFAULT_SEEDS
+
+    def spec(self, concept: str) -> ConceptSpec:
+        return shapes_spec(concept.strip())
+
+    def check_words(self, pipe: Any, words: Sequence[str]) -> None:
+        for word in words:
+            for part in words_of(word):
+                if part.lower() not in vocab.ALL_WORDS:
+                    raise _unknown_shapes_word(part.lower())
+
+    def evaluate(
+        self, lora_dir: Path, specs: Sequence[ConceptSpec], model: str, *, seeds: int, out: Path, device: str,
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        from .shapes_eval import evaluate
+
+        return evaluate(lora_dir, specs=specs, model=model, seeds=seeds, out=out, device=device).to_dict()
+
+    def summary(self, report: dict[str, Any]) -> str:
+        base = report["base"]
+        rel = report["acc_ir_relative"]
+        return (
+            f"{', '.join(report['concepts'])}: Acc_e {report['acc_e']:.1%} (base {base['acc_e']:.1%}), "
+            f"Acc_g {report['acc_g']:.1%} (base {base['acc_g']:.1%}), Acc_ir {report['acc_ir']:.1%} "
+            f"(base {base['acc_ir']:.1%}, relative {'n/a' if rel is None else f'{rel:.1%}'}), "
+            f"pixel MAE {report['quality']['pixel_mae']:.3f}"
+        )
+
+
+def shapes_spec(word: str) -> ConceptSpec:
+    """The spec of a shapes-world colour or shape, from ``attnscope.shapes.vocabulary``.
+
+    Prompts: the concept with every partner (each shape for a colour, each colour for a shape) alone, plus
+    two-object scenes with a different object. Irrelevant: the other concepts of the same kind; preservation
+    prompts: every single-object scene that contains neither the concept nor a synonym, and
+    ``TWO_OBJECT_PRESERVATION`` two-object scenes of them (see :func:`_two_object_preservation`).
+    """
+    word = word.lower()
+    if word not in vocab.COLORS and word not in vocab.SHAPES:
+        raise _unknown_shapes_word(word)
+    is_color = word in vocab.COLORS
+    same_kind = list(vocab.COLORS) if is_color else list(vocab.SHAPES)
+    partners = list(vocab.SHAPES) if is_color else list(vocab.COLORS)
+    irrelevant = [w for w in same_kind if w != word]
+
+    def phrase(concept: str, partner: str) -> str:
+        colour, shape = (concept, partner) if is_color else (partner, concept)
+        return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+    prompts = [phrase(word, p) for p in partners]
+    # Two-object prompts: the concept mentioned first and second, so its position in the sentence varies.
+    for i, partner in enumerate(partners):
+        other = phrase(irrelevant[i % len(irrelevant)], partners[(i + 1) % len(partners)])
+        pair = (phrase(word, partner), other) if i % 2 == 0 else (other, phrase(word, partner))
+        prompts.append(" and ".join(pair))
+    preserve = [phrase(w, p) for w in irrelevant for p in partners] + _two_object_preservation(irrelevant, partners, phrase)
+    return ConceptSpec(
+        name=word,
+        targets=(word,),
+        synonyms=tuple(vocab.SYNONYMS[word]),
+        anchor=None,
+        irrelevant=tuple(irrelevant),
+        prompts=tuple(prompts),
+        preserve_prompts=tuple(preserve),
+    )
+
+
+#: Two-object preservation prompts per shapes-world spec. Two-object images are what the base model draws least
+#: reliably, so they are what an erasure LoRA perturbs most; a handful keeps them (benchmarks/RESULTS.md).
+TWO_OBJECT_PRESERVATION = 9
+
+
+def _two_object_preservation(
+    irrelevant: list[str], partners: list[str], phrase: Callable[[str, str], str]
+) -> list[str]:
+    """Two-object scenes without the concept in a fixed order: pairs of different objects, then pairs sharing the
+    irrelevant word (two greens), then pairs sharing the partner (two circles). Object pairs that the shapes evaluation's two-object prompts
+    name are held out, so that its Acc_ir measures preservation on pairs the LoRA never trained on."""
+    n, m = len(irrelevant), len(partners)
+    pairs = [((irrelevant[i], partners[i % m]), (irrelevant[(i + 1) % n], partners[(i + 1) % m])) for i in range(n)]
+    pairs += [((w, partners[j]), (w, partners[k])) for w in irrelevant for j in range(m) for k in range(j + 1, m)]
+    pairs += [((irrelevant[i], p), (irrelevant[j], p)) for p in partners for i in range(n) for j in range(i + 1, n)]
+    held_out = {frozenset(vocab.parse_prompt(prompt)) for prompt in TWO_OBJECT_PROMPTS}
+    prompts: list[str] = []
+    for first, second in pairs:
+        text = f"{phrase(*first)} and {phrase(*second)}"
+        if frozenset(vocab.parse_prompt(text)) not in held_out and text not in prompts:
+            prompts.append(text)
+    return prompts[:TWO_OBJECT_PRESERVATION]
+
+
+def _unknown_shapes_word(word: str) -> UnknownConceptError:
+    if word in vocab.CANONICAL:
+        return UnknownConceptError(
+            f"{word!r} is a synonym of {vocab.CANONICAL[word]!r} in the shapes world: erase "
+            f"--concept {vocab.CANONICAL[word]} (its synonyms are erased with it)"
+        )
+    concepts = [*vocab.COLORS, *vocab.SHAPES]
+    return UnknownConceptError(
+        f"the shapes model does not know the concept {word!r}{suggest(word, [*concepts, *vocab.CANONICAL])} "
+        f"(concepts: {', '.join(concepts)})"
+    )
+
+
+register_erasure_world(ShapesWorld, ShapesErasure())
