@@ -12,7 +12,7 @@ Pure pixel statistics, no learned weights, so it judges generated images by the 
    between two prototypes that fit neither. How far the object is from the renderer's proportions is kept
    (``aspect``) so that metrics can also count only true-to-form shapes.
 
-Accuracy on rendered scenes is tested in ``tests/test_shapes_reader.py`` and reported in the README.
+Accuracy on rendered scenes is tested in ``tests/shapes/test_shapes_world.py`` and reported in the README.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import torch
 from diffusers import FluxPipeline
 
 from attnscope.lab.cli import register
-from attnscope.lab.distill import GuidanceTeacher
 from attnscope.lab.export import export_checkpoint
 from attnscope.lab.model import MAX_SEQUENCE_LENGTH, ShapesModelConfig, build_t5_tokenizer, encode_text
 from attnscope.lab.train import TrainConfig, load_exported, load_teacher, train, train_command

@@ -22,8 +22,10 @@ from attnscope.lab.model import (
     build_clip_tokenizer,
     build_scheduler,
     build_t5_tokenizer,
+    build_text_encoders,
+    build_transformer,
+    grown_double_stream,
 )
-from attnscope.lab.model import build_text_encoders, build_transformer, grown_double_stream
 from attnscope.lab.train import TrainConfig, flow_loss, load_checkpoint_pipeline, load_exported, train, train_command
 from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for

@@ -35,7 +35,6 @@ from attnscope.shapes.render import render_scene
 from attnscope.shapes.vocabulary import parse_prompt
 
 
-
 @pytest.fixture
 def tiny_folder(tiny_shapes_folder) -> str:
     return tiny_shapes_folder

@@ -11,12 +11,11 @@ import torch
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 
-from attnscope.apps import cli, explorer  # noqa: E402
-from attnscope.apps.explorer import Limits, Request, RequestError, View  # noqa: E402
-
 import attnscope  # noqa: E402
 import attnscope.tiny  # noqa: E402
 from attnscope import viz  # noqa: E402
+from attnscope.apps import cli, explorer  # noqa: E402
+from attnscope.apps.explorer import Limits, Request, RequestError, View  # noqa: E402
 from attnscope.profiles import profile_for  # noqa: E402
 
 PROMPT = "a red circle and a blue square"
@@ -223,6 +222,7 @@ def test_compare_refuses_folders_without_a_fitting_lora(
 # -------------------------------------------------------------------------------------------- ui and cli
 def test_ui_turns_failures_into_visible_errors() -> None:
     import gradio as gr
+
     from attnscope.apps import ui
 
     @ui._user_errors

@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from attnscope.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from attnscope.adapters.flux import flux_tokens
 from attnscope.adapters.sd3 import sd3_tokens
+from attnscope.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from attnscope.tokens import (
     PAD_PIECE,
     EmptyPromptError,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+from attnscope.lab.model import assemble_pipeline
 from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import DEFAULT_CALL_KWARGS
-from attnscope.lab.model import assemble_pipeline
 
 FAST_CALL = DEFAULT_CALL_KWARGS | {"num_inference_steps": 4}
 

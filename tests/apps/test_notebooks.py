@@ -15,7 +15,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="the notebooks extra is not installed")
 nbclient = pytest.importorskip("nbclient", reason="the notebooks extra is not installed")
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 #: Each notebook should take under a minute on a CPU; the cap leaves room for a busy machine.
 TIMEOUT_S = 240
 

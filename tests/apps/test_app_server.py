@@ -20,15 +20,14 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 
-from attnscope.apps.explorer import open_model  # noqa: E402
-from attnscope.apps.ui import build_demo, launch  # noqa: E402
-
 import attnscope  # noqa: E402
 from attnscope import viz  # noqa: E402
+from attnscope.apps.explorer import open_model  # noqa: E402
+from attnscope.apps.ui import build_demo, launch  # noqa: E402
 from attnscope.profiles import profile_for  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 PROMPT = "a red circle and a blue square"
 SEED = 7
 TIMEOUT_MS = 30_000

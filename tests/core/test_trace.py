@@ -9,7 +9,12 @@ import torch
 import attnscope
 from attnscope.attention import text_probs_reference
 from attnscope.capture import CaptureSite
-from attnscope.tiny import TINY_FLUX_CALL_KWARGS, TINY_SD3_CALL_KWARGS, build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from attnscope.tiny import (
+    TINY_FLUX_CALL_KWARGS,
+    TINY_SD3_CALL_KWARGS,
+    build_tiny_flux_pipeline,
+    build_tiny_sd3_pipeline,
+)
 
 PROMPT = "a red circle and a crimson square"
 

@@ -18,8 +18,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 import attnscope
 from attnscope.erase.lora import LoraSettings, add_lora, save_lora
-from attnscope.erase.worlds.open_eval import ZeroShot, nudity_detector, real_eval
 from attnscope.erase.spec import ConceptSpec
+from attnscope.erase.worlds.open_eval import ZeroShot, nudity_detector, real_eval
 from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_clip_tokenizer
 
 SPEC = ConceptSpec(

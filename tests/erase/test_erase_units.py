@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from attnscope.erase import losses
 from attnscope.erase.lora import (
     LoraFileError,
@@ -23,10 +24,8 @@ from attnscope.erase.spec import (
 from attnscope.erase.worlds import erasure_world
 from attnscope.erase.worlds.open import shipped_specs
 from attnscope.erase.worlds.shapes import shapes_spec
-
 from attnscope.shapes import vocabulary as vocab
 from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_tiny_flux_pipeline
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,6 +6,11 @@ import json
 
 import pytest
 import torch
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+import attnscope.cli
+from attnscope.adapters.flux import FluxCall
 from attnscope.erase import losses
 from attnscope.erase.cache import CacheConfig, maps_forward
 from attnscope.erase.cli import register
@@ -16,13 +21,6 @@ from attnscope.erase.sampling import PromptBank
 from attnscope.erase.trainer import NonFiniteLossError, Trainer, train
 from attnscope.erase.worlds.shapes import shapes_spec
 from attnscope.erase.worlds.shapes_eval import evaluate
-from attnscope.adapters.flux import FluxCall
-from diffusers import FluxPipeline
-from safetensors.torch import load_file
-
-import attnscope.cli
-from attnscope.shapes import GUIDANCE_SCALE
-from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.lab.model import (
     ShapesModelConfig,
     build_clip_tokenizer,
@@ -32,6 +30,8 @@ from attnscope.lab.model import (
     build_transformer,
     build_vae,
 )
+from attnscope.sampling import FlowMatchRenoisingScheduler
+from attnscope.shapes import GUIDANCE_SCALE
 
 FAST = {"batch": 3, "contrastive_rows": 1, "keep_rows": 1, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4), "checkpoint_every": 2}
 
