@@ -72,7 +72,9 @@ def fused_attention_with_lse(
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
             return out, lse
         if choice == SDPBackend.EFFICIENT_ATTENTION:
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, 0.0, False, scale=scale
+            )[:2]
             # The efficient kernel pads the log-sum-exp's query axis up to a multiple of 32.
             return out, lse[..., : q.shape[-2]]
     return None
@@ -105,7 +107,9 @@ def fused_attention_with_text_probs(
         return None
     out, lse = fused
     k_rows = k[rows]
-    probs = text_probs_from_lse(q[rows, :, image], k_rows.index_select(-2, text_index), lse[rows, :, image], scale, k_all=k_rows)
+    probs = text_probs_from_lse(
+        q[rows, :, image], k_rows.index_select(-2, text_index), lse[rows, :, image], scale, k_all=k_rows
+    )
     return out, probs
 
 

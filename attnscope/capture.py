@@ -17,8 +17,9 @@ namespace belongs to one processor instance and disappears with it.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
@@ -38,7 +39,9 @@ def reroute(func: Callable[..., Any], **names: Any) -> types.FunctionType:
             f"{func.__qualname__} no longer refers to {missing}: this diffusers version routes attention "
             "differently and attnscope cannot capture it exactly. Please report the diffusers version."
         )
-    routed = types.FunctionType(func.__code__, {**func.__globals__, **names}, func.__name__, func.__defaults__, func.__closure__)
+    routed = types.FunctionType(
+        func.__code__, {**func.__globals__, **names}, func.__name__, func.__defaults__, func.__closure__
+    )
     routed.__kwdefaults__ = func.__kwdefaults__
     return routed
 
@@ -102,7 +105,9 @@ class CaptureSite:
                 "log-sum-exp here (attention mask, non-native backend, or unsupported device/dtype); use path='auto'"
             )
         out = original()
-        self.trace.record(self.layer, text_probs_chunked(q[rows, :, image], k[rows], text_index, scale, self.trace.chunk_size))
+        self.trace.record(
+            self.layer, text_probs_chunked(q[rows, :, image], k[rows], text_index, scale, self.trace.chunk_size)
+        )
         return out
 
 
@@ -111,4 +116,11 @@ def uses_native_sdpa(backend: Any) -> bool:
     return name == AttentionBackendName.NATIVE
 
 
-__all__ = ["CaptureProcessor", "CaptureSite", "UnsupportedProcessorError", "require_stock", "reroute", "uses_native_sdpa"]
+__all__ = [
+    "CaptureProcessor",
+    "CaptureSite",
+    "UnsupportedProcessorError",
+    "require_stock",
+    "reroute",
+    "uses_native_sdpa",
+]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Sequence
 
 from .adapters import UnsupportedModelError
 from .capture import UnsupportedProcessorError
@@ -48,13 +48,16 @@ def add_maps_command(subparsers: argparse._SubParsersAction) -> None:
         "maps",
         help="generate an image and save token heatmaps for chosen words",
         description=(
-            "Generate one image with the attention capture installed, then write to --out: image.png, "
-            "overlay_<word>.png per word (mean over the chosen layers and all steps), grid_layers.png "
-            "(words × layers), grid_steps.png (words × steps) and maps.safetensors (TokenMaps.load)."
+            "Generate one image with the attention capture installed, then write to --out: image.png (as "
+            "generated), overlay_<word>.png per word (mean over the chosen layers and all steps; small images "
+            "enlarged to a viewable size), grid_layers.png (words × layers), grid_steps.png (words × steps) and "
+            "maps.safetensors (TokenMaps.load)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="shapes", help="'shapes' (bundled), 'tiny-flux', 'tiny-sd3', a hub id or a folder")
+    p.add_argument(
+        "--model", default="shapes", help="'shapes' (bundled), 'tiny-flux', 'tiny-sd3', a hub id or a folder"
+    )
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--words", required=True, type=_csv, help="comma-separated words or phrases of the prompt")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -62,7 +65,10 @@ def add_maps_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument(
-        "--layers", type=_layers, default=None, help="layers to capture: 'double', 'single', labels like double.2, or indices"
+        "--layers",
+        type=_layers,
+        default=None,
+        help="layers to capture: 'double', 'single', labels like double.2, or indices",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--out", type=Path, default=Path("out/maps"), help="output folder")
@@ -76,8 +82,7 @@ def run_maps(args: argparse.Namespace) -> int:
     import torch
 
     from . import viz
-    from .adapters import adapter_for
-    from .adapters import check_size
+    from .adapters import adapter_for, check_size
     from .pipelines import load_pipeline
     from .profiles import profile_for
     from .trace import trace
@@ -143,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_unavailable_command(subparsers: argparse._SubParsersAction, name: str, err: ImportError) -> None:
     def run(_: argparse.Namespace) -> int:
-        raise CommandError(f"'attnscope {name}' is unavailable: {err}. Install the extras: pip install 'attnscope[dev]'")
+        raise CommandError(
+            f"'attnscope {name}' is unavailable: {err}. Install the extras: pip install 'attnscope[dev]'"
+        )
 
     subparsers.add_parser(name, help=f"(unavailable: {err.name or err})").set_defaults(run=run)
 

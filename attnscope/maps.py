@@ -13,9 +13,10 @@ over all keys of the joint sequence. A multi-piece word is the **mean** of its p
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -193,7 +194,9 @@ class TokenMaps:
         hi = self.data.amax(dim=(-2, -1), keepdim=True)
         return replace(self, data=(self.data - lo) / (hi - lo).clamp_min(1e-12))
 
-    def upsample(self, size: tuple[int, int], mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear") -> TokenMaps:
+    def upsample(
+        self, size: tuple[int, int], mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    ) -> TokenMaps:
         """Resize every map to ``size`` given as ``(width, height)`` — PIL's ``image.size`` order."""
         width, height = size
         lead = self.data.shape[:-2]
@@ -315,7 +318,11 @@ def _match_layer(layers: tuple[LayerInfo, ...], one: int | str) -> list[int]:
     elif one in ("double", "single"):
         hits = [i for i, layer in enumerate(layers) if layer.kind == one]
     else:
-        hits = [i for i, layer in enumerate(layers) if one in (layer.label, layer.name, layer.name.removesuffix(".attn"))]
+        hits = [
+            i
+            for i, layer in enumerate(layers)
+            if one in (layer.label, layer.name, layer.name.removesuffix(".attn"))
+        ]
     if not hits and one not in ("double", "single"):
         available = ", ".join(layer.label for layer in layers)
         raise SelectionError(f"no layer {one!r} here; available layers: {available}")

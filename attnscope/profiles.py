@@ -114,12 +114,16 @@ class PretrainedProfile(ModelProfile):
             from_pretrained_kwargs[dtype_keyword()] = dtype
         local = Path(name_or_path).expanduser()
         try:
-            return DiffusionPipeline.from_pretrained(str(local) if local.is_dir() else name_or_path, **from_pretrained_kwargs)
+            return DiffusionPipeline.from_pretrained(
+                str(local) if local.is_dir() else name_or_path, **from_pretrained_kwargs
+            )
         except OSError as err:
             if local.is_dir() or _cached_model_index(name_or_path) is not None:
                 raise
             # The hub could not be reached (or refused): diffusers' own error is a long chained traceback.
-            raise ModelNotFoundError(_not_cached(name_or_path, f"the hub could not be reached ({_first_line(err)})")) from None
+            raise ModelNotFoundError(
+                _not_cached(name_or_path, f"the hub could not be reached ({_first_line(err)})")
+            ) from None
 
     def default_call(self, pipe: Any | None = None) -> dict[str, Any]:
         return self.facts.default_call()

@@ -26,10 +26,12 @@ import hashlib
 from typing import Literal
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 # diffusers loads a component of a non-diffusers module by looking up its loader base classes on that module.
-from diffusers import SchedulerMixin  # noqa: F401  (needed by FluxPipeline.from_pretrained, see above)
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SchedulerMixin,  # noqa: F401  (needed by FluxPipeline.from_pretrained, see above)
+)
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 

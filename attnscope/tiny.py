@@ -179,7 +179,7 @@ def build_clip_tokenizer(
     # what the merges learned so far already produce (simulated with _apply_merges).
     ranks: dict[tuple[str, str], int] = {}
     ordered = sorted(expected.items(), key=lambda item: len(item[1]) == 1)
-    for word, pieces in ordered:
+    for _word, pieces in ordered:
         for i, piece in enumerate(pieces):
             symbols = _initial_symbols(piece, is_last=i == len(pieces) - 1)
             while len(symbols := _apply_merges(symbols, ranks)) > 1:

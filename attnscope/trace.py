@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -246,7 +247,9 @@ class Trace:
             gen.keep = tuple(sorted(set(self.positions)))
         elif gen.tokens is None:
             if self.words is not None:
-                raise SelectionError("words= needs the prompt, but the transformer was called without pipe.encode_prompt")
+                raise SelectionError(
+                    "words= needs the prompt, but the transformer was called without pipe.encode_prompt"
+                )
             gen.keep = tuple(range(ctx.text_length))
         else:
             keep: set[int] = set()
@@ -278,7 +281,9 @@ class Trace:
         return plan
 
     # --------------------------------------------------------------------- called by capture sites
-    def plan_layer(self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor) -> tuple[slice, torch.Tensor, slice] | None:
+    def plan_layer(
+        self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[slice, torch.Tensor, slice] | None:
         """What a site should compute for this call: image-query span, text-key positions and batch rows."""
         if not self._branch_rows or self._ctx is None:
             return None
@@ -424,7 +429,9 @@ def _step_selected(step: int, selector: int | slice | Sequence[int]) -> bool:
     if isinstance(selector, int):
         return step == selector
     if isinstance(selector, slice):
-        return step in range(selector.start or 0, selector.stop if selector.stop is not None else step + 1, selector.step or 1)
+        return step in range(
+            selector.start or 0, selector.stop if selector.stop is not None else step + 1, selector.step or 1
+        )
     return step in selector
 
 

@@ -1,6 +1,7 @@
 """Capture overhead: hooked / unhooked transformer forward time, and retained memory.
 
-    python benchmarks/capture_overhead.py                 # shapes model at 16/256/1024 image tokens + one FLUX.1-dev block
+    python benchmarks/capture_overhead.py                 # shapes model at 16/256/1024 image tokens
+                                                          #   + one FLUX.1-dev block
     python benchmarks/capture_overhead.py --skip-real     # without the (slow, 1.3 GB) real-size block
     python benchmarks/capture_overhead.py --device cuda   # on a GPU (CUDA fused kernels)
 
@@ -17,8 +18,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -30,7 +32,9 @@ def _inputs(transformer: FluxTransformer2DModel, grid: tuple[int, int], text_len
     cfg = transformer.config
     h, w = grid
     g = torch.Generator().manual_seed(0)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij"), -1)
+    img_ids = torch.stack(
+        torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij"), -1
+    )
     return {
         "hidden_states": torch.randn(1, h * w, cfg.in_channels, generator=g).to(device),
         "encoder_hidden_states": torch.randn(1, text_len, cfg.joint_attention_dim, generator=g).to(device),
@@ -149,7 +153,11 @@ def main() -> None:
         rows.append({"model": f"FLUX.1-dev double block ({dtype})".replace("torch.", ""), **row})
         print(rows[-1], flush=True)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+    )
     report = {"device": device_name, "torch": torch.__version__, "rows": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))

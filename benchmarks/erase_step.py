@@ -10,7 +10,8 @@ Both are timed on the same model with the same LoRA and optimizer (``attnscope.e
   rows that stops after the last captured attention layer), as ``attnscope erase`` runs them. Base-model
   quantities come from the cache, built once (its time is reported separately).
 
-Plain steps and pairs are timed in alternation. Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json`` (median seconds, ratio, device, threads).
+Plain steps and pairs are timed in alternation. Target: pair / plain <= 2. Writes ``benchmarks/erase_step.json``
+(median seconds, ratio, device, threads).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def main() -> None:
     pipe = attnscope.load_pipeline(args.model, progress=False)
     # Fields left None take the model's defaults (call settings, LoRA targets, η), as `attnscope erase` does.
     config = EraseConfig(model=args.model, batch=args.batch)
-    trainer = Trainer(pipe, [erasure_world(args.model).spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-")))
+    trainer = Trainer(
+        pipe, [erasure_world(args.model).spec(args.concept)], config, Path(tempfile.mkdtemp(prefix="erase-bench-"))
+    )
     t0 = time.perf_counter()
     trainer.prepare_cache(None)
     cache_seconds = time.perf_counter() - t0
@@ -71,7 +74,9 @@ def main() -> None:
         trainer.train_step()  # preserve (odd step)
 
     full = trainer.config
-    plain_config = replace(full, schedule="joint", weights=LossWeights(esd=0, attention=0, flow=1, contrastive=0, keep=0))
+    plain_config = replace(
+        full, schedule="joint", weights=LossWeights(esd=0, attention=0, flow=1, contrastive=0, keep=0)
+    )
 
     def plain() -> None:
         trainer.config = plain_config

@@ -1,6 +1,7 @@
 """Generation accuracy of the bundled shapes model under other samplers, on seeds the eval does not use.
 
-    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] [--device cuda] [SHIFT,RENOISE_ABOVE,GUIDANCE ...]
+    python benchmarks/sampler_sweep.py [--first-seed 100] [--seeds 16] [--threads 2] [--steps N] [--device cuda]
+        [SHIFT,RENOISE_ABOVE,GUIDANCE ...]
 
 Each setting (e.g. ``3,0.7,2.5``; ``1,1,1.5`` is plain Euler) samples the 16 two-object prompts of
 ``attnscope.shapes.metrics`` with ``--seeds`` seeds from ``--first-seed`` (100 by default: the eval uses 0–15, so

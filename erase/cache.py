@@ -127,7 +127,9 @@ def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str)
     return anchor
 
 
-def _target_rows(spec: ConceptSpec, prompt: str, offset: int, k: int) -> tuple[list[str], list[str], list[str], list[str]]:
+def _target_rows(
+    spec: ConceptSpec, prompt: str, offset: int, k: int
+) -> tuple[list[str], list[str], list[str], list[str]]:
     """Prompts/words with the target swapped for ``k`` irrelevant concepts (rotating) and for every synonym."""
     target = spec.target_in(prompt)
     irrelevant = [spec.irrelevant[(offset + j) % len(spec.irrelevant)] for j in range(min(k, len(spec.irrelevant)))]

@@ -49,33 +49,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--concept", action="append", default=[], help="concept to erase (repeatable); shapes world: a colour or shape, else a shipped spec name")
-    p.add_argument("--spec", type=Path, action="append", default=[], help="YAML concept spec file (repeatable; see erase/README.md)")
-    flags = p.add_argument_group("spec flags", "override fields of the spec of a single --concept (or define one from scratch)")
+    p.add_argument("--concept", action="append", default=[], help="concept to erase (repeatable); shapes world: "
+                   "a colour or shape, else a shipped spec name")
+    p.add_argument("--spec", type=Path, action="append", default=[], help="YAML concept spec file "
+                   "(repeatable; see erase/README.md)")
+    flags = p.add_argument_group(
+        "spec flags", "override fields of the spec of a single --concept (or define one from scratch)"
+    )
     flags.add_argument("--synonyms", type=_csv, default=None, help="comma-separated synonyms")
     flags.add_argument("--anchor", default=None, help="word replacing the concept in anchor prompts (default: drop it)")
     flags.add_argument("--irrelevant", type=_csv, default=None, help="comma-separated concepts to preserve")
     flags.add_argument("--prompts", type=_semicolons, default=None, help="';'-separated training prompts")
     flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")
-    p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', a hub id or a folder")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each (default: 300 per concept)")
+    p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', "
+                   "a hub id or a folder")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
+                   "(default: 300 per concept)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step (2 of which feed the contrastive loss)")
-    p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss (base velocities on preservation trajectories)")
+    p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step "
+                   "(2 of which feed the contrastive loss)")
+    p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss "
+                   "(base velocities on preservation trajectories)")
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
                    "η·(v*(c) − v*(c_anc)) (default: the model profile's; 1 as in the paper, 2 for shapes models)")
-    p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate erase/preserve steps, or both every step")
-    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. 'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
+    p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate "
+                   "erase/preserve steps, or both every step")
+    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. "
+                   "'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
     p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
-                   "(default: the model profile's; add_q_proj,add_k_proj as in the paper, shapes models add add_v_proj)")
+                   "(default: the model profile's; add_q_proj,add_k_proj as in the paper, "
+                   "shapes models add add_v_proj)")
     p.add_argument("--sample-steps", type=int, default=8, help="sampler steps of the cached base-model trajectories")
-    p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model preservation samples")
+    p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model "
+                   "preservation samples")
     p.add_argument("--cache-seeds", type=int, default=4, help="base-model trajectories per training prompt")
     p.add_argument("--checkpoint-every", type=int, default=50, help="write checkpoint.pt every N steps")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward (large models)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward "
+                   "(large models)")
     p.add_argument("--device", default="cpu", help="torch device; on cuda the model runs in bf16 (LoRA in fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 is faster on a machine busy with other jobs; a bit-identical resume needs the same count)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; "
+                   "1 is faster on a machine busy with other jobs; a bit-identical resume needs the same count)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", type=Path, default=Path("runs/erase"), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -95,12 +109,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--lora", type=Path, required=True, help="folder written by `attnscope erase`")
     e.add_argument("--concept", action="append", default=[], help="erased concept(s) (default: the run's spec.yaml)")
     e.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
-    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: the world's; 16 on the shapes world, 2 on real models)")
+    e.add_argument("--seeds", type=int, default=None, help="images per prompt, seeds 0..N-1 (default: the world's; "
+                   "16 on the shapes world, 2 on real models)")
     e.add_argument("--clip-model", default=None, help="real models: CLIP zero-shot classifier, hub id or folder "
                    "(default openai/clip-vit-large-patch14)")
     e.add_argument("--device", default="cpu", help="torch device")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 is faster on a machine busy with other jobs)")
-    e.add_argument("--out", type=Path, default=None, help="output folder for eval.json and eval_grid.png (default: LORA/eval)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; "
+                   "1 is faster on a machine busy with other jobs)")
+    e.add_argument("--out", type=Path, default=None, help="output folder for eval.json and eval_grid.png "
+                   "(default: LORA/eval)")
     e.set_defaults(run=run_eval)
 
 
@@ -153,7 +170,9 @@ def run_erase(args: argparse.Namespace) -> int:
     try:
         weights = LossWeights(**{**vars(LossWeights()), **args.weights})
     except TypeError:
-        raise ValueError(f"--weights names must be among {list(vars(LossWeights()))}, got {list(args.weights)}") from None
+        raise ValueError(
+            f"--weights names must be among {list(vars(LossWeights()))}, got {list(args.weights)}"
+        ) from None
     config = EraseConfig(
         model=args.model,
         # Each concept gets a share of the erase rows: scale the default with their number.

@@ -85,7 +85,9 @@ class LoraSettings:
             ):
                 names.append(name)
         if not names:
-            raise ValueError(f"no linear module of the double-stream blocks matches the LoRA targets {list(self.targets)}")
+            raise ValueError(
+                f"no linear module of the double-stream blocks matches the LoRA targets {list(self.targets)}"
+            )
         return names
 
 
@@ -177,11 +179,15 @@ def check_lora_file(pipe: Any, folder: str | Path) -> Path:
     for key, tensor in state.items():
         found = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)
         if not found:
-            raise LoraFileError(f"{path}: {key!r} is not a transformer LoRA weight (expected transformer.<module>.lora_A/B.weight)")
+            raise LoraFileError(
+                f"{path}: {key!r} is not a transformer LoRA weight (expected transformer.<module>.lora_A/B.weight)"
+            )
         module = modules.get(found[1])
         base = getattr(module, "base_layer", module)
         if not isinstance(base, torch.nn.Linear):
-            raise LoraFileError(f"{path} does not fit this model: it has no linear module {found[1]!r} (LoRA for another model?)")
+            raise LoraFileError(
+                f"{path} does not fit this model: it has no linear module {found[1]!r} (LoRA for another model?)"
+            )
         dim = base.in_features if found[2] == "A" else base.out_features
         axis = 1 if found[2] == "A" else 0
         if tensor.ndim != 2 or tensor.shape[axis] != dim:

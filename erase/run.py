@@ -69,7 +69,8 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise OutputExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(
-            f"{out} already exists and is not empty; pass --overwrite to replace the run in it, or --resume to continue it"
+            f"{out} already exists and is not empty; pass --overwrite to replace the run in it, "
+            "or --resume to continue it"
         )
 
 

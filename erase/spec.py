@@ -112,7 +112,9 @@ class ConceptSpec:
         for prompt in self.preserve_prompts:
             found = [w for w in erased if find_word(prompt, w)]
             if found:
-                raise SpecError(f"spec {self.name!r}: preservation prompt {prompt!r} contains the erased word {found[0]!r}")
+                raise SpecError(
+                    f"spec {self.name!r}: preservation prompt {prompt!r} contains the erased word {found[0]!r}"
+                )
 
     # ------------------------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:

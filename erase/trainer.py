@@ -120,9 +120,13 @@ class Trainer:
         self.cache = EraseCache.load(path)
         self.contrastive_points = torch.nonzero(self.cache.positive_mask.any(dim=1)).flatten()
         if self.config.weights.contrastive > 0 and len(self.contrastive_points) == 0:
-            raise SpecError("the contrastive loss needs irrelevant concepts in the spec; add some or set its weight to 0")
+            raise SpecError(
+                "the contrastive loss needs irrelevant concepts in the spec; add some or set its weight to 0"
+            )
         if self.config.weights.flow > 0 and len(self.cache.preserve_prompts) == 0:
-            raise SpecError("the preservation loss needs preservation prompts in the spec; add some or set its weight to 0")
+            raise SpecError(
+                "the preservation loss needs preservation prompts in the spec; add some or set its weight to 0"
+            )
 
     def _positions(self, prompts: Sequence[str], words: Sequence[str]) -> list[tuple[int, ...]]:
         return [self.bank.positions(p, w) for p, w in zip(prompts, words)]
@@ -133,7 +137,9 @@ class Trainer:
         x: torch.Tensor,
         sigma: torch.Tensor,
         prompts: list[str],
-        losses_of: Callable[[torch.Tensor | None, list[torch.Tensor] | None, torch.Tensor | None], dict[str, torch.Tensor]],
+        losses_of: Callable[
+            [torch.Tensor | None, list[torch.Tensor] | None, torch.Tensor | None], dict[str, torch.Tensor]
+        ],
         concept_words: list[str] | None = None,
         maps_only: bool = False,
     ) -> dict[str, float]:
@@ -251,8 +257,8 @@ def train(
     ``resume``, ``run.json`` in ``out`` must describe the same run (``steps`` may differ: continue further).
     ``on_step(step, losses)`` is called after every optimizer step (tests use it to simulate a kill).
     Under ``accelerate launch`` the processes train data-parallel (:mod:`erase.parallel`); rank 0 writes the
-    files and its own rows' losses go to the log. Raises OutputExistsError, ResumeMismatchError, UnknownConceptError, ConceptNotInPromptError,
-    NonFiniteLossError.
+    files and its own rows' losses go to the log. Raises OutputExistsError, ResumeMismatchError, UnknownConceptError,
+    ConceptNotInPromptError, NonFiniteLossError.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -263,7 +269,9 @@ def train(
         raise SpecError(f"concept given twice: {names}")
     adapter = adapter_for(pipe)
     if not adapter.has_model_call:
-        raise ValueError(f"erasure calls the transformer directly, which attnscope cannot do for {adapter.name} models yet")
+        raise ValueError(
+            f"erasure calls the transformer directly, which attnscope cannot do for {adapter.name} models yet"
+        )
     fill_model_defaults(config, pipe)
     world = erasure_world(config.model)
     for spec in specs:

@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tr = sub.add_parser("train", help="train the tiny shapes Flux (rectified flow) from rendered scenes")
     tr.add_argument("--out", default=_DEFAULTS.out, help="run folder: ckpt.pt, train.log (default %(default)s)")
     tr.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    tr.add_argument("--minutes", type=float, default=_DEFAULTS.minutes, help="training wall-time budget (0: none, use --steps)")
+    tr.add_argument(
+        "--minutes", type=float, default=_DEFAULTS.minutes, help="training wall-time budget (0: none, use --steps)"
+    )
     tr.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="step limit (0: minutes only)")
     tr.add_argument("--batch", type=int, default=_DEFAULTS.batch)
     tr.add_argument("--lr", type=float, default=_DEFAULTS.lr)

@@ -15,8 +15,8 @@ layer, so supervised and unsupervised layers can be told apart in its per-layer 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

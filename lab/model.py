@@ -145,7 +145,10 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     )
     bpe.train_from_iterator(sorted(ALL_WORDS) + [",", "."], trainer=trainer)
     # The merges (in order) are only exposed through the serialized model.
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+        for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     # The trainer numbers the single-character tokens in hash order, which changes from process to process;
     # renumber them alphabetically (merged tokens keep their order of creation) so the vocabulary is reproducible.
     trained = bpe.get_vocab()

@@ -107,8 +107,8 @@ class PreferenceSet:
         pairs = self.pairs()
         if len(pairs) == 0:
             raise ValueError("the preference set has no pair: no caption has both a right and a wrong sample")
-        p, w, l = pairs[torch.from_numpy(rng.integers(0, len(pairs), size))].unbind(1)
-        return self.images[p, w].numpy(), self.images[p, l].numpy(), [self.captions[i] for i in p.tolist()]
+        p, winner, loser = pairs[torch.from_numpy(rng.integers(0, len(pairs), size))].unbind(1)
+        return self.images[p, winner].numpy(), self.images[p, loser].numpy(), [self.captions[i] for i in p.tolist()]
 
     def summary(self) -> dict[str, Any]:
         """Share of right samples and how many captions and pairs the set gives."""

@@ -74,7 +74,6 @@ from .model import (
 )
 from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
 
-
 DEFAULT_CAPTION_DROPOUT = 0.1
 #: ``ShapesModelConfig`` fields a new run can set from the command line (``--t5-layers 3`` ...).
 SIZE_OPTIONS: tuple[str, ...] = ("hidden_heads", "head_dim", "double_layers", "single_layers", "t5_layers", "t5_d_ff")
@@ -145,7 +144,9 @@ def render_batch(rng: np.random.Generator, batch: int, size: int) -> torch.Tenso
     return images_to_tensor([render_scene(rng, size=size).image for _ in range(batch)])
 
 
-def training_batch(seed: int, step: int, batch: int, size: int, caption_dropout: float) -> tuple[list[Scene], list[str]]:
+def training_batch(
+    seed: int, step: int, batch: int, size: int, caption_dropout: float
+) -> tuple[list[Scene], list[str]]:
     """Step ``step``'s scenes and captions (a fraction ``caption_dropout`` emptied), from the step's own seed."""
     rng = np.random.default_rng([seed, 2, step])
     scenes = [render_scene(rng, size=size) for _ in range(batch)]
@@ -194,7 +195,9 @@ class BatchStream:
 GUIDANCE_EMBEDDER = "time_text_embed.guidance_embedder."
 
 
-def load_exported(folder: str | Path, mcfg: ShapesModelConfig) -> tuple[AutoencoderKL, FluxTransformer2DModel, T5EncoderModel]:
+def load_exported(
+    folder: str | Path, mcfg: ShapesModelConfig
+) -> tuple[AutoencoderKL, FluxTransformer2DModel, T5EncoderModel]:
     """The VAE, transformer and T5 of an exported model folder, in modules built for ``mcfg`` (so the frozen
     zero pooled path stays frozen)."""
     folder = Path(folder)
@@ -529,7 +532,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
                 except RuntimeError:
                     message = (f"step {step + 1}: non-finite gradient (loss {flow.item():.4g}, {second} "
-                               f"{ground.item():.4g}); the weights were not updated and the checkpoint keeps step {step}")
+                               f"{ground.item():.4g}); the weights were not updated and the checkpoint keeps "
+                               f"step {step}")
                     log(message)
                     raise FloatingPointError(message) from None
                 opt.step()

@@ -79,7 +79,11 @@ def adapter_for(pipe_or_transformer: Any) -> Adapter:
 def check_size(pipe: Any, height: int, width: int) -> None:
     """Raise a clear ``ValueError`` unless ``height`` and ``width`` are positive multiples of the patch size."""
     multiple = adapter_for(pipe).size_multiple(pipe)
-    bad = [f"{name}={value}" for name, value in (("height", height), ("width", width)) if value <= 0 or value % multiple]
+    bad = [
+        f"{name}={value}"
+        for name, value in (("height", height), ("width", width))
+        if value <= 0 or value % multiple
+    ]
     if bad:
         raise ValueError(f"{', '.join(bad)}: height and width must be positive multiples of {multiple} for this model")
 

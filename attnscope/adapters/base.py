@@ -9,8 +9,8 @@ ids, one velocity call) that training code uses instead of ``pipe(...)``; the ca
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -65,7 +65,9 @@ class ModelCall(Protocol):
     n_tokens: int
     channels: int
 
-    def encode(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompts: Sequence[str], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(embeds (B, L, D), pooled (B, P), text_ids)`` as the pipeline's ``encode_prompt`` gives them."""
 
     def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:

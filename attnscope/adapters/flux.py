@@ -60,7 +60,9 @@ class FluxAdapter(Adapter):
         h = int(img_ids[:, 1].max().item()) + 1
         w = int(img_ids[:, 2].max().item()) + 1
         if h * w != hidden_states.shape[1]:
-            raise ValueError(f"img_ids describe a {h}x{w} grid but the transformer got {hidden_states.shape[1]} image tokens")
+            raise ValueError(
+                f"img_ids describe a {h}x{w} grid but the transformer got {hidden_states.shape[1]} image tokens"
+            )
         timestep = kwargs["timestep"]
         return ForwardContext(
             grid=(h, w),
@@ -92,7 +94,12 @@ class FluxAdapter(Adapter):
         negative: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> FluxCall:
         return FluxCall(
-            pipe, height, width, DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale, true_cfg_scale, negative
+            pipe,
+            height,
+            width,
+            DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale,
+            true_cfg_scale,
+            negative,
         )
 
 
@@ -174,7 +181,9 @@ def flux_velocity(
     if not transformer.config.guidance_embeds:
         guidance = None
     elif guidance is None or not torch.is_tensor(guidance):
-        guidance = torch.full((b,), DEFAULT_GUIDANCE if guidance is None else guidance, device=x.device, dtype=torch.float32)
+        guidance = torch.full(
+            (b,), DEFAULT_GUIDANCE if guidance is None else guidance, device=x.device, dtype=torch.float32
+        )
     return transformer(
         hidden_states=x,
         timestep=sigma.to(x.dtype),
@@ -213,7 +222,9 @@ class FluxCall:
         self.n_tokens = (h // 2) * (w // 2)
         self.img_ids = latent_image_ids(h, w, transformer.device, transformer.dtype)
 
-    def encode(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompts: Sequence[str], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             return self.pipe.encode_prompt(
                 prompt=list(prompts), prompt_2=None, device=self.pipe.transformer.device,
@@ -224,7 +235,9 @@ class FluxCall:
         """Packed Gaussian latents ``(B, N, C)``, drawn as ``FluxPipeline.prepare_latents`` draws them."""
         h, w = self.latent_hw
         transformer = self.pipe.transformer
-        x = torch.randn((batch, self.channels // 4, h, w), generator=generator, device=generator.device, dtype=torch.float32)
+        x = torch.randn(
+            (batch, self.channels // 4, h, w), generator=generator, device=generator.device, dtype=torch.float32
+        )
         return pack_latents(x.to(transformer.device, transformer.dtype))
 
     def velocity(

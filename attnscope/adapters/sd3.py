@@ -134,14 +134,21 @@ class SD3CaptureProcessor(CaptureProcessor, JointAttnProcessor2_0):
         self._has_text = encoder_hidden_states is not None
         return self._routed_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
-    def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _sdpa(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         def original() -> torch.Tensor:
             return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
 
         if not self._has_text:
             return original()
         def plain() -> bool:
-            return not args and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("is_causal")
+            return (
+                not args
+                and kwargs.get("attn_mask") is None
+                and not kwargs.get("dropout_p")
+                and not kwargs.get("is_causal")
+            )
 
         return self.site.attend(query, key, value, kwargs.get("scale"), plain, original)
 

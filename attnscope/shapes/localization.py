@@ -161,7 +161,9 @@ class LocalizationTally:
         return out
 
 
-def localization_metrics(pipe: Any, seeds: int, prompts: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def localization_metrics(
+    pipe: Any, seeds: int, prompts: tuple[str, ...]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the protocol (module docstring) on ``prompts`` (two-object prompts) × ``seeds``.
 
     Returns the summary — ``miou_color`` / ``miou_shape`` (mean threshold, at the best layer and step band of each

@@ -50,7 +50,9 @@ class ShapesProfile(ModelProfile):
         from diffusers import FluxPipeline
 
         folder = bundled_path() if name_or_path == self.name else Path(name_or_path).expanduser()
-        return FluxPipeline.from_pretrained(folder, **{dtype_keyword(): dtype or torch.float32}, **from_pretrained_kwargs)
+        return FluxPipeline.from_pretrained(
+            folder, **{dtype_keyword(): dtype or torch.float32}, **from_pretrained_kwargs
+        )
 
     def default_call(self, pipe: Any | None = None) -> dict[str, Any]:
         # A shapes model's guidance form (an input, or true CFG) depends on its transformer: ask it when loaded.

@@ -123,7 +123,9 @@ def _place(
     raise RuntimeError(f"could not place {len(specs)} objects in a {size}×{size} image")
 
 
-def draw(objects: list[tuple[str, str, float, float, float]], size: int = NATIVE_SIZE) -> tuple[np.ndarray, list[np.ndarray]]:
+def draw(
+    objects: list[tuple[str, str, float, float, float]], size: int = NATIVE_SIZE
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Draw (colour, shape, cx, cy, r) objects; returns the (size, size, 3) uint8 image and one coverage map each."""
     img = np.empty((size, size, 3), dtype=np.float32)
     img[:] = BACKGROUND

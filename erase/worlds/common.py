@@ -22,7 +22,9 @@ def to_pixels(images: np.ndarray) -> list[np.ndarray]:
 
 def mean_pixel_difference(base: Sequence[np.ndarray], erased: Sequence[np.ndarray]) -> float:
     """Mean absolute difference (0..1) between paired uint8 images of the base and the erased model."""
-    return float(np.mean([np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255 for a, b in zip(base, erased)]))
+    return float(
+        np.mean([np.abs(a.astype(np.float32) - b.astype(np.float32)).mean() / 255 for a, b in zip(base, erased)])
+    )
 
 
 def save_comparison_grid(

@@ -63,8 +63,9 @@ class OpenErasure(ErasureWorld):
         import torch
 
         import attnscope
-        from .open_eval import DEFAULT_CLIP_MODEL, real_eval
         from attnscope.profiles import profile_for
+
+        from .open_eval import DEFAULT_CLIP_MODEL, real_eval
 
         dtype = torch.bfloat16 if device.startswith("cuda") else None
         pipe = attnscope.load_pipeline(model, device=device, dtype=dtype, progress=False)

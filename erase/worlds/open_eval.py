@@ -16,8 +16,8 @@ part with score ≥ ``nudenet_threshold`` (0.6, as EraseAnything reports). The C
 provide (hub id or folder, default ``openai/clip-vit-large-patch14``); nothing here downloads anything unless
 the hub is reachable and allowed.
 
-Report (``eval.json`` in ``out``, by default ``LORA/eval/``): ``acc_e``, ``acc_g``, ``acc_ir`` (means over concepts), ``base``
-(the base model's figures), ``concepts`` (per-concept figures), ``classifier``, ``seeds``, ``prompts``; and
+Report (``eval.json`` in ``out``, by default ``LORA/eval/``): ``acc_e``, ``acc_g``, ``acc_ir`` (means over concepts),
+``base`` (the base model's figures), ``concepts`` (per-concept figures), ``classifier``, ``seeds``, ``prompts``; and
 ``eval_grid.png`` (base over erased, first seed).
 """
 
@@ -76,7 +76,8 @@ class ZeroShot:
         """Unit-norm image embeddings ``(n, d)``."""
         chunks = []
         for start in range(0, len(images), self.batch):
-            pixels = self.processor(images=list(images[start : start + self.batch]), return_tensors="pt")["pixel_values"]
+            pixels = self.processor(images=list(images[start : start + self.batch]),
+                                    return_tensors="pt")["pixel_values"]
             features = self.model.get_image_features(pixel_values=pixels.to(self.device))
             if not isinstance(features, torch.Tensor):  # newer transformers return a model output
                 features = features.pooler_output
@@ -111,7 +112,11 @@ def _draw(pipe: Any, prompts: Sequence[str], seeds: int, call_kwargs: dict[str, 
 
 def _groups(spec: ConceptSpec) -> dict[str, list[str]]:
     synonym = [replace_word(p, spec.target_in(p), s) for p in spec.prompts for s in spec.synonyms]
-    return {"erased": list(spec.prompts), "synonym": list(dict.fromkeys(synonym)), "irrelevant": list(spec.preserve_prompts)}
+    return {
+        "erased": list(spec.prompts),
+        "synonym": list(dict.fromkeys(synonym)),
+        "irrelevant": list(spec.preserve_prompts),
+    }
 
 
 def real_eval(
@@ -145,30 +150,32 @@ def real_eval(
     load_lora(pipe, lora_dir)
     erased_images = _draw(pipe, prompts, seeds, kwargs)
 
+    def shown(images: list[np.ndarray], spec: ConceptSpec, classes: list[str]) -> float:
+        """Fraction of ``images`` that show ``spec``'s concept: NudeNet for ``nudity``, else CLIP zero-shot over
+        ``classes`` picks the target (``classes[0]``)."""
+        if exposed is not None and spec.name == "nudity":
+            return float(np.mean([exposed(im) for im in images]))
+        return float(np.mean([label == 0 for label in classifier.labels(images, classes)]))
+
+    def pooled(images: dict[str, list[np.ndarray]], group_prompts: list[str]) -> list[np.ndarray]:
+        """All seeds' images of ``group_prompts``, prompt by prompt."""
+        return [im for p in group_prompts for im in images[p]]
+
     concepts: dict[str, Any] = {}
     for spec in specs:
         g, classes = groups[spec.name], [spec.targets[0], *spec.irrelevant]
-
-        def shown(images: list[np.ndarray]) -> float:
-            if exposed is not None and spec.name == "nudity":
-                return float(np.mean([exposed(im) for im in images]))
-            return float(np.mean([label == 0 for label in classifier.labels(images, classes)]))
-
-        def pooled(images: dict[str, list[np.ndarray]], group: str) -> list[np.ndarray]:
-            return [im for p in g[group] for im in images[p]]
-
-        base_ir, erased_ir = pooled(base_images, "irrelevant"), pooled(erased_images, "irrelevant")
+        base_ir, erased_ir = pooled(base_images, g["irrelevant"]), pooled(erased_images, g["irrelevant"])
         same_label = np.equal(classifier.labels(base_ir, classes), classifier.labels(erased_ir, classes))
         cosine = (classifier.embeddings(base_ir) * classifier.embeddings(erased_ir)).sum(-1)
         concepts[spec.name] = {
-            "acc_e": shown(pooled(erased_images, "erased")),
-            "acc_g": shown(pooled(erased_images, "synonym")) if g["synonym"] else None,
+            "acc_e": shown(pooled(erased_images, g["erased"]), spec, classes),
+            "acc_g": shown(pooled(erased_images, g["synonym"]), spec, classes) if g["synonym"] else None,
             "acc_ir": float(same_label.mean()),
             "clip_similarity": float(cosine.mean()),
             "pixel_mae": mean_pixel_difference(base_ir, erased_ir),
             "base": {
-                "acc_e": shown(pooled(base_images, "erased")),
-                "acc_g": shown(pooled(base_images, "synonym")) if g["synonym"] else None,
+                "acc_e": shown(pooled(base_images, g["erased"]), spec, classes),
+                "acc_g": shown(pooled(base_images, g["synonym"]), spec, classes) if g["synonym"] else None,
                 "acc_ir": 1.0,
             },
         }

@@ -82,7 +82,8 @@ def shapes_spec(word: str) -> ConceptSpec:
         other = phrase(irrelevant[i % len(irrelevant)], partners[(i + 1) % len(partners)])
         pair = (phrase(word, partner), other) if i % 2 == 0 else (other, phrase(word, partner))
         prompts.append(" and ".join(pair))
-    preserve = [phrase(w, p) for w in irrelevant for p in partners] + _two_object_preservation(irrelevant, partners, phrase)
+    preserve = [phrase(w, p) for w in irrelevant for p in partners]
+    preserve += _two_object_preservation(irrelevant, partners, phrase)
     return ConceptSpec(
         name=word,
         targets=(word,),
@@ -103,8 +104,9 @@ def _two_object_preservation(
     irrelevant: list[str], partners: list[str], phrase: Callable[[str, str], str]
 ) -> list[str]:
     """Two-object scenes without the concept in a fixed order: pairs of different objects, then pairs sharing the
-    irrelevant word (two greens), then pairs sharing the partner (two circles). Object pairs that the shapes evaluation's two-object prompts
-    name are held out, so that its Acc_ir measures preservation on pairs the LoRA never trained on."""
+    irrelevant word (two greens), then pairs sharing the partner (two circles). Object pairs that the shapes
+    evaluation's two-object prompts name are held out, so that its Acc_ir measures preservation on pairs the LoRA
+    never trained on."""
     n, m = len(irrelevant), len(partners)
     pairs = [((irrelevant[i], partners[i % m]), (irrelevant[(i + 1) % n], partners[(i + 1) % m])) for i in range(n)]
     pairs += [((w, partners[j]), (w, partners[k])) for w in irrelevant for j in range(m) for k in range(j + 1, m)]

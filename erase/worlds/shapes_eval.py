@@ -53,7 +53,6 @@ from ..lora import check_lora_file, load_lora
 from ..run import EVAL_DIR, SPEC_FILE, read_run
 from ..spec import ConceptSpec
 from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparison_grid
-from .shapes import shapes_spec
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -124,7 +123,9 @@ def shapes_prompts(specs: Sequence[ConceptSpec]) -> dict[str, list[str]]:
 
         erased += [_phrase(spec.name, p, is_color) for p in partners]
         for i in range(min(2, len(others))):
-            erased.append(f"{_phrase(spec.name, partners[i], is_color)} and {_phrase(others[i], partners[i + 1], is_color)}")
+            erased.append(
+                f"{_phrase(spec.name, partners[i], is_color)} and {_phrase(others[i], partners[i + 1], is_color)}"
+            )
         synonym += [_phrase(syn, p, is_color) for syn in spec.synonyms for p in partners]
 
     def clean(prompt: str) -> bool:
@@ -180,7 +181,9 @@ def _score_model(
     attributes: dict[str, list[bool]] = {"color": [], "shape": []}
     jobs = [(group, prompt) for group, group_prompts in prompts.items() for prompt in group_prompts]
     # disable=None: a bar on a terminal, nothing in logs and tests
-    for group, prompt in tqdm(jobs, desc=f"{label} ({seeds} seeds per prompt)", unit="prompt", leave=False, disable=None):
+    for group, prompt in tqdm(
+        jobs, desc=f"{label} ({seeds} seeds per prompt)", unit="prompt", leave=False, disable=None
+    ):
         words = [w for w in words_of(prompt) if group != "irrelevant" and _canonical_or_none(w, canonical) in concepts]
         imgs, mass = _generate(pipe, prompt, seeds, words)
         images[prompt] = imgs
@@ -194,7 +197,11 @@ def _score_model(
             ok = [_shows(d, concepts) for d in detected]
             masses[group].append(mass)
         hits[group] += ok
-        per_prompt[prompt] = {"group": group, "rate": float(np.mean(ok)), **({"attention_mass": mass} if mass is not None else {})}
+        per_prompt[prompt] = {
+            "group": group,
+            "rate": float(np.mean(ok)),
+            **({"attention_mass": mass} if mass is not None else {}),
+        }
     rate = {g: float(np.mean(v)) if v else float("nan") for g, v in hits.items()}
     return (
         ModelScores(
@@ -220,7 +227,6 @@ def evaluate(
     lora_dir: str | Path,
     *,
     specs: Sequence[ConceptSpec] | None = None,
-    concepts: Sequence[str] | None = None,
     model: str | None = None,
     pipe_factory: Any = None,
     seeds: int = DEFAULT_SEEDS,
@@ -230,7 +236,7 @@ def evaluate(
     """Evaluate the LoRA in ``lora_dir`` on the shapes-world protocol; write ``out/eval.json`` and
     ``out/eval_grid.png`` (``out`` defaults to ``lora_dir/eval``).
 
-    ``specs`` (or ``concepts``, names of shapes-world concepts) and ``model`` default to what the run recorded
+    ``specs`` and ``model`` default to what the run recorded
     (``spec.yaml``/``run.json`` in ``lora_dir``). ``pipe_factory()`` (tests) builds the base pipeline instead of
     loading ``model``; it is called once and the LoRA is loaded into that pipeline after the base figures are
     taken. Raises LoraFileError for a missing/corrupt/mismatched LoRA.
@@ -240,8 +246,6 @@ def evaluate(
         raise FileNotFoundError(f"{lora_dir} does not exist: pass the --out folder of `attnscope erase`")
     run_model, run_specs = read_run(lora_dir)
     model = model or run_model or "shapes"
-    if concepts:
-        specs = [shapes_spec(c) for c in concepts]
     specs = specs or run_specs
     if not specs:
         raise ValueError(f"{lora_dir} has no {SPEC_FILE}: say which concept was erased with --concept")

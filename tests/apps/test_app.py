@@ -35,9 +35,9 @@ def traced_reference(seed: int, **options: object) -> tuple[object, attnscope.To
     """The image and maps through the public API alone (a fresh pipeline), to check the app against."""
     pipe = attnscope.load_pipeline("tiny-flux")
     with attnscope.trace(pipe, **options) as tr:
-        image = pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **profile_for("tiny-flux").default_call()).images[
-            0
-        ]
+        image = pipe(
+            PROMPT, generator=torch.Generator().manual_seed(seed), **profile_for("tiny-flux").default_call()
+        ).images[0]
     return image, tr.maps()
 
 

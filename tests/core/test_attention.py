@@ -84,7 +84,7 @@ def test_fused_path_gradient_matches_full_softmax(route: str, use_output: str, l
     first folds), or none (as when a trace stops the forward after this layer)."""
     q, k, v = (x.contiguous() if layout == "contiguous" else x for x in _qkv(4, b=2, h=2, s=48, d=8))
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    text, image = torch.arange(6), torch.arange(6, 48)
+    image = torch.arange(6, 48)  # after the 6 text positions
     kept = torch.tensor([0, 2, 5])
     weights = torch.randn(2, 2, 42, 3, generator=torch.Generator().manual_seed(0))
     if supervised == "second":

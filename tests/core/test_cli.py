@@ -14,13 +14,13 @@ from attnscope.cli import main
 
 
 def _maps(tmp_path, *extra: str) -> int:
-    return main(
-        ["maps", "--model", "tiny-flux", "--prompt", "a red circle and a crimson square", "--out", str(tmp_path), *extra]
-    )
+    return main(["maps", "--model", "tiny-flux", "--prompt", "a red circle and a crimson square",
+                 "--out", str(tmp_path), *extra])
 
 
 def test_maps_writes_image_overlays_grid_and_maps(tmp_path) -> None:
-    assert _maps(tmp_path, "--words", "red,crimson", "--steps", "3", "--height", "48", "--width", "32", "--seed", "3") == 0
+    assert _maps(tmp_path, "--words", "red,crimson", "--steps", "3", "--height", "48", "--width", "32",
+                 "--seed", "3") == 0
     image = Image.open(tmp_path / "image.png")
     assert image.size == (32, 48)
     for name in ("overlay_red.png", "overlay_crimson.png", "grid_layers.png", "grid_steps.png"):
@@ -92,7 +92,8 @@ def test_empty_prompt(tmp_path, capsys) -> None:
 
 
 def test_installed_entry_point_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "attnscope.cli", "maps", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "attnscope.cli", "maps", "--help"],
+                         capture_output=True, text=True, check=True)
     assert "--words" in out.stdout and "overlay_<word>.png" in out.stdout
 
 

@@ -98,7 +98,8 @@ def test_a_model_that_cannot_be_found_is_one_line(model: str, message: str, tmp_
                           "--words", "cat", "--out", str(tmp_path / "maps")], capture_output=True, text=True,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == out.stderr.strip().splitlines()[-1:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == out.stderr.strip().splitlines()[-1:]
     assert message in out.stderr
 
 

@@ -41,7 +41,9 @@ def _transformer_inputs(transformer, batch: int = 2, seed: int = 0) -> dict:
         encoder_hidden_states=torch.randn(batch, n_txt, transformer.config.joint_attention_dim, generator=gen),
         pooled_projections=torch.zeros(batch, transformer.config.pooled_projection_dim),
         timestep=torch.full((batch,), 0.5),
-        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3),
+        img_ids=torch.stack(
+            torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1
+        ).reshape(-1, 3),
         txt_ids=torch.zeros(n_txt, 3),
     )
 
@@ -220,7 +222,9 @@ def test_works_with_peft_lora(flux) -> None:
     from peft import LoraConfig
 
     pipe = build_tiny_flux_pipeline(seed=1)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights=False))
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights=False)
+    )
     plain = _run(pipe, TINY_FLUX_CALL_KWARGS)
     with attnscope.trace(pipe) as tr:
         hooked = _run(pipe, TINY_FLUX_CALL_KWARGS)
@@ -256,7 +260,9 @@ def test_differentiable_trace_gives_gradients(checkpointing: bool) -> None:
             encoder_hidden_states=torch.randn(1, n_txt, transformer.config.joint_attention_dim),
             pooled_projections=torch.zeros(1, transformer.config.pooled_projection_dim),
             timestep=torch.tensor([0.5]),
-            img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(-1, 3),
+            img_ids=torch.stack(
+                torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1
+            ).reshape(-1, 3),
             txt_ids=torch.zeros(n_txt, 3),
         ).sample
         (call,) = tr.take()

@@ -36,7 +36,8 @@ def parallel_run(tmp_path_factory):
     spec.write_text(SPEC)
     out = folder / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         "-m", "attnscope.cli", "erase", *ARGS, "--spec", str(spec), "--out", str(out),
@@ -55,7 +56,9 @@ def test_two_processes_train_one_lora(parallel_run, tmp_path, monkeypatch) -> No
     assert len(torch.load(out / "checkpoint.pt", weights_only=False)["generators"]) == 2
     # The run ended with identical LoRAs on both ranks (checked inside, else it fails), and the second rank's rows
     # counted: the averaged update differs from a single process's on rank 0's rows alone.
-    monkeypatch.setattr(attnscope.cli, "entry_points", lambda group: [type("EP", (), {"load": lambda self: register})()])
+    monkeypatch.setattr(
+        attnscope.cli, "entry_points", lambda group: [type("EP", (), {"load": lambda self: register})()]
+    )
     single = tmp_path / "single"
     assert attnscope.cli.main(["erase", *ARGS, "--spec", str(spec), "--out", str(single)]) == 0
     parallel_lora, single_lora = load_file(str(out / "pytorch_lora_weights.safetensors")), load_file(
@@ -66,6 +69,8 @@ def test_two_processes_train_one_lora(parallel_run, tmp_path, monkeypatch) -> No
 
 def test_resume_with_another_process_count_is_refused(parallel_run, monkeypatch, capsys) -> None:
     spec, out, _ = parallel_run
-    monkeypatch.setattr(attnscope.cli, "entry_points", lambda group: [type("EP", (), {"load": lambda self: register})()])
+    monkeypatch.setattr(
+        attnscope.cli, "entry_points", lambda group: [type("EP", (), {"load": lambda self: register})()]
+    )
     assert attnscope.cli.main(["erase", *ARGS, "--steps", "6", "--spec", str(spec), "--out", str(out), "--resume"]) == 2
     assert "written by 2 process(es); resume with the same number" in capsys.readouterr().err

@@ -33,7 +33,13 @@ from attnscope.lab.model import (
 from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import GUIDANCE_SCALE
 
-FAST = {"batch": 3, "contrastive_rows": 1, "keep_rows": 1, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4), "checkpoint_every": 2}
+FAST = {
+    "batch": 3,
+    "contrastive_rows": 1,
+    "keep_rows": 1,
+    "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4),
+    "checkpoint_every": 2,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,8 +50,8 @@ def small_shapes_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxP
     guidance input: a guidance-distilled one)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        cfg = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=64, clip_hidden=16,
-                                guidance_embeds=guidance_embeds)
+        cfg = ShapesModelConfig(hidden_heads=2, head_dim=16, double_layers=2, single_layers=1, t5_d_ff=64,
+                                clip_hidden=16, guidance_embeds=guidance_embeds)
         t5_tok, clip_tok = build_t5_tokenizer(), build_clip_tokenizer()
         clip, t5 = build_text_encoders(cfg, t5_tok, clip_tok)
         pipe = FluxPipeline(
@@ -201,7 +207,8 @@ def test_output_folder_rules(red_run, tmp_path) -> None:
     (tmp_path / "run" / "keep.txt").write_text("user file")
     with pytest.raises(OutputExistsError):
         train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", progress=False)
-    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", overwrite=True, progress=False)
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", overwrite=True,
+          progress=False)
     assert (tmp_path / "run" / "keep.txt").read_text() == "user file"  # overwrite replaces the run's files only
 
 
@@ -231,7 +238,9 @@ def test_multi_concept_run(tmp_path) -> None:
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
     # Preservation prompts name neither erased concept nor a synonym.
-    assert not any(w in p.split() for p in cache["preserve_prompts"] for w in ("red", "circle", "crimson", "disc", "orb"))
+    assert not any(
+        w in p.split() for p in cache["preserve_prompts"] for w in ("red", "circle", "crimson", "disc", "orb")
+    )
 
 
 def test_erase_and_eval_cli(tmp_path, monkeypatch, capsys) -> None:
@@ -261,7 +270,8 @@ def test_erase_and_eval_cli(tmp_path, monkeypatch, capsys) -> None:
     assert attnscope.cli.main(["erase", "--model", "tiny-flux", "--spec", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert "does not contain the concept" in capsys.readouterr().err
     # A prompt longer than the model's text length is refused before the run folder exists.
-    assert attnscope.cli.main(["erase", "--model", "tiny-flux", "--concept", "parachute", "--out", str(tmp_path / "p")]) == 2
+    assert attnscope.cli.main(["erase", "--model", "tiny-flux", "--concept", "parachute",
+                               "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "longer than the model's text length (32 tokens)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
@@ -295,9 +305,12 @@ def test_eval_report_and_bad_lora(red_run, tmp_path) -> None:
 def test_gradient_checkpointing_gives_the_same_lora(red_run, tmp_path) -> None:
     """Blocks recomputed in backward must see the capture processors of the forward (same losses, same LoRA)."""
     out, result = red_run
-    checkpointed = train(small_shapes_pipeline(), [shapes_spec("red")], _config(gradient_checkpointing=True), tmp_path, progress=False)
+    checkpointed = train(small_shapes_pipeline(), [shapes_spec("red")], _config(gradient_checkpointing=True), tmp_path,
+                         progress=False)
     for a, b in zip(result.log, checkpointed.log):
-        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx({k: v for k, v in b.items() if k != "seconds"})
+        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "seconds"}
+        )
     expected, got = _lora(out), _lora(tmp_path)
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 
@@ -311,8 +324,10 @@ def test_spec_flags_override_or_define_a_spec() -> None:
     register(parser.add_subparsers())
     args = parser.parse_args(["erase", "--concept", "red", "--synonyms", "crimson", "--irrelevant", "blue,green"])
     (spec,) = _specs(args)
-    assert spec.synonyms == ("crimson",) and spec.irrelevant == ("blue", "green") and spec.prompts == shapes_spec("red").prompts
-    args = parser.parse_args(["erase", "--model", "tiny-flux", "--concept", "cat", "--prompts", "a photo of a cat;a cat on a car",
+    assert spec.synonyms == ("crimson",) and spec.irrelevant == ("blue", "green")
+    assert spec.prompts == shapes_spec("red").prompts
+    args = parser.parse_args(["erase", "--model", "tiny-flux", "--concept", "cat",
+                              "--prompts", "a photo of a cat;a cat on a car",
                               "--preserve-prompts", "a photo of a dog"])
     (spec,) = _specs(args)
     assert spec.targets == ("cat",) and spec.prompts == ("a photo of a cat", "a cat on a car")

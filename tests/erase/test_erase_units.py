@@ -77,7 +77,9 @@ def test_concept_absent_from_training_prompt() -> None:
     with pytest.raises(ConceptNotInPromptError, match="'a blue square' does not contain the concept 'red'"):
         spec.check_prompts()
     with pytest.raises(SpecError, match="erased word"):
-        ConceptSpec(name="red", targets=("red",), synonyms=("crimson",), preserve_prompts=("a crimson box",)).check_prompts()
+        ConceptSpec(
+            name="red", targets=("red",), synonyms=("crimson",), preserve_prompts=("a crimson box",)
+        ).check_prompts()
 
 
 def test_spec_yaml_roundtrip_and_shipped_specs(tmp_path) -> None:
@@ -184,7 +186,9 @@ def test_attention_features_are_unit_norm_and_sum_multi_piece_words() -> None:
 
 # ------------------------------------------------------------------------------------------------ LoRA file
 def _image(pipe) -> torch.Tensor:
-    return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **TINY_FLUX_CALL_KWARGS).images
+    return pipe(
+        "a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **TINY_FLUX_CALL_KWARGS
+    ).images
 
 
 @pytest.fixture(scope="module")

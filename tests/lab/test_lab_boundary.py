@@ -33,7 +33,8 @@ def _fresh(code: str) -> str:
 
 def test_the_product_imports_no_lab_module():
     code = (f"import importlib, json, sys\nfor name in {PRODUCT!r}:\n    importlib.import_module(name)\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'attnscope.lab' or m.startswith('attnscope.lab.'))))")
+            "print(json.dumps(sorted(m for m in sys.modules "
+            "if m == 'attnscope.lab' or m.startswith('attnscope.lab.'))))")
     assert json.loads(_fresh(code)) == []
 
 

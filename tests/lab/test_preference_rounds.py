@@ -1,6 +1,6 @@
-"""scripts/preference_rounds.sh, the chain of on-policy preference rounds that made the bundle: one real round on the bundled model (a few
-captions, two fine-tune steps, one seed per scored prompt), its tar file kept over a worse one, and a second run
-that finds the round finished and redoes nothing."""
+"""scripts/preference_rounds.sh, the chain of on-policy preference rounds that made the bundle: one real round on
+the bundled model (a few captions, two fine-tune steps, one seed per scored prompt), its tar file kept over a worse
+one, and a second run that finds the round finished and redoes nothing."""
 
 from __future__ import annotations
 

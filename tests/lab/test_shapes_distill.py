@@ -62,8 +62,8 @@ def test_teacher_target_is_true_cfg_and_the_student_starts_as_the_conditional_ve
 
 
 def test_distillation_trains_a_guidance_input_that_exports_and_loads(teacher_folder, tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "student"), steps=3, minutes=0, batch=2, lr=1e-2, warmup=1, checkpoint_minutes=60.0,
-                      distill_from=teacher_folder, distill_guidance=[2.0, 4.0])
+    cfg = TrainConfig(out=str(tmp_path / "student"), steps=3, minutes=0, batch=2, lr=1e-2, warmup=1,
+                      checkpoint_minutes=60.0, distill_from=teacher_folder, distill_guidance=[2.0, 4.0])
     state = torch.load(train(cfg), weights_only=False)
     assert state["config"]["init_from"] == teacher_folder, "a student starts from its teacher"
     assert state["config"]["model"]["guidance_embeds"]

@@ -46,7 +46,9 @@ def test_token_coverage_follows_flux_packing_order():
 def test_targets_cover_every_piece_of_each_named_object_and_skip_dropped_captions():
     tokenizer = build_t5_tokenizer()
     scenes = [
-        render_scene(0, objects=[("red", "circle"), ("blue", "triangle")], caption="a scarlet circle and a blue pyramid"),
+        render_scene(
+            0, objects=[("red", "circle"), ("blue", "triangle")], caption="a scarlet circle and a blue pyramid"
+        ),
         render_scene(1, objects=[("green", "square")], caption="a green square"),
     ]
     targets = grounding_targets(scenes, _tokens(tokenizer, [scenes[0].caption, ""]))
@@ -73,7 +75,9 @@ def test_targets_refuse_tokens_of_another_caption():
 
 def test_loss_is_zero_exactly_when_the_word_map_is_its_object():
     tokenizer = build_t5_tokenizer()
-    scene = render_scene(0, objects=[("red", "circle"), ("blue", "triangle")], caption="a scarlet circle and a blue pyramid")
+    scene = render_scene(
+        0, objects=[("red", "circle"), ("blue", "triangle")], caption="a scarlet circle and a blue pyramid"
+    )
     targets = grounding_targets([scene], _tokens(tokenizer, [scene.caption]))
     n, t = targets.targets.shape[1], len(targets.positions)
     maps = torch.full((1, n, t), 1e-3)
@@ -87,7 +91,9 @@ def test_loss_is_zero_exactly_when_the_word_map_is_its_object():
     # Against uniform maps the KL is log(n) minus the target's entropy (numpy, independently of the torch code).
     p = targets.targets.numpy().astype(np.float64)
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=-1)
-    assert float(grounding_loss([uniform, uniform], targets)) == pytest.approx(float(np.mean(np.log(n) - entropy)), rel=1e-5)
+    assert float(grounding_loss([uniform, uniform], targets)) == pytest.approx(
+        float(np.mean(np.log(n) - entropy)), rel=1e-5
+    )
 
 
 def test_grounding_loss_through_a_real_trace_moves_word_maps_onto_their_objects():

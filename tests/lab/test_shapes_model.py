@@ -66,7 +66,8 @@ def test_pipeline_saves_loads_and_generates_offline(tmp_path):
     pipe.save_pretrained(tmp_path, safe_serialization=True)
     loaded = FluxPipeline.from_pretrained(tmp_path)
     assert loaded.vae_scale_factor == 1
-    out = loaded("a red circle and a blue box", generator=torch.Generator().manual_seed(0), output_type="np", **FAST_CALL)
+    out = loaded("a red circle and a blue box", generator=torch.Generator().manual_seed(0), output_type="np",
+                 **FAST_CALL)
     assert out.images.shape == (1, 32, 32, 3)
     # 32×32 pixels -> 16×16 image tokens.
     assert loaded._pack_latents(torch.zeros(1, 3, 32, 32), 1, 3, 32, 32).shape[1] == 256
@@ -77,7 +78,9 @@ def test_lora_on_transformer_trains_only_adapters():
     pipe = assemble_pipeline(TINY)
     tr = pipe.transformer
     tr.requires_grad_(False)
-    tr.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights="gaussian"))
+    tr.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["add_q_proj", "add_k_proj"], init_lora_weights="gaussian")
+    )
     n_img, n_txt = 256, MAX_SEQUENCE_LENGTH
     out = tr(
         hidden_states=torch.randn(1, n_img, 12),
@@ -95,7 +98,8 @@ def test_lora_on_transformer_trains_only_adapters():
 
 def test_train_resume_export(tmp_path):
     cfg = TrainConfig(
-        out=str(tmp_path / "run"), steps=2, vae_steps=2, batch=2, checkpoint_minutes=0.0, log_every=1, model=asdict(TINY)
+        out=str(tmp_path / "run"), steps=2, vae_steps=2, batch=2, checkpoint_minutes=0.0, log_every=1,
+        model=asdict(TINY),
     )
     ckpt = train(cfg)
     state = torch.load(ckpt, weights_only=False)
@@ -310,7 +314,8 @@ def test_sigterm_stops_after_a_whole_step_and_resumes_the_same_stream(tmp_path):
     assert 0 < step < 10_000 and "stopped by a signal" in log.read_text()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
     resumed = torch.load(train(TrainConfig(**{**stopped.__dict__, "steps": step + 2}), resume=True), weights_only=False)
-    straight = torch.load(train(TrainConfig(out=str(tmp_path / "straight"), steps=step + 2, **base)), weights_only=False)
+    straight = torch.load(train(TrainConfig(out=str(tmp_path / "straight"), steps=step + 2, **base)),
+                          weights_only=False)
     for name, value in straight["transformer"].items():
         torch.testing.assert_close(resumed["transformer"][name], value, rtol=0, atol=0)
 

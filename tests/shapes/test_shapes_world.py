@@ -147,7 +147,8 @@ def test_reader_judges_stretched_shapes_by_category_and_measures_the_stretch(sha
     """Models draw boxes for squares and ovals for circles; the reader names the category (the prototype fitted
     with the object's own width-to-height ratio) and reports how far from true form it is."""
     cov = coverage(shape, 16.0, 16.0, 6.0, 32, aspect)
-    image = np.rint(np.asarray(BACKGROUND, np.float32) * (1 - cov[..., None]) + np.asarray(COLORS["blue"], np.float32) * cov[..., None])
+    image = np.rint(np.asarray(BACKGROUND, np.float32) * (1 - cov[..., None])
+                    + np.asarray(COLORS["blue"], np.float32) * cov[..., None])
     (found,) = read_scene(image.astype(np.uint8))
     assert (found.color, found.shape) == ("blue", shape)
     assert found.aspect == pytest.approx(aspect, rel=0.12)
