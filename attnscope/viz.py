@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 MIN_VIEW_SIDE = 256
 
 
+def to_pixels(images: np.ndarray) -> list[np.ndarray]:
+    """A pipeline's ``output_type="np"`` images ``(B, H, W, 3)`` in [0, 1] as (H, W, 3) uint8 images."""
+    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in images]
+
+
 def _normalized(grid: np.ndarray) -> np.ndarray:
     grid = np.asarray(grid, dtype=np.float32)
     if grid.ndim != 2:

@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from attnscope import atomic
 from attnscope.shapes import call_kwargs_for
-from attnscope.shapes.generate import to_pixels
 from attnscope.shapes.metrics import score_image
 from attnscope.shapes.reader import read_scene
 from attnscope.shapes.render import render_scene
+from attnscope.viz import to_pixels
 
 #: Format of a saved ``PreferenceSet`` (``save``/``load``); change it when the fields change.
 FORMAT_VERSION = 1

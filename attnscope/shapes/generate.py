@@ -8,12 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..viz import to_pixels
 from . import call_kwargs_for
-
-
-def to_pixels(images: np.ndarray) -> list[np.ndarray]:
-    """A pipeline's ``output_type="np"`` images ``(B, H, W, 3)`` in [0, 1] as (H, W, 3) uint8 images."""
-    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in images]
 
 
 def generate(pipe: Any, prompt: str, seeds: list[int], **call_kwargs: Any) -> list[np.ndarray]:
@@ -25,4 +21,4 @@ def generate(pipe: Any, prompt: str, seeds: list[int], **call_kwargs: Any) -> li
     return to_pixels(out)
 
 
-__all__ = ["generate", "to_pixels"]
+__all__ = ["generate"]

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from ..pipelines import load_pipeline
 from . import bundled_path, call_kwargs_for
-from .generate import generate, to_pixels  # noqa: F401 (to_pixels: re-exported for the eval's callers)
+from .generate import generate
 from .localization import localization_metrics, save_sample_maps
 from .reader import DetectedObject, match_objects, read_scene
 from .vocabulary import COLORS, SHAPES, parse_prompt

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GRID_FILE", "REPORT_FILE", "mean_pixel_difference", "save_comparison_grid", "to_pixels"]
+__all__ = ["GRID_FILE", "REPORT_FILE", "mean_pixel_difference", "save_comparison_grid"]
 
 #: Files an evaluation writes into its output folder.
 REPORT_FILE = "eval.json"
 GRID_FILE = "eval_grid.png"
-
-
-def to_pixels(images: np.ndarray) -> list[np.ndarray]:
-    """A pipeline's ``output_type="np"`` images ``(B, H, W, 3)`` in [0, 1] as (H, W, 3) uint8 images."""
-    return [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in images]
 
 
 def mean_pixel_difference(base: Sequence[np.ndarray], erased: Sequence[np.ndarray]) -> float:

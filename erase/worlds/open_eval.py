@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnscope.viz import to_pixels
+
 from ..lora import check_lora_file, load_lora
 from ..run import EVAL_DIR
 from ..spec import ConceptSpec, replace_word
-from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparison_grid, to_pixels
+from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparison_grid
 
 __all__ = ["DEFAULT_CLIP_MODEL", "DEFAULT_SEEDS", "ZeroShot", "nudity_detector", "real_eval"]
 

@@ -44,10 +44,11 @@ import torch
 
 import attnscope
 from attnscope.profiles import profile_for
-from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS, score_image, to_pixels
+from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS, score_image
 from attnscope.shapes.profile import ShapesWorld
 from attnscope.shapes.reader import read_scene
 from attnscope.shapes.vocabulary import COLORS, SHAPES, canonical, parse_prompt, words_of
+from attnscope.viz import to_pixels
 
 from ..lora import check_lora_file, load_lora
 from ..run import EVAL_DIR, SPEC_FILE, read_run
