@@ -64,6 +64,8 @@ class ModelCall(Protocol):
     pipe: Any
     n_tokens: int
     channels: int
+    #: The negative prompt's ``(embeds (1, L, D), pooled (1, P))`` for true classifier-free guidance, or ``None``.
+    negative: tuple[torch.Tensor, torch.Tensor] | None
 
     def encode(
         self, prompts: Sequence[str], max_sequence_length: int

@@ -250,9 +250,10 @@ def evaluate(
     specs = specs or run_specs
     if not specs:
         raise ValueError(f"{lora_dir} has no {SPEC_FILE}: say which concept was erased with --concept")
-    if pipe_factory is None and not isinstance(profile_for(model).world, ShapesWorld):
+    world = profile_for(model).world
+    if pipe_factory is None and not isinstance(world, ShapesWorld):
         raise ValueError(
-            f"this protocol measures the shapes world; {model!r} is not a shapes model: `attnscope eval` runs the "
+            f"this protocol measures the shapes world; {model!r} is {world.description}: `attnscope eval` runs the "
             "evaluation of its world (see erase/README.md)"
         )
     unknown = [s.name for s in specs if s.name not in COLORS and s.name not in SHAPES]
