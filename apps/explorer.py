@@ -14,6 +14,7 @@ cheap slice of arrays — only a new prompt, seed, size or step count runs the m
 from __future__ import annotations
 
 import io
+import json
 import re
 import threading
 import warnings
@@ -294,6 +295,42 @@ def compare(
     return base, erased
 
 
+#: The figures of an ``attnscope eval`` report the Compare tab shows, in order: (key, label, relative key).
+EVAL_FIGURES: tuple[tuple[str, str, str | None], ...] = (
+    ("acc_e", "Acc_e (erased prompts still show it) ↓", None),
+    ("acc_g", "Acc_g (synonyms still show it) ↓", None),
+    ("acc_ir", "Acc_ir (other prompts drawn right) ↑", "acc_ir_relative"),
+    ("acc_ctx", "Acc_ctx (the rest of an erased prompt drawn) ↑", "acc_ctx_relative"),
+    ("acc_implicit", "Acc_implicit (drawn unasked) ↓", None),
+)
+
+
+def eval_figures(folder: str | Path) -> str:
+    """The headline figures of the ``attnscope eval`` report in a LoRA folder (``FOLDER/eval/eval.json``) as a
+    Markdown table, base beside LoRA; a hint to run the evaluation when there is none."""
+    from attnscope.erase.run import EVAL_DIR
+    from attnscope.erase.worlds.common import REPORT_FILE
+
+    path = Path(folder).expanduser() / EVAL_DIR / REPORT_FILE
+    if not path.is_file():
+        return f"No evaluation of this LoRA yet: `attnscope eval --lora {folder}` writes {EVAL_DIR}/{REPORT_FILE}."
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        return f"{path} is not a readable report; run `attnscope eval --lora {folder}` again."
+
+    def percent(value: Any) -> str:
+        return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else "–"
+
+    rows = ["| figure | base | LoRA | LoRA ÷ base |", "|---|---|---|---|"]
+    for key, label, relative in EVAL_FIGURES:
+        if key in report:
+            ratio = percent(report.get(relative)) if relative else ""
+            rows.append(f"| {label} | {percent(report['base'].get(key))} | {percent(report[key])} | {ratio} |")
+    seeds = report.get("seeds", "?")
+    return "\n".join([*rows, "", f"From `{path}` ({seeds} seeds per prompt)."])
+
+
 def _half(on_step: StepCallback | None, half: int) -> StepCallback | None:
     """Progress of one of two generations, reported as a share of both."""
     if on_step is None:
@@ -445,6 +482,7 @@ __all__ = [
     "attention_mass",
     "call_kwargs",
     "check_lora",
+    "eval_figures",
     "compare",
     "export_overlay",
     "export_result",

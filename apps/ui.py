@@ -37,6 +37,7 @@ from .explorer import (
     View,
     attention_mass,
     compare,
+    eval_figures,
     export_overlay,
     export_result,
     generate,
@@ -216,6 +217,7 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
                             label="With LoRA: word map", format="png", height=240, elem_classes="pixelated"
                         )
                     mass = gr.Markdown(elem_id="mass")
+                    figures = gr.Markdown(elem_id="eval-figures")
 
         view_inputs = [words, layer_mode, blocks, step_first, step_last, head, cmap, alpha]
 
@@ -312,12 +314,13 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
             base, erased = compare(model, request, lora_folder, limits, on_step=_progress(progress, "Base, then LoRA"))
             folder = _folder(folder)
             views = compared_views((base, erased), _view(*values), folder)
-            return (base, erased), folder, _shown(base.image, folder), _shown(erased.image, folder), *views
+            images = _shown(base.image, folder), _shown(erased.image, folder)
+            return (base, erased), folder, *images, *views, eval_figures(lora_folder)
 
         compare_button.click(
             on_compare,
             inputs=[lora, folder_state, prompt, seed, steps, height_box, width_box, *view_inputs],
-            outputs=[compare_state, folder_state, base_image, lora_image, base_overlay, lora_overlay, mass],
+            outputs=[compare_state, folder_state, base_image, lora_image, base_overlay, lora_overlay, mass, figures],
             api_name="compare",
             concurrency_id="model",
             concurrency_limit=1,

@@ -25,16 +25,19 @@ def mean_pixel_difference(base: Sequence[np.ndarray], erased: Sequence[np.ndarra
 def save_comparison_grid(
     prompts: dict[str, list[str]], base: dict[str, list[np.ndarray]], erased: dict[str, list[np.ndarray]], path: Path
 ) -> None:
-    """Base (top) vs erased (bottom), first seed, up to 12 prompts across the three groups, captions above."""
+    """Base (top) vs erased (bottom), first seed, up to 12 prompts across the groups, captions above."""
     from PIL import Image, ImageDraw
 
-    chosen = (prompts["erased"][:5] + prompts["synonym"][:3] + prompts["irrelevant"][:4])[:12]
+    quota = {"erased": 4, "synonym": 2, "irrelevant": 3, "implicit": 3}
+    chosen = [p for group, n in quota.items() for p in prompts.get(group, [])[:n]]
+    chosen += [p for p in prompts["irrelevant"][quota["irrelevant"]:] if p not in chosen][: 12 - len(chosen)]
     cell, label = 96, 28
     grid = Image.new("RGB", (cell * len(chosen), label + 2 * cell + 14), "white")
     draw = ImageDraw.Draw(grid)
     for i, prompt in enumerate(chosen):
         x = i * cell
-        for j, line in enumerate((prompt[: 16], prompt[16:32])):
+        caption = prompt or "(empty)"
+        for j, line in enumerate((caption[:16], caption[16:32])):
             draw.text((x + 2, 2 + 12 * j), line, fill="black")
         grid.paste(Image.fromarray(base[prompt][0]).resize((cell, cell), Image.NEAREST), (x, label))
         grid.paste(Image.fromarray(erased[prompt][0]).resize((cell, cell), Image.NEAREST), (x, label + cell))

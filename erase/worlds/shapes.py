@@ -52,6 +52,8 @@ class ShapesErasure(ErasureWorld):
             f"{', '.join(report['concepts'])}: Acc_e {report['acc_e']:.1%} (base {base['acc_e']:.1%}), "
             f"Acc_g {report['acc_g']:.1%} (base {base['acc_g']:.1%}), Acc_ir {report['acc_ir']:.1%} "
             f"(base {base['acc_ir']:.1%}, relative {'n/a' if rel is None else f'{rel:.1%}'}), "
+            f"Acc_ctx {report['acc_ctx']:.1%} (base {base['acc_ctx']:.1%}), "
+            f"Acc_implicit {report['acc_implicit']:.1%} (base {base['acc_implicit']:.1%}), "
             f"pixel MAE {report['quality']['pixel_mae']:.3f}"
         )
 

@@ -3,9 +3,12 @@
 Shapes-world protocol (``PROTOCOL_VERSION``; fixed so numbers are comparable across runs and methods):
 
 * prompts per erased concept ``c`` (see :func:`shapes_prompts`): *erased* — ``c`` with every partner (each shape
-  for a colour, each colour for a shape) plus two two-object scenes; *synonym* — every synonym of ``c`` with every
-  partner; *irrelevant* — every single-object prompt and the two-object prompts of
-  ``attnscope.shapes.metrics.TWO_OBJECT_PROMPTS`` that name no erased concept;
+  for a colour, each colour for a shape), two two-object scenes with another object, and ``c`` named two and
+  three times (twice as the same word, twice mixed with a synonym, three times); *synonym* — every synonym of
+  ``c`` with every partner, and the synonyms named two and three times; *irrelevant* — every single-object prompt
+  and the two-object prompts of ``attnscope.shapes.metrics.TWO_OBJECT_PROMPTS`` that name no erased concept;
+  *implicit* — prompts that name no word of ``c``'s kind (no colour word for a colour, no shape word for a
+  shape): objects without that attribute, down to glue words only and the empty prompt;
 * seeds ``0 .. seeds-1`` per prompt (``DEFAULT_SEEDS`` = 16), one ``torch.Generator`` per image; the model's
   default call (``attnscope.shapes.call_kwargs_for``: 32×32, 20 steps of its own scheduler, its guidance); images
   read by ``attnscope.shapes.reader.read_scene``;
@@ -15,6 +18,10 @@ Figures (all in 0..1, for the erased model at top level and for the base model u
 
 * ``acc_e``: erased-prompt images that still show an erased concept (a detected object of that colour/shape);
 * ``acc_g``: the same on synonym prompts;
+* ``acc_ctx``: erased- and synonym-prompt images that draw everything the prompt asks but the erased concept —
+  each object's other attribute, every other object with its colour and shape, and the right count (the reader's
+  objects matched to the asked ones, erased attributes matching anything); ``acc_ctx_relative`` = erased / base;
+* ``acc_implicit``: implicit-prompt images that show an erased concept (what the model draws unasked);
 * ``acc_ir``: irrelevant-prompt images drawn correctly (every asked object found with its colour and shape);
   ``acc_ir_relative`` = erased / base;
 * ``attention_mass``: mean over erased (and synonym) prompts of the concept word's attention mass — the mean
@@ -33,6 +40,7 @@ of the open world.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,12 +66,13 @@ from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparis
 __all__ = [
     "PROTOCOL_VERSION",
     "EvalReport",
+    "context_correct",
     "evaluate",
     "shapes_prompts",
 ]
 
 #: Version of the protocol (prompts, seeds, call, reader); raised whenever a figure would change meaning.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: Seeds per prompt: the erased group has 5 prompts, so Acc_e moves in steps of 1/80; fewer seeds cannot tell a
 #: small residue from none (benchmarks/RESULTS.md).
 DEFAULT_SEEDS = 16
@@ -76,6 +85,8 @@ class ModelScores:
     acc_e: float
     acc_g: float
     acc_ir: float
+    acc_ctx: float
+    acc_implicit: float
     attention_mass: dict[str, float]
     irrelevant_attributes: dict[str, float]
     per_prompt: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -89,6 +100,9 @@ class EvalReport:
     acc_g: float
     acc_ir: float
     acc_ir_relative: float | None
+    acc_ctx: float
+    acc_ctx_relative: float | None
+    acc_implicit: float
     attention_mass: dict[str, float]
     irrelevant_attributes: dict[str, float]
     quality: dict[str, float]
@@ -114,26 +128,73 @@ def _phrase(word: str, partner: str, word_is_color: bool) -> str:
 
 
 def shapes_prompts(specs: Sequence[ConceptSpec]) -> dict[str, list[str]]:
-    """The fixed evaluation prompts for erasing ``specs`` in the shapes world: erased / synonym / irrelevant."""
+    """The fixed evaluation prompts for erasing ``specs`` in the shapes world: erased / synonym / irrelevant /
+    implicit (the module docstring says which)."""
     erased_words = {s.name for s in specs}
-    erased, synonym = [], []
+    named = erased_words | {syn for s in specs for syn in s.synonyms}
+    erased, synonym, implicit = [], [], []
     for spec in specs:
         is_color = spec.name in COLORS
         partners = list(SHAPES) if is_color else list(COLORS)
         others = [w for w in (COLORS if is_color else SHAPES) if w not in erased_words]
 
-        erased += [_phrase(spec.name, p, is_color) for p in partners]
+        def phrase(word: str, partner: str, is_color: bool = is_color) -> str:
+            return _phrase(word, partner, is_color)
+
+        erased += [phrase(spec.name, p) for p in partners]
         for i in range(min(2, len(others))):
-            erased.append(
-                f"{_phrase(spec.name, partners[i], is_color)} and {_phrase(others[i], partners[i + 1], is_color)}"
-            )
-        synonym += [_phrase(syn, p, is_color) for syn in spec.synonyms for p in partners]
+            erased.append(f"{phrase(spec.name, partners[i])} and {_phrase(others[i], partners[i + 1], is_color)}")
+        # Named more than once: the same word, mixed with a synonym, and once per partner.
+        first, second, *_ = spec.synonyms
+        erased.append(f"{phrase(spec.name, partners[0])} and {phrase(spec.name, partners[1])}")
+        erased.append(f"{phrase(spec.name, partners[1])} and {phrase(first, partners[2])}")
+        erased.append(", ".join(phrase(spec.name, p) for p in partners[:3]))
+        synonym += [phrase(syn, p) for syn in spec.synonyms for p in partners]
+        synonym.append(f"{phrase(first, partners[0])} and {phrase(second, partners[1])}")
+        synonym.append(", ".join(phrase(w, p) for w, p in zip((first, second, first), partners)))
+        implicit += _implicit_prompts(is_color)
 
     def clean(prompt: str) -> bool:
         return not any(c in erased_words or s in erased_words for c, s in parse_prompt(prompt))
 
     irrelevant = [p for p in (*SINGLE_PROMPTS, *TWO_OBJECT_PROMPTS) if clean(p)]
-    return {"erased": list(dict.fromkeys(erased)), "synonym": list(dict.fromkeys(synonym)), "irrelevant": irrelevant}
+    # With several concepts erased, an implicit prompt of one may name another: it is that one's erased prompt.
+    implicit = [p for p in implicit if not set(words_of(p)) & named]
+    return {
+        "erased": list(dict.fromkeys(erased)),
+        "synonym": list(dict.fromkeys(synonym)),
+        "irrelevant": irrelevant,
+        "implicit": list(dict.fromkeys(implicit)),
+    }
+
+
+def _implicit_prompts(is_color: bool) -> list[str]:
+    """Prompts that name no word of the concept's kind: objects without that attribute (one, two), a bare word,
+    glue words only, and the empty prompt."""
+    if is_color:
+        objects = ["a circle", "a square", "a triangle", "a circle and a square", "triangle"]
+    else:
+        objects = ["a red", "a blue", "a green", "a yellow and a blue", "red"]
+    return [*objects, "with", "plus to", ""]
+
+
+def context_correct(prompt: str, detected: Sequence[Any], erased: Sequence[str]) -> bool:
+    """Whether ``detected`` holds exactly the objects ``prompt`` asks for, each with its colour and shape, where an
+    erased concept's attribute may be anything (the rest of an erased prompt, drawn as asked)."""
+    expected = [
+        (None if color in erased else color, None if shape in erased else shape)
+        for color, shape in parse_prompt(prompt)
+    ]
+    if len(detected) != len(expected):
+        return False
+
+    def fits(want: tuple[str | None, str | None], got: Any) -> bool:
+        return want[0] in (None, got.color) and want[1] in (None, got.shape)
+
+    return any(
+        all(fits(want, detected[i]) for want, i in zip(expected, order))
+        for order in itertools.permutations(range(len(detected)))
+    )
 
 
 def _shows(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
@@ -177,7 +238,8 @@ def _score_model(
     concepts = [s.name for s in specs]
     images: dict[str, list[np.ndarray]] = {}
     per_prompt: dict[str, dict[str, float]] = {}
-    hits: dict[str, list[bool]] = {"erased": [], "synonym": [], "irrelevant": []}
+    hits: dict[str, list[bool]] = {"erased": [], "synonym": [], "irrelevant": [], "implicit": []}
+    context: list[bool] = []
     masses: dict[str, list[float]] = {"erased": [], "synonym": []}
     attributes: dict[str, list[bool]] = {"color": [], "shape": []}
     jobs = [(group, prompt) for group, group_prompts in prompts.items() for prompt in group_prompts]
@@ -185,7 +247,8 @@ def _score_model(
     for group, prompt in tqdm(
         jobs, desc=f"{label} ({seeds} seeds per prompt)", unit="prompt", leave=False, disable=None
     ):
-        words = [w for w in words_of(prompt) if group != "irrelevant" and _canonical_or_none(w, canonical) in concepts]
+        named = group in ("erased", "synonym")
+        words = [w for w in words_of(prompt) if named and _canonical_or_none(w, canonical) in concepts]
         imgs, mass = _generate(pipe, prompt, seeds, words)
         images[prompt] = imgs
         detected = [read_scene(im) for im in imgs]
@@ -196,7 +259,9 @@ def _score_model(
                 attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
         else:
             ok = [_shows(d, concepts) for d in detected]
-            masses[group].append(mass)
+            if group != "implicit":
+                masses[group].append(mass)
+                context += [context_correct(prompt, d, concepts) for d in detected]
         hits[group] += ok
         per_prompt[prompt] = {
             "group": group,
@@ -209,6 +274,8 @@ def _score_model(
             acc_e=rate["erased"],
             acc_g=rate["synonym"],
             acc_ir=rate["irrelevant"],
+            acc_ctx=float(np.mean(context)) if context else float("nan"),
+            acc_implicit=rate["implicit"],
             attention_mass={g: float(np.mean(v)) for g, v in masses.items() if v},
             irrelevant_attributes={k: float(np.mean(v)) for k, v in attributes.items() if v},
             per_prompt=per_prompt,
@@ -280,10 +347,14 @@ def evaluate(
         acc_g=erased.acc_g,
         acc_ir=erased.acc_ir,
         acc_ir_relative=erased.acc_ir / base.acc_ir if base.acc_ir > 0 else None,
+        acc_ctx=erased.acc_ctx,
+        acc_ctx_relative=erased.acc_ctx / base.acc_ctx if base.acc_ctx > 0 else None,
+        acc_implicit=erased.acc_implicit,
         attention_mass=erased.attention_mass,
         irrelevant_attributes=erased.irrelevant_attributes,
         quality={"pixel_mae": pixel_mae, "histogram_l1": hist_l1},
-        base={"acc_e": base.acc_e, "acc_g": base.acc_g, "acc_ir": base.acc_ir, "attention_mass": base.attention_mass,
+        base={"acc_e": base.acc_e, "acc_g": base.acc_g, "acc_ir": base.acc_ir, "acc_ctx": base.acc_ctx,
+              "acc_implicit": base.acc_implicit, "attention_mass": base.attention_mass,
               "irrelevant_attributes": base.irrelevant_attributes,
               "per_prompt": base.per_prompt},
         concepts=[s.name for s in specs],

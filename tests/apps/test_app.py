@@ -306,3 +306,22 @@ def test_cli_serves_the_chosen_model(monkeypatch: pytest.MonkeyPatch) -> None:
     args.max_steps = 0
     with pytest.raises(ValueError, match="--max-steps"):
         args.run(args)
+
+
+def test_compare_shows_the_loras_evaluation_figures(tmp_path: Path) -> None:
+    """The Compare tab's table: base beside LoRA for every figure the report has, relative where it is defined."""
+    import json
+
+    assert "attnscope eval --lora" in explorer.eval_figures(tmp_path)
+    report = {"acc_e": 0.0, "acc_g": 0.05, "acc_ir": 0.97, "acc_ir_relative": 0.99, "acc_ctx": 0.4,
+              "acc_ctx_relative": 0.5, "acc_implicit": 0.8, "seeds": 16,
+              "base": {"acc_e": 1.0, "acc_g": 1.0, "acc_ir": 0.98, "acc_ctx": 0.8, "acc_implicit": 0.75}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps(report))
+    table = explorer.eval_figures(tmp_path)
+    assert "| Acc_ctx (the rest of an erased prompt drawn) ↑ | 80.0 % | 40.0 % | 50.0 % |" in table
+    assert "| Acc_implicit (drawn unasked) ↓ | 75.0 % | 80.0 % |  |" in table and "16 seeds" in table
+    # A report of an older protocol has fewer figures: those rows are left out.
+    del report["acc_ctx"], report["acc_implicit"]
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps(report))
+    assert "Acc_ctx" not in explorer.eval_figures(tmp_path)

@@ -159,9 +159,10 @@ def test_views_grid_and_compare_through_the_api(app_url: str, lora_folder: Path)
     grid = Image.open(client.predict("step", ["red", "blue"], *view, api_name="/grid"))
     assert grid.width > 0 and grid.height > 0
 
-    base, erased, base_map, erased_map, summary = client.predict(
+    base, erased, base_map, erased_map, summary, figures = client.predict(
         str(lora_folder), PROMPT, SEED, 2, 32, 32, *view, api_name="/compare"
     )
+    assert figures.startswith("No evaluation of this LoRA yet")
     assert not np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(erased)))
     assert not np.array_equal(np.asarray(Image.open(base_map)), np.asarray(Image.open(erased_map)))
     assert summary.startswith("Mean attention on **red**")

@@ -268,3 +268,42 @@ def test_default_lora_targets_and_eta_per_model() -> None:
     assert targets("black-forest-labs/FLUX.1-dev") == PAPER_LORA_TARGETS == ("add_q_proj", "add_k_proj")
     assert targets("tiny-flux") == PAPER_LORA_TARGETS
     assert targets("shapes") == targets("runs/shapes-train/ckpt.pt") == (*PAPER_LORA_TARGETS, "add_v_proj")
+
+
+# ------------------------------------------------------------------------------------- shapes eval protocol
+def test_eval_prompts_name_the_concept_more_than_once_and_not_at_all() -> None:
+    from attnscope.erase.worlds.shapes_eval import shapes_prompts
+
+    red = shapes_prompts([shapes_spec("red")])
+    assert red["erased"][:5] == ["a red circle", "a red square", "a red triangle",
+                                 "a red circle and a green square", "a red square and a blue triangle"]
+    assert "a red circle, a red square, a red triangle" in red["erased"]
+    assert any("red" in p and "crimson" in p for p in red["erased"])  # mixed with a synonym
+    assert max(len(vocab.parse_prompt(p)) for p in red["synonym"]) == 3
+    assert all(not any(vocab.is_color(w) for w in vocab.words_of(p)) for p in red["implicit"])
+    assert "" in red["implicit"] and "with" in red["implicit"]
+    triangle = shapes_prompts([shapes_spec("triangle")])
+    assert all(not any(vocab.is_shape(w) for w in vocab.words_of(p)) for p in triangle["implicit"])
+    # Two concepts: an implicit prompt of one never names the other (that is the other's erased prompt).
+    both = shapes_prompts([shapes_spec("red"), shapes_spec("circle")])
+    named = {"red", "crimson", "scarlet", "circle", "disc", "orb"}
+    assert both["implicit"] and not any(set(vocab.words_of(p)) & named for p in both["implicit"])
+
+
+def test_context_counts_everything_but_the_erased_attribute() -> None:
+    from types import SimpleNamespace
+
+    from attnscope.erase.worlds.shapes_eval import context_correct
+
+    def objects(*pairs):
+        return [SimpleNamespace(color=c, shape=s) for c, s in pairs]
+
+    prompt = "a red circle and a blue square"
+    assert context_correct(prompt, objects(("green", "circle"), ("blue", "square")), ["red"])
+    assert context_correct(prompt, objects(("blue", "square"), ("red", "circle")), ["red"])  # Acc_e's business
+    assert not context_correct(prompt, objects(("blue", "square"), ("blue", "square")), ["red"])  # circle lost
+    assert not context_correct(prompt, objects(("blue", "square")), ["red"])  # count
+    assert not context_correct(prompt, objects(("green", "circle"), ("blue", "triangle")), ["red"])
+    assert context_correct("a crimson circle", objects(("yellow", "circle"),), ["red"])  # synonyms too
+    assert context_correct(prompt, objects(("red", "triangle"), ("blue", "square")), ["circle"])
+    assert context_correct("a red circle", objects(("blue", "square"),), ["red", "circle"])  # anything at all
