@@ -307,3 +307,12 @@ def test_context_counts_everything_but_the_erased_attribute() -> None:
     assert context_correct("a crimson circle", objects(("yellow", "circle"),), ["red"])  # synonyms too
     assert context_correct(prompt, objects(("red", "triangle"), ("blue", "square")), ["circle"])
     assert context_correct("a red circle", objects(("blue", "square"),), ["red", "circle"])  # anything at all
+
+
+def test_eval_summary_line_names_every_headline_figure() -> None:
+    figures = {"acc_e": 0.0, "acc_g": 0.0, "acc_ir": 0.98, "acc_ctx": 0.5, "acc_implicit": 0.75}
+    report = {**figures, "acc_ir_relative": 1.0, "concepts": ["red"], "quality": {"pixel_mae": 0.01},
+              "base": {**figures, "acc_e": 1.0}}
+    line = erasure_world("shapes").summary(report)
+    assert line.startswith("red: Acc_e 0.0% (base 100.0%)") and "Acc_ctx 50.0% (base 50.0%)" in line
+    assert "Acc_implicit 75.0%" in line and "\n" not in line
