@@ -43,7 +43,9 @@ class CacheConfig:
     prompt (every state is a training point, so few steps suffice), ``preserve_steps`` steps per
     preservation sample (these are the flow-matching targets, so they should look like the model's images),
     ``k_irrelevant`` contrastive positives per point for at most ``contrastive_points`` evenly spread points
-    (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward."""
+    (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward;
+    ``implicit_prompts``: prompts that name nothing, through which every concept point is also seen for the
+    unconditional ESD loss (one base forward per point and prompt)."""
 
     sample_steps: int = 8
     preserve_steps: int = 20
@@ -52,6 +54,7 @@ class CacheConfig:
     contrastive_points: int = 48
     batch: int = 32
     seed: int = 0
+    implicit_prompts: tuple[str, ...] = ("", "and", "the", "a")
 
 
 @dataclass
@@ -62,7 +65,9 @@ class EraseCache:
     index into the specs, ``v_concept``/``v_anchor (P, N, C)`` base velocities, ``positives (P, K, N)`` /
     ``negatives (P, S, N)`` base attention features with ``positive_mask (P, K)``/``negative_mask (P, S)``;
     ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q); keep points ``keep_x (R, N, C)``,
-    ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``.
+    ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``; implicit rows
+    ``implicit_point (U,)`` (index of a concept point), ``implicit_prompts`` (U) and the base velocity there through
+    that prompt, ``v_implicit (U, N, C)``.
     """
 
     x: torch.Tensor
@@ -82,6 +87,9 @@ class EraseCache:
     keep_sigma: torch.Tensor
     keep_v: torch.Tensor
     keep_prompts: list[str]
+    implicit_point: torch.Tensor
+    implicit_prompts: list[str]
+    v_implicit: torch.Tensor
 
     def save(self, path: str | Path) -> None:
         atomic.torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
@@ -227,6 +235,17 @@ def build_cache(
         pos_mask.append(pm)
         neg_mask.append(nm)
 
+    # The concept's points seen through prompts that name nothing (unconditional ESD).
+    implicit_point, implicit_prompts, v_implicit = [], [], []
+    for prompt in config.implicit_prompts:
+        for start in range(0, len(prompts), config.batch):
+            stop = min(start + config.batch, len(prompts))
+            embeds, pooled = bank.get([prompt] * (stop - start))
+            xb, sb = x[start:stop].to(device, dtype), sigma[start:stop].to(device)
+            v_implicit.append(call.velocity(transformer, xb, sb, embeds, pooled, bank.text_ids).float().cpu())
+            implicit_point += range(start, stop)
+            implicit_prompts += [prompt] * (stop - start)
+
     # Preservation samples: the end of each trajectory.
     x0_list, q_prompts = [], []
     keep_x, keep_sigma, keep_v, keep_prompts = [], [], [], []
@@ -268,4 +287,7 @@ def build_cache(
         keep_sigma=torch.cat(keep_sigma).float() if keep_sigma else torch.zeros(0),
         keep_v=torch.cat(keep_v).cpu() if keep_v else torch.zeros(0, call.n_tokens, call.channels),
         keep_prompts=keep_prompts,
+        implicit_point=torch.tensor(implicit_point, dtype=torch.long),
+        implicit_prompts=implicit_prompts,
+        v_implicit=torch.cat(v_implicit) if v_implicit else torch.zeros(0, call.n_tokens, call.channels),
     )

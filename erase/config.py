@@ -27,6 +27,10 @@ class LossWeights:
     preservation-prompt trajectories (and, for models sampled with true classifier-free guidance, for the negative
     prompt at the concept's points, the reference guidance subtracts). A regression on known targets, so much less
     noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw.
+
+    ``implicit`` is ours too: unconditional ESD. At the concept's points, the model prompted with words that name
+    nothing (``CacheConfig.implicit_prompts``: the empty prompt, glue words) is pushed from the base model's
+    velocity there away from the concept's, so that erasing a concept also stops the model drawing it unasked.
     """
 
     esd: float = 1.0
@@ -34,6 +38,7 @@ class LossWeights:
     flow: float = 0.1
     contrastive: float = 0.1
     keep: float = 20.0
+    implicit: float = 1.0
 
 
 @dataclass

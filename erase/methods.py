@@ -2,10 +2,12 @@
 supplies the machinery (cached base-model data, a forward with or without captured maps, the weighted backward).
 
 :class:`EraseAnything` (the default) is bi-level: the *erase* (lower) level makes the model stop drawing the
-concept — ESD-flow towards the anchor plus attention attenuation on the concept's text keys; the *preserve*
-(upper) level keeps everything else — flow matching on base-model samples of irrelevant prompts, the keep loss
-and the reverse self-contrastive loss. ``schedule="alternate"`` alternates them (the official code: even steps
-erase, odd steps preserve); ``schedule="joint"`` takes both levels in every step (their gradients accumulate).
+concept — ESD-flow towards the anchor plus attention attenuation on the concept's text keys, and (ours)
+unconditional ESD: the concept's points through prompts that name nothing, so that it is not drawn unasked
+either; the *preserve* (upper) level keeps everything else — flow matching on base-model samples of irrelevant
+prompts, the keep loss and the reverse self-contrastive loss. ``schedule="alternate"`` alternates them (the
+official code: even steps erase, odd steps preserve); ``schedule="joint"`` takes both levels in every step (their
+gradients accumulate).
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ class EraseAnything:
         """The losses of one optimizer step of ``level`` (gradients accumulated in the trainer's parameters)."""
         w = trainer.config.weights
         values: dict[str, float] = {}
-        if level in ("erase", "joint") and (w.esd > 0 or w.attention > 0):
+        if level in ("erase", "joint") and (w.esd > 0 or w.attention > 0 or w.implicit > 0):
             values |= self.erase(trainer)
         if level in ("preserve", "joint") and (w.flow > 0 or w.contrastive > 0 or w.keep > 0):
             values |= self.preserve(trainer)
         return values
 
     def erase(self, trainer: Trainer) -> dict[str, float]:
-        """ESD and attention attenuation on ``batch`` cached concept points (one captured forward)."""
+        """ESD and attention attenuation on ``batch`` cached concept points (one captured forward), and
+        unconditional ESD on ``batch // 2`` implicit rows (a second, plain forward)."""
         c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
         idx = torch.randint(len(c.prompts), (config.batch,), generator=trainer.generator)
 
@@ -54,7 +57,22 @@ class EraseAnything:
             return out
 
         words = [c.words[i] for i in idx] if w.attention > 0 else None
-        return trainer.backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], erase_losses, words)
+        values: dict[str, float] = {}
+        if w.esd > 0 or w.attention > 0:
+            values |= trainer.backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], erase_losses, words)
+        n_implicit = config.batch // 2 if w.implicit > 0 else 0
+        if n_implicit and len(c.implicit_point):
+            rows = trainer.draw(len(c.implicit_point), n_implicit)
+            point = c.implicit_point[rows]
+
+            def implicit_losses(v, maps, columns):
+                v_concept, v_implicit = c.v_concept[point].to(device), c.v_implicit[rows].to(device)
+                return {"implicit": losses.esd_loss(v, v_concept, v_implicit, config.eta)}
+
+            values |= trainer.backward_group(
+                c.x[point], c.sigma[point], [c.implicit_prompts[i] for i in rows], implicit_losses
+            )
+        return values
 
     def preserve(self, trainer: Trainer) -> dict[str, float]:
         """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one

@@ -94,7 +94,7 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
     assert {"esd", "attention"} <= set(log["steps"][0])
     assert {"flow", "contrastive", "keep"} <= set(log["steps"][1])
-    assert set(log["final_losses"]) == {"esd", "attention", "flow", "contrastive", "keep"}
+    assert set(log["final_losses"]) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
     # Keep points: every concept point with the negative prompt (the shapes model samples with true CFG), then
     # every state of the preservation trajectories with its own prompt.
     assert log["config"]["true_cfg_scale"] > 1
@@ -172,9 +172,18 @@ def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> N
     finally:
         for hook in hooks:
             hook.remove()
-    assert {"esd", "attention"} == set(erase) and {"flow", "keep", "contrastive"} == set(preserve)
-    rows, contrastive = config.batch, config.contrastive_rows
-    assert calls == {"double": [rows, rows - contrastive, contrastive], "single": [rows, rows - contrastive]}
+    assert {"esd", "attention", "implicit"} == set(erase) and {"flow", "keep", "contrastive"} == set(preserve)
+    rows, contrastive, implicit = config.batch, config.contrastive_rows, config.batch // 2
+    assert calls == {
+        "double": [rows, implicit, rows - contrastive, contrastive],
+        "single": [rows, implicit, rows - contrastive],
+    }
+    # The implicit rows are the concept's own points, seen through prompts that name nothing.
+    cache = trainer.cache
+    assert len(cache.implicit_prompts) == len(cache.prompts) * len(config.cache.implicit_prompts)
+    assert set(cache.implicit_prompts) == set(config.cache.implicit_prompts) and "" in cache.implicit_prompts
+    assert cache.v_implicit.shape == (len(cache.implicit_prompts), *cache.x.shape[1:])
+    torch.testing.assert_close(cache.x[cache.implicit_point[: len(cache.prompts)]], cache.x)
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(red_run, tmp_path) -> None:
@@ -234,7 +243,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
 def test_multi_concept_run(tmp_path) -> None:
     specs = [shapes_spec("red"), shapes_spec("circle")]
     result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
-    assert set(result.final_losses) == {"esd", "attention", "flow", "contrastive", "keep"}
+    assert set(result.final_losses) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
     # Preservation prompts name neither erased concept nor a synonym.
