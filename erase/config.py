@@ -31,6 +31,8 @@ class LossWeights:
     ``implicit`` is ours too: unconditional ESD. At the concept's points, the model prompted with words that name
     nothing (``CacheConfig.implicit_prompts``: the empty prompt, glue words) is pushed from the base model's
     velocity there away from the concept's, so that erasing a concept also stops the model drawing it unasked.
+    Off by default (``--weights implicit=1`` turns it on): it erases "red" alone from the empty prompt and glue
+    words, but in a run of two concepts it took the erase level's gradient from their ESD (benchmarks/RESULTS.md).
     """
 
     esd: float = 1.0
@@ -38,7 +40,7 @@ class LossWeights:
     flow: float = 0.1
     contrastive: float = 0.1
     keep: float = 20.0
-    implicit: float = 1.0
+    implicit: float = 0.0
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Erasure methods: which losses a training step computes, on which rows. The :class:`~erase.trainer.Trainer`
 supplies the machinery (cached base-model data, a forward with or without captured maps, the weighted backward).
 
-:class:`EraseAnything` (the default) is bi-level: the *erase* (lower) level makes the model stop drawing the
-concept — ESD-flow towards the anchor plus attention attenuation on the concept's text keys, and (ours)
-unconditional ESD: the concept's points through prompts that name nothing, so that it is not drawn unasked
-either; the *preserve* (upper) level keeps everything else — flow matching on base-model samples of irrelevant
-prompts, the keep loss and the reverse self-contrastive loss. ``schedule="alternate"`` alternates them (the
-official code: even steps erase, odd steps preserve); ``schedule="joint"`` takes both levels in every step (their
-gradients accumulate).
+:class:`EraseAnything` (the default) is bi-level. The *erase* (lower) level makes the model stop drawing the
+concept: ESD-flow towards the anchor plus attention attenuation on the concept's text keys, and, when its weight
+is set (ours, off by default), unconditional ESD: the concept's points through prompts that name nothing, so that
+it is not drawn unasked either. The *preserve* (upper) level keeps everything else: flow matching on base-model
+samples of irrelevant prompts, the keep loss and the reverse self-contrastive loss. ``schedule="alternate"``
+alternates them (the official code: even steps erase, odd steps preserve); ``schedule="joint"`` takes both levels
+in every step (their gradients accumulate).
 """
 
 from __future__ import annotations

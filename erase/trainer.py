@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,11 @@ class Trainer:
         path = self.out / run.CACHE_FILE
         if self.parallel.is_main and not path.is_file():
             with base_model(self.transformer):
+                cache_config = self.config.cache
+                if self.config.weights.implicit == 0:  # no implicit rows to draw: do not sample them
+                    cache_config = replace(cache_config, implicit_prompts=())
                 cache = build_cache(
-                    self.call, self.bank, self.specs, preservation_prompts(self.specs), self.config.cache,
+                    self.call, self.bank, self.specs, preservation_prompts(self.specs), cache_config,
                     self.config.attention_layers, progress, self.config.negative_prompt or "",
                 )
             cache.save(path)

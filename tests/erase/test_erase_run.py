@@ -94,7 +94,7 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
     assert {"esd", "attention"} <= set(log["steps"][0])
     assert {"flow", "contrastive", "keep"} <= set(log["steps"][1])
-    assert set(log["final_losses"]) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
+    assert set(log["final_losses"]) == {"esd", "attention", "flow", "contrastive", "keep"}
     # Keep points: every concept point with the negative prompt (the shapes model samples with true CFG), then
     # every state of the preservation trajectories with its own prompt.
     assert log["config"]["true_cfg_scale"] > 1
@@ -172,18 +172,33 @@ def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> N
     finally:
         for hook in hooks:
             hook.remove()
-    assert {"esd", "attention", "implicit"} == set(erase) and {"flow", "keep", "contrastive"} == set(preserve)
-    rows, contrastive, implicit = config.batch, config.contrastive_rows, config.batch // 2
-    assert calls == {
-        "double": [rows, implicit, rows - contrastive, contrastive],
-        "single": [rows, implicit, rows - contrastive],
-    }
-    # The implicit rows are the concept's own points, seen through prompts that name nothing.
+    assert {"esd", "attention"} == set(erase) and {"flow", "keep", "contrastive"} == set(preserve)
+    rows, contrastive = config.batch, config.contrastive_rows
+    assert calls == {"double": [rows, rows - contrastive, contrastive], "single": [rows, rows - contrastive]}
+    assert len(trainer.cache.implicit_prompts) == 0  # the implicit loss is off: nothing sampled for it
+
+
+def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing(tmp_path) -> None:
+    """With the implicit (unconditional ESD) loss on, an erase step also runs ``batch // 2`` rows of the concept's
+    own cached points prompted with words that name nothing, through every block."""
+    pipe = small_shapes_pipeline()
+    weights = LossWeights(implicit=1.0)
+    config = _config(weights=weights, **model_defaults("shapes", pipe))
+    trainer = Trainer(pipe, [shapes_spec("red")], config, tmp_path)
+    trainer.prepare_cache(None)
     cache = trainer.cache
     assert len(cache.implicit_prompts) == len(cache.prompts) * len(config.cache.implicit_prompts)
     assert set(cache.implicit_prompts) == set(config.cache.implicit_prompts) and "" in cache.implicit_prompts
     assert cache.v_implicit.shape == (len(cache.implicit_prompts), *cache.x.shape[1:])
     torch.testing.assert_close(cache.x[cache.implicit_point[: len(cache.prompts)]], cache.x)
+    calls: list[int] = []
+    hook = pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        erase = trainer.train_step()
+    finally:
+        hook.remove()
+    assert {"esd", "attention", "implicit"} == set(erase) and calls == [config.batch, config.batch // 2]
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(red_run, tmp_path) -> None:
@@ -243,7 +258,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
 def test_multi_concept_run(tmp_path) -> None:
     specs = [shapes_spec("red"), shapes_spec("circle")]
     result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
-    assert set(result.final_losses) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
+    assert set(result.final_losses) == {"esd", "attention", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
     # Preservation prompts name neither erased concept nor a synonym.
