@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from attnscope.tokens import split_words
+
 __all__ = [
     "ConceptNotInPromptError",
     "ConceptSpec",
@@ -142,8 +144,8 @@ class ConceptSpec:
 
 
 def words_of(text: str) -> list[str]:
-    """The words of ``text`` (letters/digits with inner apostrophes, the word rule of ``attnscope.tokens``)."""
-    return re.findall(r"[^\W_]+(?:['’][^\W_]+)*", text)
+    """The words of ``text``, by the word rule of ``attnscope.tokens``."""
+    return [word for word, _, _ in split_words(text)]
 
 
 def _word_pattern(word: str) -> str:
@@ -180,10 +182,11 @@ def load_spec(path: str | Path) -> list[ConceptSpec]:
     return [ConceptSpec.from_dict(item, source=str(path)) for item in items]
 
 
-def suggest(word: str, candidates: Iterable[str], cutoff: float = 0.5) -> str:
-    """``"; did you mean 'a', 'b'?"`` for the distinct close matches of ``word`` among ``candidates`` (or "")."""
+def suggest(word: str, candidates: Iterable[str], cutoff: float = 0.5, lead: str = "did you mean") -> str:
+    """``"; did you mean 'a', 'b'?"`` (``lead`` says how to ask) for the distinct close matches of ``word`` among
+    ``candidates``, or "" when none is close."""
     close = difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=3, cutoff=cutoff)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"; {lead} {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def check_prompts_fit(pipe: Any, specs: Sequence[ConceptSpec], text_length: int) -> None:

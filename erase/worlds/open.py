@@ -53,8 +53,8 @@ class OpenErasure(ErasureWorld):
             ids = tokenizer(word, add_special_tokens=False).input_ids
             if not ids or (unk is not None and unk in ids):
                 whole = [p.lstrip("▁") for p in tokenizer.get_vocab() if p.startswith("▁") and len(p) > 2]
-                hint = suggest(word.lower(), whole, cutoff=0.6).replace("; did you mean", "; close words it knows:")
-                raise UnknownConceptError(f"the model's tokenizer does not know the word {word!r}{hint.rstrip('?')}")
+                hint = suggest(word.lower(), whole, cutoff=0.6, lead="did you mean one of the words it knows,")
+                raise UnknownConceptError(f"the model's tokenizer does not know the word {word!r}{hint}")
 
     def evaluate(
         self, lora_dir: Path, specs: Sequence[ConceptSpec], model: str, *, seeds: int, out: Path, device: str,

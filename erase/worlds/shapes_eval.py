@@ -55,7 +55,7 @@ from attnscope.profiles import profile_for
 from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS, score_image
 from attnscope.shapes.profile import ShapesWorld
 from attnscope.shapes.reader import read_scene
-from attnscope.shapes.vocabulary import COLORS, SHAPES, canonical, parse_prompt, words_of
+from attnscope.shapes.vocabulary import CANONICAL, COLORS, SHAPES, parse_prompt, words_of
 from attnscope.viz import to_pixels
 
 from ..lora import check_lora_file, load_lora
@@ -248,7 +248,7 @@ def _score_model(
         jobs, desc=f"{label} ({seeds} seeds per prompt)", unit="prompt", leave=False, disable=None
     ):
         named = group in ("erased", "synonym")
-        words = [w for w in words_of(prompt) if named and _canonical_or_none(w, canonical) in concepts]
+        words = [w for w in words_of(prompt) if named and CANONICAL.get(w) in concepts]
         imgs, mass = _generate(pipe, prompt, seeds, words)
         images[prompt] = imgs
         detected = [read_scene(im) for im in imgs]
@@ -282,13 +282,6 @@ def _score_model(
         ),
         images,
     )
-
-
-def _canonical_or_none(word: str, canonical: Any) -> str | None:
-    try:
-        return canonical(word)
-    except KeyError:
-        return None
 
 
 def evaluate(
