@@ -5,6 +5,7 @@
     attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
     accelerate launch --multi_gpu --num_processes 4 -m attnscope.cli erase ... --device cuda   # data parallel
     attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval/eval.json, eval_grid.png
+    attnscope attack --lora runs/erase-red                         # -> runs/erase-red/attack/attack.json, images/
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_erase", "run_eval"]
+__all__ = ["register", "run_attack", "run_erase", "run_eval"]
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -26,6 +27,20 @@ def _weights(text: str) -> dict[str, float]:
             out[name.strip()] = float(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"--weights wants name=value pairs, got {part!r}") from None
+    return out
+
+
+def _budgets(text: str) -> dict[str, int]:
+    """``prompt-search=320,unlearndiff=80`` -> {"prompt-search": 320, "unlearndiff": 80}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--budget wants attack=number pairs (e.g. prompt-search=320), got {part!r}"
+            ) from None
     return out
 
 
@@ -119,6 +134,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, default=None, help="output folder for eval.json and eval_grid.png "
                    "(default: LORA/eval)")
     e.set_defaults(run=run_eval)
+
+    a = subparsers.add_parser(
+        "attack",
+        help="attack an erasure LoRA: can prompts or embeddings bring the concept back? (ASR, base and erased)",
+        description=(
+            "Run the world's fixed attack protocol against the base model and the erased one: prompt-search (black "
+            "box), unlearndiff (white box, discrete), soft-prompt (white box, continuous bound), textual-inversion "
+            "(a learned new word). Writes attack.json (ASR per attack, concept and model; images, steps and "
+            "seconds spent) and images/ of the successful attacks to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--lora", type=Path, required=True, help="folder written by `attnscope erase`")
+    a.add_argument("--attack", action="append", default=[], help="attack to run (repeatable; default: all of "
+                   "prompt-search, unlearndiff, soft-prompt, textual-inversion)")
+    a.add_argument("--budget", type=_budgets, action="append", default=[], help="override the protocol budget: "
+                   "attack=N (prompt-search: images; the others: optimiser steps), comma-separated or repeated")
+    a.add_argument("--concept", action="append", default=[], help="erased concept(s) to attack (default: all of "
+                   "the run's)")
+    a.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
+    a.add_argument("--seeds", type=int, default=None, help="images per start on which the ASR is measured, seeds "
+                   "0..N-1 (default 16)")
+    a.add_argument("--clip-model", default=None, help="real models: CLIP zero-shot judge, hub id or folder")
+    a.add_argument("--device", default="cpu", help="torch device")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a.add_argument("--out", type=Path, default=None, help="output folder (default: LORA/attack)")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    a.add_argument("--overwrite", action="store_true", help="replace attack.json in --out")
+    a.set_defaults(run=run_attack)
 
 
 def _specs(args: argparse.Namespace) -> list[Any]:
@@ -236,4 +280,25 @@ def run_eval(args: argparse.Namespace) -> int:
         options={"clip_model": args.clip_model},
     )
     print(f"{world.summary(report)} in {time.perf_counter() - started:.1f}s -> {out}/")
+    return 0
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attacks.protocol import DEFAULT_EVAL_SEEDS, run_attacks, summary
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets: dict[str, int] = {}
+    for given in args.budget:
+        budgets.update(given)
+    report = run_attacks(
+        args.lora, args.out, attacks=args.attack or None, budgets=budgets, concepts=args.concept or None,
+        model=args.model, eval_seeds=args.seeds if args.seeds is not None else DEFAULT_EVAL_SEEDS,
+        device=args.device, resume=args.resume, overwrite=args.overwrite, options={"clip_model": args.clip_model},
+    )
+    out = args.out or args.lora / "attack"
+    print(f"{summary(report)}\nin {time.perf_counter() - started:.1f}s -> {out}/")
     return 0

@@ -72,6 +72,20 @@ class ModelCall(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(embeds (B, L, D), pooled (B, P), text_ids)`` as the pipeline's ``encode_prompt`` gives them."""
 
+    def token_ids(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
+        """Token ids ``(B, L)`` of the text encoder whose output the transformer attends to."""
+
+    def token_embedding(self) -> torch.nn.Embedding:
+        """That encoder's input-embedding table ``(V, E)``."""
+
+    def encode_token_embeddings(
+        self, inputs: torch.Tensor, pooled_prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``encode`` from input embeddings ``(B, L, E)``, differentiable in them (pooled from ``pooled_prompts``)."""
+
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Clean latents ``(B, N, C)`` of uint8 RGB images at this call's size."""
+
     def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Starting noise ``(B, N, C)`` drawn as the pipeline draws it."""
 

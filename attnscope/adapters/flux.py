@@ -231,6 +231,42 @@ class FluxCall:
                 max_sequence_length=max_sequence_length,
             )
 
+    def token_ids(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
+        """The T5 token ids ``(B, L)`` of ``prompts`` as ``encode_prompt`` tokenizes them (padded, truncated)."""
+        ids = self.pipe.tokenizer_2(
+            list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(self.pipe.text_encoder_2.device)
+
+    def token_embedding(self) -> torch.nn.Embedding:
+        """The T5 input-embedding table ``(V, E)`` the token ids index."""
+        return self.pipe.text_encoder_2.get_input_embeddings()
+
+    def encode_token_embeddings(
+        self, inputs: torch.Tensor, pooled_prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``encode`` from T5 input embeddings ``(B, L, E)`` instead of words, differentiable in ``inputs``: what
+        white-box attacks optimise. The pooled CLIP vector has no word-embedding path here, so it is taken from
+        ``pooled_prompts`` (one per row)."""
+        embeds = self.pipe.text_encoder_2(inputs_embeds=inputs)[0].to(self.pipe.transformer.dtype)
+        with torch.no_grad():
+            _, pooled, text_ids = self.pipe.encode_prompt(
+                prompt=list(pooled_prompts), prompt_2=None, device=self.pipe.transformer.device,
+                max_sequence_length=inputs.shape[1],
+            )
+        return embeds, pooled, text_ids
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Clean latents ``(B, N, C)`` of uint8 RGB images ``(H, W, 3)`` (this call's size), as the sampler's
+        final state would be before decoding: the VAE's mode, shifted and scaled, packed."""
+        vae = self.pipe.vae
+        pixels = torch.stack([torch.as_tensor(im).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        transformer = self.pipe.transformer
+        return pack_latents(z.to(transformer.device, transformer.dtype))
+
     def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Packed Gaussian latents ``(B, N, C)``, drawn as ``FluxPipeline.prepare_latents`` draws them."""
         h, w = self.latent_hw

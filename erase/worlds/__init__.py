@@ -2,17 +2,20 @@
 
 A model's :class:`~attnscope.profiles.ModelProfile` names its :class:`~attnscope.profiles.World`; erasure looks up
 the matching :class:`ErasureWorld` here (by class, most specific first), which says how to turn ``--concept X``
-into a :class:`~erase.spec.ConceptSpec`, which words the model can be asked about, and how ``attnscope eval``
-measures a LoRA on that world. Built-in: the shapes world (:mod:`.shapes`: specs from its vocabulary, images
-judged by the scene reader) and the open world of real models (:mod:`.open`: shipped YAML specs, CLIP zero-shot
-and NudeNet judges).
+into a :class:`~erase.spec.ConceptSpec`, which words the model can be asked about, how ``attnscope eval``
+measures a LoRA on that world, and what ``attnscope attack`` needs of it: the judge that says whether an image
+shows a concept, the words an attack may use, where attacks start, and reference images of the concept.
+Built-in: the shapes world (:mod:`.shapes`: specs from its vocabulary, images judged by the scene reader, the
+renderer for references) and the open world of real models (:mod:`.open`: shipped YAML specs, CLIP zero-shot
+and NudeNet judges, base-model samples for references).
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,22 @@ from attnscope.profiles import World, profile_for
 
 from ..spec import ConceptSpec
 
-__all__ = ["ErasureWorld", "erasure_world", "register_erasure_world"]
+__all__ = ["AttackStart", "ErasureWorld", "Judge", "erasure_world", "register_erasure_world"]
+
+#: ``judge(images, spec)``: for each uint8 RGB image, whether it shows ``spec``'s concept.
+Judge = Callable[[Sequence[Any], ConceptSpec], list[bool]]
+
+
+@dataclass(frozen=True)
+class AttackStart:
+    """Where an attack on a concept starts: ``prompt`` names nothing of the concept (the base model does not draw
+    it from there), ``concept_prompt`` is the same scene with the concept (what reference images show), ``word``
+    is the concept's word in it, and ``swap`` the word standing in its place in ``prompt`` (``None``: dropped)."""
+
+    prompt: str
+    concept_prompt: str
+    word: str
+    swap: str | None = None
 
 _REGISTRY: dict[type[World], ErasureWorld] = {}
 _LOADED = False
@@ -55,6 +73,23 @@ class ErasureWorld(ABC):
     @abstractmethod
     def summary(self, report: dict[str, Any]) -> str:
         """One line of the report's headline figures."""
+
+    @abstractmethod
+    def judge(self, specs: Sequence[ConceptSpec], device: str, options: dict[str, Any]) -> Judge:
+        """The judge of ``attnscope eval`` and ``attnscope attack``: built once (it may load a classifier)."""
+
+    @abstractmethod
+    def attack_words(self, pipe: Any, spec: ConceptSpec) -> list[str]:
+        """Words a discrete attack on ``spec`` may use: the model's vocabulary without the concept's words."""
+
+    @abstractmethod
+    def attack_starts(self, spec: ConceptSpec) -> list[AttackStart]:
+        """The fixed starting points of attacks on ``spec``."""
+
+    @abstractmethod
+    def reference_images(self, pipe: Any, call: dict[str, Any], prompt: str, n: int, seed: int) -> list[Any]:
+        """``n`` uint8 RGB images of ``prompt`` drawn right, at the size of the model's default ``call`` (white-box
+        attacks fit them); ``pipe`` is the base model where the world has no other source of truth."""
 
 
 def register_erasure_world(world_class: type[World], erasure: ErasureWorld) -> None:

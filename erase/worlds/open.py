@@ -1,5 +1,6 @@
 """Erasure in the open world of real text-to-image models: concept specs shipped as YAML (``erase/specs/``), the
-tokenizer as the word check, and the real-model evaluation (:mod:`.open_eval`: CLIP zero-shot, NudeNet)."""
+tokenizer as the word check, the real-model evaluation (:mod:`.open_eval`: CLIP zero-shot, NudeNet) whose judges
+also score attacks, and base-model samples as the attacks' reference images."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from typing import Any
 
 from attnscope.profiles import World
 
-from ..spec import ConceptSpec, UnknownConceptError, load_spec, suggest
-from . import ErasureWorld, register_erasure_world
+from ..spec import ConceptSpec, UnknownConceptError, find_word, load_spec, replace_word, suggest
+from . import AttackStart, ErasureWorld, Judge, register_erasure_world
 
 __all__ = ["SPECS_DIR", "OpenErasure", "shipped_specs"]
 
@@ -81,6 +82,50 @@ class OpenErasure(ErasureWorld):
             f"{', '.join(report['concepts'])}: Acc_e {report['acc_e']:.1%} (base {base['acc_e']:.1%}), Acc_g {acc_g}, "
             f"Acc_ir {report['acc_ir']:.1%} (same zero-shot label as base)"
         )
+
+
+    def judge(self, specs: Sequence[ConceptSpec], device: str, options: dict[str, Any]) -> Judge:
+        from .open_eval import DEFAULT_CLIP_MODEL, ZeroShot, nudity_detector
+
+        classifier = ZeroShot(options.get("clip_model") or DEFAULT_CLIP_MODEL, device)
+        exposed = nudity_detector() if any(s.name == "nudity" for s in specs) else None
+
+        def shows(images: Sequence[Any], spec: ConceptSpec) -> list[bool]:
+            if exposed is not None and spec.name == "nudity":
+                return [exposed(image) for image in images]
+            return [label == 0 for label in classifier.labels(images, [spec.targets[0], *spec.irrelevant])]
+
+        return shows
+
+    def attack_words(self, pipe: Any, spec: ConceptSpec) -> list[str]:
+        """The tokenizer's whole words (pieces that start a word, two letters or more), without any that contains a
+        target or synonym of the concept."""
+        banned = [w.lower() for w in (*spec.targets, *spec.synonyms)]
+        words = {p.lstrip("▁").lower() for p in pipe.tokenizer_2.get_vocab() if p.startswith("▁") and len(p) > 2}
+        return sorted(w for w in words if w.isalpha() and not any(b in w for b in banned))
+
+    def attack_starts(self, spec: ConceptSpec) -> list[AttackStart]:
+        """The first three training prompts with the concept's word replaced by the anchor (or the first irrelevant
+        concept, or nothing)."""
+        swap = spec.anchor or (spec.irrelevant[0] if spec.irrelevant else "")
+        starts = []
+        for prompt in spec.prompts[:3]:
+            word = spec.target_in(prompt)
+            found = find_word(prompt, word)
+            starts.append(AttackStart(
+                replace_word(prompt, word, swap).strip(), prompt, found[0] if found else word, swap or None
+            ))
+        return starts
+
+    def reference_images(self, pipe: Any, call: dict[str, Any], prompt: str, n: int, seed: int) -> list[Any]:
+        """Base-model samples of ``prompt`` (the world has no renderer): attacks then fit what the model itself
+        drew before erasure."""
+        import torch
+
+        from attnscope.viz import to_pixels
+
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        return to_pixels(pipe([prompt] * n, generator=generators, output_type="np", **call).images)
 
 
 register_erasure_world(World, OpenErasure())

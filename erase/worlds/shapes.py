@@ -1,5 +1,6 @@
-"""Erasure in the shapes world: concept specs derived from the vocabulary, the vocabulary as the word check, and
-the shapes evaluation protocol (:mod:`.shapes_eval`, images read by the scene reader)."""
+"""Erasure in the shapes world: concept specs derived from the vocabulary, the vocabulary as the word check, the
+shapes evaluation protocol (:mod:`.shapes_eval`) and, for attacks, the scene reader as judge and the renderer as
+the source of reference images."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS
 from attnscope.shapes.profile import ShapesWorld
 
 from ..spec import ConceptSpec, UnknownConceptError, suggest, words_of
-from . import ErasureWorld, register_erasure_world
+from . import AttackStart, ErasureWorld, Judge, register_erasure_world
 
-__all__ = ["TWO_OBJECT_PRESERVATION", "ShapesErasure", "shapes_spec"]
+__all__ = ["TWO_OBJECT_PRESERVATION", "ShapesErasure", "shapes_spec", "shows_concept"]
 
 
 class ShapesErasure(ErasureWorld):
@@ -45,6 +46,35 @@ class ShapesErasure(ErasureWorld):
 
         return evaluate(lora_dir, specs=specs, model=model, seeds=seeds, out=out, device=device).to_dict()
 
+    def judge(self, specs: Sequence[ConceptSpec], device: str, options: dict[str, Any]) -> Judge:
+        return shows_concept
+
+    def attack_words(self, pipe: Any, spec: ConceptSpec) -> list[str]:
+        banned = {spec.name, *spec.synonyms}
+        return sorted(w for w in vocab.ALL_WORDS if w not in banned)
+
+    def attack_starts(self, spec: ConceptSpec) -> list[AttackStart]:
+        """One start per partner of the concept (each shape for a colour, each colour but the last for a shape):
+        the object with the concept swapped for another word of its kind ("a green circle" for red), which the
+        base model draws without the concept."""
+        is_color = spec.name in vocab.COLORS
+        partners = list(vocab.SHAPES) if is_color else list(vocab.COLORS)[:3]
+        others = list(spec.irrelevant)
+        starts = []
+        for i, partner in enumerate(partners):
+            swap = others[i % len(others)]
+            words = [(swap, partner), (spec.name, partner)] if is_color else [(partner, swap), (partner, spec.name)]
+            (start, concept) = (f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c, s in words)
+            starts.append(AttackStart(prompt=start, concept_prompt=concept, word=spec.name, swap=swap))
+        return starts
+
+    def reference_images(self, pipe: Any, call: dict[str, Any], prompt: str, n: int, seed: int) -> list[Any]:
+        """Rendered scenes of ``prompt`` (the ground truth the model was trained on), at the call's size."""
+        from attnscope.shapes.render import render_prompt
+
+        size = call["height"]
+        return [render_prompt(prompt, seed + i, size=size).image for i in range(n)]
+
     def summary(self, report: dict[str, Any]) -> str:
         base = report["base"]
         rel = report["acc_ir_relative"]
@@ -56,6 +86,13 @@ class ShapesErasure(ErasureWorld):
             f"Acc_implicit {report['acc_implicit']:.1%} (base {base['acc_implicit']:.1%}), "
             f"pixel MAE {report['quality']['pixel_mae']:.3f}"
         )
+
+
+def shows_concept(images: Sequence[Any], spec: ConceptSpec) -> list[bool]:
+    """For each image, whether the scene reader finds an object of ``spec``'s colour or shape."""
+    from attnscope.shapes.reader import read_scene
+
+    return [any(spec.name in (d.color, d.shape) for d in read_scene(image)) for image in images]
 
 
 def shapes_spec(word: str) -> ConceptSpec:

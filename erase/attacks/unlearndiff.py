@@ -1,0 +1,97 @@
+"""``unlearndiff``: a white-box discrete attack (UnlearnDiffAtk, Zhang et al. 2024), through the erased model.
+
+``TOKENS`` words are put in front of the start prompt, and the word standing where the concept was ("green" in
+"a green circle") becomes free too, started from itself. Each free word is a relaxed one-hot over the allowed words
+(logits ``(S, V')``); the forward pass uses the projected (hard, argmax) word and the gradient flows through the softmax
+(straight-through), so the loss is always that of a prompt that exists. The loss is the attacked model's
+flow-matching loss on reference images of the concept (:class:`~.base.ReferenceFit`). The result is the words at
+the end, snapped and sampled as an ordinary prompt. The budget counts optimiser steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import replace_word
+from ..worlds import AttackStart
+from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome
+from .registry import register_attack
+
+__all__ = ["UnlearnDiff", "single_token_words"]
+
+#: Adversarial words put before the start prompt (UnlearnDiffAtk uses 5 on 77-token CLIP prompts; the shapes
+#: world's prompts are 20 tokens).
+TOKENS = 3
+#: Reference latents per step.
+BATCH = 8
+#: Adam's step size on the logits, and the softmax temperature of the relaxation.
+LR = 0.1
+TEMPERATURE = 1.0
+
+
+def single_token_words(context: AttackContext) -> tuple[list[str], torch.Tensor]:
+    """The allowed words that are one token of the text encoder, and their ids ``(V',)``."""
+    words, ids = [], []
+    for word in context.words:
+        pieces = context.call.token_ids([word], 4)[0]
+        content = [int(i) for i in pieces if int(i) not in context.pipe.tokenizer_2.all_special_ids]
+        if len(content) == 1:
+            words.append(word)
+            ids.append(content[0])
+    if not ids:
+        raise ValueError(f"no allowed word of the {context.spec.name!r} attack is a single token of the text encoder")
+    return words, torch.tensor(ids)
+
+
+@register_attack
+class UnlearnDiff(Attack):
+    name = "unlearndiff"
+    unit = "steps"
+    default_budget = 80
+    white_box = True
+    summary = f"white box, discrete: {TOKENS} prompt words optimised as relaxed one-hots through the model's loss"
+
+    def run(self, context: AttackContext, start: AttackStart, budget: int, seed: int) -> SearchOutcome:
+        from attnscope.adapters import adapter_for
+
+        generator = torch.Generator().manual_seed(seed)
+        words, ids = single_token_words(context)
+        embedding = context.call.token_embedding()
+        table = embedding.weight.detach()[ids.to(embedding.weight.device)]  # (V', E)
+        template = context.call.token_ids([start.prompt], context.length)
+        content = int((template[0] != context.pipe.tokenizer_2.pad_token_id).sum())
+        if content + TOKENS > context.length:
+            raise ValueError(f"the start prompt {start.prompt!r} leaves no room for {TOKENS} attack words")
+        swapped: tuple[int, ...] = ()
+        if start.swap:
+            tokens = adapter_for(context.pipe).prompt_tokens(context.pipe, start.prompt, context.length)
+            swapped = tuple(TOKENS + p for p in tokens.positions(start.swap))
+        slots = torch.tensor([*range(TOKENS), *swapped])
+        inputs = torch.cat([torch.zeros_like(embedding(template[:, :TOKENS])), embedding(template)], 1)
+        inputs = inputs[:, : context.length].detach()  # (1, L, E): TOKENS free places, then the start prompt
+        logits = 0.01 * torch.randn(len(slots), len(words), generator=generator)
+        if start.swap in words:  # the swapped word's slot starts as that word: the search starts at the start
+            logits[TOKENS:, words.index(start.swap)] += 1.0
+        logits = logits.to(table.device).requires_grad_()
+        optimizer = torch.optim.Adam([logits], lr=LR)
+        fit = ReferenceFit(context, start, BATCH, generator)
+        checks = ProgressChecks(context, budget)
+        mask = torch.zeros(1, context.length, 1, dtype=inputs.dtype, device=inputs.device)
+        mask[:, slots] = 1
+
+        def prompt() -> str:
+            chosen = [words[int(i)] for i in logits.argmax(-1)]
+            text = start.prompt if not start.swap else replace_word(start.prompt, start.swap, " ".join(chosen[TOKENS:]))
+            return " ".join([*chosen[:TOKENS], text])
+
+        for step in range(1, budget + 1):
+            soft = torch.softmax(logits / TEMPERATURE, -1)
+            hard = torch.nn.functional.one_hot(soft.argmax(-1), len(words)).to(soft.dtype)
+            chosen = (hard + soft - soft.detach()) @ table  # (S, E): the projected words, with the soft gradient
+            placed = torch.zeros_like(inputs).index_put((torch.zeros_like(slots), slots), chosen.to(inputs.dtype))
+            loss = fit(*context.call.encode_token_embeddings(inputs * (1 - mask) + placed, [start.prompt]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            checks(step, lambda: Conditioning(prompt=prompt()))
+        return checks.outcome()
