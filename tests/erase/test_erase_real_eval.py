@@ -137,3 +137,27 @@ def test_cli_eval_dispatches_real_models(clip_dir, tmp_path, capsys, monkeypatch
     args = parser.parse_args([*common, "--concept", "hippopotamus"])
     with pytest.raises(Exception, match="hippopotamus"):
         args.run(args)
+
+
+def test_attacks_run_on_a_real_model_world(clip_dir, tmp_path):
+    """`attnscope attack` on the open world: starts from the spec's prompts with the concept swapped for its first
+    irrelevant concept, the tokenizer's words without the concept's, base-model samples as references, the CLIP
+    zero-shot judge."""
+    from attnscope.erase.attacks import run_attacks
+    from attnscope.erase.worlds import erasure_world
+
+    pipe = attnscope.load_pipeline("tiny-flux", progress=False)
+    run = _lora_dir(pipe, tmp_path / "run", scale=0.05)
+    SPEC.save(run / "spec.yaml")
+    (run / "run.json").write_text(json.dumps({"config": {"model": "tiny-flux"}}))
+    world = erasure_world("tiny-flux")
+    assert [s.prompt for s in world.attack_starts(SPEC)] == ["a photo of a car", "a painting of a car"]
+    words = world.attack_words(pipe, SPEC)
+    assert words and not any("cat" in w or "dog" in w for w in words)
+    report = run_attacks(run, tmp_path / "attack", attacks=["prompt-search", "textual-inversion"],
+                         budgets={"prompt-search": 4, "textual-inversion": 2}, eval_seeds=2,
+                         options={"clip_model": str(clip_dir)}, pipe_factory=lambda: pipe)
+    assert report["complete"] and set(report["table"]) == {"prompt-search", "textual-inversion"}
+    for model in ("base", "erased"):
+        entry = report["results"][model]["textual-inversion/cat"]
+        assert entry["optimizer_steps"] == 2 * 2 and 0 <= entry["asr"] <= 1
