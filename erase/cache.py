@@ -124,14 +124,21 @@ def maps_forward(
     return list(tr.take()[-1].values()), keep
 
 
-def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str) -> str:
-    """The anchor prompt of ``prompt`` for ``specs[concept]``; with several concepts erased at once, the others'
-    targets are replaced by their anchors too, so that no ESD target points towards another erased concept."""
-    anchor = specs[concept].anchor_prompt(prompt)
+def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str, turn: int = 0) -> str:
+    """The anchor prompt of ``prompt`` for ``specs[concept]``, with anchor number ``turn`` of each spec (cyclically).
+    With several concepts erased at once, the others' targets are replaced by their anchors too, and no anchor that
+    names another erased concept is used, so that no ESD target points towards another erased concept."""
+
+    def anchor_of(spec: ConceptSpec) -> str:
+        others = [t for other in specs if other is not spec for t in other.targets]
+        usable = [a for a in spec.anchors if not any(find_word(a, t) for t in others)]
+        return usable[turn % len(usable)] if usable else ""
+
+    anchor = replace_word(prompt, specs[concept].target_in(prompt), anchor_of(specs[concept]))
     for i, other in enumerate(specs):
         for target in other.targets if i != concept else ():
             if find_word(anchor, target):
-                anchor = replace_word(anchor, target, other.anchor or "", every=True)
+                anchor = replace_word(anchor, target, anchor_of(other), every=True)
     return anchor
 
 
@@ -191,7 +198,7 @@ def build_cache(
     concept_t = torch.tensor(concept)
 
     # Anchor velocities and contrastive targets at every point.
-    anchors = [multi_anchor_prompt(specs, c, p) for c, p in zip(concept, prompts)]
+    anchors = [multi_anchor_prompt(specs, c, p, turn) for turn, (c, p) in enumerate(zip(concept, prompts))]
     v_anchor, positives, pos_mask, negatives, neg_mask = [], [], [], [], []
     k = config.k_irrelevant
     stride = max(1, -(-len(prompts) // max(config.contrastive_points, 1)))

@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "spec flags", "override fields of the spec of a single --concept (or define one from scratch)"
     )
     flags.add_argument("--synonyms", type=_csv, default=None, help="comma-separated synonyms")
-    flags.add_argument("--anchor", default=None, help="word replacing the concept in anchor prompts (default: drop it)")
+    flags.add_argument("--anchors", "--anchor", type=_csv, default=None, help="comma-separated words replacing the "
+                       "concept in anchor prompts, in turn (default: the world's; none: drop it)")
     flags.add_argument("--irrelevant", type=_csv, default=None, help="comma-separated concepts to preserve")
     flags.add_argument("--prompts", type=_semicolons, default=None, help="';'-separated training prompts")
     flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")
@@ -173,7 +174,7 @@ def _specs(args: argparse.Namespace) -> list[Any]:
 
     overrides = {
         "synonyms": args.synonyms,
-        "anchor": args.anchor,
+        "anchors": args.anchors,
         "irrelevant": args.irrelevant,
         "prompts": args.prompts,
         "preserve_prompts": args.preserve_prompts,

@@ -12,7 +12,8 @@ YAML layout (every key but ``name`` and ``targets`` optional)::
     name: red
     targets: [red]                 # words whose concept is erased; every training prompt contains one
     synonyms: [crimson, scarlet]   # must be erased too (generality); never trained on as targets
-    anchor: null                   # word replacing the target in the anchor prompt; null: drop the target
+    anchors: [green, blue]         # words replacing the target in anchor prompts, one training point after
+                                   # another in turn; none: drop the target
     irrelevant: [green, blue]      # concepts that must stay intact (preservation, contrastive positives)
     prompts: ["a red circle"]      # training prompts for the erase step
     preserve_prompts: ["a green circle"]   # prompts sampled for the preservation step
@@ -69,7 +70,7 @@ class ConceptSpec:
     name: str
     targets: tuple[str, ...]
     synonyms: tuple[str, ...] = ()
-    anchor: str | None = None
+    anchors: tuple[str, ...] = ()
     irrelevant: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     preserve_prompts: tuple[str, ...] = ()
@@ -77,7 +78,7 @@ class ConceptSpec:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SpecError("a concept spec needs a non-empty 'name'")
-        for key in ("targets", "synonyms", "irrelevant", "prompts", "preserve_prompts"):
+        for key in ("targets", "synonyms", "anchors", "irrelevant", "prompts", "preserve_prompts"):
             value = getattr(self, key)
             if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):
                 raise SpecError(f"spec {self.name!r}: {key!r} must be a list of non-empty strings, got {value!r}")
@@ -102,9 +103,10 @@ class ConceptSpec:
             f"{', '.join(self.targets)}); every training prompt must name it"
         )
 
-    def anchor_prompt(self, prompt: str) -> str:
-        """``prompt`` with its target replaced by the anchor (or dropped when the anchor is ``None``)."""
-        return replace_word(prompt, self.target_in(prompt), self.anchor or "")
+    def anchor_prompt(self, prompt: str, turn: int = 0) -> str:
+        """``prompt`` with its target replaced by anchor number ``turn`` (cyclically), or dropped without anchors."""
+        anchor = self.anchors[turn % len(self.anchors)] if self.anchors else ""
+        return replace_word(prompt, self.target_in(prompt), anchor)
 
     def check_prompts(self) -> None:
         """Raise ConceptNotInPromptError for the first training prompt that lacks a target word."""
@@ -127,11 +129,14 @@ class ConceptSpec:
         if not isinstance(data, dict):
             raise SpecError(f"{source}: a spec must be a mapping, got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - {"anchor"})
         if unknown:
             raise SpecError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
         if "targets" not in data and "name" in data:
             data = {**data, "targets": [data["name"]]}
+        if "anchor" in data:  # the one-anchor form: ``anchor: kite`` is ``anchors: [kite]``
+            single = data["anchor"]
+            data = {k: v for k, v in data.items() if k != "anchor"} | {"anchors": [single] if single else []}
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**fields)
 

@@ -105,9 +105,9 @@ class OpenErasure(ErasureWorld):
         return sorted(w for w in words if w.isalpha() and not any(b in w for b in banned))
 
     def attack_starts(self, spec: ConceptSpec) -> list[AttackStart]:
-        """The first three training prompts with the concept's word replaced by the anchor (or the first irrelevant
-        concept, or nothing)."""
-        swap = spec.anchor or (spec.irrelevant[0] if spec.irrelevant else "")
+        """The first three training prompts with the concept's word replaced by the first anchor (or the first
+        irrelevant concept, or nothing)."""
+        swap = (spec.anchors or spec.irrelevant or ("",))[0]
         starts = []
         for prompt in spec.prompts[:3]:
             word = spec.target_in(prompt)

@@ -246,11 +246,21 @@ def test_multi_concept_anchor_names_no_erased_concept() -> None:
     from attnscope.erase.cache import multi_anchor_prompt
 
     specs = [shapes_spec("red"), shapes_spec("circle")]
-    assert multi_anchor_prompt(specs[:1], 0, "a red circle") == "a circle"
-    assert multi_anchor_prompt(specs, 0, "a red circle and a green circle") == "a and a green"
-    assert multi_anchor_prompt(specs, 1, "a red circle") == "a"
-    dark = ConceptSpec(name="red", targets=("red",), anchor="dark red", prompts=("a red car",))
+    # Anchors in turn: the other colours (shapes) replace the erased one.
+    assert [multi_anchor_prompt(specs[:1], 0, "a red circle", t) for t in range(4)] == [
+        "a green circle", "a blue circle", "a yellow circle", "a green circle"]
+    assert multi_anchor_prompt(specs, 0, "a red circle and a green circle", 1) == "a blue triangle and a green triangle"
+    assert multi_anchor_prompt(specs, 1, "a red circle", 0) == "a green square"
+    # No anchor names another erased concept: with red and green erased, green's anchors skip red.
+    both = [shapes_spec("red"), shapes_spec("green")]
+    assert [multi_anchor_prompt(both, 1, "a green circle", t) for t in range(2)] == ["a blue circle", "a yellow circle"]
+    dark = ConceptSpec(name="red", targets=("red",), anchors=("dark red",), prompts=("a red car",))
     assert multi_anchor_prompt([dark], 0, "a red car") == "a dark red car"  # an anchor may contain the word
+    dropped = ConceptSpec(name="red", targets=("red",), prompts=("a red car",))
+    assert multi_anchor_prompt([dropped], 0, "a red car") == "a car"
+    # The one-anchor form of a YAML spec.
+    assert ConceptSpec.from_dict({"name": "red", "anchor": "kite"}).anchors == ("kite",)
+    assert ConceptSpec.from_dict({"name": "red", "anchor": None}).anchors == ()
 
 
 def test_default_lora_targets_and_eta_per_model() -> None:
