@@ -127,11 +127,14 @@ def maps_forward(
 def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str, turn: int = 0) -> str:
     """The anchor prompt of ``prompt`` for ``specs[concept]``, with anchor number ``turn`` of each spec (cyclically).
     With several concepts erased at once, the others' targets are replaced by their anchors too, and no anchor that
-    names another erased concept is used, so that no ESD target points towards another erased concept."""
+    names another erased concept is used, so that no ESD target points towards another erased concept. Nor is an
+    anchor the prompt already names ("green" in "a red circle and a green square"): the base model draws two
+    objects that share a word as two of one kind, and the erased object would learn to copy its neighbour."""
 
     def anchor_of(spec: ConceptSpec) -> str:
         others = [t for other in specs if other is not spec for t in other.targets]
-        usable = [a for a in spec.anchors if not any(find_word(a, t) for t in others)]
+        usable = [a for a in spec.anchors if not any(find_word(a, t) for t in others) and not find_word(prompt, a)]
+        usable = usable or [a for a in spec.anchors if not any(find_word(a, t) for t in others)]
         return usable[turn % len(usable)] if usable else ""
 
     anchor = replace_word(prompt, specs[concept].target_in(prompt), anchor_of(specs[concept]))

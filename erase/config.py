@@ -30,9 +30,9 @@ class LossWeights:
 
     ``implicit`` is ours too: unconditional ESD. At the concept's points, the model prompted with words that name
     nothing (``CacheConfig.implicit_prompts``: the empty prompt, glue words) is pushed from the base model's
-    velocity there away from the concept's, so that erasing a concept also stops the model drawing it unasked.
-    Off by default (``--weights implicit=1`` turns it on): it erases "red" alone from the empty prompt and glue
-    words, but in a run of two concepts it took the erase level's gradient from their ESD (benchmarks/RESULTS.md).
+    velocity there by ``-η·(v(concept) − v(anchor))``, the direction that separates the concept from its anchor
+    (:func:`~erase.losses.implicit_loss`), so that an erased concept is not drawn unasked either: prompt searches
+    find glue words that draw it otherwise (benchmarks/RESULTS.md).
     """
 
     esd: float = 1.0
@@ -40,7 +40,7 @@ class LossWeights:
     flow: float = 0.1
     contrastive: float = 0.1
     keep: float = 20.0
-    implicit: float = 0.0
+    implicit: float = 1.0
 
 
 @dataclass

@@ -26,6 +26,7 @@ __all__ = [
     "esd_loss",
     "esd_target",
     "flow_matching_loss",
+    "implicit_loss",
     "velocity_matching_loss",
 ]
 
@@ -44,6 +45,18 @@ def esd_loss(
 ) -> torch.Tensor:
     """ESD for flow matching: ``‖v(x_t, c) - sg[esd_target]‖²`` (mean over all elements). Shapes ``(B, N, C)``."""
     return F.mse_loss(v.float(), esd_target(v_base_concept.float(), v_base_anchor.float(), eta))
+
+
+def implicit_loss(
+    v: torch.Tensor, v_base: torch.Tensor, v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float = 1.0
+) -> torch.Tensor:
+    """Unconditional ESD along the concept's own direction: ``‖v(x_t, c_0) - sg[v*(x_t, c_0) - eta·(v*(x_t, c) -
+    v*(x_t, c_anc))]‖²`` for a prompt ``c_0`` that names nothing. The push is the difference between the concept's
+    prompt and its anchor, which share everything but the concept, not between the concept's prompt and ``c_0``:
+    that would also push away from the concept prompt's other words ("a green circle" for circle), toward their
+    opposites, which may be another erased concept. Shapes ``(B, N, C)``."""
+    target = v_base.float() - eta * (v_base_concept.float() - v_base_anchor.float())
+    return F.mse_loss(v.float(), target.detach())
 
 
 def attention_mass(probs: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,9 @@ class EraseAnything:
             point = c.implicit_point[rows]
 
             def implicit_losses(v, maps, columns):
-                v_concept, v_implicit = c.v_concept[point].to(device), c.v_implicit[rows].to(device)
-                return {"implicit": losses.esd_loss(v, v_concept, v_implicit, config.eta)}
+                v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],
+                                                                      c.v_anchor[point]))
+                return {"implicit": losses.implicit_loss(v, v_here, v_concept, v_anchor, config.eta)}
 
             values |= trainer.backward_group(
                 c.x[point], c.sigma[point], [c.implicit_prompts[i] for i in rows], implicit_losses

@@ -26,7 +26,7 @@ RELATIVE_LR = 0.05
 class SoftPrompt(Attack):
     name = "soft-prompt"
     unit = "steps"
-    default_budget = 80
+    default_budget = 96
     white_box = True
     summary = "white box, continuous: the text encoder's output itself optimised through the model's loss (bound)"
 

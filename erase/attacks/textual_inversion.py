@@ -29,7 +29,7 @@ RELATIVE_LR = 0.05
 class TextualInversion(Attack):
     name = "textual-inversion"
     unit = "steps"
-    default_budget = 80
+    default_budget = 96
     white_box = True
     summary = "white box: a new word's input embedding learned in place of the concept word (CCE)"
 

@@ -47,7 +47,7 @@ def single_token_words(context: AttackContext) -> tuple[list[str], torch.Tensor]
 class UnlearnDiff(Attack):
     name = "unlearndiff"
     unit = "steps"
-    default_budget = 80
+    default_budget = 128
     white_box = True
     summary = f"white box, discrete: {TOKENS} prompt words optimised as relaxed one-hots through the model's loss"
 

@@ -15,7 +15,7 @@ from attnscope.shapes.profile import ShapesWorld
 from ..spec import ConceptSpec, UnknownConceptError, suggest, words_of
 from . import AttackStart, ErasureWorld, Judge, register_erasure_world
 
-__all__ = ["TWO_OBJECT_PRESERVATION", "ShapesErasure", "shapes_spec", "shows_concept"]
+__all__ = ["TWO_OBJECT_PRESERVATION", "ShapesErasure", "shapes_spec", "shows_any", "shows_concept"]
 
 
 class ShapesErasure(ErasureWorld):
@@ -92,7 +92,12 @@ def shows_concept(images: Sequence[Any], spec: ConceptSpec) -> list[bool]:
     """For each image, whether the scene reader finds an object of ``spec``'s colour or shape."""
     from attnscope.shapes.reader import read_scene
 
-    return [any(spec.name in (d.color, d.shape) for d in read_scene(image)) for image in images]
+    return [shows_any(read_scene(image), [spec.name]) for image in images]
+
+
+def shows_any(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
+    """Whether any object the reader ``detected`` has the colour or shape of one of ``concepts``."""
+    return any(d.color in concepts or d.shape in concepts for d in detected)
 
 
 def shapes_spec(word: str) -> ConceptSpec:

@@ -62,6 +62,7 @@ from ..lora import check_lora_file, load_lora
 from ..run import EVAL_DIR, SPEC_FILE, read_run
 from ..spec import ConceptSpec
 from .common import GRID_FILE, REPORT_FILE, mean_pixel_difference, save_comparison_grid
+from .shapes import shows_any
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -197,10 +198,6 @@ def context_correct(prompt: str, detected: Sequence[Any], erased: Sequence[str])
     )
 
 
-def _shows(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
-    return any(d.color in concepts or d.shape in concepts for d in detected)
-
-
 def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple[list[np.ndarray], float | None]:
     """Images for seeds ``0..seeds-1`` and the mean attention mass of ``words`` (None when no word is asked)."""
     from attnscope.shapes import call_kwargs_for
@@ -258,7 +255,7 @@ def _score_model(
             for kind in ("color", "shape"):
                 attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
         else:
-            ok = [_shows(d, concepts) for d in detected]
+            ok = [shows_any(d, concepts) for d in detected]
             if group != "implicit":
                 masses[group].append(mass)
                 context += [context_correct(prompt, d, concepts) for d in detected]

@@ -249,7 +249,11 @@ def test_multi_concept_anchor_names_no_erased_concept() -> None:
     # Anchors in turn: the other colours (shapes) replace the erased one.
     assert [multi_anchor_prompt(specs[:1], 0, "a red circle", t) for t in range(4)] == [
         "a green circle", "a blue circle", "a yellow circle", "a green circle"]
-    assert multi_anchor_prompt(specs, 0, "a red circle and a green circle", 1) == "a blue triangle and a green triangle"
+    # Not an anchor the prompt names already: "green" would make two green objects, which the model draws alike.
+    assert [multi_anchor_prompt(specs[:1], 0, "a red circle and a green square", t) for t in range(2)] == [
+        "a blue circle and a green square", "a yellow circle and a green square"]
+    two = multi_anchor_prompt(specs, 0, "a red circle and a green circle", 1)
+    assert two == "a yellow triangle and a green triangle"
     assert multi_anchor_prompt(specs, 1, "a red circle", 0) == "a green square"
     # No anchor names another erased concept: with red and green erased, green's anchors skip red.
     both = [shapes_spec("red"), shapes_spec("green")]
@@ -326,3 +330,16 @@ def test_eval_summary_line_names_every_headline_figure() -> None:
     line = erasure_world("shapes").summary(report)
     assert line.startswith("red: Acc_e 0.0% (base 100.0%)") and "Acc_ctx 50.0% (base 50.0%)" in line
     assert "Acc_implicit 75.0%" in line and "\n" not in line
+
+
+def test_implicit_loss_pushes_along_the_concept_minus_its_anchor_only() -> None:
+    """Unconditional ESD moves the prompt that names nothing by -η·(v(concept) − v(anchor)): what the concept prompt
+    shares with its anchor (the other words) does not move it."""
+    g = torch.Generator().manual_seed(0)
+    v_here, shared, concept_only = (torch.randn(2, 5, 3, generator=g) for _ in range(3))
+    v_concept, v_anchor = shared + concept_only, shared
+    target = v_here - 2.0 * concept_only
+    assert losses.implicit_loss(target, v_here, v_concept, v_anchor, eta=2.0) < 1e-12
+    assert losses.implicit_loss(v_here, v_here, v_concept, v_anchor, eta=2.0) > 1
+    # With nothing separating the concept from its anchor, the target is the base velocity itself.
+    assert losses.implicit_loss(v_here, v_here, shared, shared, eta=2.0) == 0
