@@ -240,8 +240,8 @@ def _run_one(
     began = time.perf_counter()
     per_start, hits, steps = [], [], 0
     for i, start in enumerate(tqdm(starts, desc=label, unit="start", leave=False, disable=None)):
-        # Seeded per attack and start, not per model: the base and the erased model face the same draws.
-        outcome = attack.run(context, start, budget, seed=1000 * i + len(attack.name))
+        # Seeded by the start, not the model: the base and the erased model face the same draws.
+        outcome = attack.run(context, start, budget, seed=i)
         images = context.draw(outcome.conditioning, range(eval_seeds))
         shown = context.shows(images)
         hits += shown
