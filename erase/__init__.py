@@ -12,7 +12,8 @@ Modules, one job each: ``spec`` (concept specs), ``worlds`` (per world: specs, w
 ``config`` (what determines a run, the model's defaults), ``run`` (the run folder), ``lora`` (adapter, teacher,
 file format), ``sampling`` (prompt bank, base-model trajectories), ``cache`` (base-model data drawn once),
 ``losses``, ``methods`` (which losses a step computes), ``trainer`` (the loop, checkpoints), ``parallel`` (data
-parallel), ``cli`` (``erase``/``eval`` commands).
+parallel), ``attacks`` (``attnscope attack``: can the concept be brought back?), ``cli`` (``erase``/``eval``/
+``attack`` commands).
 """
 
 from .config import EraseConfig, LossWeights

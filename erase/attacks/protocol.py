@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,7 +148,7 @@ def run_attacks(
     chosen = [get_attack(name) for name in dict.fromkeys(attacks or attack_names())]
     budget = _check_budgets(chosen, dict(budgets or {}))
     if eval_seeds < 1:
-        raise ValueError(f"eval_seeds must be at least 1, got {eval_seeds}")
+        raise ValueError(f"--seeds (eval_seeds) must be at least 1, got {eval_seeds}")
     world = erasure_world(model)
     folder = Path(out) if out is not None else lora_dir / ATTACK_DIR
     path = folder / ATTACK_FILE
@@ -164,6 +165,8 @@ def run_attacks(
     report = _open_report(path, settings, resume, overwrite)
     pipe = pipe_factory() if pipe_factory is not None else attnscope.load_pipeline(model, device=device, progress=False)
     check_lora_file(pipe, lora_dir)  # before any model call, and before anything is written
+    if not resume:  # a previous run's images would pass for this one's
+        shutil.rmtree(folder / IMAGES_DIR, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     _write(report, path)
 
