@@ -155,9 +155,10 @@ def test_a_guidance_distilled_shapes_model_erases_through_its_guidance_input(tmp
 def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> None:
     """A preserve step is one full forward of its flow-matching and keep rows and one of its contrastive rows that
     ends after the last double-stream attention (the only maps the loss reads): the single-stream blocks see the
-    batch without the contrastive rows; an erase step runs all its rows through every block."""
+    batch without the contrastive rows; an erase step runs all its rows through every block (the implicit loss off,
+    whose rows the next test counts)."""
     pipe = small_shapes_pipeline()
-    config = _config(**model_defaults("shapes", pipe))
+    config = _config(weights=LossWeights(implicit=0.0), **model_defaults("shapes", pipe))
     trainer = Trainer(pipe, [shapes_spec("red")], config, tmp_path)
     trainer.prepare_cache(None)
     calls: dict[str, list[int]] = {"double": [], "single": []}
@@ -179,11 +180,10 @@ def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> N
 
 
 def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing(tmp_path) -> None:
-    """With the implicit (unconditional ESD) loss on, an erase step also runs ``batch // 2`` rows of the concept's
-    own cached points prompted with words that name nothing, through every block."""
+    """With the implicit (unconditional ESD) loss on (the default), an erase step also runs ``batch // 2`` rows of the
+    concept's own cached points prompted with words that name nothing, through every block."""
     pipe = small_shapes_pipeline()
-    weights = LossWeights(implicit=1.0)
-    config = _config(weights=weights, **model_defaults("shapes", pipe))
+    config = _config(**model_defaults("shapes", pipe))
     trainer = Trainer(pipe, [shapes_spec("red")], config, tmp_path)
     trainer.prepare_cache(None)
     cache = trainer.cache
