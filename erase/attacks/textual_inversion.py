@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from attnscope.adapters import adapter_for
+
 from ..worlds import AttackStart
 from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome
 from .registry import register_attack
@@ -34,8 +36,6 @@ class TextualInversion(Attack):
     summary = "white box: a new word's input embedding learned in place of the concept word (CCE)"
 
     def run(self, context: AttackContext, start: AttackStart, budget: int, seed: int) -> SearchOutcome:
-        from attnscope.adapters import adapter_for
-
         generator = torch.Generator().manual_seed(seed)
         table = context.call.token_embedding()
         template = context.call.token_ids([start.concept_prompt], context.length)

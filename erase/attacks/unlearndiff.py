@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from attnscope.adapters import adapter_for
+
 from ..spec import replace_word
 from ..worlds import AttackStart
 from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome
@@ -52,8 +54,6 @@ class UnlearnDiff(Attack):
     summary = f"white box, discrete: {TOKENS} prompt words optimised as relaxed one-hots through the model's loss"
 
     def run(self, context: AttackContext, start: AttackStart, budget: int, seed: int) -> SearchOutcome:
-        from attnscope.adapters import adapter_for
-
         generator = torch.Generator().manual_seed(seed)
         words, ids = single_token_words(context)
         embedding = context.call.token_embedding()

@@ -94,7 +94,7 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
     assert {"esd", "attention"} <= set(log["steps"][0])
     assert {"flow", "contrastive", "keep"} <= set(log["steps"][1])
-    assert set(log["final_losses"]) == {"esd", "attention", "flow", "contrastive", "keep"}
+    assert set(log["final_losses"]) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
     # Keep points: every concept point with the negative prompt (the shapes model samples with true CFG), then
     # every state of the preservation trajectories with its own prompt.
     assert log["config"]["true_cfg_scale"] > 1
@@ -258,7 +258,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
 def test_multi_concept_run(tmp_path) -> None:
     specs = [shapes_spec("red"), shapes_spec("circle")]
     result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
-    assert set(result.final_losses) == {"esd", "attention", "flow", "contrastive", "keep"}
+    assert set(result.final_losses) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
     # Preservation prompts name neither erased concept nor a synonym.
