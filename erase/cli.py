@@ -18,30 +18,24 @@ from typing import Any
 __all__ = ["register", "run_attack", "run_erase", "run_eval"]
 
 
-def _weights(text: str) -> dict[str, float]:
-    """``esd=1,attention=0`` -> {"esd": 1.0, "attention": 0.0}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--weights wants name=value pairs, got {part!r}") from None
-    return out
+def _pairs(flag: str, cast: type, example: str) -> Any:
+    """An argparse type for ``name=value,name=value`` (e.g. ``--weights esd=1,attention=0``) -> {name: cast(value)}."""
+
+    def parse(text: str) -> dict[str, Any]:
+        out = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, _, value = part.partition("=")
+            try:
+                out[name.strip()] = cast(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{flag} wants {example} pairs, got {part!r}") from None
+        return out
+
+    return parse
 
 
-def _budgets(text: str) -> dict[str, int]:
-    """``prompt-search=320,unlearndiff=80`` -> {"prompt-search": 320, "unlearndiff": 80}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        try:
-            out[name.strip()] = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"--budget wants attack=number pairs (e.g. prompt-search=320), got {part!r}"
-            ) from None
-    return out
+_weights = _pairs("--weights", float, "name=value")
+_budgets = _pairs("--budget", int, "attack=number (e.g. prompt-search=320)")
 
 
 def _csv(text: str) -> tuple[str, ...]:

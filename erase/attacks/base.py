@@ -29,6 +29,8 @@ __all__ = [
     "ProgressChecks",
     "ReferenceFit",
     "SearchOutcome",
+    "descend",
+    "replace_rows",
 ]
 
 #: Seeds of the images an attack may look at while it searches (``judge`` calls of the black-box search, progress
@@ -186,3 +188,27 @@ class ProgressChecks:
 
     def outcome(self) -> SearchOutcome:
         return SearchOutcome(self.best[1], self.budget, self.first_success, optimizer_steps=self.budget)
+
+
+def descend(
+    checks: ProgressChecks, parameters: list[torch.Tensor], lr: float, loss: Callable[[], torch.Tensor],
+    current: Callable[[], Conditioning],
+) -> SearchOutcome:
+    """The white-box attacks' loop: ``checks.budget`` Adam steps on ``loss()`` over ``parameters``, the
+    ``current()`` conditioning checked after each; the best one checked is the outcome."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    for step in range(1, checks.budget + 1):
+        value = loss()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        checks(step, current)
+    return checks.outcome()
+
+
+def replace_rows(inputs: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``inputs (1, L, E)`` with the text positions ``positions (S,)`` replaced by ``vectors (S, E)``,
+    differentiable in ``vectors``."""
+    out = inputs.clone()
+    out[0, positions] = vectors.to(inputs.dtype)
+    return out

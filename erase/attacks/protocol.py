@@ -222,8 +222,8 @@ def _open_report(path: Path, settings: dict[str, Any], resume: bool, overwrite: 
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise AttackResumeError(f"{path} is not readable JSON ({err}); start again with --overwrite") from None
-        if any(saved.get(k) != v for k, v in settings.items()):
-            differ = [k for k, v in settings.items() if saved.get(k) != v]
+        differ = [k for k, v in settings.items() if saved.get(k) != v]
+        if differ:
             raise AttackResumeError(
                 f"{path} holds attacks with other {', '.join(differ)}: resume with the same flags, or --overwrite"
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..worlds import AttackStart
-from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome
+from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome, descend
 from .registry import register_attack
 
 __all__ = ["SoftPrompt"]
@@ -34,14 +34,10 @@ class SoftPrompt(Attack):
         generator = torch.Generator().manual_seed(seed)
         embeds, pooled, text_ids = context.call.encode([start.prompt], context.length)
         embeds = embeds.detach().float().clone().requires_grad_()
-        optimizer = torch.optim.Adam([embeds], lr=RELATIVE_LR * float(embeds.detach().std()))
         fit = ReferenceFit(context, start, BATCH, generator)
-        checks = ProgressChecks(context, budget)
         dtype = context.pipe.transformer.dtype
-        for step in range(1, budget + 1):
-            loss = fit(embeds.to(dtype), pooled, text_ids)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            checks(step, lambda: Conditioning(embeds=embeds.detach().to(dtype).clone(), pooled=pooled))
-        return checks.outcome()
+        return descend(
+            ProgressChecks(context, budget), [embeds], RELATIVE_LR * float(embeds.detach().std()),
+            lambda: fit(embeds.to(dtype), pooled, text_ids),
+            lambda: Conditioning(embeds=embeds.detach().to(dtype).clone(), pooled=pooled),
+        )

@@ -15,7 +15,16 @@ import torch
 from attnscope.adapters import adapter_for
 
 from ..worlds import AttackStart
-from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome
+from .base import (
+    Attack,
+    AttackContext,
+    Conditioning,
+    ProgressChecks,
+    ReferenceFit,
+    SearchOutcome,
+    descend,
+    replace_rows,
+)
 from .registry import register_attack
 from .unlearndiff import single_token_words
 
@@ -45,25 +54,15 @@ class TextualInversion(Attack):
         _, allowed = single_token_words(context)
         init = table.weight.detach()[allowed.to(table.weight.device)].mean(0)
         word = init.expand(len(positions), -1).clone().float().requires_grad_()  # (pieces, E)
-        optimizer = torch.optim.Adam([word], lr=RELATIVE_LR * float(table.weight.detach().std()))
         fit = ReferenceFit(context, start, BATCH, generator)
-        checks = ProgressChecks(context, budget)
-        mask = torch.zeros(1, context.length, 1, dtype=inputs.dtype, device=inputs.device)
-        mask[:, positions] = 1
 
         def encode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            placed = torch.zeros_like(inputs).index_put((torch.zeros_like(positions), positions), word.to(inputs.dtype))
-            return context.call.encode_token_embeddings(inputs * (1 - mask) + placed, [start.prompt])
+            return context.call.encode_token_embeddings(replace_rows(inputs, positions, word), [start.prompt])
 
         def current() -> Conditioning:
             with torch.no_grad():
                 embeds, pooled, _ = encode()
             return Conditioning(embeds=embeds, pooled=pooled)
 
-        for step in range(1, budget + 1):
-            loss = fit(*encode())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            checks(step, current)
-        return checks.outcome()
+        lr = RELATIVE_LR * float(table.weight.detach().std())
+        return descend(ProgressChecks(context, budget), [word], lr, lambda: fit(*encode()), current)

@@ -16,7 +16,16 @@ from attnscope.adapters import adapter_for
 
 from ..spec import replace_word
 from ..worlds import AttackStart
-from .base import Attack, AttackContext, Conditioning, ProgressChecks, ReferenceFit, SearchOutcome
+from .base import (
+    Attack,
+    AttackContext,
+    Conditioning,
+    ProgressChecks,
+    ReferenceFit,
+    SearchOutcome,
+    descend,
+    replace_rows,
+)
 from .registry import register_attack
 
 __all__ = ["UnlearnDiff", "single_token_words"]
@@ -73,25 +82,17 @@ class UnlearnDiff(Attack):
         if start.swap in words:  # the swapped word's slot starts as that word: the search starts at the start
             logits[TOKENS:, words.index(start.swap)] += 1.0
         logits = logits.to(table.device).requires_grad_()
-        optimizer = torch.optim.Adam([logits], lr=LR)
         fit = ReferenceFit(context, start, BATCH, generator)
-        checks = ProgressChecks(context, budget)
-        mask = torch.zeros(1, context.length, 1, dtype=inputs.dtype, device=inputs.device)
-        mask[:, slots] = 1
 
         def prompt() -> str:
             chosen = [words[int(i)] for i in logits.argmax(-1)]
             text = start.prompt if not start.swap else replace_word(start.prompt, start.swap, " ".join(chosen[TOKENS:]))
             return " ".join([*chosen[:TOKENS], text])
 
-        for step in range(1, budget + 1):
+        def loss() -> torch.Tensor:
             soft = torch.softmax(logits / TEMPERATURE, -1)
             hard = torch.nn.functional.one_hot(soft.argmax(-1), len(words)).to(soft.dtype)
             chosen = (hard + soft - soft.detach()) @ table  # (S, E): the projected words, with the soft gradient
-            placed = torch.zeros_like(inputs).index_put((torch.zeros_like(slots), slots), chosen.to(inputs.dtype))
-            loss = fit(*context.call.encode_token_embeddings(inputs * (1 - mask) + placed, [start.prompt]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            checks(step, lambda: Conditioning(prompt=prompt()))
-        return checks.outcome()
+            return fit(*context.call.encode_token_embeddings(replace_rows(inputs, slots, chosen), [start.prompt]))
+
+        return descend(ProgressChecks(context, budget), [logits], LR, loss, lambda: Conditioning(prompt=prompt()))
