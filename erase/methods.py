@@ -2,9 +2,9 @@
 supplies the machinery (cached base-model data, a forward with or without captured maps, the weighted backward).
 
 :class:`EraseAnything` (the default) is bi-level. The *erase* (lower) level makes the model stop drawing the
-concept: ESD-flow towards the anchor plus attention attenuation on the concept's text keys, and, when its weight
-is set (ours, off by default), unconditional ESD: the concept's points through prompts that name nothing, so that
-it is not drawn unasked either. The *preserve* (upper) level keeps everything else: flow matching on base-model
+concept: ESD-flow towards the anchor plus attention attenuation on the concept's text keys, and (ours, weight 1 by
+default) unconditional ESD: the concept's points through prompts that name nothing, so that it is not drawn unasked
+either. The *preserve* (upper) level keeps everything else: flow matching on base-model
 samples of irrelevant prompts, the keep loss and the reverse self-contrastive loss. ``schedule="alternate"``
 alternates them (the official code: even steps erase, odd steps preserve); ``schedule="joint"`` takes both levels
 in every step (their gradients accumulate).
@@ -43,37 +43,35 @@ class EraseAnything:
         return values
 
     def erase(self, trainer: Trainer) -> dict[str, float]:
-        """ESD and attention attenuation on ``batch`` cached concept points (one captured forward), and
-        unconditional ESD on ``batch // 2`` implicit rows (a second, plain forward)."""
+        """ESD and attention attenuation on ``batch`` cached concept points and unconditional ESD on ``batch // 2``
+        implicit rows, in one forward: a second forward would cost its fixed per-call overhead again, which on a
+        small model is a large share of a step. Only the concept rows have concept columns in the captured maps."""
         c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
-        idx = torch.randint(len(c.prompts), (config.batch,), generator=trainer.generator)
+        n = config.batch if w.esd > 0 or w.attention > 0 else 0
+        idx = trainer.draw(len(c.prompts), n)
+        n_implicit = config.batch // 2 if w.implicit > 0 and len(c.implicit_point) else 0
+        rows = trainer.draw(len(c.implicit_point), n_implicit)
+        point = c.implicit_point[rows]
+        if not (n or n_implicit):
+            return {}
 
         def erase_losses(v, maps, columns):
             out = {}
             if w.esd > 0:
-                out["esd"] = losses.esd_loss(v, c.v_concept[idx].to(device), c.v_anchor[idx].to(device), config.eta)
+                out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device), config.eta)
             if w.attention > 0:
-                out["attention"] = losses.attention_loss(maps, columns)
-            return out
-
-        words = [c.words[i] for i in idx] if w.attention > 0 else None
-        values: dict[str, float] = {}
-        if w.esd > 0 or w.attention > 0:
-            values |= trainer.backward_group(c.x[idx], c.sigma[idx], [c.prompts[i] for i in idx], erase_losses, words)
-        n_implicit = config.batch // 2 if w.implicit > 0 else 0
-        if n_implicit and len(c.implicit_point):
-            rows = trainer.draw(len(c.implicit_point), n_implicit)
-            point = c.implicit_point[rows]
-
-            def implicit_losses(v, maps, columns):
+                out["attention"] = losses.attention_loss([m[:n] for m in maps], columns[:n])
+            if n_implicit:
                 v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],
                                                                       c.v_anchor[point]))
-                return {"implicit": losses.implicit_loss(v, v_here, v_concept, v_anchor, config.eta)}
+                out["implicit"] = losses.implicit_loss(v[n:], v_here, v_concept, v_anchor, config.eta)
+            return out
 
-            values |= trainer.backward_group(
-                c.x[point], c.sigma[point], [c.implicit_prompts[i] for i in rows], implicit_losses
-            )
-        return values
+        words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None
+        return trainer.backward_group(
+            torch.cat([c.x[idx], c.x[point]]), torch.cat([c.sigma[idx], c.sigma[point]]),
+            [c.prompts[i] for i in idx] + [c.implicit_prompts[i] for i in rows], erase_losses, words,
+        )
 
     def preserve(self, trainer: Trainer) -> dict[str, float]:
         """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one

@@ -131,8 +131,8 @@ class Trainer:
                 "the preservation loss needs preservation prompts in the spec; add some or set its weight to 0"
             )
 
-    def _positions(self, prompts: Sequence[str], words: Sequence[str]) -> list[tuple[int, ...]]:
-        return [self.bank.positions(p, w) for p, w in zip(prompts, words)]
+    def _positions(self, prompts: Sequence[str], words: Sequence[str | None]) -> list[tuple[int, ...]]:
+        return [self.bank.positions(p, w) if w is not None else () for p, w in zip(prompts, words)]
 
     # ------------------------------------------------------------------------------ one step
     def backward_group(
@@ -143,17 +143,17 @@ class Trainer:
         losses_of: Callable[
             [torch.Tensor | None, list[torch.Tensor] | None, torch.Tensor | None], dict[str, torch.Tensor]
         ],
-        concept_words: list[str] | None = None,
+        concept_words: list[str | None] | None = None,
         maps_only: bool = False,
     ) -> dict[str, float]:
         """One forward of the adapted model on cached rows, its losses, and their weighted backward.
 
-        With ``concept_words`` (one per row) the forward runs inside a differentiable trace of each row's concept
-        columns and ``losses_of(v, maps, columns)`` gets their maps ``(B, N, T)`` per layer and the ``(B, T)``
-        column mask; with ``maps_only`` as well, the forward ends after the last traced layer (``v`` is None):
-        rows that feed only map losses never run the layers after it. The backward runs *inside* the trace: with
-        gradient checkpointing the blocks are recomputed during backward and must see the same capture processors
-        as in the forward. Raises NonFiniteLossError before the backward of a bad loss.
+        With ``concept_words`` (one per row; None for a row without concept columns) the forward runs inside a
+        differentiable trace of each row's concept columns and ``losses_of(v, maps, columns)`` gets their maps ``(B, N,
+        T)`` per layer and the ``(B, T)`` column mask; with ``maps_only`` as well, the forward ends after the last
+        traced layer (``v`` is None): rows that feed only map losses never run the layers after it. The backward runs
+        *inside* the trace: with gradient checkpointing the blocks are recomputed during backward and must see the same
+        capture processors as in the forward. Raises NonFiniteLossError before the backward of a bad loss.
         """
         device, dtype = self.transformer.device, self.transformer.dtype
         x, sigma = x.to(device, dtype), sigma.to(device)

@@ -181,7 +181,8 @@ def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> N
 
 def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing(tmp_path) -> None:
     """With the implicit (unconditional ESD) loss on (the default), an erase step also runs ``batch // 2`` rows of the
-    concept's own cached points prompted with words that name nothing, through every block."""
+    concept's own cached points prompted with words that name nothing, through every block, in the same forward
+    as the concept rows."""
     pipe = small_shapes_pipeline()
     config = _config(**model_defaults("shapes", pipe))
     trainer = Trainer(pipe, [shapes_spec("red")], config, tmp_path)
@@ -198,7 +199,7 @@ def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing
         erase = trainer.train_step()
     finally:
         hook.remove()
-    assert {"esd", "attention", "implicit"} == set(erase) and calls == [config.batch, config.batch // 2]
+    assert {"esd", "attention", "implicit"} == set(erase) and calls == [config.batch + config.batch // 2]
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(red_run, tmp_path) -> None:
