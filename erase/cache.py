@@ -124,18 +124,20 @@ def maps_forward(
     return list(tr.take()[-1].values()), keep
 
 
-def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str, turn: int = 0) -> str:
-    """The anchor prompt of ``prompt`` for ``specs[concept]``, with anchor number ``turn`` of each spec (cyclically).
-    With several concepts erased at once, the others' targets are replaced by their anchors too, and no anchor that
-    names another erased concept is used, so that no ESD target points towards another erased concept. Nor is an
-    anchor the prompt already names ("green" in "a red circle and a green square"): the base model draws two
-    objects that share a word as two of one kind, and the erased object would learn to copy its neighbour."""
+def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str) -> str:
+    """The anchor prompt of ``prompt`` for ``specs[concept]``: its target replaced by the spec's first anchor that
+    the prompt does not already name ("green" in "a red circle and a green square": the base model draws two objects
+    that share a word as two of one kind, and the erased object would learn to copy its neighbour). One anchor per
+    context, not anchors in turn: ESD's targets at a prompt's points then agree, and the erased word learns one
+    replacement there instead of their blend, which draws like no word and copies the neighbour too
+    (benchmarks/RESULTS.md). With several concepts erased at once, the others' targets are replaced by their
+    anchors too, and no anchor that names another erased concept is used, so that no ESD target points towards
+    another erased concept."""
 
     def anchor_of(spec: ConceptSpec) -> str:
         others = [t for other in specs if other is not spec for t in other.targets]
-        usable = [a for a in spec.anchors if not any(find_word(a, t) for t in others) and not find_word(prompt, a)]
-        usable = usable or [a for a in spec.anchors if not any(find_word(a, t) for t in others)]
-        return usable[turn % len(usable)] if usable else ""
+        usable = [a for a in spec.anchors if not any(find_word(a, t) for t in others)]
+        return next((a for a in usable if not find_word(prompt, a)), usable[0] if usable else "")
 
     anchor = replace_word(prompt, specs[concept].target_in(prompt), anchor_of(specs[concept]))
     for i, other in enumerate(specs):
@@ -201,7 +203,7 @@ def build_cache(
     concept_t = torch.tensor(concept)
 
     # Anchor velocities and contrastive targets at every point.
-    anchors = [multi_anchor_prompt(specs, c, p, turn) for turn, (c, p) in enumerate(zip(concept, prompts))]
+    anchors = [multi_anchor_prompt(specs, c, p) for c, p in zip(concept, prompts)]
     v_anchor, positives, pos_mask, negatives, neg_mask = [], [], [], [], []
     k = config.k_irrelevant
     stride = max(1, -(-len(prompts) // max(config.contrastive_points, 1)))

@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     flags.add_argument("--synonyms", type=_csv, default=None, help="comma-separated synonyms")
     flags.add_argument("--anchors", "--anchor", type=_csv, default=None, help="comma-separated words replacing the "
-                       "concept in anchor prompts, in turn (default: the world's; none: drop it)")
+                       "concept in anchor prompts: the first one a prompt does not name (default: the world's; "
+                       "none: drop it)")
     flags.add_argument("--irrelevant", type=_csv, default=None, help="comma-separated concepts to preserve")
     flags.add_argument("--prompts", type=_semicolons, default=None, help="';'-separated training prompts")
     flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")

@@ -12,8 +12,8 @@ YAML layout (every key but ``name`` and ``targets`` optional)::
     name: red
     targets: [red]                 # words whose concept is erased; every training prompt contains one
     synonyms: [crimson, scarlet]   # must be erased too (generality); never trained on as targets
-    anchors: [green, blue]         # words replacing the target in anchor prompts, one training point after
-                                   # another in turn; none: drop the target
+    anchors: [green, blue]         # words replacing the target in anchor prompts: the first one the prompt
+                                   # does not already name; none: drop the target
     irrelevant: [green, blue]      # concepts that must stay intact (preservation, contrastive positives)
     prompts: ["a red circle"]      # training prompts for the erase step
     preserve_prompts: ["a green circle"]   # prompts sampled for the preservation step
@@ -103,9 +103,10 @@ class ConceptSpec:
             f"{', '.join(self.targets)}); every training prompt must name it"
         )
 
-    def anchor_prompt(self, prompt: str, turn: int = 0) -> str:
-        """``prompt`` with its target replaced by anchor number ``turn`` (cyclically), or dropped without anchors."""
-        anchor = self.anchors[turn % len(self.anchors)] if self.anchors else ""
+    def anchor_prompt(self, prompt: str) -> str:
+        """``prompt`` with its target replaced by the first anchor it does not already name (the first anchor if it
+        names them all), or dropped without anchors."""
+        anchor = next((a for a in self.anchors if not find_word(prompt, a)), self.anchors[0] if self.anchors else "")
         return replace_word(prompt, self.target_in(prompt), anchor)
 
     def check_prompts(self) -> None:

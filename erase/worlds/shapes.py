@@ -103,13 +103,13 @@ def shows_any(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
 def shapes_spec(word: str) -> ConceptSpec:
     """The spec of a shapes-world colour or shape, from ``attnscope.shapes.vocabulary``.
 
-    Prompts: the concept with every partner (each shape for a colour, each colour for a shape) alone, plus
-    two-object scenes with a different object. Irrelevant: the other concepts of the same kind. Anchors: the same
-    words, in turn ("a red circle" is pushed toward a green, a blue, a yellow circle): an erased colour leaves its
-    object with another colour, an erased shape leaves its colour on another shape, so the rest of the prompt is
-    drawn as asked (benchmarks/RESULTS.md). Preservation
-    prompts: every single-object scene that contains neither the concept nor a synonym, and
-    ``TWO_OBJECT_PRESERVATION`` two-object scenes of them (see :func:`_two_object_preservation`).
+    Prompts: the concept with every partner (each shape for a colour, each colour for a shape) alone, plus two-object
+    scenes with a different object. Irrelevant: the other concepts of the same kind. Anchors: the same words, the first
+    one a prompt does not name ("a red circle" is pushed toward a green circle, "a red circle and a green square" toward
+    a blue circle and a green square): an erased colour leaves its object with another colour, an erased shape leaves
+    its colour on another shape, so the rest of the prompt is drawn as asked (benchmarks/RESULTS.md). Preservation
+    prompts: every single-object scene that contains neither the concept nor a synonym, and ``TWO_OBJECT_PRESERVATION``
+    two-object scenes of them (see :func:`_two_object_preservation`).
     """
     word = word.lower()
     if word not in vocab.COLORS and word not in vocab.SHAPES:

@@ -246,18 +246,19 @@ def test_multi_concept_anchor_names_no_erased_concept() -> None:
     from attnscope.erase.cache import multi_anchor_prompt
 
     specs = [shapes_spec("red"), shapes_spec("circle")]
-    # Anchors in turn: the other colours (shapes) replace the erased one.
-    assert [multi_anchor_prompt(specs[:1], 0, "a red circle", t) for t in range(4)] == [
-        "a green circle", "a blue circle", "a yellow circle", "a green circle"]
+    # The first anchor: another colour (shape) replaces the erased one, the same at every point of a prompt.
+    assert multi_anchor_prompt(specs[:1], 0, "a red circle") == "a green circle"
+    assert specs[0].anchor_prompt("a red circle") == "a green circle"
     # Not an anchor the prompt names already: "green" would make two green objects, which the model draws alike.
-    assert [multi_anchor_prompt(specs[:1], 0, "a red circle and a green square", t) for t in range(2)] == [
-        "a blue circle and a green square", "a yellow circle and a green square"]
-    two = multi_anchor_prompt(specs, 0, "a red circle and a green circle", 1)
-    assert two == "a yellow triangle and a green triangle"
-    assert multi_anchor_prompt(specs, 1, "a red circle", 0) == "a green square"
+    assert multi_anchor_prompt(specs[:1], 0, "a red circle and a green square") == "a blue circle and a green square"
+    assert specs[0].anchor_prompt("a red circle and a green square") == "a blue circle and a green square"
+    two = multi_anchor_prompt(specs, 0, "a red circle and a green circle")
+    assert two == "a blue square and a green square"
+    assert multi_anchor_prompt(specs, 1, "a red circle") == "a green square"
     # No anchor names another erased concept: with red and green erased, green's anchors skip red.
     both = [shapes_spec("red"), shapes_spec("green")]
-    assert [multi_anchor_prompt(both, 1, "a green circle", t) for t in range(2)] == ["a blue circle", "a yellow circle"]
+    assert multi_anchor_prompt(both, 1, "a green circle") == "a blue circle"
+    assert multi_anchor_prompt(both, 0, "a red circle and a blue square") == "a yellow circle and a blue square"
     dark = ConceptSpec(name="red", targets=("red",), anchors=("dark red",), prompts=("a red car",))
     assert multi_anchor_prompt([dark], 0, "a red car") == "a dark red car"  # an anchor may contain the word
     dropped = ConceptSpec(name="red", targets=("red",), prompts=("a red car",))
