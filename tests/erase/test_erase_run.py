@@ -202,6 +202,32 @@ def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing
     assert {"esd", "attention", "implicit"} == set(erase) and calls == [config.batch + config.batch // 2]
 
 
+def test_a_row_without_a_concept_word_rides_in_the_captured_forward_without_columns(tmp_path) -> None:
+    """Implicit rows share the concept rows' forward: their maps are captured, but no column of theirs is a concept
+    column, and the concept rows' maps are what they would be alone."""
+    pipe = small_shapes_pipeline()
+    trainer = Trainer(pipe, [shapes_spec("red")], _config(**model_defaults("shapes", pipe)), tmp_path)
+    call = trainer.call
+    x = torch.randn(2, call.n_tokens, call.channels, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.6, 0.6])
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(key):
+        def losses_of(v, maps, columns):
+            seen[key] = [columns, *maps]
+            return {"attention": losses.attention_loss([m[:1] for m in maps], columns[:1])}
+        return losses_of
+
+    trainer.backward_group(x, sigma, ["a red circle", "with"], record("both"), ["red", None])
+    trainer.backward_group(x[:1], sigma[:1], ["a red circle"], record("alone"), ["red"])
+    columns, *maps = seen["both"]
+    assert columns[0].any() and not columns[1].any()
+    alone_columns, *alone = seen["alone"]
+    torch.testing.assert_close(columns[:1], alone_columns)
+    for both_layer, alone_layer in zip(maps, alone):
+        torch.testing.assert_close(both_layer[:1], alone_layer, rtol=1e-4, atol=1e-6)
+
+
 def test_resume_after_kill_gives_the_uninterrupted_result(red_run, tmp_path) -> None:
     out, _ = red_run
 
