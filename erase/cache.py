@@ -135,9 +135,7 @@ def multi_anchor_prompt(specs: Sequence[ConceptSpec], concept: int, prompt: str)
     another erased concept."""
 
     def anchor_of(spec: ConceptSpec) -> str:
-        others = [t for other in specs if other is not spec for t in other.targets]
-        usable = [a for a in spec.anchors if not any(find_word(a, t) for t in others)]
-        return next((a for a in usable if not find_word(prompt, a)), usable[0] if usable else "")
+        return spec.anchor_for(prompt, avoid=[t for other in specs if other is not spec for t in other.targets])
 
     anchor = replace_word(prompt, specs[concept].target_in(prompt), anchor_of(specs[concept]))
     for i, other in enumerate(specs):

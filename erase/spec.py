@@ -103,11 +103,16 @@ class ConceptSpec:
             f"{', '.join(self.targets)}); every training prompt must name it"
         )
 
+    def anchor_for(self, prompt: str, avoid: Sequence[str] = ()) -> str:
+        """The anchor that replaces this concept in ``prompt``: the first that ``prompt`` does not already name (the
+        first at all if it names them all), never one that contains a word of ``avoid``; "" (drop the target) when
+        none is left."""
+        usable = [a for a in self.anchors if not any(find_word(a, word) for word in avoid)]
+        return next((a for a in usable if not find_word(prompt, a)), usable[0] if usable else "")
+
     def anchor_prompt(self, prompt: str) -> str:
-        """``prompt`` with its target replaced by the first anchor it does not already name (the first anchor if it
-        names them all), or dropped without anchors."""
-        anchor = next((a for a in self.anchors if not find_word(prompt, a)), self.anchors[0] if self.anchors else "")
-        return replace_word(prompt, self.target_in(prompt), anchor)
+        """``prompt`` with its target replaced by :meth:`anchor_for` it."""
+        return replace_word(prompt, self.target_in(prompt), self.anchor_for(prompt))
 
     def check_prompts(self) -> None:
         """Raise ConceptNotInPromptError for the first training prompt that lacks a target word."""

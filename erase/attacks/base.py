@@ -15,13 +15,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from attnscope.adapters import ModelCall
+from attnscope.adapters import ModelCall, adapter_for
 from attnscope.viz import to_pixels
 
 from ..spec import ConceptSpec
 from ..worlds import AttackStart, Judge
 
 __all__ = [
+    "REFERENCE_BATCH",
     "SEARCH_SEEDS",
     "Attack",
     "AttackContext",
@@ -37,6 +38,9 @@ __all__ = [
 #: checks of the white-box ones). The ASR is measured on other seeds (``0 .. eval_seeds - 1``): an attack tuned to
 #: its own noise draws would not show what a user gets from its prompt.
 SEARCH_SEEDS = (1000, 1001, 1002, 1003)
+
+#: Reference latents per step of the white-box objective (:class:`ReferenceFit`).
+REFERENCE_BATCH = 8
 
 
 @dataclass
@@ -108,6 +112,23 @@ class AttackContext:
         self.images_drawn += n
         return to_pixels(out)
 
+    def word_positions(self, prompt: str, word: str) -> tuple[int, ...]:
+        """The text positions of ``word``'s tokens in ``prompt`` (as the pipeline tokenizes it)."""
+        return adapter_for(self.pipe).prompt_tokens(self.pipe, prompt, self.length).positions(word)
+
+    def single_token_words(self) -> tuple[list[str], torch.Tensor]:
+        """The allowed words that are one token of the text encoder, and their ids ``(V',)``."""
+        words, ids = [], []
+        for word in self.words:
+            pieces = self.call.token_ids([word], 4)[0]
+            content = [int(i) for i in pieces if int(i) not in self.pipe.tokenizer_2.all_special_ids]
+            if len(content) == 1:
+                words.append(word)
+                ids.append(content[0])
+        if not ids:
+            raise ValueError(f"no allowed word of the {self.spec.name!r} attack is a single token of the text encoder")
+        return words, torch.tensor(ids)
+
     def shows(self, images: Sequence[np.ndarray]) -> list[bool]:
         return self.judge(images, self.spec)
 
@@ -121,7 +142,9 @@ class ReferenceFit:
     start's concept prompt drawn right), under the conditioning being optimised. The lower it is, the more that
     conditioning makes the model draw the concept. ``batch`` reference latents per step, uniform ``sigma``."""
 
-    def __init__(self, context: AttackContext, start: AttackStart, batch: int, generator: torch.Generator):
+    def __init__(
+        self, context: AttackContext, start: AttackStart, generator: torch.Generator, batch: int = REFERENCE_BATCH
+    ):
         self.call = context.call
         self.transformer = context.pipe.transformer
         self.x0 = context.references[start.prompt]

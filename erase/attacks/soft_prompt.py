@@ -16,8 +16,6 @@ from .registry import register_attack
 
 __all__ = ["SoftPrompt"]
 
-#: Reference latents per step.
-BATCH = 8
 #: Adam's step size, relative to the start embedding's standard deviation (scale-free across models).
 RELATIVE_LR = 0.05
 
@@ -34,7 +32,7 @@ class SoftPrompt(Attack):
         generator = torch.Generator().manual_seed(seed)
         embeds, pooled, text_ids = context.call.encode([start.prompt], context.length)
         embeds = embeds.detach().float().clone().requires_grad_()
-        fit = ReferenceFit(context, start, BATCH, generator)
+        fit = ReferenceFit(context, start, generator)
         dtype = context.pipe.transformer.dtype
         return descend(
             ProgressChecks(context, budget), [embeds], RELATIVE_LR * float(embeds.detach().std()),

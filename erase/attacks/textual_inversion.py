@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from attnscope.adapters import adapter_for
-
 from ..worlds import AttackStart
 from .base import (
     Attack,
@@ -26,12 +24,9 @@ from .base import (
     replace_rows,
 )
 from .registry import register_attack
-from .unlearndiff import single_token_words
 
 __all__ = ["TextualInversion"]
 
-#: Reference latents per step.
-BATCH = 8
 #: Adam's step size, relative to the standard deviation of the input-embedding table.
 RELATIVE_LR = 0.05
 
@@ -48,13 +43,12 @@ class TextualInversion(Attack):
         generator = torch.Generator().manual_seed(seed)
         table = context.call.token_embedding()
         template = context.call.token_ids([start.concept_prompt], context.length)
-        tokens = adapter_for(context.pipe).prompt_tokens(context.pipe, start.concept_prompt, context.length)
-        positions = torch.tensor(tokens.positions(start.word))
+        positions = torch.tensor(context.word_positions(start.concept_prompt, start.word))
         inputs = table(template).detach()  # (1, L, E)
-        _, allowed = single_token_words(context)
+        _, allowed = context.single_token_words()
         init = table.weight.detach()[allowed.to(table.weight.device)].mean(0)
         word = init.expand(len(positions), -1).clone().float().requires_grad_()  # (pieces, E)
-        fit = ReferenceFit(context, start, BATCH, generator)
+        fit = ReferenceFit(context, start, generator)
 
         def encode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return context.call.encode_token_embeddings(replace_rows(inputs, positions, word), [start.prompt])

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from attnscope.adapters import adapter_for
-
 from ..spec import replace_word
 from ..worlds import AttackStart
 from .base import (
@@ -28,30 +26,14 @@ from .base import (
 )
 from .registry import register_attack
 
-__all__ = ["UnlearnDiff", "single_token_words"]
+__all__ = ["UnlearnDiff"]
 
 #: Adversarial words put before the start prompt (UnlearnDiffAtk uses 5 on 77-token CLIP prompts; the shapes
 #: world's prompts are 20 tokens).
 TOKENS = 3
-#: Reference latents per step.
-BATCH = 8
 #: Adam's step size on the logits, and the softmax temperature of the relaxation.
 LR = 0.1
 TEMPERATURE = 1.0
-
-
-def single_token_words(context: AttackContext) -> tuple[list[str], torch.Tensor]:
-    """The allowed words that are one token of the text encoder, and their ids ``(V',)``."""
-    words, ids = [], []
-    for word in context.words:
-        pieces = context.call.token_ids([word], 4)[0]
-        content = [int(i) for i in pieces if int(i) not in context.pipe.tokenizer_2.all_special_ids]
-        if len(content) == 1:
-            words.append(word)
-            ids.append(content[0])
-    if not ids:
-        raise ValueError(f"no allowed word of the {context.spec.name!r} attack is a single token of the text encoder")
-    return words, torch.tensor(ids)
 
 
 @register_attack
@@ -64,7 +46,7 @@ class UnlearnDiff(Attack):
 
     def run(self, context: AttackContext, start: AttackStart, budget: int, seed: int) -> SearchOutcome:
         generator = torch.Generator().manual_seed(seed)
-        words, ids = single_token_words(context)
+        words, ids = context.single_token_words()
         embedding = context.call.token_embedding()
         table = embedding.weight.detach()[ids.to(embedding.weight.device)]  # (V', E)
         template = context.call.token_ids([start.prompt], context.length)
@@ -73,8 +55,7 @@ class UnlearnDiff(Attack):
             raise ValueError(f"the start prompt {start.prompt!r} leaves no room for {TOKENS} attack words")
         swapped: tuple[int, ...] = ()
         if start.swap:
-            tokens = adapter_for(context.pipe).prompt_tokens(context.pipe, start.prompt, context.length)
-            swapped = tuple(TOKENS + p for p in tokens.positions(start.swap))
+            swapped = tuple(TOKENS + p for p in context.word_positions(start.prompt, start.swap))
         slots = torch.tensor([*range(TOKENS), *swapped])
         inputs = torch.cat([torch.zeros_like(embedding(template[:, :TOKENS])), embedding(template)], 1)
         inputs = inputs[:, : context.length].detach()  # (1, L, E): TOKENS free places, then the start prompt
@@ -82,7 +63,7 @@ class UnlearnDiff(Attack):
         if start.swap in words:  # the swapped word's slot starts as that word: the search starts at the start
             logits[TOKENS:, words.index(start.swap)] += 1.0
         logits = logits.to(table.device).requires_grad_()
-        fit = ReferenceFit(context, start, BATCH, generator)
+        fit = ReferenceFit(context, start, generator)
 
         def prompt() -> str:
             chosen = [words[int(i)] for i in logits.argmax(-1)]
