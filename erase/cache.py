@@ -62,7 +62,8 @@ class EraseCache:
     """Erase points ``P`` (concept prompts × seeds × steps) and preservation samples ``Q``.
 
     ``x (P, N, C)`` states, ``sigma (P,)``, ``prompts`` / ``words`` (the target word in it) / ``concept (P,)``
-    index into the specs, ``v_concept``/``v_anchor (P, N, C)`` base velocities, ``positives (P, K, N)`` /
+    index into the specs, ``anchors`` (P) the anchor prompts, ``v_concept``/``v_anchor (P, N, C)`` base velocities
+    through the concept and the anchor prompt, ``positives (P, K, N)`` /
     ``negatives (P, S, N)`` base attention features with ``positive_mask (P, K)``/``negative_mask (P, S)``;
     ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q); keep points ``keep_x (R, N, C)``,
     ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``; implicit rows
@@ -90,6 +91,7 @@ class EraseCache:
     implicit_point: torch.Tensor
     implicit_prompts: list[str]
     v_implicit: torch.Tensor
+    anchors: list[str]
 
     def save(self, path: str | Path) -> None:
         atomic.torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
@@ -169,6 +171,8 @@ def build_cache(
 ) -> EraseCache:
     """Sample the base model (call inside :func:`erase.lora.base_model` once a LoRA exists) and fill the cache.
 
+    What a run does not use is not drawn: no contrastive features with ``contrastive_points`` 0, no implicit rows
+    without ``implicit_prompts``, no preservation samples or keep points without ``preserve_prompts``.
     ``progress``: optional callable ``(done, total)`` for a progress bar.
     """
     transformer = call.pipe.transformer
@@ -279,6 +283,7 @@ def build_cache(
         done += len(chunk)
         if progress:
             progress(done, total)
+    empty = torch.zeros(0, call.n_tokens, call.channels)
     return EraseCache(
         x=x.cpu(),
         sigma=sigma.cpu(),
@@ -291,13 +296,14 @@ def build_cache(
         positive_mask=torch.cat(pos_mask),
         negatives=torch.cat(negatives),
         negative_mask=torch.cat(neg_mask),
-        x0=torch.cat(x0_list),
+        x0=torch.cat(x0_list) if x0_list else empty,
         preserve_prompts=q_prompts,
-        keep_x=torch.cat(keep_x).cpu() if keep_x else torch.zeros(0, call.n_tokens, call.channels),
+        keep_x=torch.cat(keep_x).cpu() if keep_x else empty,
         keep_sigma=torch.cat(keep_sigma).float() if keep_sigma else torch.zeros(0),
-        keep_v=torch.cat(keep_v).cpu() if keep_v else torch.zeros(0, call.n_tokens, call.channels),
+        keep_v=torch.cat(keep_v).cpu() if keep_v else empty,
         keep_prompts=keep_prompts,
         implicit_point=torch.tensor(implicit_point, dtype=torch.long),
         implicit_prompts=implicit_prompts,
-        v_implicit=torch.cat(v_implicit) if v_implicit else torch.zeros(0, call.n_tokens, call.channels),
+        v_implicit=torch.cat(v_implicit) if v_implicit else empty,
+        anchors=anchors,
     )

@@ -1,6 +1,7 @@
 """``attnscope erase`` and ``attnscope eval``, registered through the ``attnscope.commands`` entry-point group.
 
-    attnscope erase --concept red --out runs/erase-red            # shapes world, ~2.5 min on 1 CPU thread
+    attnscope erase --concept red --out runs/erase-red            # shapes world, ~2 min on 2 CPU threads
+    attnscope erase --concept red --method uce --out runs/uce-red   # a baseline: esd, ca, fmn, uce
     attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 300 steps per concept
     attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
     accelerate launch --multi_gpu --num_processes 4 -m attnscope.cli erase ... --device cuda   # data parallel
@@ -50,11 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``erase`` and ``eval`` subcommands to an argparse subparsers object."""
     p = subparsers.add_parser(
         "erase",
-        help="train a LoRA that erases a concept (EraseAnything-style, bi-level)",
+        help="train a LoRA that erases a concept (EraseAnything by default; baselines with --method)",
         description=(
-            "Train a LoRA on the model's dual-stream add_q_proj/add_k_proj that stops it drawing the concept(s), "
-            "also through synonyms, while preserving everything else. Writes pytorch_lora_weights.safetensors "
-            "(load with pipe.load_lora_weights(OUT)), spec.yaml and train_log.json to --out."
+            "Train a LoRA on the model's text-side attention projections that stops it drawing the concept(s), "
+            "also through synonyms, while preserving everything else (EraseAnything), or erase with a baseline "
+            "method. Writes pytorch_lora_weights.safetensors (load with pipe.load_lora_weights(OUT)), spec.yaml "
+            "and train_log.json to --out. Methods: " + "; ".join(f"{m.name}: {m.summary}" for m in _methods())
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -74,6 +76,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")
     p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', "
                    "a hub id or a folder")
+    p.add_argument("--method", default="eraseanything", help="erasure method: " + ", ".join(_method_names()))
+    p.add_argument("--train", choices=("text", "joint", "attention"), default="text", help="where the LoRA trains: "
+                   "the text-side projections of the dual-stream attention (--targets), every projection of the "
+                   "dual-stream attention, or of every attention layer")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
                    "(default: 300 per concept)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
@@ -86,11 +92,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "η·(v*(c) − v*(c_anc)) (default: the model profile's; 1 as in the paper, 2 for shapes models)")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate "
                    "erase/preserve steps, or both every step")
-    p.add_argument("--weights", type=_weights, default={}, help="loss weights, e.g. "
+    p.add_argument("--weights", type=_weights, default={}, help="loss weights of the method's losses, e.g. "
                    "'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
-    p.add_argument("--targets", default=None, help="comma-separated LoRA target modules of the dual-stream blocks "
-                   "(default: the model profile's; add_q_proj,add_k_proj as in the paper, "
-                   "shapes models add add_v_proj)")
+    p.add_argument("--targets", default=None, help="comma-separated text-side LoRA target modules of the dual-stream "
+                   "attention (default: the method's or the model profile's; add_q_proj,add_k_proj as in the paper, "
+                   "shapes models add add_v_proj; uce edits add_k_proj,add_v_proj)")
     p.add_argument("--sample-steps", type=int, default=8, help="sampler steps of the cached base-model trajectories")
     p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model "
                    "preservation samples")
@@ -105,7 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/erase"), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    p.set_defaults(run=run_erase)
+    p.set_defaults(run=run_erase, option_defaults={
+        dest: p.get_default(dest) for dest in (*_method_options(), "resume")
+    })
 
     e = subparsers.add_parser(
         "eval",
@@ -161,6 +169,58 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.set_defaults(run=run_attack)
 
 
+def _methods() -> list[Any]:
+    from .methods import method_for, method_names
+
+    return [method_for(name) for name in method_names()]
+
+
+def _method_names() -> tuple[str, ...]:
+    from .methods import method_names
+
+    return method_names()
+
+
+def _method_options() -> set[str]:
+    """Every option some method takes and another does not (argparse dests)."""
+    methods = _methods()
+    return set().union(*(m.options for m in methods)) - set.intersection(*(set(m.options) for m in methods))
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_method_options(args: argparse.Namespace, method: Any) -> None:
+    """Refuse options ``method`` does not take, and loss weights it does not have, naming what it uses."""
+    given = [dest for dest, default in args.option_defaults.items()
+             if dest != "resume" and dest not in method.options and getattr(args, dest) != default]
+    if given:
+        raise ValueError(f"--method {method.name} does not take {', '.join(_flag(d) for d in given)}; it takes "
+                         f"{', '.join(sorted(_flag(d) for d in method.options))}")
+    unknown = [name for name in args.weights if name not in method.losses]
+    if unknown:
+        raise ValueError(f"--method {method.name} has no loss {', '.join(unknown)}: its --weights are "
+                         f"{', '.join(method.losses) or 'none (closed form)'}")
+    if args.targets and args.train != "text":
+        raise ValueError(f"--targets chooses the text-side projections; --train {args.train} trains every "
+                         "attention projection there is")
+
+
+def _lora_settings(args: argparse.Namespace, method: Any, pipe: Any) -> Any:
+    from attnscope.adapters import adapter_for
+    from attnscope.profiles import profile_for
+
+    from .lora import LoraSettings
+
+    if args.train == "text":
+        targets = _csv(args.targets) if args.targets else (
+            method.lora_targets or profile_for(args.model).erase_defaults.lora_targets)
+        return LoraSettings(rank=args.rank, targets=targets)
+    projections = adapter_for(pipe).attention_projections
+    return LoraSettings(rank=args.rank, targets=projections, layers="double" if args.train == "joint" else "all")
+
+
 def _specs(args: argparse.Namespace) -> list[Any]:
     """Specs from --spec files and --concept names (resolved by the model's world); the spec flags override (or,
     with --prompts in an open-vocabulary world, define) the spec of a single --concept."""
@@ -197,24 +257,24 @@ def run_erase(args: argparse.Namespace) -> int:
 
     import attnscope
     from attnscope.commands import CommandError
-    from attnscope.profiles import profile_for
 
     from .cache import CacheConfig
-    from .config import STEPS_PER_CONCEPT, EraseConfig, LossWeights
-    from .lora import LoraSettings
+    from .config import STEPS_PER_CONCEPT, EraseConfig
+    from .losses import LossWeights
+    from .methods import method_for
     from .parallel import DataParallel
     from .trainer import NonFiniteLossError, train
 
     started = time.perf_counter()
+    method = method_for(args.method)
+    _check_method_options(args, method)
     specs = _specs(args)
-    try:
-        weights = LossWeights(**{**vars(LossWeights()), **args.weights})
-    except TypeError:
-        raise ValueError(
-            f"--weights names must be among {list(vars(LossWeights()))}, got {list(args.weights)}"
-        ) from None
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else None
+    parallel = DataParallel.for_device(args.device)
+    pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)
     config = EraseConfig(
         model=args.model,
+        method=method.name,
         # Each concept gets a share of the erase rows: scale the default with their number.
         steps=args.steps if args.steps is not None else STEPS_PER_CONCEPT * len(specs),
         lr=args.lr,
@@ -223,11 +283,8 @@ def run_erase(args: argparse.Namespace) -> int:
         keep_rows=args.keep_rows,
         schedule=args.schedule,
         eta=args.eta,
-        weights=weights,
-        lora=LoraSettings(
-            rank=args.rank,
-            targets=_csv(args.targets) if args.targets else profile_for(args.model).erase_defaults.lora_targets,
-        ),
+        weights=LossWeights(**{**vars(method.default_weights), **args.weights}),
+        lora=_lora_settings(args, method, pipe),
         cache=CacheConfig(
             sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
         ),
@@ -235,19 +292,18 @@ def run_erase(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         threads=args.threads,
     )
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else None
-    parallel = DataParallel.for_device(args.device)
-    pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)
     try:
         result = train(pipe, specs, config, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as err:  # not a bad input, but its message says all: print it as one line
         raise CommandError(str(err)) from err
     if not parallel.is_main:
         return 0
+    done = f"{config.steps} steps" if method.trained else "closed form"
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.final_losses.items())
+    losses = f"; final losses: {losses}" if losses else ""
     print(
-        f"erased {', '.join(s.name for s in specs)} in {time.perf_counter() - started:.1f}s "
-        f"({config.steps} steps); final losses: {losses}\nLoRA: {result.lora_path}  "
+        f"erased {', '.join(s.name for s in specs)} with {method.name} in {time.perf_counter() - started:.1f}s "
+        f"({done}){losses}\nLoRA: {result.lora_path}  "
         f"(pipe.load_lora_weights({str(result.out)!r}); measure with: attnscope eval --lora {result.out})"
     )
     return 0

@@ -11,36 +11,14 @@ from attnscope.profiles import profile_for
 
 from .cache import CacheConfig
 from .lora import LoraSettings
+from .losses import LossWeights
+from .methods import method_for
 
 __all__ = ["STEPS_PER_CONCEPT", "EraseConfig", "LossWeights", "fill_model_defaults", "model_defaults"]
 
 #: Default optimizer steps per erased concept (erase and preserve steps count one each): the fewest that left no
 #: trace of the concept in the shapes evaluation at 16 seeds (benchmarks/RESULTS.md).
 STEPS_PER_CONCEPT = 300
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Loss weights (official defaults). A zero weight skips that loss entirely (used for ablations).
-
-    ``keep`` is ours: the adapted model's velocity must stay the base model's at states of the base model's own
-    preservation-prompt trajectories (and, for models sampled with true classifier-free guidance, for the negative
-    prompt at the concept's points, the reference guidance subtracts). A regression on known targets, so much less
-    noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw.
-
-    ``implicit`` is ours too: unconditional ESD. At the concept's points, the model prompted with words that name
-    nothing (``CacheConfig.implicit_prompts``: the empty prompt, glue words) is pushed from the base model's
-    velocity there by ``-η·(v(concept) − v(anchor))``, the direction that separates the concept from its anchor
-    (:func:`~erase.losses.implicit_loss`), so that an erased concept is not drawn unasked either: prompt searches
-    find glue words that draw it otherwise (benchmarks/RESULTS.md).
-    """
-
-    esd: float = 1.0
-    attention: float = 1e-3
-    flow: float = 0.1
-    contrastive: float = 0.1
-    keep: float = 20.0
-    implicit: float = 1.0
 
 
 @dataclass
@@ -52,15 +30,19 @@ class EraseConfig:
     points for the keep loss, the rest flow-matching rows. ``height``/``width``/
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
     layers the attention and contrastive losses read (trace ``layers`` selector). The device is the pipeline's.
-    ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
+    ``log_gradients_every``: every that many steps the log records each weighted loss's gradient norm (one extra
+    backward per loss on those steps; 0: never). ``threads``: torch CPU threads (results are bit-reproducible only
+    at the same count).
     ``guidance_scale``/``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache and
     called in the losses (``None``: the model's default call: the guidance input of a guidance-distilled model
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
     sampled with it). ``eta`` (ESD's negative-guidance strength) and ``lora``: ``None`` takes the model profile's
-    erasure defaults, as ``attnscope erase`` does.
+    erasure defaults, as ``attnscope erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a
+    step computes, or a closed-form edit); ``weights``: ``None`` takes the method's own.
     """
 
     model: str = "shapes"
+    method: str = "eraseanything"
     steps: int = STEPS_PER_CONCEPT
     lr: float = 1e-3
     seed: int = 0
@@ -68,7 +50,7 @@ class EraseConfig:
     contrastive_rows: int = 2
     keep_rows: int = 3
     schedule: Literal["alternate", "joint"] = "alternate"
-    weights: LossWeights = field(default_factory=LossWeights)
+    weights: LossWeights | None = None
     eta: float | None = None
     tau: float = 0.07
     lora: LoraSettings | None = None
@@ -81,6 +63,7 @@ class EraseConfig:
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     checkpoint_every: int = 50
+    log_gradients_every: int = 25
     gradient_checkpointing: bool = False
     threads: int | None = None
 
@@ -93,6 +76,7 @@ class EraseConfig:
             raise ValueError(f"schedule must be 'alternate' or 'joint', not {self.schedule!r}")
         if self.batch < 1 or self.checkpoint_every < 1:
             raise ValueError("batch and checkpoint_every must be >= 1")
+        method_for(self.method)  # an unknown name fails here, naming the known ones
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -102,16 +86,20 @@ class EraseConfig:
 
 
 def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
-    """Set ``config``'s ``None`` fields to ``config.model``'s defaults (in place; also returned): the call settings
-    of :func:`model_defaults`, and the profile's η and LoRA placement."""
+    """Set ``config``'s ``None`` fields to their defaults (in place; also returned): the call settings of
+    :func:`model_defaults`, the profile's η and LoRA placement, the method's loss weights (and LoRA targets, for a
+    method that edits other projections than the profile's)."""
     for key, value in model_defaults(config.model, pipe).items():
         if getattr(config, key) is None:
             setattr(config, key, value)
     defaults = profile_for(config.model).erase_defaults
+    method = method_for(config.method)
     if config.eta is None:
         config.eta = defaults.eta
     if config.lora is None:
-        config.lora = LoraSettings(targets=defaults.lora_targets)
+        config.lora = LoraSettings(targets=method.lora_targets or defaults.lora_targets)
+    if config.weights is None:
+        config.weights = method.default_weights
     return config
 
 

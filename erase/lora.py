@@ -20,16 +20,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from attnscope.adapters import adapter_for
 from attnscope.profiles import PAPER_LORA_TARGETS
 
 __all__ = [
     "ADAPTER_NAME",
     "LORA_FILE",
     "LoraFileError",
+    "LoraLayers",
     "LoraSettings",
     "add_lora",
     "base_model",
@@ -38,6 +40,7 @@ __all__ = [
     "lora_parameters",
     "lora_state",
     "save_lora",
+    "write_lora",
 ]
 
 ADAPTER_NAME = "erase"
@@ -48,46 +51,56 @@ class LoraFileError(ValueError):
     """A LoRA folder/file that cannot be applied to this model (missing, corrupt, or for other modules/shapes)."""
 
 
+#: Which joint-attention layers a LoRA may sit in: the dual-stream blocks only, or every attention layer.
+LoraLayers = Literal["double", "all"]
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """Rank, scale and placement of the erasure LoRA.
 
-    ``targets``: module-name suffixes (peft ``target_modules``); ``blocks``: restrict to these double-stream
-    block indices (``None``: all). ``alpha`` defaults to ``rank`` (scale 1, as in the official code: r8/α8).
+    ``targets``: name suffixes of linear modules inside the model's joint-attention modules (peft
+    ``target_modules``); ``layers``: in the dual-stream (``double``) attention layers only, or in ``all``; ``blocks``:
+    restrict the dual-stream layers to these block indices (``None``: all). ``alpha`` defaults to ``rank`` (scale 1,
+    as in the official code: r8/α8).
     """
 
     rank: int = 8
     alpha: float | None = None
     targets: tuple[str, ...] = PAPER_LORA_TARGETS
     blocks: tuple[int, ...] | None = None
+    layers: LoraLayers = "double"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.targets:
             raise ValueError("LoRA needs at least one target module name")
+        if self.layers not in ("double", "all"):
+            raise ValueError(f"LoRA layers must be 'double' or 'all', not {self.layers!r}")
 
     def target_modules(self, transformer: torch.nn.Module) -> list[str]:
         """Full module names in ``transformer`` that get the adapter; ValueError if none match."""
-        names = []
-        n_blocks = len(transformer.transformer_blocks)
-        blocks = range(n_blocks) if self.blocks is None else self.blocks
-        bad = [b for b in blocks if not 0 <= b < n_blocks]
+        layers = [info for info in adapter_for(transformer).layers(transformer)
+                  if info.kind == "double" or self.layers == "all"]
+        n_blocks = sum(info.kind == "double" for info in layers)
+        bad = [b for b in self.blocks or () if not 0 <= b < n_blocks]
         if bad:
             raise ValueError(f"LoRA blocks {bad} do not exist: the model has {n_blocks} double-stream blocks")
-        for name, module in transformer.named_modules():
-            found = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name)
-            if (
-                found
-                and int(found[1]) in blocks
-                and isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
-                and any(found[2] == t or found[2].endswith("." + t) for t in self.targets)
-            ):
-                names.append(name)
+        names = []
+        for info in layers:
+            if info.kind == "double" and self.blocks is not None and info.block not in self.blocks:
+                continue
+            for sub, module in transformer.get_submodule(info.name).named_modules():
+                if (
+                    sub
+                    and isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+                    and any(sub == t or sub.endswith("." + t) for t in self.targets)
+                ):
+                    names.append(f"{info.name}.{sub}")
         if not names:
-            raise ValueError(
-                f"no linear module of the double-stream blocks matches the LoRA targets {list(self.targets)}"
-            )
+            where = "double-stream attention" if self.layers == "double" else "attention"
+            raise ValueError(f"no linear module of the {where} layers matches the LoRA targets {list(self.targets)}")
         return names
 
 
@@ -136,7 +149,17 @@ def base_model(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def save_lora(transformer: torch.nn.Module, folder: str | Path, settings: LoraSettings) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' format; returns the file path."""
+    """Write the adapter of ``transformer`` to ``folder/pytorch_lora_weights.safetensors`` in diffusers' format;
+    returns the file path."""
+    return write_lora(folder, lora_state(transformer), settings, settings.target_modules(transformer))
+
+
+def write_lora(
+    folder: str | Path, state: dict[str, torch.Tensor], settings: LoraSettings, target_modules: list[str]
+) -> Path:
+    """Write LoRA matrices (peft naming: ``<module>.lora_A.weight`` / ``lora_B``) to
+    ``folder/pytorch_lora_weights.safetensors`` with ``FluxPipeline.save_lora_weights``, so that
+    ``pipe.load_lora_weights(folder)`` loads them; returns the file path."""
     from diffusers import FluxPipeline
 
     folder = Path(folder)
@@ -144,11 +167,11 @@ def save_lora(transformer: torch.nn.Module, folder: str | Path, settings: LoraSe
     metadata = {
         "r": settings.rank,
         "lora_alpha": settings.alpha if settings.alpha is not None else settings.rank,
-        "target_modules": settings.target_modules(transformer),
+        "target_modules": target_modules,
     }
     FluxPipeline.save_lora_weights(
         folder,
-        transformer_lora_layers=lora_state(transformer),
+        transformer_lora_layers=state,
         transformer_lora_adapter_metadata=metadata,
         safe_serialization=True,
     )

@@ -14,11 +14,13 @@ Notation (rectified flow, as in diffusers' Flux): ``x_t = (1 - t)·x0 + t·ε``,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "LossWeights",
     "attention_features",
     "attention_loss",
     "attention_mass",
@@ -29,6 +31,45 @@ __all__ = [
     "implicit_loss",
     "velocity_matching_loss",
 ]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Loss weights (official defaults). A zero weight skips that loss entirely (used for ablations).
+
+    ``keep`` is ours: the adapted model's velocity must stay the base model's at states of the base model's own
+    preservation-prompt trajectories (and, for models sampled with true classifier-free guidance, for the negative
+    prompt at the concept's points, the reference guidance subtracts). A regression on known targets, so much less
+    noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw.
+
+    ``ablation`` and ``anchor`` are concept ablation's (``--method ca``): the concept prompt's velocity regressed to
+    the base model's velocity for the anchor prompt, and the anchor prompt's own velocity kept.
+
+    ``implicit`` is ours too: unconditional ESD. At the concept's points, the model prompted with words that name
+    nothing (``CacheConfig.implicit_prompts``: the empty prompt, glue words) is pushed from the base model's
+    velocity there by ``-η·(v(concept) − v(anchor))``, the direction that separates the concept from its anchor
+    (:func:`~erase.losses.implicit_loss`), so that an erased concept is not drawn unasked either: prompt searches
+    find glue words that draw it otherwise (benchmarks/RESULTS.md).
+    """
+
+    esd: float = 1.0
+    attention: float = 1e-3
+    flow: float = 0.1
+    contrastive: float = 0.1
+    keep: float = 20.0
+    implicit: float = 1.0
+    ablation: float = 0.0
+    anchor: float = 0.0
+
+    @classmethod
+    def only(cls, **weights: float) -> LossWeights:
+        """Every weight 0 except those given (a method that uses a few of the losses)."""
+        return cls(**{name: 0.0 for name in cls.__dataclass_fields__} | weights)
+
+    def used(self) -> tuple[str, ...]:
+        """The losses with a non-zero weight."""
+        return tuple(name for name, value in asdict(self).items() if value)
+
 
 
 def esd_target(v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float = 1.0) -> torch.Tensor:

@@ -75,13 +75,14 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def check_resume(out: Path, config: Any, specs: Sequence[ConceptSpec]) -> None:
-    """Raise :class:`ResumeMismatchError` unless ``run.json`` in ``out`` describes this run (``steps`` and
-    ``threads`` may differ: a run may continue further, on another machine)."""
+    """Raise :class:`ResumeMismatchError` unless ``run.json`` in ``out`` describes this run (``steps``,
+    ``threads`` and ``log_gradients_every`` may differ: a run may continue further, on another machine, logging
+    differently)."""
     saved = json.loads((out / RUN_FILE).read_text())
     mine = json.loads(json.dumps(record(config, specs)))
     for part in (saved, mine):
-        part["config"].pop("steps")
-        part["config"].pop("threads")
+        for key in ("steps", "threads", "log_gradients_every"):
+            part["config"].pop(key, None)
     if saved != mine:
         raise ResumeMismatchError(
             f"{out} holds a run with other settings or concepts; resume with the same flags (see {out / RUN_FILE})"

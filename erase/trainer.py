@@ -3,7 +3,8 @@ forward/backward machinery its method's steps use) and :func:`train`, which driv
 
 A step only runs the adapted model on ``batch`` rows per level, and base-model quantities come from the
 :class:`~erase.cache.EraseCache` built once at the start. What a step computes is the method's
-(:mod:`erase.methods`); the run folder's life cycle is :mod:`erase.run`. ``resume=True`` continues from
+(:mod:`erase.methods`); a closed-form method skips the loop and edits directly. The run folder's life cycle is
+:mod:`erase.run`. ``resume=True`` continues from
 ``checkpoint.pt`` and ends with the same LoRA an uninterrupted run would have produced (same seed, same thread
 count).
 """
@@ -30,13 +31,16 @@ from . import run
 from .cache import EraseCache, build_cache
 from .config import EraseConfig, fill_model_defaults
 from .lora import LORA_FILE, add_lora, base_model, save_lora
-from .methods import EraseAnything
+from .methods import TrainedMethod, method_for
 from .parallel import DataParallel
 from .sampling import PromptBank
 from .spec import ConceptSpec, SpecError, check_prompts_fit, find_word
 from .worlds import erasure_world
 
-__all__ = ["EraseResult", "NonFiniteLossError", "Trainer", "preservation_prompts", "train"]
+__all__ = ["EraseResult", "NonFiniteLossError", "Trainer", "gradient_shares", "preservation_prompts", "train"]
+
+#: Key of a log entry's per-loss gradient norms (weighted losses, over the LoRA parameters).
+GRADIENT_NORMS = "grad_norm"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,10 +85,12 @@ class Trainer:
         config: EraseConfig,
         out: Path,
         parallel: DataParallel | None = None,
-        method: EraseAnything | None = None,
     ):
         self.pipe, self.specs, self.config, self.out = pipe, list(specs), fill_model_defaults(config, pipe), out
-        self.method = method or EraseAnything()
+        method = method_for(config.method)
+        if not isinstance(method, TrainedMethod):
+            raise ValueError(f"{config.method} is a closed-form edit: it has no training steps")
+        self.method = method
         self.parallel = parallel or DataParallel.for_device(pipe.transformer.device)
         self.transformer = pipe.transformer
         self.call = adapter_for(pipe).model_call(
@@ -105,17 +111,24 @@ class Trainer:
         self.log: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
         self.cache: EraseCache | None = None
+        #: Set by :func:`train` on the steps whose per-loss gradient norms are logged; filled by backward_group.
+        self.log_gradients = False
+        self.gradient_norms: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ data
     def prepare_cache(self, progress: Callable[[int, int], None] | None) -> None:
         path = self.out / run.CACHE_FILE
         if self.parallel.is_main and not path.is_file():
+            w = self.config.weights
+            cache_config = replace(  # what no loss of this run draws is not sampled
+                self.config.cache,
+                implicit_prompts=self.config.cache.implicit_prompts if w.implicit > 0 else (),
+                contrastive_points=self.config.cache.contrastive_points if w.contrastive > 0 else 0,
+            )
+            preserve = preservation_prompts(self.specs) if w.flow > 0 or w.keep > 0 else []
             with base_model(self.transformer):
-                cache_config = self.config.cache
-                if self.config.weights.implicit == 0:  # no implicit rows to draw: do not sample them
-                    cache_config = replace(cache_config, implicit_prompts=())
                 cache = build_cache(
-                    self.call, self.bank, self.specs, preservation_prompts(self.specs), cache_config,
+                    self.call, self.bank, self.specs, preserve, cache_config,
                     self.config.attention_layers, progress, self.config.negative_prompt or "",
                 )
             cache.save(path)
@@ -153,7 +166,9 @@ class Trainer:
         T)`` per layer and the ``(B, T)`` column mask; with ``maps_only`` as well, the forward ends after the last
         traced layer (``v`` is None): rows that feed only map losses never run the layers after it. The backward runs
         *inside* the trace: with gradient checkpointing the blocks are recomputed during backward and must see the same
-        capture processors as in the forward. Raises NonFiniteLossError before the backward of a bad loss.
+        capture processors as in the forward. With ``log_gradients`` set, each weighted loss's gradient norm over the
+        LoRA parameters is added to ``gradient_norms`` first (one extra backward per loss, so only on logged steps).
+        Raises NonFiniteLossError before the backward of a bad loss.
         """
         device, dtype = self.transformer.device, self.transformer.dtype
         x, sigma = x.to(device, dtype), sigma.to(device)
@@ -179,6 +194,12 @@ class Trainer:
             bad = [name for name, value in values.items() if not torch.isfinite(value)]
             if not self.parallel.all_true(not bad):  # every process stops, not only the one that saw it
                 raise NonFiniteLossError(bad[0] if bad else "(another process's)", self.step, self.last_checkpoint)
+            if self.log_gradients:
+                for name, value in values.items():
+                    grads = torch.autograd.grad(weights[name] * value, self.params, retain_graph=True,
+                                                allow_unused=True)
+                    self.gradient_norms[name] = math.sqrt(sum(float(g.square().sum()) for g in grads
+                                                              if g is not None))
             sum(weights[name] * value for name, value in values.items()).backward()
         return {name: float(value.detach()) for name, value in values.items()}
 
@@ -195,6 +216,7 @@ class Trainer:
         """One optimizer step of this step's level; returns the unweighted losses. Gradients of the level's
         forward groups accumulate; nothing is applied if any loss is non-finite."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.gradient_norms = {}
         values = self.method.step(self, self.level(self.step))
         if values:
             self.parallel.average_gradients(self.params)
@@ -253,7 +275,8 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> EraseResult:
-    """Train an erasure LoRA for ``specs`` on ``pipe`` (a Flux pipeline; the LoRA is added to its transformer).
+    """Train an erasure LoRA for ``specs`` on ``pipe`` (a Flux pipeline; the LoRA is added to its transformer) with
+    ``config.method``; a closed-form method computes its edit instead and writes it in the same LoRA format.
 
     Validates the specs against the model before anything is written (unknown words, prompts without the concept,
     prompts longer than the model's text length). With
@@ -276,6 +299,11 @@ def train(
             f"erasure calls the transformer directly, which attnscope cannot do for {adapter.name} models yet"
         )
     fill_model_defaults(config, pipe)
+    method = method_for(config.method)
+    if resume and not method.trained:
+        raise run.ResumeMismatchError(
+            f"{method.name} is a closed-form edit with nothing to resume: run it again with --overwrite"
+        )
     world = erasure_world(config.model)
     for spec in specs:
         spec.check_prompts()
@@ -292,6 +320,8 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    if not method.trained:
+        return _closed_form(method, pipe, specs, config, out, started, progress and parallel.is_main)
 
     trainer = Trainer(pipe, specs, config, out, parallel)
     progress = progress and parallel.is_main
@@ -309,9 +339,14 @@ def train(
         bar.update(trainer.step)
         while trainer.step < config.steps:
             t0 = time.perf_counter()
+            every = config.log_gradients_every  # a pair of steps: both levels of an alternating method
+            trainer.log_gradients = bool(every) and trainer.step % every < 2
             values = trainer.train_step()
-            trainer.log.append({"step": trainer.step, "level": trainer.level(trainer.step - 1), **values,
-                                "seconds": round(time.perf_counter() - t0, 4)})
+            entry = {"step": trainer.step, "level": trainer.level(trainer.step - 1), **values,
+                     "seconds": round(time.perf_counter() - t0, 4)}
+            if trainer.gradient_norms:
+                entry[GRADIENT_NORMS] = {k: round(v, 6) for k, v in trainer.gradient_norms.items()}
+            trainer.log.append(entry)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
             if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
@@ -328,14 +363,43 @@ def train(
     if parallel.is_main:
         save_lora(trainer.transformer, out, config.lora)
         run.write_results(out, config, specs, {
-            "processes": parallel.world, "seconds": round(seconds, 2), "final_losses": final, "steps": trainer.log,
+            "processes": parallel.world, "seconds": round(seconds, 2), "final_losses": final,
+            "gradient_shares": gradient_shares(trainer.log), "steps": trainer.log,
         })
     parallel.barrier()
     return EraseResult(lora_path=lora_path, out=out, final_losses=final, seconds=seconds, log=trainer.log)
 
 
+def _closed_form(
+    method: Any, pipe: Any, specs: Sequence[ConceptSpec], config: EraseConfig, out: Path, started: float,
+    progress: bool,
+) -> EraseResult:
+    with tqdm(desc=method.name, mininterval=1.0, leave=False, disable=not progress) as bar:
+
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        record = method.fit(pipe, specs, config, out, report)
+    seconds = time.perf_counter() - started
+    run.write_results(out, config, specs, {"processes": 1, "seconds": round(seconds, 2), "edit": record})
+    return EraseResult(lora_path=out / LORA_FILE, out=out, final_losses={}, seconds=seconds, log=[])
+
+
+def gradient_shares(log: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per level, each loss's mean share of the summed gradient norms of that step's weighted losses (over the
+    logged steps): which loss actually moves the LoRA, whatever its value."""
+    shares: dict[str, dict[str, list[float]]] = {}
+    for entry in log:
+        norms = entry.get(GRADIENT_NORMS)
+        total = sum(norms.values()) if norms else 0.0
+        for name, norm in (norms or {}).items():
+            shares.setdefault(entry["level"], {}).setdefault(name, []).append(norm / total if total else 0.0)
+    return {level: {name: round(sum(v) / len(v), 4) for name, v in per.items()} for level, per in shares.items()}
+
+
 def _final_losses(log: Sequence[dict[str, Any]], window: int = 10) -> dict[str, float]:
-    names = sorted({k for entry in log for k in entry} - {"step", "level", "seconds"})
+    names = sorted({k for entry in log for k in entry} - {"step", "level", "seconds", GRADIENT_NORMS})
     final = {}
     for name in names:
         values = [e[name] for e in log if name in e][-window:]

@@ -115,6 +115,12 @@ class Adapter(ABC):
     text_first: bool
     #: Whether :meth:`model_call` is implemented (training and erasure need it).
     has_model_call: bool = False
+    #: Name suffixes of every linear projection inside a joint-attention module (:meth:`layers`): what a LoRA on
+    #: "all attention" trains. A module that lacks some (Flux's single-stream attention has no output projection of
+    #: its own) simply matches fewer.
+    attention_projections: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    )
 
     @classmethod
     def for_transformer(cls, transformer: torch.nn.Module) -> Adapter:

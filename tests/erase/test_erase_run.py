@@ -361,9 +361,10 @@ def test_gradient_checkpointing_gives_the_same_lora(red_run, tmp_path) -> None:
     checkpointed = train(small_shapes_pipeline(), [shapes_spec("red")], _config(gradient_checkpointing=True), tmp_path,
                          progress=False)
     for a, b in zip(result.log, checkpointed.log):
-        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
-            {k: v for k, v in b.items() if k != "seconds"}
+        assert {k: v for k, v in a.items() if k not in ("seconds", "grad_norm")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("seconds", "grad_norm")}
         )
+        assert a.get("grad_norm", {}) == pytest.approx(b.get("grad_norm", {}), rel=1e-3, abs=2e-6)
     expected, got = _lora(out), _lora(tmp_path)
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
 

@@ -1,0 +1,76 @@
+"""What an erasure method is: a name, the losses and options it takes, and either the steps of a training run
+(:class:`TrainedMethod`, driven by :class:`~erase.trainer.Trainer`) or a direct edit (:class:`ClosedFormMethod`)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..losses import LossWeights
+
+if TYPE_CHECKING:
+    from ..config import EraseConfig
+    from ..spec import ConceptSpec
+    from ..trainer import Trainer
+
+__all__ = ["ClosedFormMethod", "Method", "TrainedMethod"]
+
+#: ``attnscope erase`` options every trained method takes.
+TRAINING_OPTIONS = frozenset({
+    "steps", "lr", "batch", "rank", "targets", "train", "weights", "sample_steps", "cache_seeds",
+    "checkpoint_every", "gradient_checkpointing",
+})
+
+
+class Method(ABC):
+    """One erasure method. Subclasses set the class attributes; :func:`erase.methods.method_for` makes them."""
+
+    #: The name ``--method`` takes.
+    name: ClassVar[str]
+    #: One line for ``--help`` and the docs.
+    summary: ClassVar[str]
+    #: The loss weights a run of this method starts from (``--weights`` may change the ones in ``losses``).
+    default_weights: ClassVar[LossWeights] = LossWeights.only()
+    #: The :class:`LossWeights` fields it reads; ``--weights`` may name only these.
+    losses: ClassVar[tuple[str, ...]] = ()
+    #: The ``attnscope erase`` options it takes beyond the common ones (concept, spec, model, device, seed, out...),
+    #: as argparse ``dest`` names; the CLI refuses any other it is given, naming these.
+    options: ClassVar[frozenset[str]] = frozenset()
+    #: LoRA targets when not told (``None``: the model profile's).
+    lora_targets: ClassVar[tuple[str, ...] | None] = None
+    #: Whether it trains (resumable, checkpointed steps) or edits in closed form.
+    trained: ClassVar[bool] = True
+
+
+class TrainedMethod(Method):
+    """A method the :class:`~erase.trainer.Trainer` trains: which level each step is, and what a step computes."""
+
+    options = TRAINING_OPTIONS
+
+    def level(self, trainer: Trainer, step: int) -> str:
+        """The level of optimizer step ``step`` (a name for the log: ``erase``, ``preserve``, ...)."""
+        return "erase"
+
+    @abstractmethod
+    def step(self, trainer: Trainer, level: str) -> dict[str, Any]:
+        """Compute this level's losses on drawn rows (through :meth:`Trainer.backward_group`, which accumulates
+        their weighted gradients); returns the unweighted loss values."""
+
+
+class ClosedFormMethod(Method):
+    """A method that computes its weight edit directly from base-model activations, in seconds."""
+
+    trained = False
+
+    @abstractmethod
+    def fit(
+        self,
+        pipe: Any,
+        specs: Sequence[ConceptSpec],
+        config: EraseConfig,
+        out: Path,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Compute the edit, write the LoRA file into ``out`` and return what the run log records about it."""

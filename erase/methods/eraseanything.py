@@ -1,0 +1,43 @@
+"""EraseAnything (Gao et al., ICML 2025), the default method: bi-level erasure on the text-side projections.
+
+The *erase* (lower) level makes the model stop drawing the concept: ESD-flow towards the anchor plus attention
+attenuation on the concept's text keys, and (ours, weight 1 by default) unconditional ESD: the concept's points
+through prompts that name nothing, so that it is not drawn unasked either. The *preserve* (upper) level keeps
+everything else: flow matching on base-model samples of irrelevant prompts, the keep loss and the reverse
+self-contrastive loss. ``schedule="alternate"`` alternates them (the official code: even steps erase, odd steps
+preserve); ``schedule="joint"`` takes both levels in every step (their gradients accumulate).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..losses import LossWeights
+from .base import TRAINING_OPTIONS, TrainedMethod
+from .rows import erase_rows, preserve_rows
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["EraseAnything"]
+
+
+class EraseAnything(TrainedMethod):
+    name = "eraseanything"
+    summary = "bi-level: ESD-flow + attention attenuation + unconditional ESD, alternating with preservation"
+    default_weights = LossWeights()
+    losses = ("esd", "attention", "flow", "contrastive", "keep", "implicit")
+    options = TRAINING_OPTIONS | {"eta", "schedule", "keep_rows", "preserve_steps"}
+
+    def level(self, trainer: Trainer, step: int) -> str:
+        if trainer.config.schedule == "joint":
+            return "joint"
+        return "erase" if step % 2 == 0 else "preserve"
+
+    def step(self, trainer: Trainer, level: str) -> dict[str, Any]:
+        values: dict[str, float] = {}
+        if level in ("erase", "joint"):
+            values |= erase_rows(trainer)
+        if level in ("preserve", "joint"):
+            values |= preserve_rows(trainer)
+        return values

@@ -1,0 +1,26 @@
+"""Forget-Me-Not's attention re-steering (Zhang et al., CVPR-W 2024): the image queries' attention mass on the
+concept's text keys, read by the same hooks as every map attnscope draws, driven down alone. It is EraseAnything's
+attenuation term as a method of its own; the forward stops after the last layer whose maps it reads."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..losses import LossWeights
+from .base import TrainedMethod
+from .rows import erase_rows
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["ForgetMeNot"]
+
+
+class ForgetMeNot(TrainedMethod):
+    name = "fmn"
+    summary = "Forget-Me-Not: the concept tokens' attention maps driven down alone"
+    default_weights = LossWeights.only(attention=1.0)
+    losses = ("attention",)
+
+    def step(self, trainer: Trainer, level: str) -> dict[str, Any]:
+        return erase_rows(trainer)

@@ -1,0 +1,133 @@
+"""The row groups trained methods are built from: each draws rows from the trainer's cache, runs one forward of
+the adapted model on them (:meth:`~erase.trainer.Trainer.backward_group`) and returns its losses.
+
+* :func:`erase_rows` — cached concept points through their own prompts (ESD, attention attenuation) and through
+  prompts that name nothing (unconditional ESD);
+* :func:`preserve_rows` — noised preservation samples (flow matching), keep points (keep loss) and concept points
+  for the reverse self-contrastive loss;
+* :func:`ablation_rows` — concept points through the concept prompt and the anchor prompt (concept ablation).
+
+A loss with weight 0 draws no rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import losses
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["ablation_rows", "erase_rows", "preserve_rows"]
+
+
+def erase_rows(trainer: Trainer) -> dict[str, float]:
+    """ESD and attention attenuation on ``batch`` concept points and unconditional ESD on ``batch // 2`` implicit
+    rows, in one forward: a second forward would cost its fixed per-call overhead again, which on a small model is a
+    large share of a step. Only the concept rows have concept columns in the captured maps. With attention alone
+    (Forget-Me-Not) the forward stops after the last layer whose maps the loss reads."""
+    c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
+    n = config.batch if w.esd > 0 or w.attention > 0 else 0
+    idx = trainer.draw(len(c.prompts), n)
+    n_implicit = config.batch // 2 if w.implicit > 0 and len(c.implicit_point) else 0
+    rows = trainer.draw(len(c.implicit_point), n_implicit)
+    point = c.implicit_point[rows]
+    if not (n or n_implicit):
+        return {}
+
+    def erase_losses(v, maps, columns):
+        out = {}
+        if w.esd > 0:
+            out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device), config.eta)
+        if w.attention > 0:
+            out["attention"] = losses.attention_loss([m[:n] for m in maps], columns[:n])
+        if n_implicit:
+            v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],
+                                                                  c.v_anchor[point]))
+            out["implicit"] = losses.implicit_loss(v[n:], v_here, v_concept, v_anchor, config.eta)
+        return out
+
+    words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None
+    return trainer.backward_group(
+        torch.cat([c.x[idx], c.x[point]]), torch.cat([c.sigma[idx], c.sigma[point]]),
+        [c.prompts[i] for i in idx] + [c.implicit_prompts[i] for i in rows], erase_losses, words,
+        maps_only=w.esd == 0 and n_implicit == 0,
+    )
+
+
+def preserve_rows(trainer: Trainer) -> dict[str, float]:
+    """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one forward),
+    and the contrastive loss on ``contrastive_rows`` concept points (a second forward that stops after the last
+    layer whose maps it reads): ``batch`` rows in all."""
+    c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
+    n_contrastive = config.contrastive_rows if w.contrastive > 0 else 0
+    room = max(config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
+    n_keep = min(config.keep_rows, room) if w.keep > 0 and len(c.keep_x) else 0
+    n_flow = max(config.batch - n_contrastive - n_keep, 1) if w.flow > 0 else 0
+    if not (n_flow or n_keep or n_contrastive):
+        return {}
+    idx = trainer.draw(len(c.preserve_prompts), n_flow)
+    x0 = c.x0[idx]
+    # Logit-normal t (as the shapes model was trained): most weight on mid noise levels.
+    t = torch.sigmoid(torch.randn(n_flow, generator=trainer.generator))
+    noise = torch.randn(x0.shape, generator=trainer.generator)
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    keep = trainer.draw(len(c.keep_x), n_keep)
+    concept = trainer.contrastive_points[trainer.draw(len(trainer.contrastive_points), n_contrastive)]
+
+    def preserve_losses(v, maps, columns):
+        values = {}
+        if n_flow:
+            values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
+        if n_keep:
+            values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
+        return values
+
+    def contrastive_losses(v, maps, columns):
+        return {"contrastive": losses.contrastive_loss(
+            losses.attention_features(maps, columns),
+            c.positives[concept].to(device),
+            c.negatives[concept].to(device),
+            config.tau,
+            c.positive_mask[concept].to(device),
+            c.negative_mask[concept].to(device),
+        )}
+
+    values: dict[str, float] = {}
+    if n_flow or n_keep:
+        values |= trainer.backward_group(
+            torch.cat([x_t, c.keep_x[keep]]),
+            torch.cat([t, c.keep_sigma[keep]]),
+            [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
+            preserve_losses,
+        )
+    if n_contrastive:
+        values |= trainer.backward_group(
+            c.x[concept], c.sigma[concept], [c.prompts[i] for i in concept], contrastive_losses,
+            [c.words[i] for i in concept], maps_only=True,
+        )
+    return values
+
+
+def ablation_rows(trainer: Trainer) -> dict[str, float]:
+    """Concept ablation's two regressions on ``batch`` concept points, in one forward: through the concept prompt
+    towards the base model's velocity for the anchor prompt (``ablation``), and through the anchor prompt itself
+    keeping that velocity (``anchor``), both targets ``v*(x_t, c_anc)`` from the cache."""
+    c, w, device = trainer.cache, trainer.config.weights, trainer.transformer.device
+    n = trainer.config.batch
+    idx = trainer.draw(len(c.prompts), n)
+    v_anchor = c.v_anchor[idx].to(device)
+    n_anchor = n if w.anchor > 0 else 0
+
+    def ablation_losses(v, maps, columns):
+        values = {"ablation": losses.velocity_matching_loss(v[:n], v_anchor)}
+        if n_anchor:
+            values["anchor"] = losses.velocity_matching_loss(v[n:], v_anchor)
+        return values
+
+    rows = torch.cat([idx, idx[:n_anchor]])
+    prompts = [c.prompts[i] for i in idx] + [c.anchors[i] for i in idx[:n_anchor]]
+    return trainer.backward_group(c.x[rows], c.sigma[rows], prompts, ablation_losses)

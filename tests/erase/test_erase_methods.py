@@ -1,0 +1,232 @@
+"""Erasure methods side by side: the registry, each baseline's effect on the bundled shapes model, the LoRA
+placements, gradient-norm logging, and the CLI's refusals of options a method does not take."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import attnscope
+import attnscope.cli
+from attnscope.adapters import adapter_for
+from attnscope.erase import losses
+from attnscope.erase.cache import CacheConfig, maps_forward
+from attnscope.erase.cli import register
+from attnscope.erase.config import EraseConfig, model_defaults
+from attnscope.erase.lora import LoraSettings, base_model, load_lora
+from attnscope.erase.losses import LossWeights
+from attnscope.erase.methods import UnknownMethodError, method_for, method_names
+from attnscope.erase.methods.uce import token_alignment
+from attnscope.erase.run import ResumeMismatchError
+from attnscope.erase.sampling import PromptBank
+from attnscope.erase.trainer import train
+from attnscope.erase.worlds.shapes import shapes_spec, shows_concept
+from attnscope.profiles import profile_for
+from attnscope.trace import column_mask
+from attnscope.viz import to_pixels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL_CACHE = CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4)
+
+
+def shapes_pipe():
+    pipe = attnscope.load_pipeline("shapes", progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _config(method: str, **changes) -> EraseConfig:
+    return EraseConfig(**{"model": "shapes", "method": method, "steps": 4, "batch": 3, "contrastive_rows": 1,
+                          "keep_rows": 1, "checkpoint_every": 2, "cache": SMALL_CACHE, **changes})
+
+
+def _call_and_bank(pipe):
+    defaults = model_defaults("shapes", pipe)
+    call = adapter_for(pipe).model_call(pipe, defaults["height"], defaults["width"],
+                                        guidance_scale=defaults["guidance_scale"])
+    return call, PromptBank(call, defaults["max_sequence_length"])
+
+
+def test_the_registry_names_every_method_and_refuses_an_unknown_one() -> None:
+    assert method_names() == ("eraseanything", "esd", "ca", "fmn", "uce")
+    assert [method_for(n).name for n in method_names()] == list(method_names())
+    with pytest.raises(UnknownMethodError, match="choose one of eraseanything, esd, ca, fmn, uce"):
+        method_for("advunlearn")
+    with pytest.raises(UnknownMethodError):
+        EraseConfig(method="nope")
+    assert LossWeights.only(esd=2.0).used() == ("esd",)
+    assert method_for("esd").default_weights.used() == ("esd",)
+    assert set(LossWeights().used()) == {"esd", "attention", "flow", "contrastive", "keep", "implicit"}
+
+
+@pytest.mark.parametrize("method", ["esd", "ca", "fmn"])
+def test_a_trained_baseline_logs_only_its_own_losses_and_writes_a_loadable_lora(method, tmp_path) -> None:
+    pipe = shapes_pipe()
+    result = train(pipe, [shapes_spec("red")], _config(method, log_gradients_every=2), tmp_path, progress=False)
+    expected = set(method_for(method).losses)
+    assert set(result.final_losses) == expected
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["config"]["method"] == method and log["config"]["weights"] == vars(method_for(method).default_weights)
+    # Gradient norms on steps 0, 1 of every 2 (all four here); the shares of a level sum to one.
+    assert all(set(entry["grad_norm"]) == expected for entry in log["steps"])
+    assert all(sum(shares.values()) == pytest.approx(1, abs=1e-3) for shares in log["gradient_shares"].values())
+    # Nothing the method does not use was drawn from the base model.
+    cache = torch.load(tmp_path / "cache.pt", weights_only=False)
+    assert len(cache["x0"]) == 0 and len(cache["implicit_point"]) == 0 and not cache["positive_mask"].any()
+    fresh = shapes_pipe()
+    load_lora(fresh, tmp_path)  # diffusers' load_lora_weights behind the checks
+    assert len(fresh.get_active_adapters()) == 1
+
+
+def test_concept_ablation_moves_the_concept_prompt_towards_the_anchor_prompt_and_keeps_the_anchor(tmp_path) -> None:
+    pipe = shapes_pipe()
+    call, bank = _call_and_bank(pipe)
+    drift = {}
+    for anchor_weight in (1.0, 0.0):
+        out = tmp_path / str(anchor_weight)
+        weights = LossWeights.only(ablation=1.0, anchor=anchor_weight)
+        train(pipe, [shapes_spec("red")], _config("ca", steps=20, lr=1e-2, batch=4, weights=weights), out,
+              progress=False)
+        cache = torch.load(out / "cache.pt", weights_only=False)
+        x, sigma = cache["x"][:4], cache["sigma"][:4]
+        prompts, anchors = cache["prompts"][:4], cache["anchors"][:4]
+        assert all("red" in p and "red" not in a for p, a in zip(prompts, anchors))
+
+        def velocity(prompt_list, x=x, sigma=sigma):
+            embeds, pooled = bank.get(prompt_list)
+            with torch.no_grad():
+                return call.velocity(pipe.transformer, x, sigma, embeds, pooled, bank.text_ids)
+
+        target = cache["v_anchor"][:4]
+        with base_model(pipe.transformer):
+            before = losses.velocity_matching_loss(velocity(prompts), target)
+            anchor_before = velocity(anchors)
+        assert losses.velocity_matching_loss(velocity(prompts), target) < 0.5 * before
+        drift[anchor_weight] = losses.velocity_matching_loss(velocity(anchors), anchor_before)
+        pipe.transformer.delete_adapters("erase")
+    assert drift[1.0] < 0.5 * drift[0.0]  # the regularizer keeps the anchor prompt where it was
+
+
+def test_forget_me_not_drives_the_concepts_attention_mass_down(tmp_path) -> None:
+    pipe = shapes_pipe()
+    train(pipe, [shapes_spec("red")], _config("fmn", steps=20, lr=1e-2), tmp_path, progress=False)
+    cache = torch.load(tmp_path / "cache.pt", weights_only=False)
+    call, bank = _call_and_bank(pipe)
+    prompts, words = cache["prompts"][:6], cache["words"][:6]
+    positions = [bank.positions(p, w) for p, w in zip(prompts, words)]
+    embeds, pooled = bank.get(prompts)
+
+    def mass():
+        with torch.no_grad():
+            maps, keep = maps_forward(call, pipe.transformer, cache["x"][:6], cache["sigma"][:6], embeds, pooled,
+                                      bank.text_ids, [q for ps in positions for q in ps])
+        return float(losses.attention_loss(maps, column_mask(keep, positions, "cpu")))
+
+    with base_model(pipe.transformer):
+        before = mass()
+    assert mass() < 0.5 * before
+
+
+def test_token_alignment_pairs_words_and_keeps_the_specials_in_step() -> None:
+    pipe = shapes_pipe()
+    _, bank = _call_and_bank(pipe)
+    red, green = bank.tokens("a red circle"), bank.tokens("a green circle")
+    assert token_alignment(red, green) == list(range(len(red)))  # one piece each: position for position
+    shorter = bank.tokens("a circle")  # fewer words: position for position, clipped
+    assert token_alignment(red, shorter) == list(range(len(red)))
+
+
+@pytest.fixture(scope="module")
+def uce_red(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uce-red")
+    pipe = shapes_pipe()
+    config = EraseConfig(model="shapes", method="uce", cache=CacheConfig(sample_steps=4, seeds=2))
+    result = train(pipe, [shapes_spec("red")], config, out, progress=False)
+    return out, result
+
+
+def test_uce_erases_red_in_closed_form_and_leaves_other_colours(uce_red) -> None:
+    out, result = uce_red
+    log = json.loads((out / "train_log.json").read_text())
+    edit = log["edit"]
+    modules = [f"transformer_blocks.{b}.attn.{m}" for b in range(4) for m in ("add_k_proj", "add_v_proj")]
+    assert list(edit["modules"]) == modules
+    assert all(0 < s["energy_kept"] <= 1 and s["condition"] > 1 for s in edit["modules"].values())
+    assert edit["rows"]["edit"] == 3 * edit["points"]  # the prompt and its two synonym versions
+    assert result.log == [] and set(load_file(str(out / "pytorch_lora_weights.safetensors"))) == {
+        f"transformer.{m}.lora_{ab}.weight" for m in modules for ab in "AB"
+    }
+
+    def shows(pipe, prompt, spec):
+        generators = [torch.Generator().manual_seed(s) for s in range(4)]
+        images = to_pixels(pipe([prompt] * 4, generator=generators, output_type="np",
+                                **profile_for("shapes").default_call(pipe)).images)
+        return sum(shows_concept(images, spec))
+
+    pipe = shapes_pipe()
+    red, blue = shapes_spec("red"), shapes_spec("blue")
+    assert shows(pipe, "a red circle", red) >= 3 and shows(pipe, "a blue square", blue) >= 3
+    load_lora(pipe, out)
+    assert shows(pipe, "a red circle", red) == 0 and shows(pipe, "a crimson circle", red) == 0
+    assert shows(pipe, "a blue square", blue) >= 3
+
+
+def test_uce_has_nothing_to_resume(uce_red) -> None:
+    out, _ = uce_red
+    with pytest.raises(ResumeMismatchError, match="closed-form edit with nothing to resume"):
+        train(shapes_pipe(), [shapes_spec("red")], EraseConfig(model="shapes", method="uce"), out, resume=True,
+              progress=False)
+
+
+@pytest.mark.parametrize(("layers", "targets", "single"), [
+    ("double", ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"), False),
+    ("all", ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"), True),
+])
+def test_lora_placement_in_all_dual_stream_or_all_attention_loads_with_diffusers(layers, targets, single,
+                                                                                  tmp_path) -> None:
+    pipe = shapes_pipe()
+    lora = LoraSettings(targets=targets, layers=layers)
+    names = lora.target_modules(pipe.transformer)
+    assert len([n for n in names if n.startswith("transformer_blocks.")]) == 4 * 8
+    assert any(n.startswith("single_transformer_blocks.") for n in names) == single
+    train(pipe, [shapes_spec("red")], _config("esd", steps=2, lora=lora), tmp_path, progress=False)
+    saved = {k.split(".lora_")[0].removeprefix("transformer.") for k in load_file(
+        str(tmp_path / "pytorch_lora_weights.safetensors"))}
+    assert saved == set(names)
+    fresh = shapes_pipe()
+    load_lora(fresh, tmp_path)
+    assert sum(".lora_A." in n for n, _ in fresh.transformer.named_parameters()) == len(names)
+
+
+def _cli(*argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(list(argv))
+    return args.run(args)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "uce", "--steps", "30"], "--method uce does not take --steps; it takes --cache-seeds, --rank"),
+    (["--method", "esd", "--schedule", "joint"], "--method esd does not take --schedule"),
+    (["--method", "esd", "--weights", "attention=1"], "--method esd has no loss attention: its --weights are esd"),
+    (["--method", "uce", "--weights", "esd=1"], "--method uce does not take --weights"),
+    (["--method", "nope"], "unknown erasure method 'nope'"),
+    (["--train", "joint", "--targets", "add_k_proj"], "--targets chooses the text-side projections"),
+])
+def test_the_cli_refuses_what_a_method_does_not_take(argv, message, tmp_path) -> None:
+    with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("(", r"\(")):
+        _cli("erase", "--concept", "red", "--out", str(tmp_path / "out"), *argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_attnscope_erase_method_prints_one_line_errors(capsys, tmp_path) -> None:
+    code = attnscope.cli.main(["erase", "--concept", "red", "--method", "uce", "--steps", "30",
+                               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "does not take --steps" in err[0]
