@@ -11,9 +11,10 @@
 Modules, one job each: ``spec`` (concept specs), ``worlds`` (per world: specs, word checks, evaluation),
 ``config`` (what determines a run, the model's defaults), ``run`` (the run folder), ``lora`` (adapter, teacher,
 file format), ``sampling`` (prompt bank, base-model trajectories), ``cache`` (base-model data drawn once),
-``losses``, ``methods`` (which losses a step computes), ``trainer`` (the loop, checkpoints), ``parallel`` (data
-parallel), ``attacks`` (``attnscope attack``: can the concept be brought back?), ``cli`` (``erase``/``eval``/
-``attack`` commands).
+``losses``, ``methods`` (the erasure methods by name: which losses a step computes, or a closed-form edit),
+``adversary`` (adversarial erasure), ``trainer`` (the loop, checkpoints), ``parallel`` (data parallel),
+``attacks`` (``attnscope attack``: can the concept be brought back?), ``cli`` (``erase``/``eval``/``attack``
+commands).
 """
 
 from .config import EraseConfig, LossWeights

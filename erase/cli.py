@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .adversary import ADVERSARIAL_STEPS
+
 __all__ = ["register", "run_attack", "run_erase", "run_eval"]
 
 
@@ -97,6 +99,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default=None, help="comma-separated text-side LoRA target modules of the dual-stream "
                    "attention (default: the method's or the model profile's; add_q_proj,add_k_proj as in the paper, "
                    "shapes models add add_v_proj; uce edits add_k_proj,add_v_proj)")
+    p.add_argument("--adversarial", type=int, nargs="?", const=ADVERSARIAL_STEPS, default=0, metavar="STEPS",
+                   help="adversarial erasure (AdvUnlearn-style): STEPS soft-prompt attack steps against the model "
+                   f"before each erase step, which then also trains on the attack's embeddings (bare flag: "
+                   f"{ADVERSARIAL_STEPS}; trained methods but fmn)")
     p.add_argument("--sample-steps", type=int, default=8, help="sampler steps of the cached base-model trajectories")
     p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model "
                    "preservation samples")
@@ -193,6 +199,9 @@ def _flag(dest: str) -> str:
 
 def _check_method_options(args: argparse.Namespace, method: Any) -> None:
     """Refuse options ``method`` does not take, and loss weights it does not have, naming what it uses."""
+    if args.adversarial and method.adversarial_refusal:
+        raise ValueError(f"--adversarial needs a method that can train on an attack's embeddings: {method.name} "
+                         f"{method.adversarial_refusal}")
     given = [dest for dest, default in args.option_defaults.items()
              if dest != "resume" and dest not in method.options and getattr(args, dest) != default]
     if given:
@@ -290,6 +299,7 @@ def run_erase(args: argparse.Namespace) -> int:
         ),
         checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=args.gradient_checkpointing,
+        adversarial=args.adversarial,
         threads=args.threads,
     )
     try:

@@ -38,7 +38,8 @@ class EraseConfig:
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
     sampled with it). ``eta`` (ESD's negative-guidance strength) and ``lora``: ``None`` takes the model profile's
     erasure defaults, as ``attnscope erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a
-    step computes, or a closed-form edit); ``weights``: ``None`` takes the method's own.
+    step computes, or a closed-form edit); ``weights``: ``None`` takes the method's own. ``adversarial``: attack
+    steps on an adversarial conditioning before each erase step (:mod:`erase.adversary`; 0: none).
     """
 
     model: str = "shapes"
@@ -64,6 +65,7 @@ class EraseConfig:
     negative_prompt: str | None = None
     checkpoint_every: int = 50
     log_gradients_every: int = 25
+    adversarial: int = 0
     gradient_checkpointing: bool = False
     threads: int | None = None
 
@@ -76,7 +78,12 @@ class EraseConfig:
             raise ValueError(f"schedule must be 'alternate' or 'joint', not {self.schedule!r}")
         if self.batch < 1 or self.checkpoint_every < 1:
             raise ValueError("batch and checkpoint_every must be >= 1")
-        method_for(self.method)  # an unknown name fails here, naming the known ones
+        method = method_for(self.method)  # an unknown name fails here, naming the known ones
+        if self.adversarial < 0:
+            raise ValueError(f"adversarial must be >= 0 attack steps, got {self.adversarial}")
+        if self.adversarial and method.adversarial_refusal:
+            raise ValueError(f"adversarial erasure needs a method that can train on an attack's embeddings: "
+                             f"{method.name} {method.adversarial_refusal}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

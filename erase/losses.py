@@ -45,6 +45,9 @@ class LossWeights:
     ``ablation`` and ``anchor`` are concept ablation's (``--method ca``): the concept prompt's velocity regressed to
     the base model's velocity for the anchor prompt, and the anchor prompt's own velocity kept.
 
+    ``adversarial``: the method's erase target trained on adversarial conditionings too (only with
+    ``EraseConfig.adversarial``; :mod:`erase.adversary`).
+
     ``implicit`` is ours too: unconditional ESD. At the concept's points, the model prompted with words that name
     nothing (``CacheConfig.implicit_prompts``: the empty prompt, glue words) is pushed from the base model's
     velocity there by ``-η·(v(concept) − v(anchor))``, the direction that separates the concept from its anchor
@@ -60,6 +63,7 @@ class LossWeights:
     implicit: float = 1.0
     ablation: float = 0.0
     anchor: float = 0.0
+    adversarial: float = 1.0
 
     @classmethod
     def only(cls, **weights: float) -> LossWeights:

@@ -28,6 +28,7 @@ from attnscope.adapters import adapter_for
 from attnscope.trace import column_mask
 
 from . import run
+from .adversary import Adversary
 from .cache import EraseCache, build_cache
 from .config import EraseConfig, fill_model_defaults
 from .lora import LORA_FILE, add_lora, base_model, save_lora
@@ -111,6 +112,7 @@ class Trainer:
         self.log: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
         self.cache: EraseCache | None = None
+        self.adversary: Adversary | None = None
         #: Set by :func:`train` on the steps whose per-loss gradient norms are logged; filled by backward_group.
         self.log_gradients = False
         self.gradient_norms: dict[str, float] = {}
@@ -134,6 +136,7 @@ class Trainer:
             cache.save(path)
         self.parallel.barrier()  # the other processes load what rank 0 built
         self.cache = EraseCache.load(path)
+        self.adversary = Adversary(self) if self.config.adversarial else None
         self.contrastive_points = torch.nonzero(self.cache.positive_mask.any(dim=1)).flatten()
         if self.config.weights.contrastive > 0 and len(self.contrastive_points) == 0:
             raise SpecError(
@@ -158,8 +161,13 @@ class Trainer:
         ],
         concept_words: list[str | None] | None = None,
         maps_only: bool = False,
+        conditioning: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """One forward of the adapted model on cached rows, its losses, and their weighted backward.
+
+        Row ``i`` is ``x[i]`` at ``sigma[i]`` through ``prompts[i]``; ``conditioning`` (``embeds (k, L, D)``,
+        ``pooled (k, P)``) is the text conditioning of ``k`` more rows after them (adversarial embeddings, which no
+        prompt expresses; they have no concept columns).
 
         With ``concept_words`` (one per row; None for a row without concept columns) the forward runs inside a
         differentiable trace of each row's concept columns and ``losses_of(v, maps, columns)`` gets their maps ``(B, N,
@@ -173,10 +181,13 @@ class Trainer:
         device, dtype = self.transformer.device, self.transformer.dtype
         x, sigma = x.to(device, dtype), sigma.to(device)
         embeds, pooled = self.bank.get(prompts)
+        if conditioning is not None:
+            embeds = torch.cat([embeds, conditioning[0].to(device, dtype)])
+            pooled = torch.cat([pooled, conditioning[1].to(device, dtype)])
         with contextlib.ExitStack() as stack:
             maps = columns = v = None
             if concept_words:
-                rows = self._positions(prompts, concept_words)
+                rows = self._positions(prompts, concept_words) + [()] * (len(x) - len(prompts))
                 keep = tuple(sorted({q for r in rows for q in r}))
                 tracer = stack.enter_context(attnscope.trace(
                     self.transformer, differentiable=True, positions=keep, layers=self.config.attention_layers,
@@ -234,6 +245,7 @@ class Trainer:
             "generators": self.parallel.gather(self.generator.get_state()),  # one per process, by rank
             "torch_rng": torch.get_rng_state(),
             "log": self.log,
+            "adversary": self.adversary.state() if self.adversary else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -261,6 +273,8 @@ class Trainer:
         self.generator.set_state(state["generators"][self.parallel.rank])
         torch.set_rng_state(state["torch_rng"])
         self.log = state["log"]
+        if self.adversary is not None:
+            self.adversary.load(state["adversary"])
         self.last_checkpoint = path
 
 

@@ -21,8 +21,8 @@ __all__ = ["ConceptAblation"]
 class ConceptAblation(TrainedMethod):
     name = "ca"
     summary = "concept ablation: the concept prompt's velocity regressed to the anchor prompt's"
-    default_weights = LossWeights.only(ablation=1.0, anchor=1.0)
-    losses = ("ablation", "anchor")
+    default_weights = LossWeights.only(ablation=1.0, anchor=1.0, adversarial=1.0)
+    losses = ("ablation", "anchor", "adversarial")
 
     def step(self, trainer: Trainer, level: str) -> dict[str, Any]:
         return ablation_rows(trainer)

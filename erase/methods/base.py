@@ -20,7 +20,7 @@ __all__ = ["ClosedFormMethod", "Method", "TrainedMethod"]
 #: ``attnscope erase`` options every trained method takes.
 TRAINING_OPTIONS = frozenset({
     "steps", "lr", "batch", "rank", "targets", "train", "weights", "sample_steps", "cache_seeds",
-    "checkpoint_every", "gradient_checkpointing",
+    "checkpoint_every", "gradient_checkpointing", "adversarial",
 })
 
 
@@ -42,6 +42,8 @@ class Method(ABC):
     lora_targets: ClassVar[tuple[str, ...] | None] = None
     #: Whether it trains (resumable, checkpointed steps) or edits in closed form.
     trained: ClassVar[bool] = True
+    #: Why it cannot be trained adversarially (``None``: it can), completing "<name> ...".
+    adversarial_refusal: ClassVar[str | None] = None
 
 
 class TrainedMethod(Method):
@@ -63,6 +65,7 @@ class ClosedFormMethod(Method):
     """A method that computes its weight edit directly from base-model activations, in seconds."""
 
     trained = False
+    adversarial_refusal = "is a closed-form edit: it has no training steps to put attack steps between"
 
     @abstractmethod
     def fit(

@@ -26,7 +26,7 @@ class EraseAnything(TrainedMethod):
     name = "eraseanything"
     summary = "bi-level: ESD-flow + attention attenuation + unconditional ESD, alternating with preservation"
     default_weights = LossWeights()
-    losses = ("esd", "attention", "flow", "contrastive", "keep", "implicit")
+    losses = ("esd", "attention", "flow", "contrastive", "keep", "implicit", "adversarial")
     options = TRAINING_OPTIONS | {"eta", "schedule", "keep_rows", "preserve_steps"}
 
     def level(self, trainer: Trainer, step: int) -> str:

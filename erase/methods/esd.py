@@ -20,8 +20,8 @@ __all__ = ["ESD"]
 class ESD(TrainedMethod):
     name = "esd"
     summary = "ESD-flow alone: negative guidance towards the anchor, nothing preserved"
-    default_weights = LossWeights.only(esd=1.0)
-    losses = ("esd",)
+    default_weights = LossWeights.only(esd=1.0, adversarial=1.0)
+    losses = ("esd", "adversarial")
     options = TRAINING_OPTIONS | {"eta"}
 
     def step(self, trainer: Trainer, level: str) -> dict[str, Any]:

@@ -21,6 +21,9 @@ class ForgetMeNot(TrainedMethod):
     summary = "Forget-Me-Not: the concept tokens' attention maps driven down alone"
     default_weights = LossWeights.only(attention=1.0)
     losses = ("attention",)
+    options = TrainedMethod.options - {"adversarial"}
+    adversarial_refusal = ("trains only the attention on the concept word's text keys, and an adversarial "
+                           "embedding has no concept word")
 
     def step(self, trainer: Trainer, level: str) -> dict[str, Any]:
         return erase_rows(trainer)

@@ -7,7 +7,9 @@ the adapted model on them (:meth:`~erase.trainer.Trainer.backward_group`) and re
   for the reverse self-contrastive loss;
 * :func:`ablation_rows` — concept points through the concept prompt and the anchor prompt (concept ablation).
 
-A loss with weight 0 draws no rows.
+With adversarial erasure (:mod:`erase.adversary`) the erase groups also train their target on ``batch // 2``
+concept points through the attacked prompt's adversarial conditioning (the ``adversarial`` loss), in the same
+forward. A loss with weight 0 draws no rows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["ablation_rows", "erase_rows", "preserve_rows"]
 
 
+def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """After this step's attack steps: ``batch // 2`` cached points of the attacked prompt and their conditioning
+    ``(embeds (k, L, D), pooled (k, P))``; no rows without adversarial erasure."""
+    if trainer.adversary is None or trainer.config.weights.adversarial == 0:
+        return torch.zeros(0, dtype=torch.long), None
+    prompt, embeds, pooled = trainer.adversary.attack(trainer, trainer.config.adversarial)
+    points = trainer.adversary.points[prompt]
+    n = max(trainer.config.batch // 2, 1)
+    return points[trainer.draw(len(points), n)], (embeds.expand(n, -1, -1), pooled.expand(n, -1))
+
+
 def erase_rows(trainer: Trainer) -> dict[str, float]:
     """ESD and attention attenuation on ``batch`` concept points and unconditional ESD on ``batch // 2`` implicit
     rows, in one forward: a second forward would cost its fixed per-call overhead again, which on a small model is a
@@ -37,6 +50,8 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
     point = c.implicit_point[rows]
     if not (n or n_implicit):
         return {}
+    adversarial, conditioning = _adversarial_rows(trainer)
+    a = n + n_implicit  # the adversarial rows come last
 
     def erase_losses(v, maps, columns):
         out = {}
@@ -47,14 +62,18 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         if n_implicit:
             v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],
                                                                   c.v_anchor[point]))
-            out["implicit"] = losses.implicit_loss(v[n:], v_here, v_concept, v_anchor, config.eta)
+            out["implicit"] = losses.implicit_loss(v[n:a], v_here, v_concept, v_anchor, config.eta)
+        if conditioning is not None:
+            out["adversarial"] = losses.esd_loss(v[a:], c.v_concept[adversarial].to(device),
+                                                 c.v_anchor[adversarial].to(device), config.eta)
         return out
 
     words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None
     return trainer.backward_group(
-        torch.cat([c.x[idx], c.x[point]]), torch.cat([c.sigma[idx], c.sigma[point]]),
+        torch.cat([c.x[idx], c.x[point], c.x[adversarial]]),
+        torch.cat([c.sigma[idx], c.sigma[point], c.sigma[adversarial]]),
         [c.prompts[i] for i in idx] + [c.implicit_prompts[i] for i in rows], erase_losses, words,
-        maps_only=w.esd == 0 and n_implicit == 0,
+        maps_only=w.esd == 0 and n_implicit == 0 and conditioning is None, conditioning=conditioning,
     )
 
 
@@ -121,13 +140,16 @@ def ablation_rows(trainer: Trainer) -> dict[str, float]:
     idx = trainer.draw(len(c.prompts), n)
     v_anchor = c.v_anchor[idx].to(device)
     n_anchor = n if w.anchor > 0 else 0
+    adversarial, conditioning = _adversarial_rows(trainer)
 
     def ablation_losses(v, maps, columns):
         values = {"ablation": losses.velocity_matching_loss(v[:n], v_anchor)}
         if n_anchor:
-            values["anchor"] = losses.velocity_matching_loss(v[n:], v_anchor)
+            values["anchor"] = losses.velocity_matching_loss(v[n : n + n_anchor], v_anchor)
+        if conditioning is not None:
+            values["adversarial"] = losses.velocity_matching_loss(v[n + n_anchor :], c.v_anchor[adversarial].to(device))
         return values
 
-    rows = torch.cat([idx, idx[:n_anchor]])
+    rows = torch.cat([idx, idx[:n_anchor], adversarial])
     prompts = [c.prompts[i] for i in idx] + [c.anchors[i] for i in idx[:n_anchor]]
-    return trainer.backward_group(c.x[rows], c.sigma[rows], prompts, ablation_losses)
+    return trainer.backward_group(c.x[rows], c.sigma[rows], prompts, ablation_losses, conditioning=conditioning)

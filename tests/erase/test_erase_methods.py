@@ -59,15 +59,15 @@ def test_the_registry_names_every_method_and_refuses_an_unknown_one() -> None:
     with pytest.raises(UnknownMethodError):
         EraseConfig(method="nope")
     assert LossWeights.only(esd=2.0).used() == ("esd",)
-    assert method_for("esd").default_weights.used() == ("esd",)
-    assert set(LossWeights().used()) == {"esd", "attention", "flow", "contrastive", "keep", "implicit"}
+    assert method_for("esd").default_weights.used() == ("esd", "adversarial")  # the latter only when adversarial
+    assert set(LossWeights().used()) == {"esd", "attention", "flow", "contrastive", "keep", "implicit", "adversarial"}
 
 
 @pytest.mark.parametrize("method", ["esd", "ca", "fmn"])
 def test_a_trained_baseline_logs_only_its_own_losses_and_writes_a_loadable_lora(method, tmp_path) -> None:
     pipe = shapes_pipe()
     result = train(pipe, [shapes_spec("red")], _config(method, log_gradients_every=2), tmp_path, progress=False)
-    expected = set(method_for(method).losses)
+    expected = set(method_for(method).losses) - {"adversarial"}
     assert set(result.final_losses) == expected
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["config"]["method"] == method and log["config"]["weights"] == vars(method_for(method).default_weights)
@@ -230,3 +230,39 @@ def test_attnscope_erase_method_prints_one_line_errors(capsys, tmp_path) -> None
                                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "does not take --steps" in err[0]
+
+
+def test_adversarial_erasure_trains_on_the_attacks_embeddings_and_resumes_exactly(tmp_path) -> None:
+    config = _config("esd", steps=4, adversarial=2, log_gradients_every=1)
+    whole = train(shapes_pipe(), [shapes_spec("red")], config, tmp_path / "whole", progress=False)
+    assert all(set(entry) >= {"esd", "adversarial"} for entry in whole.log)
+    state = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["adversary"]
+    assert state["turn"] == 4  # one attack per erase step, prompts in turn
+    cache = torch.load(tmp_path / "whole" / "cache.pt", weights_only=False)
+    pipe = shapes_pipe()
+    _, bank = _call_and_bank(pipe)
+    attacked = list(dict.fromkeys(cache["prompts"]))[:4]
+    starts = bank.get([cache["anchors"][cache["prompts"].index(p)] for p in attacked])[0]
+    # Each attacked conditioning left its start (the anchor prompt's), and only those were attacked.
+    assert all(not torch.allclose(state["embeds"][p], starts[i]) for i, p in enumerate(attacked))
+
+    def kill(step: int, _losses) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(shapes_pipe(), [shapes_spec("red")], config, out, progress=False, on_step=kill)
+    train(shapes_pipe(), [shapes_spec("red")], config, out, resume=True, progress=False)
+    expected, got = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (tmp_path / "whole", out))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize(("method", "reason"), [
+    ("uce", "uce is a closed-form edit"), ("fmn", "fmn trains only the attention on the concept word"),
+])
+def test_adversarial_erasure_is_refused_with_the_reason(method, reason, tmp_path) -> None:
+    with pytest.raises(ValueError, match=f"adversarial erasure needs a method .*{reason}"):
+        EraseConfig(method=method, adversarial=2)
+    with pytest.raises(ValueError, match=f"--adversarial needs a method .*{reason}"):
+        _cli("erase", "--concept", "red", "--method", method, "--adversarial", "--out", str(tmp_path / "o"))
