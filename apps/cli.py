@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .explorer import Limits
 
@@ -14,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="open the Gradio explorer: click a word of the prompt to see where it looks",
         description=(
             "Serve the attnscope explorer: generate an image, click the prompt's words to overlay their attention "
-            "maps, choose layers / steps / heads, draw word × layer and word × step grids, and compare the base "
-            "model with a LoRA (e.g. from `attnscope erase`)."
+            "maps, choose layers / steps / heads, draw word × layer and word × step grids, erase a clicked word "
+            "with any `attnscope erase` method, and compare the base model with a LoRA."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -25,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most denoising steps one request may ask")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder of erasure runs: the Compare tab lists "
+                   "them, the Erase button adds to them")
     p.set_defaults(run=run_app)
 
 
@@ -40,7 +43,8 @@ def run_app(args: argparse.Namespace) -> int:
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
     model = open_model(args.model, device=args.device)
-    launch(build_demo(model, Limits(max_steps=args.max_steps)), host=args.host, port=args.port, share=args.share)
+    demo = build_demo(model, Limits(max_steps=args.max_steps), runs=args.runs)
+    launch(demo, host=args.host, port=args.port, share=args.share)
     return 0
 
 

@@ -5,6 +5,7 @@ Handlers here only translate between widgets and :class:`~.explorer.Request` / :
 
 Concurrency: events that run the model share one queue slot (``concurrency_id="model"``, limit 1), so users
 wait in line instead of running out of memory; view events (slicing stored maps) run two at a time beside them.
+An erasure run takes that slot for its whole training; its Cancel stops it at the next step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +29,7 @@ from PIL import Image
 
 from attnscope import atomic
 
+from .erasure import EraseRequest, ErasureCancelled, erase_word, list_runs, method_choices
 from .explorer import (
     COLORMAPS,
     Limits,
@@ -141,11 +144,21 @@ def _remove_folder(folder: Path | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = None) -> gr.Blocks:
+def build_demo(
+    model: Model,
+    limits: Limits = Limits(),
+    workdir: Path | None = None,
+    runs: Path = Path("runs"),
+    erase_config: dict[str, Any] | None = None,
+) -> gr.Blocks:
     """The explorer app for ``model``. The files it serves (downloads, shown images) go to ``workdir`` (default: a
-    fresh temporary folder), one sub-folder per browser session, removed with the session."""
+    fresh temporary folder), one sub-folder per browser session, removed with the session. Erasure runs started in
+    the app go to ``runs``, whose finished runs the Compare tab lists; ``erase_config``: EraseConfig fields they
+    use instead of the defaults (e.g. fewer steps on a shared server)."""
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="attnscope-app-"))
+    #: Session -> its erasure run's cancel flag (set by Cancel, read by the run after each step).
+    cancel_flags: dict[str, threading.Event] = {}
 
     def _folder(folder: Path | None) -> Path:
         """The session's folder, named on its first use."""
@@ -185,8 +198,8 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
                     with gr.Row():
                         cmap = gr.Dropdown(list(COLORMAPS), value=COLORMAPS[0], label="Colormap", elem_id="cmap")
                         alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="alpha")
-            with gr.Column(scale=2):
-                with gr.Tab("Explore"):
+            with gr.Column(scale=2), gr.Tabs(selected="explore", elem_id="tabs") as tabs:
+                with gr.Tab("Explore", id="explore"):
                     with gr.Row():
                         image = gr.Image(
                             label="Image", format="png", height=320, elem_id="image", elem_classes="pixelated"
@@ -198,13 +211,22 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
                         download_image = gr.DownloadButton("Download image", elem_id="download-image")
                         download_overlay = gr.DownloadButton("Download overlay", elem_id="download-overlay")
                         download_maps = gr.DownloadButton("Download maps (.safetensors)", elem_id="download-maps")
-                with gr.Tab("Grid"):
+                    with gr.Row():
+                        method = gr.Dropdown(method_choices(), value="eraseanything", label="Erasure method",
+                                             elem_id="erase-method", scale=3)
+                        erase_button = gr.Button("Erase the clicked word", variant="stop", elem_id="erase", scale=1)
+                        cancel_button = gr.Button("Cancel", elem_id="erase-cancel", scale=1)
+                    erase_status = gr.Markdown(elem_id="erase-status")
+                with gr.Tab("Grid", id="grid-tab"):
                     grid_by = gr.Radio(["layer", "step"], value="layer", label="Words ×", elem_id="grid-by")
                     grid_words = gr.CheckboxGroup([], label="Words", elem_id="grid-words")
                     grid_button = gr.Button("Draw grid", elem_id="grid-draw")
                     grid = gr.Image(label="Grid", format="png", elem_id="grid")
-                with gr.Tab("Compare"):
-                    lora = gr.Textbox(label="LoRA folder (holds pytorch_lora_weights.safetensors)", elem_id="lora")
+                with gr.Tab("Compare", id="compare"):
+                    lora = gr.Dropdown(
+                        list_runs(runs), value=None, allow_custom_value=True, elem_id="lora",
+                        label=f"LoRA: a run in {runs} (newest first), or the folder of another",
+                    )
                     compare_button = gr.Button("Compare base vs LoRA (same prompt and seed)", elem_id="compare")
                     with gr.Row():
                         base_image = gr.Image(label="Base", format="png", height=240, elem_classes="pixelated")
@@ -341,6 +363,58 @@ def build_demo(model: Model, limits: Limits = Limits(), workdir: Path | None = N
             trigger_mode="always_last",
             concurrency_limit=2,
         )
+        @_user_errors
+        def on_erase(
+            result: Result | None, chosen_method: str, folder: Path | None, request: gr.Request, *values: Any,
+            progress: gr.Progress = gr.Progress(),
+        ) -> tuple[Any, ...]:  # fmt: skip
+            word = values[0]  # the clicked word, first of the view's inputs
+            if result is None or not word:
+                raise RequestError("Generate an image and click the word to erase first.")
+            flag = cancel_flags.setdefault(request.session_hash or "", threading.Event())
+            flag.clear()
+            try:
+                run = erase_word(model, EraseRequest(word, result.request.prompt, chosen_method), runs,
+                                 on_step=_progress(progress, f"Erasing {word!r}"), cancelled=flag.is_set,
+                                 config=erase_config)
+            except ErasureCancelled as err:
+                return (gr.skip(),) * 10 + (str(err),)
+            # Compare opens on the new run: the same prompt and seed, base and erased.
+            base, erased = compare(model, result.request, run, limits, on_step=_progress(progress, "Base, then LoRA"))
+            folder = _folder(folder)
+            views = compared_views((base, erased), _view(*values), folder)
+            images = _shown(base.image, folder), _shown(erased.image, folder)
+            return (
+                gr.Tabs(selected="compare"),
+                gr.update(choices=list_runs(runs), value=str(run)),
+                (base, erased),
+                folder,
+                *images,
+                *views,
+                eval_figures(run),
+                f"Erased **{word}** with {chosen_method} → `{run}`",
+            )
+
+        erase_event = erase_button.click(
+            on_erase,
+            inputs=[result_state, method, folder_state, *view_inputs],
+            outputs=[tabs, lora, compare_state, folder_state, base_image, lora_image, base_overlay, lora_overlay, mass,
+                     figures, erase_status],
+            api_name="erase",
+            concurrency_id="model",
+            concurrency_limit=1,
+        )  # fmt: skip
+
+        def on_cancel(request: gr.Request) -> str:
+            flag = cancel_flags.get(request.session_hash or "")
+            if flag is None:
+                return "Nothing to cancel."
+            flag.set()
+            return "Cancelled: the run stops after its current step and keeps its checkpoint."
+
+        cancel_button.click(on_cancel, outputs=erase_status, cancels=[erase_event], api_name="cancel_erase",
+                            concurrency_limit=None)
+        demo.load(lambda: gr.update(choices=list_runs(runs)), outputs=lora, api_visibility="private")
     demo.queue(default_concurrency_limit=2, max_size=MAX_QUEUE)
     return demo
 

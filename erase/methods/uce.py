@@ -83,24 +83,24 @@ class UCE(ClosedFormMethod):
         bank = PromptBank(call, config.max_sequence_length)
         x, sigma, groups = _rows(call, bank, specs, config)
         layers = _layers_to_edit(transformer, config.lora)
-        originals = {name: transformer.get_submodule(name).weight.detach().clone() for _, names in layers
+        originals = {name: _linear(transformer, name).weight.detach().clone() for _, names in layers
                      for name in names}
         deltas, stats = {}, {}
         try:
             for done, (layer, names) in enumerate(layers):
                 systems = _collect(call, bank, transformer, x, sigma, groups, layer, names, config.cache.batch)
                 for name in names:
-                    layer = transformer.get_submodule(name)
-                    delta, stats[name] = _solve(layer.weight.detach().float(), *systems[name])
+                    weight = _linear(transformer, name).weight
+                    delta, stats[name] = _solve(weight.detach().float(), *systems[name])
                     deltas[name] = delta
                     with torch.no_grad():  # later blocks see this one edited, as the final model will
-                        layer.weight += delta.to(layer.weight.dtype)
+                        weight.add_(delta.to(weight.device, weight.dtype))
                 if progress:
                     progress(done + 1, len(layers))
         finally:
             with torch.no_grad():
                 for name, weight in originals.items():
-                    transformer.get_submodule(name).weight.copy_(weight)
+                    _linear(transformer, name).weight.copy_(weight)
         state = {}
         for name, delta in deltas.items():
             down, up, stats[name]["energy_kept"] = _factor(delta, config.lora.rank)
@@ -175,6 +175,12 @@ class _Group:
         return [self.anchor, *self.edit, *self.keep]
 
 
+def _linear(transformer: torch.nn.Module, name: str) -> torch.nn.Linear:
+    """The linear module ``name`` (the base layer, where an adapter once wrapped it)."""
+    module = transformer.get_submodule(name)
+    return getattr(module, "base_layer", module)
+
+
 def _layers_to_edit(transformer: torch.nn.Module, settings: LoraSettings) -> list[tuple[str, list[str]]]:
     """``(attention layer, its edited projections)`` in forward order."""
     names = settings.target_modules(transformer)
@@ -202,7 +208,7 @@ def _collect(
     keep rows (``t`` the input whose output the row should give: the aligned anchor input for an edit row, its own
     for a keep row), from forwards of whole groups that stop after ``layer``."""
     device, dtype = transformer.device, transformer.dtype
-    weights = {name: transformer.get_submodule(name).weight.detach().float() for name in names}
+    weights = {name: _linear(transformer, name).weight.detach().float() for name in names}
     systems = {name: (0.0, 0.0) for name in names}
     inputs: dict[str, torch.Tensor] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +275,7 @@ def test_demo_builds_with_a_bounded_queue(model: explorer.Model, tmp_path: Path)
     demo = ui.build_demo(model, workdir=tmp_path)
     assert demo._queue.max_size == ui.MAX_QUEUE
     model_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "model"]
-    assert {fn.api_name for fn in model_events} == {"generate", "compare"}
+    assert {fn.api_name for fn in model_events} == {"generate", "compare", "erase"}
     assert all(fn.concurrency_limit == 1 for fn in model_events)
 
 
@@ -325,3 +326,69 @@ def test_compare_shows_the_loras_evaluation_figures(tmp_path: Path) -> None:
     del report["acc_ctx"], report["acc_implicit"]
     (tmp_path / "eval" / "eval.json").write_text(json.dumps(report))
     assert "Acc_ctx" not in explorer.eval_figures(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- erase
+#: Enough of a run to train, checkpoint and write a LoRA on the tiny pipeline in seconds.
+TINY_ERASE = {"steps": 4, "batch": 2, "contrastive_rows": 1, "keep_rows": 1, "checkpoint_every": 1}
+
+
+def _tiny_erase_config() -> dict:
+    from attnscope.erase.cache import CacheConfig
+
+    return {**TINY_ERASE, "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=2)}
+
+
+def test_erase_a_word_into_the_runs_folder_then_compare_on_it(model: explorer.Model, tmp_path: Path) -> None:
+    from attnscope.apps.erasure import EraseRequest, erase_word, list_runs
+
+    steps: list[tuple[int, int]] = []
+    run = erase_word(model, EraseRequest("red", PROMPT), tmp_path, on_step=lambda d, t: steps.append((d, t)),
+                     config=_tiny_erase_config())
+    assert run.parent == tmp_path and run.name.startswith("red-eraseanything-")
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    spec = (run / "spec.yaml").read_text()
+    assert "red" in spec and "circle" in spec and "square" in spec  # the prompt's other words are kept
+    again = erase_word(model, EraseRequest("red", PROMPT, "uce"), tmp_path,
+                       config={"cache": _tiny_erase_config()["cache"]})
+    assert list_runs(tmp_path) == [str(again), str(run)]  # newest first
+    # The served pipeline is the base model again: no adapter left behind, the same image as before.
+    assert not any("lora" in n for n, _ in model.pipe.transformer.named_parameters())
+    base, erased = explorer.compare(model, Request(PROMPT, seed=3), run)
+    assert np.array_equal(np.asarray(base.image), np.asarray(explorer.generate(model, Request(PROMPT, seed=3)).image))
+    assert not np.array_equal(np.asarray(base.image), np.asarray(erased.image))
+
+
+def test_a_cancelled_erasure_stops_keeps_its_checkpoint_and_is_not_listed(
+    model: explorer.Model, tmp_path: Path
+) -> None:
+    from attnscope.apps.erasure import EraseRequest, ErasureCancelled, erase_word, list_runs
+    from attnscope.erase import ConceptSpec, EraseConfig, train
+
+    done: list[int] = []
+    with pytest.raises(ErasureCancelled, match="cancelled at step 2"):
+        erase_word(model, EraseRequest("blue", PROMPT), tmp_path, on_step=lambda d, t: done.append(d),
+                   cancelled=lambda: len(done) >= 2, config=_tiny_erase_config())
+    (run,) = tmp_path.iterdir()
+    assert (run / "checkpoint.pt").is_file() and list_runs(tmp_path) == []
+    assert not any("lora" in n for n, _ in model.pipe.transformer.named_parameters())
+    # Resuming it with the run's own spec and config finishes it, and the app lists it then.
+    record = json.loads((run / "run.json").read_text())
+    specs = [ConceptSpec.from_dict(d) for d in record["specs"]]
+    config = EraseConfig(model="tiny-flux", **_tiny_erase_config())
+    train(attnscope.load_pipeline("tiny-flux"), specs, config, run, resume=True, progress=False)
+    assert list_runs(tmp_path) == [str(run)]
+
+
+@pytest.mark.parametrize(("word", "method", "message"), [
+    ("", "eraseanything", "Click a word"),
+    ("red", "advunlearn", "unknown erasure method"),
+    ("green", "eraseanything", "not a word of the prompt"),
+])
+def test_bad_erase_requests_are_refused_with_a_message(model: explorer.Model, tmp_path: Path, word: str,
+                                                        method: str, message: str) -> None:
+    from attnscope.apps.erasure import EraseRequest, erase_word
+
+    with pytest.raises(RequestError, match=message):
+        erase_word(model, EraseRequest(word, PROMPT, method), tmp_path, config=_tiny_erase_config())
+    assert not any(tmp_path.iterdir())

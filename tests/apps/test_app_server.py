@@ -6,6 +6,7 @@ screenshot to ``test-artifacts/app_explorer.png``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import time
@@ -39,14 +40,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    demo = build_demo(open_model("tiny-flux"), workdir=tmp_path_factory.mktemp("app"))
+def erase_config(steps: int) -> dict:
+    """A short erasure run on the tiny pipeline, checkpointed every step."""
+    from attnscope.erase.cache import CacheConfig
+
+    return {"steps": steps, "batch": 2, "contrastive_rows": 1, "keep_rows": 1, "checkpoint_every": 1,
+            "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=2)}
+
+
+@contextlib.contextmanager
+def serve(folder: Path, steps: int) -> Iterator[tuple[str, Path]]:
+    runs = folder / "runs"
+    demo = build_demo(open_model("tiny-flux"), workdir=folder / "app", runs=runs, erase_config=erase_config(steps))
     launch(demo, host="127.0.0.1", port=free_port(), block=False)
     try:
-        yield demo.local_url
+        yield demo.local_url, runs
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    with serve(tmp_path_factory.mktemp("served"), steps=4) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def app_url(served: tuple[str, Path]) -> str:
+    return served[0]
 
 
 def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
@@ -168,3 +189,70 @@ def test_views_grid_and_compare_through_the_api(app_url: str, lora_folder: Path)
     assert summary.startswith("Mean attention on **red**")
     with pytest.raises(Exception, match="does not exist"):
         client.predict("/no/such/lora", PROMPT, SEED, 2, 32, 32, *view, api_name="/compare")
+
+
+def _browser(p):
+    return p.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update"],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_browser_erase_the_clicked_word_then_compare_opens_on_it(served: tuple[str, Path]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, runs = served
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#seed input").fill(str(SEED))
+            page.locator("#generate").click()
+            chip = page.locator("#words label").filter(has_text="blue")
+            expect(chip).to_be_visible()
+            chip.click()
+            page.locator("#erase").click()
+            expect(page.locator("#erase-status")).to_contain_text("Erased blue with eraseanything", timeout=90_000)
+            expect(page.get_by_role("tab", name="Compare")).to_have_attribute("aria-selected", "true")
+            (run,) = (r for r in runs.iterdir() if r.name.startswith("blue-eraseanything-"))
+            expect(page.locator("#lora input")).to_have_value(str(run))
+            expect(page.locator("#mass")).to_contain_text("Mean attention on blue")
+            page.locator("#lora input").click()  # earlier runs are offered in the dropdown
+            expect(page.get_by_role("option", name=str(run))).to_be_visible()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "app_erase.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_erasure_and_frees_the_model(tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    def step(run: Path) -> int:
+        return torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+
+    with serve(tmp_path, steps=100_000) as (url, runs):
+        client = Client(url, verbose=False)
+        client.predict(PROMPT, SEED, 2, 32, 32, api_name="/generate")
+        view = ("red", "all", [], 0, 1, "mean", "jet", 0.5)
+        job = client.submit("esd", *view, api_name="/erase")
+        deadline = time.monotonic() + 60
+        while not any((r / "checkpoint.pt").is_file() for r in runs.glob("*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.predict(api_name="/cancel_erase").startswith("Cancelled")
+        (run,) = runs.iterdir()
+        # The model is free again within a step: a generation goes through.
+        image = client.predict(PROMPT, SEED, 2, 32, 32, api_name="/generate")[0]
+        assert Image.open(image).size == (32, 32)
+        stopped = step(run)
+        time.sleep(1.0)
+        assert step(run) == stopped < 100_000 and not (run / "pytorch_lora_weights.safetensors").exists()
+        assert job.done()
