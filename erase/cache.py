@@ -30,7 +30,7 @@ from attnscope import atomic
 from attnscope.adapters import ModelCall
 from attnscope.trace import column_mask
 
-from .losses import attention_features
+from .losses import attention_features, concept_map
 from .sampling import PromptBank, sample_trajectory
 from .spec import ConceptSpec, find_word, replace_word
 
@@ -45,7 +45,8 @@ class CacheConfig:
     ``k_irrelevant`` contrastive positives per point for at most ``contrastive_points`` evenly spread points
     (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward;
     ``implicit_prompts``: prompts that name nothing, through which every concept point is also seen for the
-    unconditional ESD loss (one base forward per point and prompt)."""
+    unconditional ESD loss (one base forward per point and prompt); ``concept_maps``: also store the base model's
+    map of the concept word at every concept point (the localized attention term's target)."""
 
     sample_steps: int = 8
     preserve_steps: int = 20
@@ -55,6 +56,7 @@ class CacheConfig:
     batch: int = 32
     seed: int = 0
     implicit_prompts: tuple[str, ...] = ("", "and", "the", "a")
+    concept_maps: bool = False
 
 
 @dataclass
@@ -68,7 +70,8 @@ class EraseCache:
     ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q); keep points ``keep_x (R, N, C)``,
     ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``; implicit rows
     ``implicit_point (U,)`` (index of a concept point), ``implicit_prompts`` (U) and the base velocity there through
-    that prompt, ``v_implicit (U, N, C)``.
+    that prompt, ``v_implicit (U, N, C)``; ``concept_maps (P, N)`` the base model's concept map at each concept
+    point (:func:`~erase.losses.concept_map`; empty unless asked for).
     """
 
     x: torch.Tensor
@@ -92,6 +95,7 @@ class EraseCache:
     implicit_prompts: list[str]
     v_implicit: torch.Tensor
     anchors: list[str]
+    concept_maps: torch.Tensor
 
     def save(self, path: str | Path) -> None:
         atomic.torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
@@ -206,7 +210,7 @@ def build_cache(
 
     # Anchor velocities and contrastive targets at every point.
     anchors = [multi_anchor_prompt(specs, c, p) for c, p in zip(concept, prompts)]
-    v_anchor, positives, pos_mask, negatives, neg_mask = [], [], [], [], []
+    v_anchor, positives, pos_mask, negatives, neg_mask, concept_maps = [], [], [], [], [], []
     k = config.k_irrelevant
     stride = max(1, -(-len(prompts) // max(config.contrastive_points, 1)))
     with_features = set(range(0, len(prompts), stride)) if config.contrastive_points > 0 else set()
@@ -218,6 +222,12 @@ def build_cache(
         sb = sigma[start : idx.stop].to(device)
         embeds, pooled = bank.get([anchors[i] for i in idx])
         v_anchor.append(call.velocity(transformer, xb, sb, embeds, pooled, bank.text_ids).float().cpu())
+        if config.concept_maps:
+            positions = [bank.positions(prompts[i], words[i]) for i in idx]
+            embeds, pooled = bank.get([prompts[i] for i in idx])
+            maps, keep = maps_forward(call, transformer, xb, sb, embeds, pooled, bank.text_ids,
+                                      [q for ps in positions for q in ps], layers)
+            concept_maps.append(concept_map(maps, column_mask(keep, positions, device)).cpu())
         # One forward over all swapped prompts of the chunk (each row repeats its point's x_t).
         rows, row_words, owner, slot = [], [], [], []
         for i in (i for i in idx if i in with_features):
@@ -306,4 +316,5 @@ def build_cache(
         implicit_prompts=implicit_prompts,
         v_implicit=torch.cat(v_implicit) if v_implicit else empty,
         anchors=anchors,
+        concept_maps=torch.cat(concept_maps) if concept_maps else torch.zeros(0, call.n_tokens),
     )

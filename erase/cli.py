@@ -92,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(base velocities on preservation trajectories)")
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
                    "η·(v*(c) − v*(c_anc)) (default: the model profile's; 1 as in the paper, 2 for shapes models)")
+    p.add_argument("--attention-form", choices=("mass", "localized"), default="mass", help="the attention term: "
+                   "mean mass on the concept's keys, or the share of the base model's localized map still on them")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate "
                    "erase/preserve steps, or both every step")
     p.add_argument("--weights", type=_weights, default={}, help="loss weights of the method's losses, e.g. "
@@ -300,6 +302,7 @@ def run_erase(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=args.gradient_checkpointing,
         adversarial=args.adversarial,
+        attention_form=args.attention_form,
         threads=args.threads,
     )
     try:

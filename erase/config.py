@@ -29,7 +29,10 @@ class EraseConfig:
     concept points for the contrastive loss (run only up to the last of ``attention_layers``), ``keep_rows`` keep
     points for the keep loss, the rest flow-matching rows. ``height``/``width``/
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
-    layers the attention and contrastive losses read (trace ``layers`` selector). The device is the pipeline's.
+    layers the attention and contrastive losses read (trace ``layers`` selector); ``attention_form``: the
+    attention term as the mean mass on the concept's keys (``mass``, :func:`~erase.losses.attention_loss`) or as
+    the share of the base model's localized map still on them (``localized``,
+    :func:`~erase.losses.localized_attention_loss`). The device is the pipeline's.
     ``log_gradients_every``: every that many steps the log records each weighted loss's gradient norm (one extra
     backward per loss on those steps; 0: never). ``threads``: torch CPU threads (results are bit-reproducible only
     at the same count).
@@ -57,6 +60,7 @@ class EraseConfig:
     lora: LoraSettings | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     attention_layers: str = "double"
+    attention_form: Literal["mass", "localized"] = "mass"
     height: int | None = None
     width: int | None = None
     max_sequence_length: int | None = None
@@ -74,6 +78,8 @@ class EraseConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.attention_form not in ("mass", "localized"):
+            raise ValueError(f"attention_form must be 'mass' or 'localized', not {self.attention_form!r}")
         if self.schedule not in ("alternate", "joint"):
             raise ValueError(f"schedule must be 'alternate' or 'joint', not {self.schedule!r}")
         if self.batch < 1 or self.checkpoint_every < 1:

@@ -24,11 +24,13 @@ __all__ = [
     "attention_features",
     "attention_loss",
     "attention_mass",
+    "concept_map",
     "contrastive_loss",
     "esd_loss",
     "esd_target",
     "flow_matching_loss",
     "implicit_loss",
+    "localized_attention_loss",
     "velocity_matching_loss",
 ]
 
@@ -123,6 +125,28 @@ def attention_loss(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch
     return torch.stack([attention_mass(p, columns) for p in maps]).mean()
 
 
+def concept_map(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+    """Each row's concept map: per image query, the attention probability on the concept's columns (summed), mean
+    over layers (and heads): ``(B, N)``, not normalized (what :func:`attention_features` normalizes)."""
+    per_layer = []
+    for probs in maps:
+        p = probs.mean(dim=1) if probs.dim() == 4 else probs
+        per_layer.append(torch.einsum("bnt,bt->bn", p.float(), columns.float()))
+    return torch.stack(per_layer).mean(dim=0)
+
+
+def localized_attention_loss(
+    maps: Sequence[torch.Tensor], columns: torch.Tensor, base_map: torch.Tensor
+) -> torch.Tensor:
+    """The attention left on the concept where the base model put it, relative to the base model's own:
+    ``Σ_n m*(n)·m(n) / Σ_n m*(n)²`` per row, mean over rows, with ``m`` the adapted model's :func:`concept_map` and
+    ``m* (B, N)`` the base model's at the same state. 1 before any edit, 0 once no image query that looked at the
+    concept still does; queries the base model did not point at the concept weigh nothing. Dimensionless, so one
+    weight means the same on any model size (a sum of probabilities grows with the number of image tokens)."""
+    base = base_map.float().detach()
+    return ((base * concept_map(maps, columns)).sum(dim=1) / base.square().sum(dim=1).clamp_min(1e-12)).mean()
+
+
 def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Rectified-flow loss ``‖v(x_t) - (ε - x0)‖²``; ``x_t`` must have been built from these ``x0``, ``noise``."""
     return F.mse_loss(v.float(), (noise - x0).float())
@@ -139,11 +163,7 @@ def attention_features(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> t
     The concept's columns are summed (a multi-piece word is one concept), the map averaged over layers (and
     heads), then L2-normalized so that a dot product is a cosine similarity.
     """
-    per_layer = []
-    for probs in maps:
-        p = probs.mean(dim=1) if probs.dim() == 4 else probs
-        per_layer.append(torch.einsum("bnt,bt->bn", p.float(), columns.float()))
-    return F.normalize(torch.stack(per_layer).mean(dim=0), dim=-1, eps=1e-12)
+    return F.normalize(concept_map(maps, columns), dim=-1, eps=1e-12)
 
 
 def contrastive_loss(

@@ -126,6 +126,7 @@ class Trainer:
                 self.config.cache,
                 implicit_prompts=self.config.cache.implicit_prompts if w.implicit > 0 else (),
                 contrastive_points=self.config.cache.contrastive_points if w.contrastive > 0 else 0,
+                concept_maps=w.attention > 0 and self.config.attention_form == "localized",
             )
             preserve = preservation_prompts(self.specs) if w.flow > 0 or w.keep > 0 else []
             with base_model(self.transformer):

@@ -27,7 +27,7 @@ class EraseAnything(TrainedMethod):
     summary = "bi-level: ESD-flow + attention attenuation + unconditional ESD, alternating with preservation"
     default_weights = LossWeights()
     losses = ("esd", "attention", "flow", "contrastive", "keep", "implicit", "adversarial")
-    options = TRAINING_OPTIONS | {"eta", "schedule", "keep_rows", "preserve_steps"}
+    options = TRAINING_OPTIONS | {"eta", "schedule", "keep_rows", "preserve_steps", "attention_form"}
 
     def level(self, trainer: Trainer, step: int) -> str:
         if trainer.config.schedule == "joint":

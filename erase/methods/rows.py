@@ -57,7 +57,10 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         out = {}
         if w.esd > 0:
             out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device), config.eta)
-        if w.attention > 0:
+        if w.attention > 0 and config.attention_form == "localized":
+            out["attention"] = losses.localized_attention_loss(
+                [m[:n] for m in maps], columns[:n], c.concept_maps[idx].to(device))
+        elif w.attention > 0:
             out["attention"] = losses.attention_loss([m[:n] for m in maps], columns[:n])
         if n_implicit:
             v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],

@@ -266,3 +266,15 @@ def test_adversarial_erasure_is_refused_with_the_reason(method, reason, tmp_path
         EraseConfig(method=method, adversarial=2)
     with pytest.raises(ValueError, match=f"--adversarial needs a method .*{reason}"):
         _cli("erase", "--concept", "red", "--method", method, "--adversarial", "--out", str(tmp_path / "o"))
+
+
+def test_the_localized_attention_term_starts_at_one_with_the_base_maps_in_the_cache(tmp_path) -> None:
+    config = _config("eraseanything", attention_form="localized", weights=LossWeights.only(attention=1.0), steps=2)
+    result = train(shapes_pipe(), [shapes_spec("red")], config, tmp_path, progress=False)
+    cache = torch.load(tmp_path / "cache.pt", weights_only=False)
+    assert cache["concept_maps"].shape == (len(cache["x"]), 256) and (cache["concept_maps"] >= 0).all()
+    assert result.log[0]["attention"] == pytest.approx(1.0, abs=1e-4)  # the first step sees the base model's maps
+    plain = train(shapes_pipe(), [shapes_spec("red")], _config("eraseanything", steps=2), tmp_path / "mass",
+                  progress=False)
+    assert len(torch.load(tmp_path / "mass" / "cache.pt", weights_only=False)["concept_maps"]) == 0
+    assert plain.log[0]["attention"] < 0.2  # the mass form: a probability mass, not a share

@@ -134,6 +134,27 @@ def test_attention_loss_lowers_concept_mass() -> None:
     assert losses.attention_mass(probs, torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(1.0)
 
 
+def test_localized_attention_loss_is_the_share_of_the_base_map_left_and_lowers_it_where_the_concept_lives() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 6, 5, generator=g).requires_grad_(True)  # (B, H, N, T)
+    columns = torch.tensor([[True, False, False, False, False], [False, True, True, False, False]])
+    base = losses.concept_map([torch.softmax(logits.detach(), dim=-1)], columns)  # (B, N)
+    assert base.shape == (2, 6)
+
+    def loss():
+        return losses.localized_attention_loss([torch.softmax(logits, dim=-1)], columns, base)
+
+    assert loss().item() == pytest.approx(1.0)  # unedited: all of the base model's map is left
+    start = torch.softmax(logits.detach(), dim=-1)
+    before, after = _sgd(logits, loss, lr=5.0)
+    assert 0 < after < before
+    # The drop is largest where the base model looked at the concept most.
+    drop = base - losses.concept_map([torch.softmax(logits.detach(), dim=-1)], columns)
+    assert all(drop[b, base[b].argmax()] >= drop[b, base[b].argmin()] for b in range(2))
+    zero = torch.zeros_like(start)
+    assert losses.localized_attention_loss([zero], columns, base).item() == 0
+
+
 def test_flow_matching_loss_direction() -> None:
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
