@@ -8,7 +8,9 @@ concept (the prompt's anchor prompt) with that prompt's pooled vector. Before ea
 trained: normalized-gradient descent on ``‖v_θ(x_t, e) − v*(x_t, c)‖²`` at the prompt's cached points, i.e. towards
 the conditioning under which the erased model draws what the base model drew for the concept. The method then
 trains its erase target on that conditioning too (the ``adversarial`` loss). The conditionings persist across
-steps (each prompt's attack continues where it stopped, as a long attack would) and in the checkpoint.
+steps (each prompt's attack continues where it stopped, as a long attack would) and in the checkpoint. Under data
+parallel every process attacks on its own rows; the checkpoint keeps rank 0's conditionings, so a resumed
+multi-process adversarial run starts the others from rank 0's (a single-process resume is exact).
 """
 
 from __future__ import annotations
