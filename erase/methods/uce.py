@@ -23,6 +23,7 @@ share of its energy kept), so every tool that loads an erasure LoRA loads it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -101,6 +102,15 @@ class UCE(ClosedFormMethod):
             with torch.no_grad():
                 for name, weight in originals.items():
                     _linear(transformer, name).weight.copy_(weight)
+        short = {n: s["rank"] for n, s in stats.items() if s["rank"] < _linear(transformer, n).in_features}
+        if short:
+            name, rank = min(short.items(), key=lambda item: item[1])
+            warnings.warn(
+                f"uce: the rows span only {rank} of the {_linear(transformer, name).in_features} input dimensions of "
+                f"{name} (and {len(short) - 1} more projections fall short): the ridge keeps the weights in the "
+                "rest; more prompts, preservation prompts or --cache-seeds make the edit better determined",
+                stacklevel=2,
+            )
         state = {}
         for name, delta in deltas.items():
             down, up, stats[name]["energy_kept"] = _factor(delta, config.lora.rank)
@@ -257,13 +267,15 @@ def _collect(
 
 
 def _solve(weight: torch.Tensor, covariance: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """``W' − W`` for the system (see the module docstring), and its condition number."""
+    """``W' − W`` for the system (see the module docstring), its condition number and how many input dimensions
+    the rows span (``rank``; where it is below the input width the ridge alone decides, keeping ``W`` there)."""
     weight = weight.cpu().double()
-    covariance, cross = covariance.double(), cross.double()
+    covariance, cross = covariance.cpu().double(), cross.cpu().double()
     ridge = RIDGE * float(covariance.diagonal().mean())
     system = covariance + ridge * torch.eye(len(covariance), dtype=torch.float64)
     edited = torch.linalg.solve(system, (cross + ridge * weight).T).T  # (out, D) = (cross + μW) system⁻¹
-    return (edited - weight).float(), {"condition": float(torch.linalg.cond(system))}
+    rank = int(torch.linalg.matrix_rank(covariance, rtol=1e-9))
+    return (edited - weight).float(), {"condition": float(torch.linalg.cond(system)), "rank": rank}
 
 
 def _factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

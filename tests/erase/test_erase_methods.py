@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import attnscope
 import attnscope.cli
 from attnscope.adapters import adapter_for
-from attnscope.erase import losses
+from attnscope.erase import ConceptSpec, losses
 from attnscope.erase.cache import CacheConfig, maps_forward
 from attnscope.erase.cli import register
 from attnscope.erase.config import EraseConfig, model_defaults
@@ -278,3 +278,12 @@ def test_the_localized_attention_term_starts_at_one_with_the_base_maps_in_the_ca
                   progress=False)
     assert len(torch.load(tmp_path / "mass" / "cache.pt", weights_only=False)["concept_maps"]) == 0
     assert plain.log[0]["attention"] < 0.2  # the mass form: a probability mass, not a share
+
+
+def test_uce_says_when_its_rows_leave_the_solve_to_the_ridge(tmp_path) -> None:
+    spec = ConceptSpec(name="red", targets=("red",), prompts=("a red circle",), anchors=("green",))
+    config = EraseConfig(model="shapes", method="uce", cache=CacheConfig(sample_steps=1, seeds=1))
+    with pytest.warns(UserWarning, match=r"uce: the rows span only \d+ of the 128 input dimensions"):
+        train(shapes_pipe(), [spec], config, tmp_path, progress=False)
+    modules = json.loads((tmp_path / "train_log.json").read_text())["edit"]["modules"]
+    assert all(0 < m["rank"] < 128 for m in modules.values())
