@@ -116,8 +116,7 @@ class UCE(ClosedFormMethod):
             down, up, stats[name]["energy_kept"] = _factor(delta, config.lora.rank)
             state[f"{name}.lora_A.weight"] = down.contiguous()
             state[f"{name}.lora_B.weight"] = up.contiguous()
-        settings = LoraSettings(rank=config.lora.rank, targets=config.lora.targets, layers=config.lora.layers)
-        write_lora(out, state, settings, list(deltas))
+        write_lora(out, state, config.lora, list(deltas))
         return {
             "points": len(x),
             "rows": {"edit": sum(len(g.edit) for g in groups), "keep": sum(1 + len(g.keep) for g in groups)},
