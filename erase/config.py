@@ -32,7 +32,7 @@ class EraseConfig:
     layers the attention and contrastive losses read (trace ``layers`` selector); ``attention_form``: the
     attention term as the mean mass on the concept's keys (``mass``, :func:`~erase.losses.attention_loss`) or as
     the share of the base model's localized map still on them (``localized``,
-    :func:`~erase.losses.localized_attention_loss`). The device is the pipeline's.
+    :func:`~erase.losses.localized_attention_loss`); ``None`` takes the method's. The device is the pipeline's.
     ``log_gradients_every``: every that many steps the log records each weighted loss's gradient norm (one extra
     backward per loss on those steps; 0: never). ``threads``: torch CPU threads (results are bit-reproducible only
     at the same count).
@@ -60,7 +60,7 @@ class EraseConfig:
     lora: LoraSettings | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     attention_layers: str = "double"
-    attention_form: Literal["mass", "localized"] = "mass"
+    attention_form: Literal["mass", "localized"] | None = None
     height: int | None = None
     width: int | None = None
     max_sequence_length: int | None = None
@@ -78,7 +78,7 @@ class EraseConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.attention_form not in ("mass", "localized"):
+        if self.attention_form not in (None, "mass", "localized"):
             raise ValueError(f"attention_form must be 'mass' or 'localized', not {self.attention_form!r}")
         if self.schedule not in ("alternate", "joint"):
             raise ValueError(f"schedule must be 'alternate' or 'joint', not {self.schedule!r}")
@@ -113,6 +113,8 @@ def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
         config.lora = LoraSettings(targets=method.lora_targets or defaults.lora_targets)
     if config.weights is None:
         config.weights = method.default_weights
+    if config.attention_form is None:
+        config.attention_form = method.attention_form
     return config
 
 

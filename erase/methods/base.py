@@ -44,6 +44,9 @@ class Method(ABC):
     trained: ClassVar[bool] = True
     #: Why it cannot be trained adversarially (``None``: it can), completing "<name> ...".
     adversarial_refusal: ClassVar[str | None] = None
+    #: Its attention term's form when ``EraseConfig.attention_form`` is not set (``erase.losses``: ``localized``
+    #: is the share of the base model's localized map left, ``mass`` the mean mass on the concept's keys).
+    attention_form: ClassVar[str] = "localized"
 
 
 class TrainedMethod(Method):
