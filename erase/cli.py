@@ -93,12 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
                    "η·(v*(c) − v*(c_anc)) (default: the model profile's; 1 as in the paper, 2 for shapes models)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term: the "
-                   "share of the base model's localized concept map still on the concept (default), or the mean "
-                   "attention mass on the concept's keys")
+                   "mean attention mass on the concept's keys (default, as the paper's weight 1e-3 on it: inert), or "
+                   "the share of the base model's localized concept map still on the concept (weight 1 is its scale)")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate "
                    "erase/preserve steps, or both every step")
     p.add_argument("--weights", type=_weights, default={}, help="loss weights of the method's losses, e.g. "
-                   "'esd=1,attention=1,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
+                   "'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
     p.add_argument("--targets", default=None, help="comma-separated text-side LoRA target modules of the dual-stream "
                    "attention (default: the method's or the model profile's; add_q_proj,add_k_proj as in the paper, "
                    "shapes models add add_v_proj; uce edits add_k_proj,add_v_proj)")

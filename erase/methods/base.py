@@ -46,7 +46,7 @@ class Method(ABC):
     adversarial_refusal: ClassVar[str | None] = None
     #: Its attention term's form when ``EraseConfig.attention_form`` is not set (``erase.losses``: ``localized``
     #: is the share of the base model's localized map left, ``mass`` the mean mass on the concept's keys).
-    attention_form: ClassVar[str] = "localized"
+    attention_form: ClassVar[str] = "mass"
 
 
 class TrainedMethod(Method):

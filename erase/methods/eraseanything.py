@@ -1,12 +1,12 @@
 """EraseAnything (Gao et al., ICML 2025), the default method: bi-level erasure on the text-side projections.
 
 The *erase* (lower) level makes the model stop drawing the concept: ESD-flow towards the anchor plus attention
-attenuation on the concept's text keys where the base model's localized map put it (the map from the same hooks as
-every map attnscope draws), and (ours, weight 1 by default) unconditional ESD: the concept's points
-through prompts that name nothing, so that it is not drawn unasked either. The *preserve* (upper) level keeps
-everything else: flow matching on base-model samples of irrelevant prompts, the keep loss and the reverse
-self-contrastive loss. ``schedule="alternate"`` alternates them (the official code: even steps erase, odd steps
-preserve); ``schedule="joint"`` takes both levels in every step (their gradients accumulate).
+attenuation on the concept's text keys (``--attention-form localized``: where the base model's localized map put
+it, the map from the same hooks as every map attnscope draws), and (ours, weight 1 by default) unconditional ESD:
+the concept's points through prompts that name nothing, so that it is not drawn unasked either. The *preserve*
+(upper) level keeps everything else: flow matching on base-model samples of irrelevant prompts, the keep loss and
+the reverse self-contrastive loss. ``schedule="alternate"`` alternates them (the official code: even steps erase,
+odd steps preserve); ``schedule="joint"`` takes both levels in every step (their gradients accumulate).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Forget-Me-Not's attention re-steering (Zhang et al., CVPR-W 2024): the image queries' attention mass on the
 concept's text keys, read by the same hooks as every map attnscope draws, driven down alone — uniformly over the
-image, as the paper's map norm does (EraseAnything's localized term alone is ``--method eraseanything --weights
-esd=0,flow=0,contrastive=0,keep=0,implicit=0``). The forward stops after the last layer whose maps it reads."""
+image, as the paper's map norm does (the localized form alone is ``--method eraseanything --attention-form
+localized --weights esd=0,flow=0,contrastive=0,keep=0,implicit=0``). The forward stops after the last layer whose
+maps it reads."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ class ForgetMeNot(TrainedMethod):
     summary = "Forget-Me-Not: the concept tokens' attention maps driven down alone"
     default_weights = LossWeights.only(attention=1.0)
     losses = ("attention",)
-    attention_form = "mass"
     options = TrainedMethod.options - {"adversarial"}
     adversarial_refusal = ("trains only the attention on the concept word's text keys, and an adversarial "
                            "embedding has no concept word")

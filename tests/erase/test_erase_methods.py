@@ -53,7 +53,7 @@ def _call_and_bank(pipe):
 
 def test_the_registry_names_every_method_and_refuses_an_unknown_one() -> None:
     assert method_names() == ("eraseanything", "esd", "ca", "fmn", "uce")
-    assert (method_for("eraseanything").attention_form, method_for("fmn").attention_form) == ("localized", "mass")
+    assert (method_for("eraseanything").attention_form, method_for("fmn").attention_form) == ("mass", "mass")
     assert [method_for(n).name for n in method_names()] == list(method_names())
     with pytest.raises(UnknownMethodError, match="choose one of eraseanything, esd, ca, fmn, uce"):
         method_for("advunlearn")
@@ -270,7 +270,7 @@ def test_adversarial_erasure_is_refused_with_the_reason(method, reason, tmp_path
 
 
 def test_the_localized_attention_term_starts_at_one_with_the_base_maps_in_the_cache(tmp_path) -> None:
-    config = _config("eraseanything", weights=LossWeights.only(attention=1.0), steps=2)  # localized: the default
+    config = _config("eraseanything", attention_form="localized", weights=LossWeights.only(attention=1.0), steps=2)
     result = train(shapes_pipe(), [shapes_spec("red")], config, tmp_path, progress=False)
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert cache["concept_maps"].shape == (len(cache["x"]), 256) and (cache["concept_maps"] >= 0).all()

@@ -264,21 +264,21 @@ def test_output_folder_rules(red_run, tmp_path) -> None:
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) -> None:
-    real = losses.localized_attention_loss
+    real = losses.attention_loss
     calls = {"n": 0}
 
-    def exploding(maps, columns, base_map):
+    def exploding(maps, columns):
         calls["n"] += 1
-        value = real(maps, columns, base_map)
+        value = real(maps, columns)
         return value * float("nan") if calls["n"] == 2 else value  # the erase step at step index 2
 
-    monkeypatch.setattr(losses, "localized_attention_loss", exploding)
+    monkeypatch.setattr(losses, "attention_loss", exploding)
     with pytest.raises(NonFiniteLossError, match="attention loss became non-finite at step 2") as err:
         train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, progress=False)
     assert err.value.loss == "attention" and err.value.checkpoint == tmp_path / "checkpoint.pt"
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["lora"].values())
-    monkeypatch.setattr(losses, "localized_attention_loss", real)
+    monkeypatch.setattr(losses, "attention_loss", real)
     train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, resume=True, progress=False)
 
 
