@@ -19,7 +19,7 @@ on exactly the same data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,15 @@ from .losses import attention_features, concept_map
 from .sampling import PromptBank, sample_trajectory
 from .spec import ConceptSpec, find_word, replace_word
 
-__all__ = ["CacheConfig", "EraseCache", "build_cache", "maps_forward", "multi_anchor_prompt"]
+__all__ = [
+    "CacheConfig",
+    "ConceptPoints",
+    "EraseCache",
+    "build_cache",
+    "maps_forward",
+    "multi_anchor_prompt",
+    "sample_concept_points",
+]
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,60 @@ def _target_rows(
     return pos_prompts, irrelevant, neg_prompts, list(spec.synonyms)
 
 
+@dataclass
+class ConceptPoints:
+    """States of the base model's own trajectories of the concept prompts: ``x (P, N, C)`` at ``sigma (P,)``, step
+    by step for each chunk of (prompt, seed) jobs; ``v_concept (P, N, C)`` the conditional velocity there and, with
+    true CFG, ``v_negative`` the negative prompt's (else None); ``prompts``/``words`` (the target word in it)/
+    ``concept`` (index into the specs) per point."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    v_concept: torch.Tensor
+    v_negative: torch.Tensor | None
+    prompts: list[str]
+    words: list[str]
+    concept: list[int]
+
+
+@torch.no_grad()
+def sample_concept_points(
+    call: ModelCall,
+    bank: PromptBank,
+    specs: Sequence[ConceptSpec],
+    config: CacheConfig,
+    generator: torch.Generator,
+    on_chunk: Callable[[int], None] | None = None,
+) -> ConceptPoints:
+    """``config.seeds`` trajectories of ``config.sample_steps`` sampler steps per concept prompt, ``config.batch``
+    at a time (start noise drawn from ``generator``); every state is a point. ``on_chunk(jobs_done)`` after each
+    chunk."""
+    transformer = call.pipe.transformer
+    jobs = [(ci, p) for ci, spec in enumerate(specs) for p in spec.prompts for _ in range(config.seeds)]
+    x, sigma, v, negative, prompts, words, concept = [], [], [], [], [], [], []
+    for start in range(0, len(jobs), config.batch):
+        chunk = jobs[start : start + config.batch]
+        chunk_prompts = [p for _, p in chunk]
+        embeds, pooled = bank.get(chunk_prompts)
+        x1 = call.noise(len(chunk), generator)
+        trajectory = sample_trajectory(call, transformer, x1, config.sample_steps, embeds, pooled, bank.text_ids)
+        for k in range(config.sample_steps):
+            x.append(trajectory.states[k])
+            v.append(trajectory.velocities[k])
+            if trajectory.negative_velocities is not None:
+                negative.append(trajectory.negative_velocities[k])
+            sigma.append(trajectory.sigmas[k].expand(len(chunk)))
+            prompts += chunk_prompts
+            words += [specs[ci].target_in(p) for ci, p in chunk]
+            concept += [ci for ci, _ in chunk]
+        if on_chunk:
+            on_chunk(start + len(chunk))
+    return ConceptPoints(
+        x=torch.cat(x), sigma=torch.cat(sigma).float(), v_concept=torch.cat(v),
+        v_negative=torch.cat(negative) if negative else None, prompts=prompts, words=words, concept=concept,
+    )
+
+
 @torch.no_grad()
 def build_cache(
     call: ModelCall,
@@ -181,31 +243,14 @@ def build_cache(
     """
     transformer = call.pipe.transformer
     generator = torch.Generator().manual_seed(config.seed)
-    jobs = [(ci, p, s) for ci, spec in enumerate(specs) for p in spec.prompts for s in range(config.seeds)]
-    total = len(jobs) + len(preserve_prompts) * config.seeds
-    done = 0
-    x_list, sig_list, v_list, neg_list, prompts, words, concept = [], [], [], [], [], [], []
-    for start in range(0, len(jobs), config.batch):
-        chunk = jobs[start : start + config.batch]
-        chunk_prompts = [p for _, p, _ in chunk]
-        embeds, pooled = bank.get(chunk_prompts)
-        x1 = call.noise(len(chunk), generator)
-        trajectory = sample_trajectory(call, transformer, x1, config.sample_steps, embeds, pooled, bank.text_ids)
-        for k in range(config.sample_steps):
-            x_list.append(trajectory.states[k])
-            v_list.append(trajectory.velocities[k])
-            if trajectory.negative_velocities is not None:
-                neg_list.append(trajectory.negative_velocities[k])
-            sig_list.append(trajectory.sigmas[k].expand(len(chunk)))
-            prompts += chunk_prompts
-            words += [specs[ci].target_in(p) for ci, p, _ in chunk]
-            concept += [ci for ci, _, _ in chunk]
-        done += len(chunk)
-        if progress:
-            progress(done, total)
-    x = torch.cat(x_list)
-    sigma = torch.cat(sig_list).float()
-    v_concept = torch.cat(v_list)
+    total = sum(len(spec.prompts) for spec in specs) * config.seeds + len(preserve_prompts) * config.seeds
+    points = sample_concept_points(
+        call, bank, specs, config, generator, on_chunk=(lambda done: progress(done, total)) if progress else None
+    )
+    done = total - len(preserve_prompts) * config.seeds
+    x, sigma, v_concept, prompts, words, concept = (
+        points.x, points.sigma, points.v_concept, points.prompts, points.words, points.concept
+    )
     concept_t = torch.tensor(concept)
 
     # Anchor velocities and contrastive targets at every point.
@@ -273,10 +318,10 @@ def build_cache(
     # Preservation samples: the end of each trajectory.
     x0_list, q_prompts = [], []
     keep_x, keep_sigma, keep_v, keep_prompts = [], [], [], []
-    if neg_list:  # the concept points with the negative prompt
+    if points.v_negative is not None:  # the concept points with the negative prompt
         keep_x.append(x)
         keep_sigma.append(sigma)
-        keep_v.append(torch.cat(neg_list))
+        keep_v.append(points.v_negative)
         keep_prompts += [negative_prompt] * len(x)
     pjobs = [p for p in preserve_prompts for _ in range(config.seeds)]
     for start in range(0, len(pjobs), config.batch):

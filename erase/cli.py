@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .adversary import ADVERSARIAL_STEPS
+from .methods import method_for, method_names
 
 __all__ = ["register", "run_attack", "run_erase", "run_eval"]
 
@@ -78,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flags.add_argument("--preserve-prompts", type=_semicolons, default=None, help="';'-separated preservation prompts")
     p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', "
                    "a hub id or a folder")
-    p.add_argument("--method", default="eraseanything", help="erasure method: " + ", ".join(_method_names()))
+    p.add_argument("--method", default="eraseanything", help="erasure method: " + ", ".join(method_names()))
     p.add_argument("--train", choices=("text", "joint", "attention"), default="text", help="where the LoRA trains: "
                    "the text-side projections of the dual-stream attention (--targets), every projection of the "
                    "dual-stream attention, or of every attention layer")
@@ -120,9 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/erase"), help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    p.set_defaults(run=run_erase, option_defaults={
-        dest: p.get_default(dest) for dest in (*_method_options(), "resume")
-    })
+    p.set_defaults(run=run_erase, option_defaults={dest: p.get_default(dest) for dest in _method_options()})
 
     e = subparsers.add_parser(
         "eval",
@@ -179,15 +178,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _methods() -> list[Any]:
-    from .methods import method_for, method_names
-
     return [method_for(name) for name in method_names()]
-
-
-def _method_names() -> tuple[str, ...]:
-    from .methods import method_names
-
-    return method_names()
 
 
 def _method_options() -> set[str]:
@@ -206,7 +197,7 @@ def _check_method_options(args: argparse.Namespace, method: Any) -> None:
         raise ValueError(f"--adversarial needs a method that can train on an attack's embeddings: {method.name} "
                          f"{method.adversarial_refusal}")
     given = [dest for dest, default in args.option_defaults.items()
-             if dest != "resume" and dest not in method.options and getattr(args, dest) != default]
+             if dest not in method.options and getattr(args, dest) != default]
     if given:
         raise ValueError(f"--method {method.name} does not take {', '.join(_flag(d) for d in given)}; it takes "
                          f"{', '.join(sorted(_flag(d) for d in method.options))}")
@@ -273,7 +264,6 @@ def run_erase(args: argparse.Namespace) -> int:
     from .cache import CacheConfig
     from .config import STEPS_PER_CONCEPT, EraseConfig
     from .losses import LossWeights
-    from .methods import method_for
     from .parallel import DataParallel
     from .trainer import NonFiniteLossError, train
 

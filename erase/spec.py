@@ -41,6 +41,7 @@ __all__ = [
     "check_prompts_fit",
     "find_word",
     "load_spec",
+    "preservation_prompts",
     "replace_word",
     "suggest",
     "words_of",
@@ -176,6 +177,13 @@ def replace_word(prompt: str, word: str, by: str, every: bool = False) -> str:
         raise ConceptNotInPromptError(f"{word!r} is not a word of {prompt!r}")
     out = re.sub(_word_pattern(word), lambda _: by, prompt, count=0 if every else 1, flags=re.IGNORECASE)
     return re.sub(r"\s+", " ", out).strip()
+
+
+def preservation_prompts(specs: Sequence[ConceptSpec]) -> list[str]:
+    """Union of the specs' preservation prompts without any that name an erased word (multi-concept runs)."""
+    erased = [w for s in specs for w in (*s.targets, *s.synonyms)]
+    prompts = [p for s in specs for p in s.preserve_prompts if not any(find_word(p, w) for w in erased)]
+    return list(dict.fromkeys(prompts))
 
 
 def load_spec(path: str | Path) -> list[ConceptSpec]:

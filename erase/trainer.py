@@ -35,10 +35,10 @@ from .lora import LORA_FILE, add_lora, base_model, save_lora
 from .methods import TrainedMethod, method_for
 from .parallel import DataParallel
 from .sampling import PromptBank
-from .spec import ConceptSpec, SpecError, check_prompts_fit, find_word
+from .spec import ConceptSpec, SpecError, check_prompts_fit, preservation_prompts
 from .worlds import erasure_world
 
-__all__ = ["EraseResult", "NonFiniteLossError", "Trainer", "gradient_shares", "preservation_prompts", "train"]
+__all__ = ["EraseResult", "NonFiniteLossError", "Trainer", "gradient_shares", "train"]
 
 #: Key of a log entry's per-loss gradient norms (weighted losses, over the LoRA parameters).
 GRADIENT_NORMS = "grad_norm"
@@ -66,13 +66,6 @@ class EraseResult:
     final_losses: dict[str, float]
     seconds: float
     log: list[dict[str, Any]]
-
-
-def preservation_prompts(specs: Sequence[ConceptSpec]) -> list[str]:
-    """Union of the specs' preservation prompts without any that name an erased word (multi-concept runs)."""
-    erased = [w for s in specs for w in (*s.targets, *s.synonyms)]
-    prompts = [p for s in specs for p in s.preserve_prompts if not any(find_word(p, w) for w in erased)]
-    return list(dict.fromkeys(prompts))
 
 
 class Trainer:

@@ -23,6 +23,7 @@ class ForgetMeNot(TrainedMethod):
     summary = "Forget-Me-Not: the concept tokens' attention maps driven down alone"
     default_weights = LossWeights.only(attention=1.0)
     losses = ("attention",)
+    attention_form = "mass"  # the paper's; EraseAnything's default may move, this method's does not
     options = TrainedMethod.options - {"adversarial"}
     adversarial_refusal = ("trains only the attention on the concept word's text keys, and an adversarial "
                            "embedding has no concept word")

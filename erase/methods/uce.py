@@ -35,10 +35,10 @@ import torch
 from attnscope.adapters import adapter_for
 from attnscope.tokens import PromptTokens
 
-from ..cache import multi_anchor_prompt
+from ..cache import multi_anchor_prompt, sample_concept_points
 from ..lora import LoraSettings, write_lora
-from ..sampling import PromptBank, sample_trajectory
-from ..spec import replace_word
+from ..sampling import PromptBank
+from ..spec import preservation_prompts, replace_word
 from .base import ClosedFormMethod
 
 if TYPE_CHECKING:
@@ -131,30 +131,13 @@ def _rows(
 ) -> tuple[torch.Tensor, torch.Tensor, list[_Group]]:
     """States of the base model's trajectories of the concept prompts (at most ``MAX_POINTS``, evenly spread) and
     the group of prompt rows at each."""
-    from ..trainer import preservation_prompts
-
-    transformer = call.pipe.transformer
     generator = torch.Generator().manual_seed(config.seed)
-    jobs = [(c, p) for c, spec in enumerate(specs) for p in spec.prompts for _ in range(config.cache.seeds)]
-    states, sigmas, owners = [], [], []
-    with torch.no_grad():
-        for start in range(0, len(jobs), config.cache.batch):
-            chunk = jobs[start : start + config.cache.batch]
-            embeds, pooled = bank.get([p for _, p in chunk])
-            trajectory = sample_trajectory(
-                call, transformer, call.noise(len(chunk), generator), config.cache.sample_steps, embeds, pooled,
-                bank.text_ids,
-            )
-            for k in range(config.cache.sample_steps):
-                states.append(trajectory.states[k].cpu())
-                sigmas.append(trajectory.sigmas[k].expand(len(chunk)))
-                owners += chunk
-    x, sigma = torch.cat(states), torch.cat(sigmas).float()
-    chosen = torch.linspace(0, len(x) - 1, min(MAX_POINTS, len(x))).round().long().unique()
+    points = sample_concept_points(call, bank, specs, config.cache, generator)
+    chosen = torch.linspace(0, len(points.x) - 1, min(MAX_POINTS, len(points.x))).round().long().unique()
     preserve = preservation_prompts(specs)
     groups = []
     for i, point in enumerate(chosen.tolist()):
-        c, prompt = owners[point]
+        c, prompt = points.concept[point], points.prompts[point]
         spec = specs[c]
         target = spec.target_in(prompt)
         irrelevant = [spec.irrelevant[(i + j) % len(spec.irrelevant)]
@@ -166,7 +149,7 @@ def _rows(
             keep=[replace_word(prompt, target, w) for w in irrelevant] + ([preserve[i % len(preserve)]] if preserve
                                                                          else []),
         ))
-    return x[chosen], sigma[chosen], groups
+    return points.x[chosen].cpu(), points.sigma[chosen].cpu(), groups
 
 
 @dataclass

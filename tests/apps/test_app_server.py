@@ -81,22 +81,22 @@ def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(image.convert("RGB"), dtype=int), np.asarray(overlay, dtype=int)
 
 
+def _browser(p):
+    """Headless Chromium as every browser test here launches it."""
+    return p.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update"],
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 def test_browser_generate_then_click_a_word(app_url: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-            ],
-        )
+        browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)
@@ -189,14 +189,6 @@ def test_views_grid_and_compare_through_the_api(app_url: str, lora_folder: Path)
     assert summary.startswith("Mean attention on **red**")
     with pytest.raises(Exception, match="does not exist"):
         client.predict("/no/such/lora", PROMPT, SEED, 2, 32, 32, *view, api_name="/compare")
-
-
-def _browser(p):
-    return p.chromium.launch(
-        executable_path=str(CHROMIUM),
-        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update"],
-    )
 
 
 @pytest.mark.slow
