@@ -87,11 +87,32 @@ class CaptureSite:
         ``original`` runs the call the processor was about to make; it is used whenever the fused kernel cannot
         reproduce it exactly (masks, other backends, devices without an LSE-returning kernel) and for the chunked
         path. ``fused_allowed()`` says whether the processor's call would have been plain SDPA; it is only asked
-        when this call is captured, so layers and steps that are not captured pay nothing for it.
+        when this call is captured, so layers and steps that are not captured pay nothing for it. With concept
+        maps, the call's image keys, values and outputs are handed to the trace's concept stream as well.
         """
         plan = self.trace.plan_layer(self.layer, q, k)
+        stream = self.trace.concept_stream
+        concepts = stream is not None and stream.wants(self.layer)
         if plan is None:
-            return original()
+            if not concepts:
+                return original()
+            out = original()
+        else:
+            out = self._attend_and_record(q, k, v, scale, fused_allowed, original, plan)
+        if concepts:
+            stream.attended(self.layer, k, v, out, self.trace.image_span(k), self.trace.kept_rows)
+        return out
+
+    def _attend_and_record(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None,
+        fused_allowed: Callable[[], bool],
+        original: Callable[[], torch.Tensor],
+        plan: tuple[slice, torch.Tensor, slice],
+    ) -> torch.Tensor:
         image, text_index, rows = plan
         if self.trace.path != "chunked" and fused_allowed():
             fused = fused_attention_with_text_probs(q, k, v, scale, rows, image, text_index)

@@ -9,6 +9,9 @@ Entering installs capture processors on the selected joint-attention layers (fro
 pipeline, a wrapper on ``pipe.encode_prompt`` (which prompt is being drawn). Exiting restores all three, also
 when the body raises. The model's output is bit-identical to an untraced run.
 
+With ``concepts=[...]`` the trace also keeps output-space concept maps (:mod:`attnscope.concepts`, ConceptAttention):
+``tr.concept_maps()`` gives them as ``TokenMaps`` whose words are the concepts.
+
 Retained memory (what stays after the run, on ``store_device``, float32):
 ``N_img × T_kept × 4`` bytes per captured (layer, step, conditional image); ``× heads`` with per-head capture;
 ``T_kept`` is the prompt's non-padding tokens, or only the selected ``words``/``positions``; with
@@ -31,6 +34,7 @@ from einops import rearrange
 
 from .adapters import Adapter, ForwardContext, LayerInfo, adapter_for, transformer_of
 from .capture import CaptureProcessor, CaptureSite
+from .concepts import ConceptStream, concept_tokens
 from .maps import SelectionError, TokenMaps, _layer_indices
 from .tokens import PromptTokens
 
@@ -63,6 +67,9 @@ class _Generation:
     # reduce_steps=True: branch -> layer index -> running sum, and the number of steps summed
     sums: dict[str, dict[int, torch.Tensor]] = field(default_factory=lambda: defaultdict(dict))
     summed_steps: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    # concepts=: the same layout for the concept maps, (rows, N_img, concepts)
+    concept_records: dict[str, dict[int, dict[int, torch.Tensor]]] = field(default_factory=lambda: defaultdict(dict))
+    concept_sums: dict[str, dict[int, torch.Tensor]] = field(default_factory=lambda: defaultdict(dict))
 
 
 class Trace:
@@ -86,6 +93,7 @@ class Trace:
         differentiable: bool = False,
         rows: slice | None = None,
         stop: bool = False,
+        concepts: Sequence[str] | None = None,
     ):
         self.transformer = transformer_of(pipe_or_transformer)
         self.pipe = None if pipe_or_transformer is self.transformer else pipe_or_transformer
@@ -121,6 +129,11 @@ class Trace:
         self.rows = rows
         self.stop = stop
         self._last_index = max((layer.index for layer in self.layers), default=-1)
+        self._raw = {layer.index for layer in self.layers}
+        self.concept_stream = self._concept_stream(concepts, all_layers) if concepts is not None else None
+        through = self.concept_stream.through if self.concept_stream is not None else ()
+        self._installed = tuple(sorted({*self.layers, *through}, key=lambda layer: layer.index))
+        self._encoding_concepts = False
 
         self.generations: list[_Generation] = []
         self._taken: list[dict[str, torch.Tensor]] = []
@@ -135,6 +148,20 @@ class Trace:
         self._rows = slice(0)
         self._text_index: dict[torch.device, torch.Tensor] = {}
 
+    def _concept_stream(self, concepts: Sequence[str], all_layers: tuple[LayerInfo, ...]) -> ConceptStream:
+        if self.pipe is None:
+            raise TraceError("concepts= needs the pipeline, whose text encoder encodes them; got a bare transformer")
+        if self.differentiable or self.stop:
+            raise TraceError("concepts= records maps of a whole forward; it does not combine with differentiable= "
+                             "or stop=")
+        double = [layer for layer in self.layers if layer.kind == "double"]
+        if not double:
+            raise SelectionError(
+                "concept maps come from dual-stream ('double') layers and the layer selection has none"
+            )
+        through = [layer for layer in all_layers if layer.kind == "double" and layer.index <= double[-1].index]
+        return ConceptStream(self, concepts, double, through)
+
     # ------------------------------------------------------------------------------------ install
     def __enter__(self) -> Trace:
         if self._active:
@@ -145,12 +172,14 @@ class Trace:
             raise TraceError("this model is already being traced; exit the other trace first")
         self._saved_processors = {}
         try:
-            for layer in self.layers:
+            for layer in self._installed:
                 module = self._attention_modules[layer.name]
                 capture = self.adapter.make_processor(module.processor, CaptureSite(layer, self))
                 self._saved_processors[layer.name] = module.processor
                 module.set_processor(capture)
             self._hook = self.transformer.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            if self.concept_stream is not None:
+                self.concept_stream.install()
             if self.pipe is not None:
                 self._wrap_encode_prompt()
         except BaseException:
@@ -178,6 +207,8 @@ class Trace:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self.concept_stream is not None:
+            self.concept_stream.uninstall()
         if self.pipe is not None and "encode_prompt" in vars(self.pipe):
             if self._saved_encode_prompt is None:
                 del self.pipe.encode_prompt
@@ -201,6 +232,8 @@ class Trace:
 
     # ----------------------------------------------------------------------------- hook callbacks
     def _on_encode_prompt(self, arguments: dict[str, Any], prompt_embeds: torch.Tensor) -> None:
+        if self._encoding_concepts:  # the trace's own encoding of its concepts, not a generation's prompt
+            return
         gen = self.generations[-1]
         if gen.forwards > 0:  # the transformer already ran: this is a new pipeline call
             gen = _Generation()
@@ -235,6 +268,11 @@ class Trace:
             start = min(r.start for _, r in self._branch_rows)
             stop = max(r.stop for _, r in self._branch_rows)
             self._rows = slice(start, stop)
+        if self.concept_stream is not None:
+            if self._branch_rows:
+                self.concept_stream.start(ctx.text_length, self._rows)
+            else:
+                self.concept_stream.stop()
 
     def _start_generation(self, gen: _Generation, ctx: ForwardContext) -> None:
         gen.grid = ctx.grid
@@ -285,12 +323,21 @@ class Trace:
         self, layer: LayerInfo, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[slice, torch.Tensor, slice] | None:
         """What a site should compute for this call: image-query span, text-key positions and batch rows."""
-        if not self._branch_rows or self._ctx is None:
+        if not self._branch_rows or self._ctx is None or layer.index not in self._raw:
             return None
         if q.device not in self._text_index:
             offset = self.adapter.text_offset(self._ctx)
             self._text_index[q.device] = torch.tensor([offset + p for p in self.generations[-1].keep], device=q.device)
         return self.adapter.image_span(self._ctx, q.shape[-2]), self._text_index[q.device], self._rows
+
+    def image_span(self, k: torch.Tensor) -> slice:
+        """The image tokens' span of this call's joint sequence (``k`` is ``(B, H, S, D)``)."""
+        return self.adapter.image_span(self._ctx, k.shape[-2])
+
+    @property
+    def kept_rows(self) -> slice:
+        """The batch rows of this call that the trace keeps (every kept branch)."""
+        return self._rows
 
     def record(self, layer: LayerInfo, probs: torch.Tensor) -> None:
         """Store ``probs`` ``(rows, H, N_img, T_kept)`` from ``layer`` for the current call; with ``stop=True``,
@@ -302,22 +349,35 @@ class Trace:
         if self.differentiable:
             self._taken[-1][layer.label] = self._select_heads(probs)
         else:
-            self._store(layer, probs)
+            self._store(layer, self._select_heads(probs))
         if self.stop and layer.index == self._last_index:
             raise StopForward(f"trace(stop=True) ended the forward after {layer.label}")
 
-    def _store(self, layer: LayerInfo, probs: torch.Tensor) -> None:
-        probs = self._select_heads(probs)
+    def _store(self, layer: LayerInfo, probs: torch.Tensor, concepts: bool = False) -> None:
+        """Keep ``probs`` ``(rows, [heads,] N_img, T)`` of this call's kept rows, split by branch."""
         probs = probs.detach().to(self.store_device, torch.float32)
         gen = self.generations[-1]
+        records, all_sums = (gen.concept_records, gen.concept_sums) if concepts else (gen.records, gen.sums)
         for branch, rows in self._branch_rows:
             part = probs[rows.start - self._rows.start : rows.stop - self._rows.start]
             if self.reduce_steps:
-                sums = gen.sums[branch]
+                sums = all_sums[branch]
                 sums[layer.index] = part.clone() if layer.index not in sums else sums[layer.index] + part
                 gen.summed_steps[branch].add(self._step)
             else:
-                gen.records[branch].setdefault(self._step, {})[layer.index] = part
+                records[branch].setdefault(self._step, {})[layer.index] = part
+
+    def record_concepts(self, layer: LayerInfo, maps: torch.Tensor) -> None:
+        """Store the concept maps ``(rows, N_img, concepts)`` of ``layer`` for the current call."""
+        self._store(layer, maps, concepts=True)
+
+    def encode_concepts(self, concepts: Sequence[str], text_length: int) -> torch.Tensor:
+        """The concepts' text-encoder features ``(C, D)``, each encoded alone (see :mod:`attnscope.concepts`)."""
+        self._encoding_concepts = True
+        try:
+            return self.adapter.encode_concepts(self.pipe, concepts, text_length)
+        finally:
+            self._encoding_concepts = False
 
     def _select_heads(self, probs: torch.Tensor) -> torch.Tensor:
         if self.heads == "mean":
@@ -347,11 +407,13 @@ class Trace:
         """Bytes held by the recorded maps of all generations."""
         total = 0
         for gen in self.generations:
-            for per_step in gen.records.values():
-                for per_layer in per_step.values():
+            for records in (gen.records, gen.concept_records):
+                for per_step in records.values():
+                    for per_layer in per_step.values():
+                        total += sum(t.numel() * t.element_size() for t in per_layer.values())
+            for sums in (gen.sums, gen.concept_sums):
+                for per_layer in sums.values():
                     total += sum(t.numel() * t.element_size() for t in per_layer.values())
-            for per_layer in gen.sums.values():
-                total += sum(t.numel() * t.element_size() for t in per_layer.values())
         return total
 
     def maps(self, index: int = 0, *, branch: Branch = "cond", generation: int = -1) -> TokenMaps:
@@ -360,25 +422,56 @@ class Trace:
         ``branch="uncond"`` returns the unconditional (negative-prompt) branch when ``cfg`` recorded it; its
         ``tokens`` are ``None`` (select by position). Steps count denoising steps from 0.
         """
+        gen = self._recorded_generation(generation)
+        tokens = gen.tokens[index] if gen.tokens is not None and branch == "cond" else None
+        return self._token_maps(gen, gen.records, gen.sums, self.layers, index, branch, gen.keep, tokens, self.heads)
+
+    def concept_maps(self, index: int = 0, *, branch: Branch = "cond", generation: int = -1) -> TokenMaps:
+        """The output-space concept maps (``trace(..., concepts=[...])``) of batch row ``index`` of a generation.
+
+        A :class:`TokenMaps` over the selected dual-stream layers and the traced steps whose words are the
+        concepts (``maps.word("red")``); values are the softmax over concepts at each image patch.
+        """
+        if self.concept_stream is None:
+            raise TraceError("this trace has no concepts; trace(pipe, concepts=['red', 'circle', 'background'])")
+        gen = self._recorded_generation(generation)
+        stream = self.concept_stream
+        positions = tuple(range(len(stream.concepts)))
+        return self._token_maps(gen, gen.concept_records, gen.concept_sums, stream.layers, index, branch, positions,
+                                concept_tokens(stream.concepts), "mean")
+
+    def _recorded_generation(self, generation: int) -> _Generation:
         if not self.generations or not self.generations[generation].forwards:
             raise TraceError("nothing was captured: run the pipeline inside the `with attnscope.trace(...)` block")
         if self.differentiable:
             raise TraceError("differentiable traces do not keep maps; use take()")
-        gen = self.generations[generation]
+        return self.generations[generation]
+
+    def _token_maps(
+        self,
+        gen: _Generation,
+        records: dict[str, dict[int, dict[int, torch.Tensor]]],
+        all_sums: dict[str, dict[int, torch.Tensor]],
+        layers: tuple[LayerInfo, ...],
+        index: int,
+        branch: Branch,
+        positions: tuple[int, ...] | None,
+        tokens: PromptTokens | None,
+        head_mode: Any,
+    ) -> TokenMaps:
         if self.reduce_steps:
-            sums = gen.sums.get(branch, {})
+            sums = all_sums.get(branch, {})
             if not sums:
                 raise TraceError(f"no {branch!r} branch was recorded (cfg={self.cfg!r}, steps={self.steps!r})")
             n = len(gen.summed_steps[branch])
-            per_layer = [sums[layer.index] / n for layer in self.layers]
-            stacked = torch.stack(per_layer)[:, None]  # (layer, step=1, rows, [heads,] N, T)
+            stacked = torch.stack([sums[layer.index] / n for layer in layers])[:, None]  # (layer, step=1, rows, ...)
             steps: tuple[int, ...] = ()
         else:
-            recorded = gen.records.get(branch, {})
+            recorded = records.get(branch, {})
             if not recorded:
                 raise TraceError(f"no {branch!r} branch was recorded (cfg={self.cfg!r}, steps={self.steps!r})")
             steps = tuple(sorted(recorded))
-            stacked = torch.stack([torch.stack([recorded[s][layer.index] for s in steps]) for layer in self.layers])
+            stacked = torch.stack([torch.stack([recorded[s][layer.index] for s in steps]) for layer in layers])
         rows = stacked.shape[2]
         if not 0 <= index < rows:
             raise IndexError(f"batch index {index} out of range: {rows} image(s) were generated")
@@ -390,24 +483,22 @@ class Trace:
         present = ["token", "layer"]
         if not self.reduce_steps:
             present.append("step")
-        if self.heads != "mean":
+        if head_mode != "mean":
             present.append("head")
         heads: tuple[int, ...] = ()
-        if self.heads == "all":
+        if head_mode == "all":
             heads = tuple(range(data.shape[3]))
-        elif self.heads != "mean":
-            heads = (self.heads,) if isinstance(self.heads, int) else tuple(self.heads)
-        tokens = gen.tokens[index] if gen.tokens is not None and branch == "cond" else None
-        timesteps = tuple(gen.timesteps[s] for s in steps)
+        elif head_mode != "mean":
+            heads = (head_mode,) if isinstance(head_mode, int) else tuple(head_mode)
         return TokenMaps(
             data=data,
             present=tuple(present),
-            positions=gen.keep,
-            layers=self.layers,
+            positions=positions,
+            layers=layers,
             steps=steps,
             heads=heads,
             tokens=tokens,
-            timesteps=timesteps,
+            timesteps=tuple(gen.timesteps[s] for s in steps),
         )
 
 
@@ -458,6 +549,9 @@ def trace(pipe_or_transformer: Any, **options: Any) -> Trace:
         stop: end each transformer call right after the last captured layer (raising :class:`StopForward`, which
             the ``with`` block swallows): for calls whose output is not needed, only their maps — the layers
             after the last captured one never run. A pipeline call is abandoned at its first captured step.
+        concepts: output-space concept maps (ConceptAttention) of these words or phrases, read with
+            :meth:`Trace.concept_maps`; recorded at the selected dual-stream layers. Needs a pipeline (its text
+            encoder encodes each concept alone); the image stays bit-identical.
     """
     return Trace(pipe_or_transformer, **options)
 

@@ -140,6 +140,25 @@ class Adapter(ABC):
         """Tokenize ``prompt`` the way ``pipe`` feeds it to the transformer's text stream."""
 
     @abstractmethod
+    def encode_text(self, pipe: Any, prompts: Sequence[str], text_length: int) -> torch.Tensor:
+        """The text features ``(B, L, D)`` the pipeline feeds the transformer's text stream for ``prompts``, with a
+        text sequence of ``text_length`` positions."""
+
+    def unknown_pieces(self, pipe: Any) -> set[str]:
+        """The tokenizers' unknown pieces (a word made only of them carries no meaning)."""
+        return {t.unk_token for t in (getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+                if t is not None and t.unk_token is not None}
+
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], text_length: int) -> torch.Tensor:
+        """Each concept encoded alone, its pieces' features averaged: ``(C, D)`` (see :mod:`attnscope.concepts`)."""
+        from ..concepts import pooled_concept_states
+
+        with torch.no_grad():
+            states = self.encode_text(pipe, concepts, text_length)
+        layouts = [self.prompt_tokens(pipe, c, text_length) for c in concepts]
+        return pooled_concept_states(states, layouts, self.unknown_pieces(pipe))
+
+    @abstractmethod
     def text_length(self, max_sequence_length: int | None) -> int:
         """Length of the transformer's text stream for a pipeline call with this ``max_sequence_length``."""
 

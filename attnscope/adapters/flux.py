@@ -74,6 +74,11 @@ class FluxAdapter(Adapter):
     def prompt_tokens(self, pipe: Any, prompt: str, text_length: int) -> PromptTokens:
         return flux_tokens(pipe, prompt, text_length)
 
+    def encode_text(self, pipe: Any, prompts: Sequence[str], text_length: int) -> torch.Tensor:
+        return pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=pipe.transformer.device, max_sequence_length=text_length
+        )[0]
+
     def text_length(self, max_sequence_length: int | None) -> int:
         return max_sequence_length or 512  # FluxPipeline's default
 

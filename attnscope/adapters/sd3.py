@@ -6,7 +6,7 @@ One module for the architecture: the locator (:class:`SD3Adapter`), the capture 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +59,12 @@ class SD3Adapter(Adapter):
 
     def prompt_tokens(self, pipe: Any, prompt: str, text_length: int) -> PromptTokens:
         return sd3_tokens(pipe, prompt, text_length)
+
+    def encode_text(self, pipe: Any, prompts: Sequence[str], text_length: int) -> torch.Tensor:
+        return pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=pipe.transformer.device,
+            do_classifier_free_guidance=False, max_sequence_length=text_length - pipe.tokenizer_max_length,
+        )[0]
 
     def text_length(self, max_sequence_length: int | None) -> int:
         return 77 + (max_sequence_length or 256)  # CLIP positions, then T5 (StableDiffusion3Pipeline's default)
