@@ -1,8 +1,9 @@
 """The ``attnscope`` command line.
 
-``attnscope maps`` and ``attnscope shapes ...`` live in this package. Commands of the packages built on top
-(``attnscope erase``/``eval`` from ``attnscope.erase``, ``attnscope app`` from ``attnscope.apps``) register
-themselves through the ``attnscope.commands`` entry-point group, so the core never imports them.
+``attnscope maps``, ``attnscope explain`` and ``attnscope shapes ...`` live in this package. Commands of the
+packages built on top (``attnscope erase``/``eval`` from ``attnscope.erase``, ``attnscope app`` from
+``attnscope.apps``) register themselves through the ``attnscope.commands`` entry-point group, so the core never
+imports them.
 """
 
 from __future__ import annotations
@@ -126,6 +127,83 @@ def run_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_explain_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "explain",
+        help="explain an existing image: token and concept heatmaps",
+        description=(
+            "Encode an existing image with the model's VAE, noise it to flow time --t with --samples noise draws, "
+            "run the transformer once on them under the attention capture and average the maps. Writes to --out: "
+            "image.png, overlay_<word>.png per word (raw joint-attention maps), concept_<concept>.png per concept "
+            "(output-space maps), grid_layers.png / concept_grid_layers.png (× layers), maps.safetensors and "
+            "concept_maps.safetensors (TokenMaps.load). The folder is filled only when every file is written."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--image", type=Path, required=True, help="the image file (PNG, JPEG, ...; converted to RGB)")
+    p.add_argument("--model", default="shapes", help="'shapes' (bundled), 'tiny-flux', a hub id or a folder")
+    p.add_argument("--prompt", required=True, help="the prompt that describes the image")
+    p.add_argument("--words", type=_csv, default=None, help="comma-separated words of the prompt (default: all)")
+    p.add_argument("--concepts", type=_csv, default=None,
+                   help="comma-separated concepts for output-space maps, e.g. red,circle,background")
+    p.add_argument("--t", type=float, default=None, help="flow time of the noised image, in (0, 1) (default 0.3)")
+    p.add_argument("--samples", type=int, default=None, help="noise draws averaged (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    p.add_argument("--layers", type=_layers, default=None, help="layers to capture (default: all)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--out", type=Path, default=Path("out/explain"), help="output folder")
+    p.set_defaults(run=run_explain)
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from . import viz
+    from .concepts import check_concepts
+    from .explain import DEFAULT_SAMPLES, DEFAULT_T, check_noise, explain, load_image
+    from .pipelines import load_pipeline
+    from .staging import staged_folder
+
+    if not args.prompt.strip():
+        raise EmptyPromptError("--prompt is empty")
+    started = time.perf_counter()
+    t = DEFAULT_T if args.t is None else args.t
+    samples = DEFAULT_SAMPLES if args.samples is None else args.samples
+    # Everything that can be checked without the model fails before it loads.
+    check_noise(t, samples)
+    if args.concepts is not None:
+        check_concepts(args.concepts)
+    pixels = load_image(args.image)
+    pipe = load_pipeline(args.model, device=args.device, progress=False)
+    result = explain(pipe, pixels, args.prompt, words=args.words, concepts=args.concepts, t=t, samples=samples,
+                     seed=args.seed, layers=args.layers)
+    image = Image.fromarray(result.image)
+    words = args.words or result.maps.words()
+    with staged_folder(args.out) as out:
+        image.save(out / "image.png")
+        result.maps.save(out / "maps.safetensors")
+        for word in words:
+            viz.overlay(result.maps.word(word).mean().numpy(), viz.enlarged(image)).save(
+                out / f"overlay_{word.replace(' ', '_')}.png")
+        viz.grid_figure(result.maps, words, by="layer", image=image).savefig(out / "grid_layers.png", dpi=100)
+        if result.concept_maps is not None:
+            result.concept_maps.save(out / "concept_maps.safetensors")
+            concepts = [w.text for w in result.concept_maps.tokens.words]
+            for concept in concepts:
+                viz.overlay(result.concept_maps.word(concept).mean().numpy(), viz.enlarged(image)).save(
+                    out / f"concept_{concept.replace(' ', '_')}.png")
+            viz.grid_figure(result.concept_maps, concepts, by="layer", image=image).savefig(
+                out / "concept_grid_layers.png", dpi=100)
+    print(
+        f"{len(words)} word(s), {len(args.concepts or [])} concept(s) × {len(result.maps.layers)} layer(s), "
+        f"t={result.t}, {result.samples} draw(s) in {time.perf_counter() - started:.1f}s → {args.out}/"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnscope",
@@ -133,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_maps_command(subparsers)
+    add_explain_command(subparsers)
     from .shapes.cli import register as register_shapes
 
     register_shapes(subparsers)

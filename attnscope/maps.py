@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 AXES: tuple[str, ...] = ("token", "layer", "step", "head")
 LayerSelector = int | str | slice | Sequence[int | str] | None
 IndexSelector = int | slice | Sequence[int] | None
+#: Where a normalized map is cut into a mask: a fixed τ in [0, 1], each map's own mean, or its Otsu threshold.
+ThresholdRule = float | Literal["mean", "otsu"]
 
 
 class SelectionError(ValueError):
@@ -205,18 +207,27 @@ class TokenMaps:
         resized = F.interpolate(flat, size=(height, width), mode=mode, **kwargs)
         return replace(self, data=resized.reshape(*lead, height, width))
 
-    def threshold(self, tau: float | None = None) -> np.ndarray:
-        """Boolean masks: the min-max-normalized map above ``tau`` (default: above its own mean)."""
+    def threshold(self, rule: ThresholdRule | None = None) -> np.ndarray:
+        """Boolean masks of the min-max-normalized maps: above ``rule`` — a fixed τ in [0, 1], ``"mean"`` (each
+        map's own mean; the default) or ``"otsu"`` (each map's Otsu threshold: the cut that best separates its
+        values into two classes)."""
         norm = self.normalize().numpy()
-        cut = norm.mean(axis=(-2, -1), keepdims=True) if tau is None else tau
+        if rule is None or rule == "mean":
+            cut = norm.mean(axis=(-2, -1), keepdims=True)
+        elif rule == "otsu":
+            cut = otsu_threshold(norm)
+        elif isinstance(rule, (int, float)) and 0.0 <= rule <= 1.0:
+            cut = float(rule)
+        else:
+            raise ValueError(f"threshold rule must be 'mean', 'otsu' or a number in [0, 1], not {rule!r}")
         return norm > cut
 
-    def iou(self, mask: np.ndarray | torch.Tensor, tau: float | None = None) -> np.ndarray | float:
+    def iou(self, mask: np.ndarray | torch.Tensor, rule: ThresholdRule | None = None) -> np.ndarray | float:
         """Intersection over union of :meth:`threshold` with a boolean ground-truth ``mask`` of the same size."""
         target = np.asarray(mask, dtype=bool)
         if target.shape != self.grid:
             raise ValueError(f"mask has shape {target.shape} but the maps are {self.grid}; upsample() them first")
-        pred = self.threshold(tau)
+        pred = self.threshold(rule)
         inter = np.logical_and(pred, target).sum(axis=(-2, -1))
         union = np.logical_or(pred, target).sum(axis=(-2, -1))
         value = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
@@ -283,6 +294,26 @@ class TokenMaps:
         )
 
 
+#: Histogram bins of :func:`otsu_threshold`: finer than any map's distinct values matter at 16×16 tokens.
+OTSU_BINS = 256
+
+
+def otsu_threshold(maps: np.ndarray) -> np.ndarray:
+    """Otsu's threshold of each map ``(..., H, W)`` with values in [0, 1]: the cut maximizing the between-class
+    variance of the values below and above it. Returns ``(..., 1, 1)``."""
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
+    edges = np.linspace(0.0, 1.0, OTSU_BINS + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    cuts = np.empty(len(flat))
+    for i, values in enumerate(flat):
+        weights = np.histogram(values, bins=edges)[0] / values.size
+        below = np.cumsum(weights)
+        mass_below = np.cumsum(weights * centers)
+        between = (mass_below[-1] * below - mass_below) ** 2 / np.maximum(below * (1 - below), 1e-12)
+        cuts[i] = edges[1:][int(np.argmax(between))]
+    return cuts.reshape(*maps.shape[:-2], 1, 1)
+
+
 def _tokens_to_dict(tokens: PromptTokens) -> dict[str, Any]:
     return {
         "prompt": tokens.prompt,
@@ -344,4 +375,4 @@ def _value_indices(values: tuple[int, ...], selector: int | slice | Sequence[int
     return [values.index(v) for v in wanted]
 
 
-__all__ = ["AXES", "SelectionError", "TokenMaps", "UnknownWordError"]
+__all__ = ["AXES", "SelectionError", "ThresholdRule", "TokenMaps", "UnknownWordError", "otsu_threshold"]

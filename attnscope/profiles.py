@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .readout import Readout
+
 #: The paper's LoRA placement: text-side queries and keys of the dual-stream blocks (re-route attention away from
 #: the concept's tokens).
 PAPER_LORA_TARGETS: tuple[str, ...] = ("add_q_proj", "add_k_proj")
@@ -72,6 +74,10 @@ class ModelProfile:
     name: str = ""
     world: World = OPEN_WORLD
     erase_defaults: EraseDefaults = EraseDefaults()
+    #: How its maps become heatmaps and masks (layers, late steps, upsampling, threshold): ``readout_for(model)``.
+    #: The generic default cuts at Otsu's threshold, which has no free parameter to tune on a model we cannot run
+    #: here; on the shapes model it beat each map's own mean by 0.2 mIoU (benchmarks/RESULTS.md).
+    readout: Readout = Readout(threshold="otsu")
 
     def claims(self, name_or_path: str) -> bool:
         """Whether ``name_or_path`` is this profile's model."""
