@@ -1,6 +1,6 @@
 """The ``attnscope`` command line.
 
-``attnscope maps``, ``attnscope explain`` and ``attnscope shapes ...`` live in this package. Commands of the
+``attnscope maps``, ``explain``, ``localize`` and ``attnscope shapes ...`` live in this package. Commands of the
 packages built on top (``attnscope erase``/``eval`` from ``attnscope.erase``, ``attnscope app`` from
 ``attnscope.apps``) register themselves through the ``attnscope.commands`` entry-point group, so the core never
 imports them.
@@ -18,6 +18,9 @@ from pathlib import Path
 from .adapters import UnsupportedModelError
 from .capture import UnsupportedProcessorError
 from .commands import CommandError
+from .concepts import ConceptError
+from .dataset import DatasetError
+from .explain import ExplainError
 from .maps import SelectionError
 from .tokens import EmptyPromptError, UnknownWordError
 from .trace import TraceError
@@ -26,6 +29,9 @@ from .trace import TraceError
 USER_ERRORS = (
     UnknownWordError,
     EmptyPromptError,
+    ConceptError,
+    DatasetError,
+    ExplainError,
     SelectionError,
     TraceError,
     UnsupportedModelError,
@@ -212,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_maps_command(subparsers)
     add_explain_command(subparsers)
+    from .localize import add_localize_command
+
+    add_localize_command(subparsers)
     from .shapes.cli import register as register_shapes
 
     register_shapes(subparsers)

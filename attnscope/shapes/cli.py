@@ -1,8 +1,8 @@
-"""``attnscope shapes eval``: the shapes world's benchmark on the command line.
+"""``attnscope shapes eval`` and ``attnscope shapes localize``: the shapes world's benchmarks on the command line.
 
-``register(subparsers)`` adds ``eval`` to the ``attnscope shapes`` command group (``attnscope.commands.command_group``);
-``attnscope.cli`` calls it. The shapes lab (``attnscope.lab.cli``) adds ``train``, ``export`` and ``preferences``
-to the same group through the ``attnscope.commands`` entry point.
+``register(subparsers)`` adds ``eval`` and ``localize`` to the ``attnscope shapes`` command group
+(``attnscope.commands.command_group``); ``attnscope.cli`` calls it. The shapes lab (``attnscope.lab.cli``) adds
+``train``, ``export`` and ``preferences`` to the same group through the ``attnscope.commands`` entry point.
 """
 
 from __future__ import annotations
@@ -31,7 +31,28 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--no-localization", action="store_true", help="generation metrics only (no attention capture)")
     ev.set_defaults(run=_eval)
+
+    lo = sub.add_parser("localize", help="the localization benchmark: raw and output-space maps against exact masks")
+    lo.add_argument("--model", default="shapes", help="a shapes model (default: the bundled one)")
+    lo.add_argument("--out", default=None, help="write OUT/localize.json, per-layer/per-step figures and samples")
+    lo.add_argument("--threads", type=int, default=None)
+    lo.set_defaults(run=_localize)
     return sub
+
+
+def _localize(args: argparse.Namespace) -> int:
+    from .localize import localize
+
+    result = localize(args.model, out=args.out, threads=args.threads)
+    for kind, tables in (("rendered", result["rendered"]), ("generated", result["generated"])):
+        for split, table in tables.items():
+            for method in ("default", "raw.double-mean", "raw.best", "output-space"):
+                if method in table:
+                    s = table[method]
+                    print(f"{kind} {split:<11} {method:<16} mIoU {s['miou']:.3f}  pixel acc {s['pixel_acc']:.3f}  "
+                          f"mAP {s['map']:.3f}  AUROC {s['auroc']:.3f}  ({s['pairs']} pairs)")
+    print(f"in {result['seconds']}s" + (f" -> {args.out}/" if args.out else ""))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

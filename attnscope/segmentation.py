@@ -1,0 +1,59 @@
+"""Zero-shot segmentation scores of heatmaps against ground-truth masks, as ConceptAttention reports them.
+
+One heatmap and its mask (both at image size) give four numbers: **pixel accuracy** and **IoU** of the predicted
+mask (the read-out's threshold) and, threshold-free, **average precision** and **AUROC** of the heatmap's values as
+pixel scores (scikit-learn's ``average_precision_score`` / ``roc_auc_score``). A benchmark averages each over its
+pairs (mIoU, mAP, ...). A mask that covers no pixel or every pixel has no AP/AUROC (NaN, left out of the means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+__all__ = ["PairScores", "mean_scores", "score_pair"]
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Scores of one heatmap against one mask."""
+
+    pixel_acc: float
+    iou: float
+    ap: float
+    auroc: float
+
+
+def score_pair(heat: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> PairScores:
+    """``heat (H, W)`` soft map, ``predicted (H, W)`` its thresholded mask, ``truth (H, W)`` the ground truth."""
+    truth = np.asarray(truth, dtype=bool)
+    if heat.shape != truth.shape or predicted.shape != truth.shape:
+        raise ValueError(f"heatmap {heat.shape}, prediction {predicted.shape} and mask {truth.shape} must match")
+    union = np.logical_or(predicted, truth).sum()
+    iou = float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
+    labels, scores = truth.reshape(-1), heat.reshape(-1).astype(np.float64)
+    both = 0 < labels.sum() < labels.size
+    return PairScores(
+        pixel_acc=float((predicted == truth).mean()),
+        iou=iou,
+        ap=float(average_precision_score(labels, scores)) if both else float("nan"),
+        auroc=float(roc_auc_score(labels, scores)) if both else float("nan"),
+    )
+
+
+def mean_scores(pairs: Iterable[PairScores]) -> dict[str, float | int]:
+    """``pixel_acc``, ``miou``, ``map``, ``auroc`` (means over the pairs) and ``pairs`` (how many)."""
+    rows = [asdict(p) for p in pairs]
+    if not rows:
+        return {"pixel_acc": float("nan"), "miou": float("nan"), "map": float("nan"), "auroc": float("nan"),
+                "pairs": 0}
+
+    def mean(key: str) -> float:
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+    return {"pixel_acc": mean("pixel_acc"), "miou": mean("iou"), "map": mean("ap"), "auroc": mean("auroc"),
+            "pairs": len(rows)}
