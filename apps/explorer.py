@@ -124,6 +124,14 @@ def call_check(profile: ModelProfile) -> Callable[[str, int, int], list[str]]:
     return check
 
 
+def distinct_words(maps: attnscope.TokenMaps) -> list[str]:
+    """The distinct words of the maps' prompt in order (case-insensitive): one clickable chip each."""
+    seen: dict[str, str] = {}
+    for word in maps.words():
+        seen.setdefault(word.casefold(), word)
+    return list(seen.values())
+
+
 # ------------------------------------------------------------------------------------------------ generation
 @dataclass(frozen=True)
 class Result:
@@ -137,10 +145,7 @@ class Result:
     @property
     def words(self) -> list[str]:
         """The prompt's distinct words in order (case-insensitive), each one a clickable chip."""
-        seen: dict[str, str] = {}
-        for word in self.maps.words():
-            seen.setdefault(word.casefold(), word)
-        return list(seen.values())
+        return distinct_words(self.maps)
 
     @property
     def layer_labels(self) -> list[str]:

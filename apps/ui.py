@@ -30,6 +30,7 @@ from PIL import Image
 from attnscope import atomic
 
 from .erasure import EraseRequest, ErasureCancelled, erase_word, list_runs, method_choices
+from .explaining import MAX_SAMPLES, ExplainRequest, explain_image, explained_overlay, rendered_scene
 from .explorer import (
     COLORMAPS,
     Limits,
@@ -40,6 +41,7 @@ from .explorer import (
     View,
     attention_mass,
     compare,
+    distinct_words,
     eval_figures,
     export_overlay,
     export_result,
@@ -170,6 +172,7 @@ def build_demo(
     with gr.Blocks(title="attnscope explorer", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         result_state = gr.State(None, time_to_live=SESSION_TTL_S)
         compare_state = gr.State(None, time_to_live=SESSION_TTL_S)
+        explain_state = gr.State(None, time_to_live=SESSION_TTL_S)
         folder_state = gr.State(None, delete_callback=_remove_folder)
         gr.Markdown(f"## attnscope explorer — where does each word look?  \nModel: `{model.name}`")
         with gr.Row():
@@ -240,6 +243,31 @@ def build_demo(
                         )
                     mass = gr.Markdown(elem_id="mass")
                     figures = gr.Markdown(elem_id="eval-figures")
+                with gr.Tab("Explain an image", id="explain-tab"):
+                    with gr.Row():
+                        explain_input = gr.Image(label="Image to explain (upload, or render a scene)", type="numpy",
+                                                 sources=["upload"], format="png", height=240,
+                                                 elem_id="explain-image", elem_classes="pixelated")
+                        explain_overlay = gr.Image(label="Map", format="png", height=240, elem_id="explain-overlay",
+                                                   elem_classes="pixelated")
+                    with gr.Row():
+                        scene_seed = gr.Number(label="Scene seed", value=0, precision=0, minimum=0,
+                                               elem_id="scene-seed")
+                        scene_objects = gr.Slider(1, 3, value=2, step=1, label="Objects", elem_id="scene-objects")
+                        render_button = gr.Button("Render a scene", elem_id="render-scene")
+                    explain_prompt = gr.Textbox(label="Prompt that describes the image", elem_id="explain-prompt",
+                                                max_lines=2)
+                    explain_concepts = gr.Textbox(label="Concepts for output-space maps (comma-separated, optional)",
+                                                  elem_id="explain-concepts", max_lines=1)
+                    with gr.Row():
+                        explain_t = gr.Slider(0.05, 0.95, value=0.3, step=0.05, label="Noise level t",
+                                              elem_id="explain-t")
+                        explain_samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Noise draws",
+                                                    elem_id="explain-samples")
+                    explain_button = gr.Button("Explain", variant="primary", elem_id="explain")
+                    explain_words = gr.Radio([], label="Words (raw attention)", elem_id="explain-words")
+                    explain_concept_choice = gr.Radio([], label="Concepts (output space)",
+                                                      elem_id="explain-concept-choice")
 
         view_inputs = [words, layer_mode, blocks, step_first, step_last, head, cmap, alpha]
 
@@ -411,6 +439,64 @@ def build_demo(
                 return "Nothing to cancel."
             flag.set()
             return "Cancelled: the run stops after its current step and keeps its checkpoint."
+
+        @_user_errors
+        def on_render(seed_value: float, objects: float) -> tuple[Any, str]:
+            return rendered_scene(int(seed_value or 0), int(objects))
+
+        render_button.click(on_render, inputs=[scene_seed, scene_objects], outputs=[explain_input, explain_prompt],
+                            api_name="render_scene", concurrency_limit=2)
+
+        @_user_errors
+        def on_explain(
+            picture: Any, prompt_text: str, concepts_text: str, t: float, samples: float, folder: Path | None,
+            progress: gr.Progress = gr.Progress(),
+        ) -> tuple[Any, ...]:  # fmt: skip
+            progress(0, desc="Explaining")
+            concepts = tuple(c.strip() for c in (concepts_text or "").split(",") if c.strip())
+            request = ExplainRequest(prompt=prompt_text or "", concepts=concepts, t=float(t), samples=int(samples))
+            explanation, notes = explain_image(model, picture, request)
+            for note in notes:
+                gr.Warning(note)
+            folder = _folder(folder)
+            return (
+                explanation,
+                folder,
+                _shown(explained_overlay(model, explanation, None, None), folder),
+                gr.update(choices=distinct_words(explanation.maps), value=None),
+                gr.update(choices=list(concepts), value=None),
+            )
+
+        explain_button.click(
+            on_explain,
+            inputs=[explain_input, explain_prompt, explain_concepts, explain_t, explain_samples, folder_state],
+            outputs=[explain_state, folder_state, explain_overlay, explain_words, explain_concept_choice],
+            api_name="explain",
+            concurrency_id="model",
+            concurrency_limit=1,
+        )
+
+        @_user_errors
+        def on_explain_view(explanation: Any, folder: Path | None, word: str | None, concept: str | None,
+                            colormap: str, opacity: float) -> Any:
+            if explanation is None or folder is None:
+                return gr.skip()
+            shown = explained_overlay(model, explanation, word, concept, cmap=colormap, alpha=float(opacity))
+            return _shown(shown, folder)
+
+        # One map at a time: picking a word clears the concept and the reverse (user input only, so that the
+        # cleared radio's own change does not clear the pick back).
+        explain_words.input(lambda: None, outputs=explain_concept_choice, api_visibility="private")
+        explain_concept_choice.input(lambda: None, outputs=explain_words, api_visibility="private")
+        gr.on(
+            [explain_words.change, explain_concept_choice.change, cmap.change, alpha.change],
+            on_explain_view,
+            inputs=[explain_state, folder_state, explain_words, explain_concept_choice, cmap, alpha],
+            outputs=explain_overlay,
+            api_name="explain_view",
+            trigger_mode="always_last",
+            concurrency_limit=2,
+        )
 
         cancel_button.click(on_cancel, outputs=erase_status, cancels=[erase_event], api_name="cancel_erase",
                             concurrency_limit=None)

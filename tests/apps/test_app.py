@@ -392,3 +392,43 @@ def test_bad_erase_requests_are_refused_with_a_message(model: explorer.Model, tm
     with pytest.raises(RequestError, match=message):
         erase_word(model, EraseRequest(word, PROMPT, method), tmp_path, config=_tiny_erase_config())
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------- explain
+def test_explain_an_image_matches_the_public_api(model: explorer.Model) -> None:
+    from PIL import Image
+
+    from attnscope.apps.explaining import ExplainRequest, explain_image, explained_overlay, rendered_scene
+
+    image, caption = rendered_scene(5, 2)
+    explanation, notes = explain_image(model, image, ExplainRequest(caption, ("red", "circle"), samples=2))
+    assert notes == [] and explanation.concept_maps is not None
+    reference = attnscope.explain(attnscope.load_pipeline("tiny-flux"), image, caption, concepts=["red", "circle"],
+                                  samples=2)
+    word = explorer.distinct_words(explanation.maps)[1]
+    readout = attnscope.readout_for("tiny-flux")
+    expected = viz.overlay(readout.reduce(reference.maps.word(word)).numpy(), Image.fromarray(image), alpha=0.5)
+    shown = explained_overlay(model, explanation, word, None)
+    assert np.abs(np.asarray(shown, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+    concept = explained_overlay(model, explanation, word, "circle")  # the concept wins over the word
+    assert not np.array_equal(np.asarray(concept), np.asarray(shown))
+    assert np.array_equal(np.asarray(explained_overlay(model, explanation, None, None)), image)
+
+
+def test_explain_fits_odd_sizes_and_refuses_bad_requests(model: explorer.Model) -> None:
+    from attnscope.apps.explaining import ExplainRequest, explain_image, rendered_scene
+
+    odd = np.zeros((30, 31, 3), np.uint8)
+    explanation, notes = explain_image(model, odd, ExplainRequest("a red circle", samples=1))
+    assert explanation.image.shape == (32, 32, 3) and "resized to 32×32" in notes[0]
+    for image, request, message in (
+        (None, ExplainRequest("a red circle"), "Upload an image"),
+        (odd, ExplainRequest("  "), "prompt"),
+        (odd, ExplainRequest("a red circle", samples=9), "between 1 and 8"),
+        (odd, ExplainRequest("a red circle", t=1.0), r"inside \(0, 1\)"),
+        (odd, ExplainRequest("a red circle", concepts=("red", "red")), "more than once"),
+    ):
+        with pytest.raises(RequestError, match=message):
+            explain_image(model, image, request)
+    with pytest.raises(RequestError, match="1, 2 or 3 objects"):
+        rendered_scene(0, 4)

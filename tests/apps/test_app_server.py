@@ -136,6 +136,63 @@ def test_browser_generate_then_click_a_word(app_url: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_browser_explain_a_rendered_scene_then_click_a_word_and_a_concept(app_url: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from attnscope.apps.explaining import rendered_scene
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app_url)
+            page.get_by_role("tab", name="Explain an image").click()
+            page.locator("#scene-seed input").fill("4")
+            page.locator("#render-scene").click()
+            prompt = page.locator("#explain-prompt textarea")
+            expect(prompt).not_to_have_value("")
+            caption = prompt.input_value()
+            page.locator("#explain-concepts textarea, #explain-concepts input").first.fill("red, circle, square")
+            page.locator("#explain").click()
+            word = [w for w in caption.split() if w not in ("a", "an", "and", "with", "next", "to")][0]
+            chip = page.locator("#explain-words label").filter(has_text=word).first
+            expect(chip).to_be_visible()
+            overlay = page.locator("#explain-overlay img")
+            expect(overlay).to_have_count(1)
+            plain = overlay.get_attribute("src")
+            chip.click()
+            expect(overlay).not_to_have_attribute("src", plain or "")
+            word_src = overlay.get_attribute("src")
+            page.locator("#explain-concept-choice label").filter(has_text="circle").click()
+            expect(overlay).not_to_have_attribute("src", word_src or "")
+            concept_src = overlay.get_attribute("src")
+
+            def fetch(src: str | None) -> np.ndarray:
+                assert src
+                response = page.request.get(src)
+                assert response.ok, f"{src}: HTTP {response.status}"
+                return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"), dtype=int)
+
+            shown_plain, shown_word, shown_concept = fetch(plain), fetch(word_src), fetch(concept_src)
+            page.screenshot(path=str(ARTIFACTS / "app_explain.png"), full_page=True)
+        finally:
+            browser.close()
+
+    image, rendered_caption = rendered_scene(4, 2)
+    assert caption == rendered_caption
+    explanation = attnscope.explain(attnscope.load_pipeline("tiny-flux"), image, caption,
+                                    concepts=["red", "circle", "square"])
+    readout = attnscope.readout_for("tiny-flux")
+    pairs = ((shown_word, explanation.maps.word(word)), (shown_concept, explanation.concept_maps.word("circle")))
+    for shown, maps in pairs:
+        expected = viz.overlay(readout.reduce(maps).numpy(), Image.fromarray(image), alpha=0.5, cmap="jet")
+        assert np.abs(shown - np.asarray(expected, dtype=int)).max() <= 1
+    assert np.array_equal(shown_plain, image)
+
+
+@pytest.mark.slow
 def test_several_clients_at_once_are_queued_not_crashed(app_url: str) -> None:
     from gradio_client import Client
 
