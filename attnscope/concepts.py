@@ -148,6 +148,7 @@ class ConceptStream:
             layer.index: trace.transformer.get_submodule(layer.name.removesuffix(".attn")) for layer in self.through
         }
         self.states: torch.Tensor | None = None  # (C, D_text): the concepts' text-encoder features
+        self._embedded: torch.Tensor | None = None  # (C, D): the same through the context embedder
         self._stream: torch.Tensor | None = None  # (R, C, D): the rows' residual stream between blocks
         self._rows = slice(0)  # the batch rows of the current call the stream rides with
         self._attended: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -172,8 +173,9 @@ class ConceptStream:
         transformer = self.trace.transformer
         if self.states is None:
             self.states = self.trace.encode_concepts(self.concepts, text_length)
-        embedded = transformer.context_embedder(self.states.to(transformer.device, transformer.dtype))
-        self._stream = repeat(embedded, "c d -> r c d", r=rows.stop - rows.start)
+            with torch.no_grad():  # the model does not change inside a trace: embed once
+                self._embedded = transformer.context_embedder(self.states.to(transformer.device, transformer.dtype))
+        self._stream = repeat(self._embedded, "c d -> r c d", r=rows.stop - rows.start)
         self._rows = rows
         self._attended.clear()
 
@@ -187,10 +189,8 @@ class ConceptStream:
 
     def attended(self, layer: LayerInfo, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, image: slice,
                  rows: slice) -> None:
-        """The block's attention call: keep its image keys/values ``(R, H, N, d)`` and image outputs ``(R, N, H·d)``."""
-        self._attended[layer.index] = (
-            k[rows, :, image], v[rows, :, image], rearrange(out[rows, :, image], "b h n d -> b n (h d)"),
-        )
+        """The block's attention call: keep (views of) its image keys, values and outputs ``(R, H, N, d)``."""
+        self._attended[layer.index] = (k[rows, :, image], v[rows, :, image], out[rows, :, image])
 
     def _after_block(self, index: int) -> Any:
         signature = inspect.signature(self._blocks[index].forward)
@@ -200,11 +200,15 @@ class ConceptStream:
             if self._stream is None or seen is None:
                 return
             k_image, v_image, out_image = seen
-            temb = signature.bind(*args, **kwargs).arguments["temb"][self._rows]
+            # diffusers passes temb by keyword, except under gradient checkpointing (positional)
+            temb = kwargs["temb"] if "temb" in kwargs else signature.bind(*args, **kwargs).arguments["temb"]
+            temb = temb[self._rows]
             with torch.no_grad():
                 out_concepts, self._stream = text_stream_block(module, self._stream, temb, k_image, v_image)
                 if index in self._recorded:
-                    scores = torch.einsum("b c e, b n e -> b n c", out_concepts.float(), out_image.float())
+                    heads = rearrange(out_concepts, "b c (h d) -> b h c d", h=out_image.shape[1])
+                    # ⟨o_c, o_i⟩ over the concatenated heads, as a sum over heads (no copy of the image outputs)
+                    scores = torch.einsum("b h c d, b h n d -> b n c", heads.float(), out_image.float())
                     self.trace.record_concepts(self._layer(index), scores.softmax(dim=-1))
             if self._stream is None or index == self.through[-1].index:
                 self._stream = None
