@@ -362,6 +362,24 @@ class View:
     alpha: float = 0.5
 
 
+def default_view(model: Model, result: Result) -> View:
+    """The view a new generation opens with: the model's read-out (:func:`attnscope.readout_for`) — its layers
+    (all, double, single, or its blocks) and its late steps."""
+    readout = attnscope.readout_for(model.name)
+    labels = set(result.layer_labels)
+    if readout.layers in ("double", "single"):
+        layers, blocks = readout.layers, ()
+    elif isinstance(readout.layers, str) and readout.layers in labels:
+        layers, blocks = "blocks", (readout.layers,)
+    elif isinstance(readout.layers, (list, tuple)) and set(readout.layers) <= labels:
+        layers, blocks = "blocks", tuple(readout.layers)
+    else:
+        layers, blocks = "all", ()
+    n = result.n_steps
+    keep = max(1, round(n * readout.late_steps))
+    return View(layers=layers, blocks=blocks, steps=(n - keep, n - 1))
+
+
 def _selected(result: Result, view: View, keep: str | None = None) -> attnscope.TokenMaps:
     """The maps restricted to the view's layers, steps and head (all words kept); ``keep`` skips one axis."""
     maps = result.maps

@@ -41,6 +41,7 @@ from .explorer import (
     View,
     attention_mass,
     compare,
+    default_view,
     distinct_words,
     eval_figures,
     export_overlay,
@@ -285,15 +286,17 @@ def build_demo(
             if not result.heads:
                 gr.Warning("Per-head maps would not fit this server's memory budget: heads are averaged.")
             last = result.n_steps - 1
+            opening = default_view(model, result)  # the model's read-out: its layers and late steps
             return (
                 result,
                 folder,
                 _shown(result.image, folder),
                 _shown(overlay_image(result, View()), folder),
                 gr.update(choices=result.words, value=None),
-                gr.update(choices=result.layer_labels, value=[]),
-                gr.update(maximum=max(last, 1), value=0, interactive=last > 0),
-                gr.update(maximum=max(last, 1), value=last, interactive=last > 0),
+                gr.update(choices=result.layer_labels, value=list(opening.blocks)),
+                gr.update(value=opening.layers),
+                gr.update(maximum=max(last, 1), value=opening.steps[0], interactive=last > 0),
+                gr.update(maximum=max(last, 1), value=opening.steps[1], interactive=last > 0),
                 gr.update(choices=["mean", *map(str, result.heads)], value="mean"),
                 gr.update(choices=result.words, value=result.words),
                 files.image,
@@ -304,8 +307,8 @@ def build_demo(
         generate_button.click(
             on_generate,
             inputs=[prompt, seed, steps, height_box, width_box, folder_state],
-            outputs=[result_state, folder_state, image, overlay, words, blocks, step_first, step_last, head, grid_words,
-                     download_image, download_maps, download_overlay],
+            outputs=[result_state, folder_state, image, overlay, words, blocks, layer_mode, step_first, step_last, head,
+                     grid_words, download_image, download_maps, download_overlay],
             api_name="generate",
             concurrency_id="model",
             concurrency_limit=1,

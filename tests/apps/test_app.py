@@ -275,7 +275,7 @@ def test_demo_builds_with_a_bounded_queue(model: explorer.Model, tmp_path: Path)
     demo = ui.build_demo(model, workdir=tmp_path)
     assert demo._queue.max_size == ui.MAX_QUEUE
     model_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "model"]
-    assert {fn.api_name for fn in model_events} == {"generate", "compare", "erase"}
+    assert {fn.api_name for fn in model_events} == {"generate", "compare", "erase", "explain"}
     assert all(fn.concurrency_limit == 1 for fn in model_events)
 
 
@@ -432,3 +432,14 @@ def test_explain_fits_odd_sizes_and_refuses_bad_requests(model: explorer.Model) 
             explain_image(model, image, request)
     with pytest.raises(RequestError, match="1, 2 or 3 objects"):
         rendered_scene(0, 4)
+
+
+def test_a_generation_opens_on_the_models_readout(model: explorer.Model, result: explorer.Result) -> None:
+    view = explorer.default_view(model, result)
+    readout = attnscope.readout_for("tiny-flux")
+    assert view.layers == readout.layers == "double"
+    assert view.steps == (result.n_steps - max(1, round(result.n_steps * readout.late_steps)), result.n_steps - 1)
+    shown = explorer.word_map(result, View(word="red", layers=view.layers, steps=view.steps))
+    np.testing.assert_allclose(shown, readout.reduce(result.maps.word("red")).numpy(), atol=1e-6)
+    shapes = explorer.Model(name="shapes", pipe=model.pipe, call_kwargs=model.call_kwargs)
+    assert explorer.default_view(shapes, result).layers == attnscope.readout_for("shapes").layers

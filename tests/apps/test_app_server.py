@@ -71,13 +71,15 @@ def app_url(served: tuple[str, Path]) -> str:
 
 
 def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
-    """Image and overlay of ``word`` through the public API alone, with the app's default settings."""
+    """Image and overlay of ``word`` through the public API alone, with the app's default settings: the model's
+    read-out layers and late steps."""
     pipe = attnscope.load_pipeline("tiny-flux")
     with attnscope.trace(pipe) as tr:
         image = pipe(
             PROMPT, generator=torch.Generator().manual_seed(SEED), **profile_for("tiny-flux").default_call()
         ).images[0]
-    overlay = viz.overlay(tr.maps().word(word).mean().numpy(), image, alpha=0.5, cmap="jet")
+    grid = attnscope.readout_for("tiny-flux").reduce(tr.maps().word(word)).numpy()
+    overlay = viz.overlay(grid, image, alpha=0.5, cmap="jet")
     return np.asarray(image.convert("RGB"), dtype=int), np.asarray(overlay, dtype=int)
 
 
