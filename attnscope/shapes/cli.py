@@ -46,7 +46,7 @@ def _localize(args: argparse.Namespace) -> int:
     result = localize(args.model, out=args.out, threads=args.threads)
     for kind, tables in (("rendered", result["rendered"]), ("generated", result["generated"])):
         for split, table in tables.items():
-            for method in ("default", "raw.double-mean", "raw.best", "output-space"):
+            for method in ("default", "naive", "raw.best", "output-space"):
                 if method in table:
                     s = table[method]
                     print(f"{kind} {split:<11} {method:<16} mIoU {s['miou']:.3f}  pixel acc {s['pixel_acc']:.3f}  "

@@ -16,8 +16,9 @@ red object, not the first); for output-space maps each distinct colour and shape
 
 Methods, each read through the model's read-out with its layer choice replaced where the method names one:
 ``raw.<layer>`` (one layer), ``raw.double-mean`` (every dual-stream block), ``raw.best`` (the best single layer
-*on this benchmark*: an oracle, reported as one), ``default`` (the model's read-out) and ``output-space``
-(ConceptAttention's concept maps through the read-out). Scores: :mod:`attnscope.segmentation`.
+*on this benchmark*: an oracle, reported as one), ``naive`` (every dual-stream block and step, nearest upsampling,
+each map's mean threshold: the read-out before read-outs were chosen), ``default`` (the model's read-out) and
+``output-space`` (ConceptAttention's concept maps through the read-out). Scores: :mod:`attnscope.segmentation`.
 """
 
 from __future__ import annotations
@@ -52,11 +53,17 @@ def _score(maps: TokenMaps, readout: Readout, truth: np.ndarray) -> PairScores:
     return score_pair(soft.numpy(), soft.threshold(readout.threshold), truth)
 
 
+#: The read-out before read-outs were chosen: every dual-stream block and step, nearest upsampling, each map cut at
+#: its own mean (the README's earlier example, thresholded as ``TokenMaps.iou`` did).
+NAIVE_READOUT = Readout(layers="double", late_steps=1.0, upsample="nearest", threshold="mean")
+
+
 def _methods(word: TokenMaps, readout: Readout, truth: np.ndarray, out: dict[str, list[PairScores]]) -> None:
     """Score one word's maps by every raw method into ``out``."""
     for layer in word.layers:
         out[f"raw.{layer.label}"].append(_score(replace(readout, layers=layer.label).reduce(word), readout, truth))
     out["raw.double-mean"].append(_score(replace(readout, layers="double").reduce(word), readout, truth))
+    out["naive"].append(_score(NAIVE_READOUT.reduce(word), NAIVE_READOUT, truth))
     out["default"].append(_score(readout.reduce(word), readout, truth))
 
 
