@@ -117,3 +117,9 @@ def test_cli_writes_every_file_or_none(tmp_path, scene, capsys) -> None:
         assert code == 2 and message in err and err.startswith("error:")
         assert not fresh.exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_explain_names_an_architecture_without_direct_calls() -> None:
+    pipe = attnscope.load_pipeline("tiny-sd3", progress=False)
+    with pytest.raises(ExplainError, match="not implemented for sd3"):
+        explain(pipe, np.zeros((32, 32, 3), np.uint8), "a red circle")
