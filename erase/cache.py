@@ -20,7 +20,7 @@ on exactly the same data.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ __all__ = [
     "ConceptPoints",
     "EraseCache",
     "build_cache",
-    "clutter_prompts",
     "maps_forward",
     "multi_anchor_prompt",
     "sample_concept_points",
@@ -55,11 +54,7 @@ class CacheConfig:
     (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward;
     ``implicit_prompts``: prompts that name nothing, through which every concept point is also seen for the
     unconditional ESD loss (one base forward per point and prompt); ``concept_maps``: also store the base model's
-    map of the concept word at every concept point (the localized attention term's target); ``clutter``: random
-    prompts of the world's words that name no erased concept (:func:`clutter_prompts`), each sampled along one
-    trajectory of ``sample_steps`` states, at which the unconditional ESD loss also pushes away from a concept (its
-    prompts taken in turn): scenes the model draws from odd word strings, where a LoRA trained only at the
-    concept's points is unconstrained."""
+    map of the concept word at every concept point (the localized attention term's target)."""
 
     sample_steps: int = 8
     preserve_steps: int = 20
@@ -70,7 +65,6 @@ class CacheConfig:
     seed: int = 0
     implicit_prompts: tuple[str, ...] = ("", "and", "the", "a")
     concept_maps: bool = False
-    clutter: int = 0
 
 
 @dataclass
@@ -85,10 +79,7 @@ class EraseCache:
     ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``; implicit rows
     ``implicit_point (U,)`` (index of a concept point), ``implicit_prompts`` (U) and the base velocity there through
     that prompt, ``v_implicit (U, N, C)``; ``concept_maps (P, N)`` the base model's concept map at each concept
-    point (:func:`~erase.losses.concept_map`; empty unless asked for); clutter points ``clutter_x (K, N, C)`` at
-    ``clutter_sigma (K,)`` on the trajectories of ``clutter_prompts`` (K), with the base velocity there through that
-    prompt ``v_clutter`` and the concept's direction there ``clutter_push`` ``(K, N, C)`` (``v*(x, c) −
-    v*(x, c_anc)`` for a concept prompt and its anchor); empty in caches without them.
+    point (:func:`~erase.losses.concept_map`; empty unless asked for).
     """
 
     x: torch.Tensor
@@ -113,11 +104,6 @@ class EraseCache:
     v_implicit: torch.Tensor
     anchors: list[str]
     concept_maps: torch.Tensor
-    clutter_x: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    clutter_sigma: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    clutter_prompts: list[str] = field(default_factory=list)
-    v_clutter: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    clutter_push: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def save(self, path: str | Path) -> None:
         atomic.torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
@@ -238,59 +224,6 @@ def sample_concept_points(
     )
 
 
-#: Words per clutter prompt (inclusive): from a pair to a run-on string like those a prompt search finds.
-CLUTTER_WORDS = (2, 8)
-
-
-def clutter_prompts(words: Sequence[str], n: int, seed: int) -> list[str]:
-    """``n`` prompts of 2–8 words drawn from ``words`` (the world's words that name no erased concept), fixed for a
-    seed: scenes the model draws from odd word strings, none of them asking for the concept."""
-    generator = torch.Generator().manual_seed(seed)
-    pool = sorted(set(words))
-    out = []
-    for _ in range(n if pool else 0):
-        length = int(torch.randint(CLUTTER_WORDS[0], CLUTTER_WORDS[1] + 1, (1,), generator=generator))
-        out.append(" ".join(pool[int(i)] for i in torch.randint(len(pool), (length,), generator=generator)))
-    return out
-
-
-@torch.no_grad()
-def _clutter_points(
-    call: ModelCall, bank: PromptBank, prompts: Sequence[str], concept_prompts: Sequence[tuple[str, str]],
-    config: CacheConfig,
-) -> dict[str, Any]:
-    """States on one base trajectory per clutter prompt (own noise stream, so adding clutter changes nothing else
-    in the cache), the base velocity there, and at each the direction of one concept prompt over its anchor
-    (``concept_prompts`` pairs, taken in turn)."""
-    transformer = call.pipe.transformer
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    device, dtype = transformer.device, transformer.dtype
-    xs, sigmas, vs, pushes, names = [], [], [], [], []
-    for start in range(0, len(prompts), config.batch):
-        chunk = list(prompts[start : start + config.batch])
-        embeds, pooled = bank.get(chunk)
-        trajectory = sample_trajectory(call, transformer, call.noise(len(chunk), generator), config.sample_steps,
-                                       embeds, pooled, bank.text_ids)
-        for k in range(config.sample_steps):
-            xb, sb = trajectory.states[k].to(device, dtype), trajectory.sigmas[k].expand(len(chunk)).to(device)
-            pairs = [concept_prompts[(len(names) + i) % len(concept_prompts)] for i in range(len(chunk))]
-            v_pair = []
-            for side in (0, 1):
-                e, pl = bank.get([pair[side] for pair in pairs])
-                v_pair.append(call.velocity(transformer, xb, sb, e, pl, bank.text_ids).float())
-            xs.append(xb.cpu())
-            sigmas.append(sb.float().cpu())
-            vs.append(trajectory.velocities[k].float().cpu())
-            pushes.append((v_pair[0] - v_pair[1]).cpu())
-            names += chunk
-    empty = torch.zeros(0, call.n_tokens, call.channels)
-    return {
-        "clutter_x": torch.cat(xs) if xs else empty, "clutter_sigma": torch.cat(sigmas) if sigmas else torch.zeros(0),
-        "clutter_prompts": names, "v_clutter": torch.cat(vs) if vs else empty,
-        "clutter_push": torch.cat(pushes) if pushes else empty,
-    }
-
-
 @torch.no_grad()
 def build_cache(
     call: ModelCall,
@@ -301,13 +234,11 @@ def build_cache(
     layers: Any = "double",
     progress: Any = None,
     negative_prompt: str = "",
-    clutter_words: Sequence[str] = (),
 ) -> EraseCache:
     """Sample the base model (call inside :func:`erase.lora.base_model` once a LoRA exists) and fill the cache.
 
     What a run does not use is not drawn: no contrastive features with ``contrastive_points`` 0, no implicit rows
-    without ``implicit_prompts``, no preservation samples or keep points without ``preserve_prompts``, no clutter
-    points without ``config.clutter`` and ``clutter_words`` (the world's words that name no erased concept).
+    without ``implicit_prompts``, no preservation samples or keep points without ``preserve_prompts``.
     ``progress``: optional callable ``(done, total)`` for a progress bar.
     """
     transformer = call.pipe.transformer
@@ -407,11 +338,6 @@ def build_cache(
         done += len(chunk)
         if progress:
             progress(done, total)
-    clutter = {}
-    if config.clutter > 0 and clutter_words and config.implicit_prompts:
-        pairs = list(dict.fromkeys(zip(prompts, anchors)))
-        clutter = _clutter_points(call, bank, clutter_prompts(clutter_words, config.clutter, config.seed), pairs,
-                                  config)
     empty = torch.zeros(0, call.n_tokens, call.channels)
     return EraseCache(
         x=x.cpu(),
@@ -436,5 +362,4 @@ def build_cache(
         v_implicit=torch.cat(v_implicit) if v_implicit else empty,
         anchors=anchors,
         concept_maps=torch.cat(concept_maps) if concept_maps else torch.zeros(0, call.n_tokens),
-        **clutter,
     )

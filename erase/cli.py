@@ -111,9 +111,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preserve-steps", type=int, default=20, help="sampler steps of the cached base-model "
                    "preservation samples")
     p.add_argument("--cache-seeds", type=int, default=4, help="base-model trajectories per training prompt")
-    p.add_argument("--clutter", type=int, default=None,
-                   help="random prompts of the world's words without the concept whose base trajectories the "
-                        "unconditional ESD loss also trains on (default: the model profile's)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="write checkpoint.pt every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward "
                    "(large models)")
@@ -291,8 +288,7 @@ def run_erase(args: argparse.Namespace) -> int:
         weights=LossWeights(**{**vars(method.default_weights), **args.weights}),
         lora=_lora_settings(args, method, pipe),
         cache=CacheConfig(
-            sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed,
-            clutter=args.clutter if args.clutter is not None else 0,
+            sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
         ),
         checkpoint_every=args.checkpoint_every,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -126,7 +126,6 @@ class Trainer:
                 cache = build_cache(
                     self.call, self.bank, self.specs, preserve, cache_config,
                     self.config.attention_layers, progress, self.config.negative_prompt or "",
-                    self._clutter_words() if cache_config.clutter > 0 else (),
                 )
             cache.save(path)
         self.parallel.barrier()  # the other processes load what rank 0 built
@@ -141,12 +140,6 @@ class Trainer:
             raise SpecError(
                 "the preservation loss needs preservation prompts in the spec; add some or set its weight to 0"
             )
-
-    def _clutter_words(self) -> list[str]:
-        """The world's words that name none of the erased concepts (what clutter prompts are drawn from)."""
-        world = erasure_world(self.config.model)
-        allowed = [set(world.attack_words(self.pipe, spec)) for spec in self.specs]
-        return sorted(set.intersection(*allowed)) if allowed else []
 
     def _positions(self, prompts: Sequence[str], words: Sequence[str | None]) -> list[tuple[int, ...]]:
         return [self.bank.positions(p, w) if w is not None else () for p, w in zip(prompts, words)]

@@ -2,7 +2,7 @@
 the adapted model on them (:meth:`~erase.trainer.Trainer.backward_group`) and returns its losses.
 
 * :func:`erase_rows` — cached concept points through their own prompts (ESD, attention attenuation) and through
-  prompts that name nothing, and clutter points through their own odd prompts (unconditional ESD);
+  prompts that name nothing (unconditional ESD);
 * :func:`preserve_rows` — noised preservation samples (flow matching), keep points (keep loss) and concept points
   for the reverse self-contrastive loss;
 * :func:`ablation_rows` — concept points through the concept prompt and the anchor prompt (concept ablation).
@@ -45,13 +45,9 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
     c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
     n = config.batch if w.esd > 0 or w.attention > 0 else 0
     idx = trainer.draw(len(c.prompts), n)
-    # Implicit rows come from one pool: concept points seen through prompts that name nothing, then clutter points.
-    n_concept_rows, n_clutter_rows = len(c.implicit_point), len(c.clutter_prompts)
-    n_implicit = config.batch // 2 if w.implicit > 0 and n_concept_rows + n_clutter_rows else 0
-    drawn = trainer.draw(n_concept_rows + n_clutter_rows, n_implicit)
-    rows, clutter = drawn[drawn < n_concept_rows], drawn[drawn >= n_concept_rows] - n_concept_rows
+    n_implicit = config.batch // 2 if w.implicit > 0 and len(c.implicit_point) else 0
+    rows = trainer.draw(len(c.implicit_point), n_implicit)
     point = c.implicit_point[rows]
-    n_implicit = len(rows) + len(clutter)
     if not (n or n_implicit):
         return {}
     adversarial, conditioning = _adversarial_rows(trainer)
@@ -67,10 +63,8 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         elif w.attention > 0:
             out["attention"] = losses.attention_loss([m[:n] for m in maps], columns[:n])
         if n_implicit:
-            # a clutter row's direction is stored whole: its "anchor" velocity is zero
-            v_here = torch.cat([c.v_implicit[rows], c.v_clutter[clutter]]).to(device)
-            v_concept = torch.cat([c.v_concept[point], c.clutter_push[clutter]]).to(device)
-            v_anchor = torch.cat([c.v_anchor[point], torch.zeros_like(c.clutter_push[clutter])]).to(device)
+            v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],
+                                                                  c.v_anchor[point]))
             out["implicit"] = losses.implicit_loss(v[n:a], v_here, v_concept, v_anchor, config.eta)
         if conditioning is not None:
             out["adversarial"] = losses.esd_loss(v[a:], c.v_concept[adversarial].to(device),
@@ -79,10 +73,9 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
 
     words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None
     return trainer.backward_group(
-        torch.cat([c.x[idx], c.x[point], c.clutter_x[clutter].to(c.x.dtype), c.x[adversarial]]),
-        torch.cat([c.sigma[idx], c.sigma[point], c.clutter_sigma[clutter].to(c.sigma.dtype), c.sigma[adversarial]]),
-        [c.prompts[i] for i in idx] + [c.implicit_prompts[i] for i in rows] + [c.clutter_prompts[i] for i in clutter],
-        erase_losses, words,
+        torch.cat([c.x[idx], c.x[point], c.x[adversarial]]),
+        torch.cat([c.sigma[idx], c.sigma[point], c.sigma[adversarial]]),
+        [c.prompts[i] for i in idx] + [c.implicit_prompts[i] for i in rows], erase_losses, words,
         maps_only=w.esd == 0 and n_implicit == 0 and conditioning is None, conditioning=conditioning,
     )
 

@@ -202,45 +202,6 @@ def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing
     assert {"esd", "attention", "implicit"} == set(erase) and calls == [config.batch + config.batch // 2]
 
 
-def test_clutter_points_are_odd_prompts_of_other_words_on_their_own_trajectories(tmp_path) -> None:
-    """With ``clutter``, the cache also holds states on the base model's trajectories of random word strings that
-    name no erased concept, the base velocity there and a concept prompt's direction over its anchor; erase steps
-    draw them into the implicit rows. The rest of the cache is exactly what it is without them."""
-    from attnscope.erase.cache import clutter_prompts
-    from attnscope.shapes import vocabulary as vocab
-
-    pipe = small_shapes_pipeline()
-    plain_config = _config(**model_defaults("shapes", pipe))
-    config = _config(**{**model_defaults("shapes", pipe), "cache": CacheConfig(
-        sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4, clutter=6)})
-    specs = [shapes_spec("red"), shapes_spec("circle")]
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "clutter").mkdir()
-    plain = Trainer(small_shapes_pipeline(), specs, plain_config, tmp_path / "plain")
-    plain.prepare_cache(None)
-    trainer = Trainer(pipe, specs, config, tmp_path / "clutter")
-    trainer.prepare_cache(None)
-    cache = trainer.cache
-    banned = {"red", "circle", *shapes_spec("red").synonyms, *shapes_spec("circle").synonyms}
-    assert len(cache.clutter_prompts) == 6 * config.cache.sample_steps
-    assert all(not set(vocab.words_of(p)) & banned and 2 <= len(p.split()) <= 8 for p in cache.clutter_prompts)
-    assert clutter_prompts(["a", "b"], 3, 0) == clutter_prompts(["b", "a"], 3, 0)  # fixed for a seed
-    k = len(cache.clutter_prompts)
-    assert cache.clutter_x.shape == cache.v_clutter.shape == cache.clutter_push.shape == (k, *cache.x.shape[1:])
-    assert cache.clutter_push.abs().sum() > 0 and cache.clutter_sigma.shape == (k,)
-    torch.testing.assert_close(cache.x, plain.cache.x)
-    torch.testing.assert_close(cache.v_implicit, plain.cache.v_implicit)
-    torch.testing.assert_close(cache.x0, plain.cache.x0)
-    assert len(plain.cache.clutter_prompts) == 0
-    from attnscope.erase.methods.rows import erase_rows
-
-    drawn = []
-    trainer.backward_group = lambda x, sigma, prompts, *a, **kw: drawn.extend(prompts) or {}
-    for _ in range(12):
-        erase_rows(trainer)
-    assert set(drawn) & set(cache.clutter_prompts)
-
-
 def test_a_row_without_a_concept_word_rides_in_the_captured_forward_without_columns(tmp_path) -> None:
     """Implicit rows share the concept rows' forward: their maps are captured, but no column of theirs is a concept
     column, and the concept rows' maps are what they would be alone."""
