@@ -44,7 +44,8 @@ def test_benchmark_writes_its_tables_and_figures(tmp_path, monkeypatch, one_thre
     result = json.loads((out / "localize.json").read_text())
     assert result["protocol"] == benchmark.LOCALIZE_PROTOCOL and result["readout"]["threshold"] == 0.55
     rendered = result["rendered"]["0.3"]
-    assert {"default", "raw.double-mean", "raw.best", "output-space", "raw.double.3", "raw.single.1"} <= set(rendered)
+    assert {"default", "naive", "raw.double-mean", "raw.best", "output-space", "raw.double.3",
+            "raw.single.1"} <= set(rendered)
     assert rendered["default"]["pairs"] == rendered["raw.double.0"]["pairs"] >= 6
     assert rendered["default"]["miou"] > 0.6 and rendered["default"]["auroc"] > 0.95
     assert rendered["raw.best"]["layer"] in {k.removeprefix("raw.") for k in rendered}
