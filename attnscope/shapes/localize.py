@@ -9,6 +9,8 @@ read-out (``SHAPES_READOUT``) was chosen on, so the figures are held-out ones:
   renderer's own.
 * **generated** — the shapes eval's two-object prompts (different, same-colour and same-shape pairs) at seeds
   ``GENERATED_SEEDS``, traced while generated; masks are the scene reader's, for objects drawn in the asked colour.
+  Same-colour prompts are also reported on their own and there by word kind: the one place where a colour word
+  and a shape word of one object can disagree (the colour word's map may light the other object of its colour).
 
 Pairs: each colour and shape word *occurrence* against its own object (raw maps: "red#2" must light the second
 red object, not the first); for output-space maps each distinct colour and shape word of the caption is a concept
@@ -113,7 +115,9 @@ def _generated(pipe: Any, readout: Readout) -> tuple[dict[str, dict[str, list[Pa
     from .reader import match_objects, read_scene
     from .vocabulary import is_color, is_shape, parse_prompt, words_of
 
-    subsets: dict[str, dict[str, list[PairScores]]] = {"all": defaultdict(list), "same-colour": defaultdict(list)}
+    # Colour and shape words of one object share a mask; only where two objects share a colour can a colour word's
+    # map light the wrong one, so that subset is also reported by word kind.
+    subsets: dict[str, dict[str, list[PairScores]]] = defaultdict(lambda: defaultdict(list))
     by_step: dict[int, list[PairScores]] = defaultdict(list)
     for prompt in tqdm(TWO_OBJECT_PROMPTS, desc="generated prompts", unit="prompt", leave=False, disable=None):
         expected = parse_prompt(prompt)
@@ -127,9 +131,10 @@ def _generated(pipe: Any, readout: Readout) -> tuple[dict[str, dict[str, list[Pa
             for k, ((color, _), found) in enumerate(zip(expected, match_objects(expected, read_scene(image)))):
                 if found is None or found.color != color:
                     continue
-                for kind_words in kinds:
+                for kind, kind_words in zip(("colour", "shape"), kinds):
                     word = maps.word(_occurrences(kind_words)[k])
-                    for name in ("all", "same-colour") if same_colour else ("all",):
+                    names = ("all", "same-colour", f"same-colour/{kind}-words") if same_colour else ("all",)
+                    for name in names:
                         _methods(word, readout, found.mask, subsets[name])
                     layers = word.select(layers=readout.layers)
                     for step in word.steps:

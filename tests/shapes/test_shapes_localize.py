@@ -51,6 +51,8 @@ def test_benchmark_writes_its_tables_and_figures(tmp_path, monkeypatch, one_thre
     assert rendered["raw.best"]["layer"] in {k.removeprefix("raw.") for k in rendered}
     generated = result["generated"]
     assert generated["all"]["default"]["pairs"] > generated["same-colour"]["default"]["pairs"] > 0
+    assert (generated["same-colour/colour-words"]["default"]["pairs"]
+            + generated["same-colour/shape-words"]["default"]["pairs"]) == generated["same-colour"]["default"]["pairs"]
     assert len(result["generated_by_step"]["miou"]) == 20
     assert {"localize_layers.png", "localize_steps.png", "sample_0.png"} <= {p.name for p in out.iterdir()}
 
