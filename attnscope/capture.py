@@ -93,12 +93,7 @@ class CaptureSite:
         plan = self.trace.plan_layer(self.layer, q, k)
         stream = self.trace.concept_stream
         concepts = stream is not None and stream.wants(self.layer)
-        if plan is None:
-            if not concepts:
-                return original()
-            out = original()
-        else:
-            out = self._attend_and_record(q, k, v, scale, fused_allowed, original, plan)
+        out = original() if plan is None else self._attend_and_record(q, k, v, scale, fused_allowed, original, plan)
         if concepts:
             stream.attended(self.layer, k, v, out, self.trace.image_span(k), self.trace.kept_rows)
         return out

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from .adapters import UnsupportedModelError
 from .capture import UnsupportedProcessorError
@@ -88,7 +89,6 @@ def run_maps(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import torch
 
-    from . import viz
     from .adapters import adapter_for, check_size
     from .pipelines import load_pipeline
     from .profiles import profile_for
@@ -120,17 +120,29 @@ def run_maps(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     image.save(args.out / "image.png")
     maps.save(args.out / "maps.safetensors")
-    for word in args.words:
-        overlay = viz.overlay(maps.word(word).mean().numpy(), viz.enlarged(image))
-        overlay.save(args.out / f"overlay_{word.replace(' ', '_')}.png")
-    for by in ("layer", "step"):
-        fig = viz.grid_figure(maps, args.words, by=by, image=image)
-        fig.savefig(args.out / f"grid_{by}s.png", dpi=100)
+    _write_views(args.out, image, maps, args.words, "overlay_", "", ("layer", "step"))
     print(
         f"{len(args.words)} word(s) × {len(maps.layers)} layer(s) × {len(maps.steps)} step(s) "
         f"in {time.perf_counter() - started:.1f}s → {args.out}/"
     )
     return 0
+
+
+def _write_views(folder: Path, image: Any, maps: Any, words: Sequence[str], overlay_prefix: str, grid_prefix: str,
+                 axes: Sequence[str]) -> None:
+    """``<overlay_prefix><word>.png`` per word (its map over all layers and steps, on the enlarged image) and
+    ``<grid_prefix>grid_<axis>s.png`` (words × the axis) into ``folder``."""
+    import matplotlib.pyplot as plt
+
+    from . import viz
+
+    for word in words:
+        overlay = viz.overlay(maps.word(word).mean().numpy(), viz.enlarged(image))
+        overlay.save(folder / f"{overlay_prefix}{word.replace(' ', '_')}.png")
+    for axis in axes:
+        fig = viz.grid_figure(maps, words, by=axis, image=image)
+        fig.savefig(folder / f"{grid_prefix}grid_{axis}s.png", dpi=100)
+        plt.close(fig)
 
 
 def add_explain_command(subparsers: argparse._SubParsersAction) -> None:
@@ -167,7 +179,6 @@ def run_explain(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from PIL import Image
 
-    from . import viz
     from .concepts import check_concepts
     from .explain import DEFAULT_SAMPLES, DEFAULT_T, check_noise, explain, load_image
     from .pipelines import load_pipeline
@@ -191,18 +202,11 @@ def run_explain(args: argparse.Namespace) -> int:
     with staged_folder(args.out) as out:
         image.save(out / "image.png")
         result.maps.save(out / "maps.safetensors")
-        for word in words:
-            viz.overlay(result.maps.word(word).mean().numpy(), viz.enlarged(image)).save(
-                out / f"overlay_{word.replace(' ', '_')}.png")
-        viz.grid_figure(result.maps, words, by="layer", image=image).savefig(out / "grid_layers.png", dpi=100)
+        _write_views(out, image, result.maps, words, "overlay_", "", ("layer",))
         if result.concept_maps is not None:
             result.concept_maps.save(out / "concept_maps.safetensors")
             concepts = [w.text for w in result.concept_maps.tokens.words]
-            for concept in concepts:
-                viz.overlay(result.concept_maps.word(concept).mean().numpy(), viz.enlarged(image)).save(
-                    out / f"concept_{concept.replace(' ', '_')}.png")
-            viz.grid_figure(result.concept_maps, concepts, by="layer", image=image).savefig(
-                out / "concept_grid_layers.png", dpi=100)
+            _write_views(out, image, result.concept_maps, concepts, "concept_", "concept_", ("layer",))
     print(
         f"{len(words)} word(s), {len(args.concepts or [])} concept(s) × {len(result.maps.layers)} layer(s), "
         f"t={result.t}, {result.samples} draw(s) in {time.perf_counter() - started:.1f}s → {args.out}/"

@@ -83,6 +83,22 @@ def expected_overlay(word: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(image.convert("RGB"), dtype=int), np.asarray(overlay, dtype=int)
 
 
+def _fetch(page, src: str | None) -> np.ndarray:
+    """The RGB pixels of an image the page shows, fetched from the app like the browser does."""
+    assert src
+    response = page.request.get(src)
+    assert response.ok, f"{src}: HTTP {response.status}"
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"), dtype=int)
+
+
+def _page(browser, url: str):
+    """A page of the app at a desktop size, with the tests' timeout."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    return page
+
+
 def _browser(p):
     """Headless Chromium as every browser test here launches it."""
     return p.chromium.launch(
@@ -100,9 +116,7 @@ def test_browser_generate_then_click_a_word(app_url: str) -> None:
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(app_url)
+            page = _page(browser, app_url)
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#seed input").fill(str(SEED))
             page.locator("#generate").click()
@@ -116,14 +130,8 @@ def test_browser_generate_then_click_a_word(app_url: str) -> None:
             expect(overlay).not_to_have_attribute("src", before or "")
             after = overlay.get_attribute("src")
 
-            def fetch(src: str | None) -> np.ndarray:
-                assert src
-                response = page.request.get(src)
-                assert response.ok, f"{src}: HTTP {response.status}"
-                return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"), dtype=int)
-
-            shown_image = fetch(page.locator("#image img").get_attribute("src"))
-            shown_before, shown_after = fetch(before), fetch(after)
+            shown_image = _fetch(page, page.locator("#image img").get_attribute("src"))
+            shown_before, shown_after = _fetch(page, before), _fetch(page, after)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "app_explorer.png"), full_page=True)
         finally:
@@ -147,9 +155,7 @@ def test_browser_explain_a_rendered_scene_then_click_a_word_and_a_concept(app_ur
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(app_url)
+            page = _page(browser, app_url)
             page.get_by_role("tab", name="Explain an image").click()
             page.locator("#scene-seed input").fill("4")
             page.locator("#render-scene").click()
@@ -171,13 +177,7 @@ def test_browser_explain_a_rendered_scene_then_click_a_word_and_a_concept(app_ur
             expect(overlay).not_to_have_attribute("src", word_src or "")
             concept_src = overlay.get_attribute("src")
 
-            def fetch(src: str | None) -> np.ndarray:
-                assert src
-                response = page.request.get(src)
-                assert response.ok, f"{src}: HTTP {response.status}"
-                return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"), dtype=int)
-
-            shown_plain, shown_word, shown_concept = fetch(plain), fetch(word_src), fetch(concept_src)
+            shown_plain, shown_word, shown_concept = (_fetch(page, src) for src in (plain, word_src, concept_src))
             page.screenshot(path=str(ARTIFACTS / "app_explain.png"), full_page=True)
         finally:
             browser.close()
@@ -259,9 +259,7 @@ def test_browser_erase_the_clicked_word_then_compare_opens_on_it(served: tuple[s
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
+            page = _page(browser, url)
             page.locator("#prompt textarea").fill(PROMPT)
             page.locator("#seed input").fill(str(SEED))
             page.locator("#generate").click()
