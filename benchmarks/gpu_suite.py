@@ -314,18 +314,24 @@ def attack_section(pipe: Any, scale: Scale, device: str) -> dict[str, Any]:
         device, pipe.transformer.dtype)}
     context = NoDrawContext(pipe, call, {"max_sequence_length": scale.text_len}, spec, lambda images, s: [False],
                             ["red", "blue", "green", "circle", "square"], references)
-    out: dict[str, Any] = {}
-    for name in ("unlearndiff", "soft-prompt"):
-        try:
-            step = functools.partial(get_attack(name).run, context, start, budget=1, seed=0)
-            step()  # warm-up
-            _reset_peak(device)
-            seconds = [_timed(step, device) for _ in range(scale.repeats)]
-            out[name] = {"step_s": round(statistics.median(seconds), 4), "peak_bytes": _peak(device)}
-        except Exception as err:
-            out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-        finally:
-            _reset_peak(device)
+    # REFERENCE_BATCH rows at 4,096 image tokens keep every block's activations for the embeddings' gradient:
+    # hundreds of GB through 57 blocks unless the blocks recompute them.
+    out: dict[str, Any] = {"gradient_checkpointing": True, "reference_batch": REFERENCE_BATCH}
+    pipe.transformer.enable_gradient_checkpointing()
+    try:
+        for name in ("unlearndiff", "soft-prompt"):
+            try:
+                step = functools.partial(get_attack(name).run, context, start, budget=1, seed=0)
+                step()  # warm-up
+                _reset_peak(device)
+                seconds = [_timed(step, device) for _ in range(scale.repeats)]
+                out[name] = {"step_s": round(statistics.median(seconds), 4), "peak_bytes": _peak(device)}
+            except Exception as err:
+                out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            finally:
+                _reset_peak(device)
+    finally:
+        pipe.transformer.disable_gradient_checkpointing()
     return out
 
 
