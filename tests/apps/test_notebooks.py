@@ -21,7 +21,7 @@ TIMEOUT_S = 240
 
 
 def test_there_are_notebooks() -> None:
-    assert [nb.name for nb in NOTEBOOKS] == ["01_localization.ipynb", "02_erasure.ipynb"]
+    assert [nb.name for nb in NOTEBOOKS] == ["01_localization.ipynb", "02_erasure.ipynb", "03_explain.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
