@@ -1,8 +1,9 @@
 """Zero-shot segmentation scores of heatmaps against ground-truth masks, as ConceptAttention reports them.
 
-One heatmap and its mask (both at image size) give four numbers: **pixel accuracy** and **IoU** of the predicted
-mask (the read-out's threshold) and, threshold-free, **average precision** and **AUROC** of the heatmap's values as
-pixel scores (scikit-learn's ``average_precision_score`` / ``roc_auc_score``). A benchmark averages each over its
+One heatmap and its mask (both at image size) give four numbers, all by scikit-learn: **pixel accuracy** and
+**IoU** of the predicted mask (the read-out's threshold; ``accuracy_score``, ``jaccard_score``) and,
+threshold-free, **average precision** and **AUROC** of the heatmap's values as pixel scores
+(``average_precision_score``, ``roc_auc_score``). A benchmark averages each over its
 pairs (mIoU, mAP, ...). A mask that covers no pixel or every pixel has no AP/AUROC (NaN, left out of the means).
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import accuracy_score, average_precision_score, jaccard_score, roc_auc_score
 
 __all__ = ["PairScores", "mean_scores", "score_pair"]
 
@@ -32,15 +33,13 @@ def score_pair(heat: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> Pa
     truth = np.asarray(truth, dtype=bool)
     if heat.shape != truth.shape or predicted.shape != truth.shape:
         raise ValueError(f"heatmap {heat.shape}, prediction {predicted.shape} and mask {truth.shape} must match")
-    union = np.logical_or(predicted, truth).sum()
-    iou = float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
-    labels, scores = truth.reshape(-1), heat.reshape(-1).astype(np.float64)
+    labels, chosen, scores = truth.reshape(-1), np.asarray(predicted, dtype=bool).reshape(-1), heat.reshape(-1)
     both = 0 < labels.sum() < labels.size
     return PairScores(
-        pixel_acc=float((predicted == truth).mean()),
-        iou=iou,
-        ap=float(average_precision_score(labels, scores)) if both else float("nan"),
-        auroc=float(roc_auc_score(labels, scores)) if both else float("nan"),
+        pixel_acc=float(accuracy_score(labels, chosen)),
+        iou=float(jaccard_score(labels, chosen, zero_division=1.0)),  # nothing to find, nothing found: 1
+        ap=float(average_precision_score(labels, scores.astype(np.float64))) if both else float("nan"),
+        auroc=float(roc_auc_score(labels, scores.astype(np.float64))) if both else float("nan"),
     )
 
 
