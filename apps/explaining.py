@@ -15,7 +15,7 @@ from PIL import Image
 
 import attnscope
 from attnscope import viz
-from attnscope.explain import DEFAULT_SAMPLES, DEFAULT_T, Explanation
+from attnscope.explain import DEFAULT_SAMPLES, DEFAULT_T, Explanation, as_rgb
 
 from .explorer import Model, RequestError
 
@@ -41,10 +41,10 @@ def fitted(model: Model, image: np.ndarray) -> tuple[np.ndarray, list[str]]:
     size (and a note saying so)."""
     if image is None:
         raise RequestError("Upload an image, or render a scene, first.")
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    array = array[..., :3].astype(np.uint8)
+    try:
+        array = as_rgb(image)
+    except attnscope.ExplainError as err:
+        raise RequestError(str(err)) from None
     multiple = model.size_multiple
     if array.shape[0] % multiple == 0 and array.shape[1] % multiple == 0:
         return array, []

@@ -214,6 +214,72 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_localize_command(subparsers: argparse._SubParsersAction) -> None:
+    from .explain import DEFAULT_SAMPLES, DEFAULT_T
+    from .localize import DEFAULT_COMPETITORS, DEFAULT_PROMPT_TEMPLATE
+
+    p = subparsers.add_parser(
+        "localize",
+        help="zero-shot segmentation scores on a folder of (image, mask, class)",
+        description=(
+            "Explain every image of a segmentation folder (images/ + masks/ + classes.txt, or PascalVOC's "
+            "JPEGImages/ + SegmentationClass/) under a prompt naming its class, and score the raw and the "
+            "output-space maps against the masks (pixel accuracy, mIoU, mAP, AUROC). Writes OUT/localize.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", type=Path, required=True, help="the segmentation folder")
+    p.add_argument("--model", default="shapes", help="'shapes', a hub id such as black-forest-labs/FLUX.1-dev, or a "
+                   "folder")
+    p.add_argument("--split", default="val", help="PascalVOC: ImageSets/Segmentation/<split>.txt, if present")
+    p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE, help="prompt with {} for the class")
+    p.add_argument("--competitors", default=",".join(DEFAULT_COMPETITORS),
+                   help="comma-separated concepts competing with the class in the output-space softmax")
+    p.add_argument("--size", type=int, default=None, help="image side the model sees (default: the model's)")
+    p.add_argument("--t", type=float, default=DEFAULT_T, help="flow time of the noised images")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="noise draws per image")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=Path("out/localize"), help="output folder")
+    p.set_defaults(run=run_localize)
+
+
+def run_localize(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .concepts import check_concepts
+    from .dataset import read_folder
+    from .explain import check_noise
+    from .localize import DEFAULT_COMPETITORS, localize_items
+    from .pipelines import load_pipeline
+    from .profiles import profile_for
+    from .staging import staged_folder
+
+    started = time.perf_counter()
+    check_noise(args.t, args.samples)
+    competitors = check_concepts(_csv(args.competitors) or DEFAULT_COMPETITORS)
+    items = read_folder(args.dataset, args.split)[: args.limit]
+    pipe = load_pipeline(args.model, device=args.device, progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    profile = profile_for(args.model)
+    size = args.size or profile.default_call(pipe).get("height") or 1024
+    readout = profile.readout
+    result = localize_items(pipe, items, size=size, readout=readout, prompt_template=args.prompt_template,
+                            competitors=competitors, t=args.t, samples=args.samples)
+    record = {"model": args.model, "dataset": str(args.dataset), "items": len(items), "size": size, "t": args.t,
+              "samples": args.samples, "prompt_template": args.prompt_template, "competitors": list(competitors),
+              "readout": asdict(readout), **result, "seconds": round(time.perf_counter() - started, 1)}
+    with staged_folder(args.out) as out:
+        (out / "localize.json").write_text(json.dumps(record, indent=1))
+    for method in ("raw", "output-space"):
+        s = result[method]
+        print(f"{method:<13} mIoU {s['miou']:.3f}  pixel acc {s['pixel_acc']:.3f}  mAP {s['map']:.3f}  "
+              f"AUROC {s['auroc']:.3f}  ({s['pairs']} items)")
+    print(f"in {record['seconds']}s -> {args.out}/localize.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnscope",
@@ -222,8 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_maps_command(subparsers)
     add_explain_command(subparsers)
-    from .localize import add_localize_command
-
     add_localize_command(subparsers)
     from .shapes.cli import register as register_shapes
 

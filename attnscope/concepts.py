@@ -143,12 +143,11 @@ class ConceptStream:
         self.concepts = check_concepts(concepts)
         self.layers = tuple(layers)
         self.through = tuple(through)  # every dual-stream layer the stream passes, in forward order
-        self._recorded = {layer.index for layer in self.layers}
+        self._recorded = {layer.index: layer for layer in self.layers}
         self._blocks = {
             layer.index: trace.transformer.get_submodule(layer.name.removesuffix(".attn")) for layer in self.through
         }
-        self.states: torch.Tensor | None = None  # (C, D_text): the concepts' text-encoder features
-        self._embedded: torch.Tensor | None = None  # (C, D): the same through the context embedder
+        self._embedded: torch.Tensor | None = None  # (C, D): the concepts' text features through the context embedder
         self._stream: torch.Tensor | None = None  # (R, C, D): the rows' residual stream between blocks
         self._rows = slice(0)  # the batch rows of the current call the stream rides with
         self._attended: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -171,10 +170,10 @@ class ConceptStream:
         """A traced transformer call begins; ``rows`` are its kept batch rows: the concept rows enter the text
         stream beside each of them."""
         transformer = self.trace.transformer
-        if self.states is None:
-            self.states = self.trace.encode_concepts(self.concepts, text_length)
-            with torch.no_grad():  # the model does not change inside a trace: embed once
-                self._embedded = transformer.context_embedder(self.states.to(transformer.device, transformer.dtype))
+        if self._embedded is None:  # the model does not change inside a trace: encode and embed once
+            states = self.trace.encode_concepts(self.concepts, text_length)
+            with torch.no_grad():
+                self._embedded = transformer.context_embedder(states.to(transformer.device, transformer.dtype))
         self._stream = repeat(self._embedded, "c d -> r c d", r=rows.stop - rows.start)
         self._rows = rows
         self._attended.clear()
@@ -209,11 +208,8 @@ class ConceptStream:
                     heads = rearrange(out_concepts, "b c (h d) -> b h c d", h=out_image.shape[1])
                     # ⟨o_c, o_i⟩ over the concatenated heads, as a sum over heads (no copy of the image outputs)
                     scores = torch.einsum("b h c d, b h n d -> b n c", heads.float(), out_image.float())
-                    self.trace.record_concepts(self._layer(index), scores.softmax(dim=-1))
+                    self.trace.record_concepts(self._recorded[index], scores.softmax(dim=-1))
             if self._stream is None or index == self.through[-1].index:
                 self._stream = None
 
         return hook
-
-    def _layer(self, index: int) -> LayerInfo:
-        return next(layer for layer in self.layers if layer.index == index)

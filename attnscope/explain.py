@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters import adapter_for
+from .adapters import adapter_for, check_size
 from .maps import TokenMaps
+from .profiles import profile_of
 from .trace import trace
 
-__all__ = ["DEFAULT_SAMPLES", "DEFAULT_T", "Explanation", "ExplainError", "check_noise", "explain", "load_image"]
+__all__ = [
+    "DEFAULT_SAMPLES", "DEFAULT_T", "Explanation", "ExplainError", "as_rgb", "check_noise", "explain", "load_image",
+]
 
 #: Flow time of the noised image (0 clean, 1 noise): late enough in sampling that the layout is settled, early
 #: enough that the image still decides it (chosen on training scenes; benchmarks/RESULTS.md).
@@ -63,7 +66,9 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ExplainError(f"{str(path)!r} is not a readable image file ({err})") from err
 
 
-def _as_rgb(image: Any) -> np.ndarray:
+def as_rgb(image: Any) -> np.ndarray:
+    """``image`` (a path, a PIL image in any mode, or a uint8 array: grey, RGB or RGBA) as ``(H, W, 3)`` uint8 RGB,
+    or :class:`ExplainError` naming what it is instead."""
     if isinstance(image, (str, Path)):
         return load_image(image)
     if hasattr(image, "convert"):  # a PIL image in any mode
@@ -111,18 +116,14 @@ def explain(
     ``max_sequence_length``: the text length (default: the model profile's call, else the pipeline's).
     """
     check_noise(t, samples)
-    pixels = _as_rgb(image)
+    pixels = as_rgb(image)
     adapter = adapter_for(pipe)
     if not adapter.has_model_call:
         raise ExplainError(f"explaining images needs direct transformer calls, not implemented for {adapter.name} yet")
     height, width = pixels.shape[:2]
-    multiple = adapter.size_multiple(pipe)
-    if height % multiple or width % multiple:
-        raise ExplainError(
-            f"the image is {width}×{height} pixels; this model takes sizes that are multiples of {multiple} "
-            f"(e.g. {max(width // multiple, 1) * multiple}×{max(height // multiple, 1) * multiple}): resize or crop it"
-        )
-    length = max_sequence_length or _profile_length(pipe) or adapter.text_length(None)
+    check_size(pipe, height, width)
+    length = (max_sequence_length or profile_of(pipe).default_call(pipe).get("max_sequence_length")
+              or adapter.text_length(None))
     call = adapter.model_call(pipe, height, width)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -137,15 +138,3 @@ def explain(
     concept = _mean_over_rows([tr.concept_maps(i) for i in range(samples)]) if concepts is not None else None
     return Explanation(image=pixels, prompt=prompt, t=float(t), samples=int(samples), maps=raw, concept_maps=concept)
 
-
-def _profile_length(pipe: Any) -> int | None:
-    """The text length of the model profile's default call, when the pipeline was loaded from a known model."""
-    from .profiles import ModelNotFoundError, profile_for
-
-    name = getattr(pipe, "name_or_path", None)
-    if not name:  # built in memory: the adapter's default applies
-        return None
-    try:
-        return profile_for(str(name)).default_call(pipe).get("max_sequence_length")
-    except ModelNotFoundError:
-        return None

@@ -194,6 +194,13 @@ def profile_for(name_or_path: str | os.PathLike[str]) -> ModelProfile:
     return PretrainedProfile(text, _PRETRAINED.get(_transformer_class_name(text) or "", PretrainedFacts()))
 
 
+def profile_of(model: Any) -> ModelProfile:
+    """The profile of a model name or path, or of a pipeline by the name or folder it was loaded from
+    (``name_or_path``); the generic :class:`ModelProfile` for a pipeline built in memory."""
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+    return profile_for(name) if name else ModelProfile()
+
+
 def _transformer_class_name(name_or_path: str) -> str | None:
     """The transformer class a pretrained pipeline's ``model_index.json`` names, read from the folder or, for a
     hub id, from the local hub cache; ``None`` where it cannot be read without loading."""
@@ -271,6 +278,7 @@ __all__ = [
     "check_findable",
     "dtype_keyword",
     "profile_for",
+    "profile_of",
     "register_pretrained",
     "register_profile",
     "registered_names",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .maps import LayerSelector, ThresholdRule, TokenMaps
+from .segmentation import PairScores, score_pair
 
 __all__ = ["Readout", "readout_for"]
 
@@ -57,16 +58,16 @@ class Readout:
         """The ``(height, width)`` boolean mask of :meth:`soft` cut by the threshold rule."""
         return self.soft(maps, size).threshold(self.threshold)
 
+    def score(self, maps: TokenMaps, truth: np.ndarray) -> PairScores:
+        """``maps`` read out at the size of the boolean mask ``truth (H, W)`` and scored against it: the soft map's
+        AP and AUROC, the cut mask's IoU and pixel accuracy (:func:`~attnscope.segmentation.score_pair`)."""
+        soft = self.soft(maps, (truth.shape[1], truth.shape[0]))
+        return score_pair(soft.numpy(), soft.threshold(self.threshold), truth)
+
 
 def readout_for(model: Any) -> Readout:
     """The read-out of a model: a name or path (``"shapes"``), or a loaded pipeline (found by the folder it was
-    loaded from); the generic default for a model no profile knows."""
-    from .profiles import ModelNotFoundError, profile_for
+    loaded from); the generic profile's for a model no profile claims or a pipeline built in memory."""
+    from .profiles import profile_of
 
-    name = model if isinstance(model, str) else getattr(model, "name_or_path", None)
-    if not name:
-        return Readout()
-    try:
-        return profile_for(str(name)).readout
-    except ModelNotFoundError:
-        return Readout()
+    return profile_of(model).readout

@@ -11,21 +11,11 @@ from attnscope.concepts import ConceptError, text_stream_block
 from attnscope.tiny import (
     TINY_FLUX_CALL_KWARGS,
     TINY_SD3_CALL_KWARGS,
-    build_tiny_flux_pipeline,
-    build_tiny_sd3_pipeline,
 )
 
 CONCEPTS = ["red", "circle", "square", "background"]
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return build_tiny_flux_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return build_tiny_sd3_pipeline(seed=0)
 
 
 def _run(pipe, call: dict, prompt: str = "a red circle and a blue square", seed: int = 0) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 
 from attnscope.adapters.flux import flux_tokens
 from attnscope.adapters.sd3 import sd3_tokens
-from attnscope.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from attnscope.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_sd3_pipeline
 from attnscope.tokens import (
     PAD_PIECE,
     EmptyPromptError,
@@ -38,14 +38,6 @@ def clip():
     return build_clip_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return build_tiny_flux_pipeline()
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return build_tiny_sd3_pipeline()
 
 
 def _pieces(tokens: PromptTokens, query: str) -> list[str]:

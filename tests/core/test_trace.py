@@ -13,20 +13,11 @@ from attnscope.tiny import (
     TINY_FLUX_CALL_KWARGS,
     TINY_SD3_CALL_KWARGS,
     build_tiny_flux_pipeline,
-    build_tiny_sd3_pipeline,
 )
 
 PROMPT = "a red circle and a crimson square"
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return build_tiny_flux_pipeline(seed=0)
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return build_tiny_sd3_pipeline(seed=0)
 
 
 def _run(pipe, call: dict, prompt: str = PROMPT, seed: int = 0, **extra) -> np.ndarray:
