@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..maps import TokenMaps
 from ..readout import Readout, readout_for
-from ..segmentation import PairScores, mean_scores, score_pair
+from ..segmentation import PairScores, mean_scores
 from ..staging import staged_folder
 
 LOCALIZE_PROTOCOL = 1
@@ -49,12 +49,6 @@ GENERATED_SEEDS: tuple[int, ...] = (500, 501, 502, 503)
 __all__ = ["EXPLAIN_TS", "GENERATED_SEEDS", "LOCALIZE_PROTOCOL", "RENDERED_PER_COUNT", "localize"]
 
 
-def _score(maps: TokenMaps, readout: Readout, truth: np.ndarray) -> PairScores:
-    """A reduced map (no layer/step axis left) read out at the mask's size."""
-    soft = maps.upsample((truth.shape[1], truth.shape[0]), mode=readout.upsample).normalize()
-    return score_pair(soft.numpy(), soft.threshold(readout.threshold), truth)
-
-
 #: The read-out before read-outs were chosen: every dual-stream block and step, nearest upsampling, each map cut at
 #: its own mean (the README's earlier example, thresholded as ``TokenMaps.iou`` did).
 NAIVE_READOUT = Readout(layers="double", late_steps=1.0, upsample="nearest", threshold="mean")
@@ -63,45 +57,32 @@ NAIVE_READOUT = Readout(layers="double", late_steps=1.0, upsample="nearest", thr
 def _methods(word: TokenMaps, readout: Readout, truth: np.ndarray, out: dict[str, list[PairScores]]) -> None:
     """Score one word's maps by every raw method into ``out``."""
     for layer in word.layers:
-        out[f"raw.{layer.label}"].append(_score(replace(readout, layers=layer.label).reduce(word), readout, truth))
-    out["raw.double-mean"].append(_score(replace(readout, layers="double").reduce(word), readout, truth))
-    out["naive"].append(_score(NAIVE_READOUT.reduce(word), NAIVE_READOUT, truth))
-    out["default"].append(_score(readout.reduce(word), readout, truth))
-
-
-def _occurrences(words: list[str]) -> list[str]:
-    """Queries that pick each occurrence: ``red``, ``red#2``, ..."""
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for w in words:
-        seen[w] += 1
-        out.append(w if seen[w] == 1 else f"{w}#{seen[w]}")
-    return out
+        out[f"raw.{layer.label}"].append(replace(readout, layers=layer.label).score(word, truth))
+    out["raw.double-mean"].append(replace(readout, layers="double").score(word, truth))
+    out["naive"].append(NAIVE_READOUT.score(word, truth))
+    out["default"].append(readout.score(word, truth))
 
 
 def _rendered(pipe: Any, readout: Readout) -> tuple[dict[float, dict[str, list[PairScores]]], list[dict[str, Any]]]:
     from ..explain import explain
     from .render import render_scene
-    from .vocabulary import is_color, is_shape, words_of
+    from .vocabulary import is_color, is_shape, occurrence_query, words_of
 
     rng = np.random.default_rng(RENDERED_SEED)
     scenes = [render_scene(rng, n_objects=n) for n in (1, 2, 3) for _ in range(RENDERED_PER_COUNT)]
     by_t: dict[float, dict[str, list[PairScores]]] = {t: defaultdict(list) for t in EXPLAIN_TS}
     samples: list[dict[str, Any]] = []
     for scene in tqdm(scenes, desc="rendered scenes", unit="scene", leave=False, disable=None):
-        words = [w for w in words_of(scene.caption) if is_color(w) or is_shape(w)]
-        concepts = list(dict.fromkeys(words))
-        queries = dict(zip(((i, w) for i, w in enumerate(words_of(scene.caption)) if w in words),
-                           _occurrences(words)))
+        caption_words = words_of(scene.caption)
+        concepts = list(dict.fromkeys(w for w in caption_words if is_color(w) or is_shape(w)))
         for t in EXPLAIN_TS:
             result = explain(pipe, scene.image, scene.caption, concepts=concepts, t=t)
             out = by_t[t]
-            for word_index, word, obj in scene.word_objects:
-                query = queries[(word_index, word)]
-                _methods(result.maps.word(query), readout, scene.objects[obj].mask, out)
+            for word_index, _, obj in scene.word_objects:
+                word = result.maps.word(occurrence_query(caption_words, word_index))
+                _methods(word, readout, scene.objects[obj].mask, out)
             for concept in concepts:
-                out["output-space"].append(
-                    _score(readout.reduce(result.concept_maps.word(concept)), readout, scene.word_masks[concept]))
+                out["output-space"].append(readout.score(result.concept_maps.word(concept), scene.word_masks[concept]))
             if t == EXPLAIN_TS[1] and len(samples) < 6 and len(scene.objects) == 2:
                 samples.append({"image": scene.image, "caption": scene.caption, "maps": result.maps,
                                 "concepts": result.concept_maps, "words": concepts})
@@ -113,7 +94,7 @@ def _generated(pipe: Any, readout: Readout) -> tuple[dict[str, dict[str, list[Pa
     from .generate import generate
     from .metrics import TWO_OBJECT_PROMPTS
     from .reader import match_objects, read_scene
-    from .vocabulary import is_color, is_shape, parse_prompt, words_of
+    from .vocabulary import is_color, is_shape, occurrence_query, parse_prompt, words_of
 
     # Colour and shape words of one object share a mask; only where two objects share a colour can a colour word's
     # map light the wrong one, so that subset is also reported by word kind.
@@ -132,13 +113,12 @@ def _generated(pipe: Any, readout: Readout) -> tuple[dict[str, dict[str, list[Pa
                 if found is None or found.color != color:
                     continue
                 for kind, kind_words in zip(("colour", "shape"), kinds):
-                    word = maps.word(_occurrences(kind_words)[k])
+                    word = maps.word(occurrence_query(kind_words, k))
                     names = ("all", "same-colour", f"same-colour/{kind}-words") if same_colour else ("all",)
                     for name in names:
                         _methods(word, readout, found.mask, subsets[name])
-                    layers = word.select(layers=readout.layers)
                     for step in word.steps:
-                        by_step[step].append(_score(layers.select(steps=step).mean(), readout, found.mask))
+                        by_step[step].append(readout.score(word.select(steps=step), found.mask))
     return subsets, {"miou": [mean_scores(by_step[s])["miou"] for s in sorted(by_step)]}
 
 
