@@ -210,7 +210,7 @@ def _whole(value: object) -> bool:
 def _per_head_bytes(model: Model, kwargs: dict[str, Any], prompt: str) -> int:
     """Bytes that per-head maps of this generation would retain (float32, non-padding tokens)."""
     adapter = adapter_for(model.pipe)
-    text_length = adapter.text_length(kwargs.get("max_sequence_length"))
+    text_length = adapter.text_length(model.pipe, kwargs.get("max_sequence_length"))
     tokens = len(adapter.prompt_tokens(model.pipe, prompt, text_length).valid)
     multiple = adapter.size_multiple(model.pipe)
     image_tokens = (kwargs["height"] // multiple) * (kwargs["width"] // multiple)

@@ -109,7 +109,7 @@ def run_maps(args: argparse.Namespace) -> int:
         check_size(pipe, call["height"], call["width"])
     # Check the words before spending time on generation.
     adapter = adapter_for(pipe)
-    tokens = adapter.prompt_tokens(pipe, args.prompt, adapter.text_length(call.get("max_sequence_length")))
+    tokens = adapter.prompt_tokens(pipe, args.prompt, adapter.text_length(pipe, call.get("max_sequence_length")))
     for word in args.words:
         tokens.positions(word)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -113,7 +113,8 @@ def explain(
     ``words``: keep only these words' raw maps (default: every prompt token); ``concepts``: also output-space maps
     of these concepts (e.g. ``["red", "circle", "background"]``); ``t`` in (0, 1): flow time of the noised image;
     ``samples``: noise draws averaged (one batched forward); ``layers``: as in :func:`attnscope.trace`;
-    ``max_sequence_length``: the text length (default: the model profile's call, else the pipeline's).
+    ``max_sequence_length``: the pipeline's ``max_sequence_length`` (default: the model profile's call, else the
+    pipeline's default).
     """
     check_noise(t, samples)
     pixels = as_rgb(image)
@@ -122,8 +123,9 @@ def explain(
         raise ExplainError(f"explaining images needs direct transformer calls, not implemented for {adapter.name} yet")
     height, width = pixels.shape[:2]
     check_size(pipe, height, width)
-    length = (max_sequence_length or profile_of(pipe).default_call(pipe).get("max_sequence_length")
-              or adapter.text_length(None))
+    length = adapter.text_length(
+        pipe, max_sequence_length or profile_of(pipe).default_call(pipe).get("max_sequence_length")
+    )
     call = adapter.model_call(pipe, height, width)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -126,7 +126,7 @@ def model_defaults(model: str, pipe: Any) -> dict[str, Any]:
     return {
         "height": call.get("height", size),
         "width": call.get("width", size),
-        "max_sequence_length": adapter_for(pipe).text_length(call.get("max_sequence_length")),
+        "max_sequence_length": adapter_for(pipe).text_length(pipe, call.get("max_sequence_length")),
         "guidance_scale": call.get("guidance_scale"),
         "true_cfg_scale": call.get("true_cfg_scale", 1.0),
         "negative_prompt": call.get("negative_prompt", ""),

@@ -28,6 +28,7 @@ from attnscope.adapters import adapter_for
 from attnscope.profiles import PAPER_LORA_TARGETS
 
 __all__ = [
+    "ARCHITECTURE_KEY",
     "ADAPTER_NAME",
     "LORA_FILE",
     "LoraFileError",
@@ -151,16 +152,27 @@ def base_model(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def save_lora(transformer: torch.nn.Module, folder: str | Path, settings: LoraSettings) -> Path:
     """Write the adapter of ``transformer`` to ``folder/pytorch_lora_weights.safetensors`` in diffusers' format;
     returns the file path."""
-    return write_lora(folder, lora_state(transformer), settings, settings.target_modules(transformer))
+    return write_lora(folder, lora_state(transformer), settings, settings.target_modules(transformer),
+                      adapter_for(transformer).name)
+
+
+#: Safetensors metadata key naming the architecture a LoRA was made for (``flux``, ``sd3``): module names alone
+#: cannot tell (both have ``transformer_blocks.0.attn.add_q_proj``, of equal size in the bundled shapes models).
+ARCHITECTURE_KEY = "attnscope_architecture"
 
 
 def write_lora(
-    folder: str | Path, state: dict[str, torch.Tensor], settings: LoraSettings, target_modules: list[str]
+    folder: str | Path, state: dict[str, torch.Tensor], settings: LoraSettings, target_modules: list[str],
+    architecture: str,
 ) -> Path:
     """Write LoRA matrices (peft naming: ``<module>.lora_A.weight`` / ``lora_B``) to
-    ``folder/pytorch_lora_weights.safetensors`` with ``FluxPipeline.save_lora_weights``, so that
-    ``pipe.load_lora_weights(folder)`` loads them; returns the file path."""
+    ``folder/pytorch_lora_weights.safetensors`` in the transformer-LoRA format that ``FluxPipeline`` and
+    ``StableDiffusion3Pipeline`` share (``transformer.<module>.lora_A.weight``), so that
+    ``pipe.load_lora_weights(folder)`` loads them, with the ``architecture`` (an adapter name) they were made for in
+    the file's metadata; returns the file path."""
     from diffusers import FluxPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,13 +187,18 @@ def write_lora(
         transformer_lora_adapter_metadata=metadata,
         safe_serialization=True,
     )
-    return folder / LORA_FILE
+    path = folder / LORA_FILE
+    with safe_open(str(path), "pt") as written:
+        file_metadata = dict(written.metadata() or {})
+    save_file(load_file(str(path)), str(path), metadata=file_metadata | {ARCHITECTURE_KEY: architecture})
+    return path
 
 
 def check_lora_file(pipe: Any, folder: str | Path) -> Path:
     """Validate a LoRA folder/file against ``pipe.transformer``; returns the file path.
 
-    Checked: the file exists and is readable safetensors; every key is a LoRA key of a linear module that exists
+    Checked: the file exists and is readable safetensors; it was made for this architecture (where its metadata
+    says); every key is a LoRA key of a linear module that exists
     in the transformer; every matrix shape fits that module; no NaN/inf. (diffusers itself would warn and skip
     unknown keys -- a silently unmodified model -- or fail deep inside peft.)
     """
@@ -198,6 +215,13 @@ def check_lora_file(pipe: Any, folder: str | Path) -> Path:
         raise LoraFileError(f"{path} is not a readable safetensors file ({err})") from None
     if not state:
         raise LoraFileError(f"{path} holds no tensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as opened:
+        made_for = (opened.metadata() or {}).get(ARCHITECTURE_KEY)
+    architecture = adapter_for(pipe).name
+    if made_for is not None and made_for != architecture:
+        raise LoraFileError(f"{path} is a LoRA for {made_for} models, not for this {architecture} pipeline")
     modules = dict(pipe.transformer.named_modules())
     for key, tensor in state.items():
         found = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", key)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
 from attnscope.adapters import ModelCall, adapter_for
 from attnscope.tokens import PromptTokens
 
-__all__ = ["PromptBank", "Trajectory", "flow_sigmas", "sample_trajectory"]
+__all__ = ["PromptBank", "Trajectory", "sample_trajectory"]
 
 
 class PromptBank:
@@ -65,28 +63,6 @@ class PromptBank:
         return self.tokens(prompt).positions(word)
 
 
-def flow_sigmas(pipe: Any, steps: int, n_tokens: int) -> torch.Tensor:
-    """The pipeline scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` from ~1 down to 0.
-
-    Same schedule as ``FluxPipeline.__call__`` (incl. the resolution-dependent shift ``mu``).
-    """
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    scheduler = pipe.scheduler
-    cfg = scheduler.config
-    mu = calculate_shift(
-        n_tokens,
-        cfg.get("base_image_seq_len", 256),
-        cfg.get("max_image_seq_len", 4096),
-        cfg.get("base_shift", 0.5),
-        cfg.get("max_shift", 1.15),
-    )
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    kwargs = {"mu": mu} if cfg.get("use_dynamic_shifting", False) else {}
-    scheduler.set_timesteps(sigmas=sigmas, device="cpu", **kwargs)
-    return scheduler.sigmas.detach().clone().float()
-
-
 @dataclass
 class Trajectory:
     """A base-model sample: ``sigmas (K + 1,)``, ``states (K + 1, B, N, C)`` (``states[k]`` at ``sigmas[k]``; the
@@ -113,7 +89,7 @@ def sample_trajectory(
     """Sample from noise ``x1 (B, N, C)`` in ``steps`` steps of the pipeline's own scheduler (its sigmas and its
     update, e.g. the shapes bundle's re-noising), guided as ``call`` says: the images ``pipe(...)`` draws."""
     scheduler = call.pipe.scheduler
-    sigmas = flow_sigmas(call.pipe, steps, call.n_tokens)  # also starts a new run of the scheduler
+    sigmas = call.sigmas(steps)  # also starts a new run of the scheduler
     x = x1
     states, velocities, negatives = [x.float()], [], []
     for k, timestep in enumerate(scheduler.timesteps):

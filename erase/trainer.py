@@ -92,7 +92,7 @@ class Trainer:
             guidance_scale=config.guidance_scale, true_cfg_scale=config.true_cfg_scale or 1.0,
         )
         self.bank = PromptBank(self.call, config.max_sequence_length)
-        if config.true_cfg_scale is not None and config.true_cfg_scale > 1:
+        if self.call.wants_negative:
             self.call.negative = self.bank.get([config.negative_prompt or ""])
         self.params = add_lora(self.transformer, config.lora)
         if config.gradient_checkpointing:

@@ -67,13 +67,26 @@ class ModelCall(Protocol):
     #: The negative prompt's ``(embeds (1, L, D), pooled (1, P))`` for true classifier-free guidance, or ``None``.
     negative: tuple[torch.Tensor, torch.Tensor] | None
 
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """Set the pipeline's scheduler for ``steps`` steps as its pipeline's ``__call__`` does; its sigmas
+        ``(steps + 1,)``, from ~1 down to 0."""
+
     def encode(
         self, prompts: Sequence[str], max_sequence_length: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(embeds (B, L, D), pooled (B, P), text_ids)`` as the pipeline's ``encode_prompt`` gives them."""
+        """``(embeds (B, L, D), pooled (B, P), text_ids)`` as the pipeline's ``encode_prompt`` gives them
+        (``text_ids``: Flux's text position ids; ``None`` for an architecture without them)."""
+
+    #: Text position of the first row that :meth:`token_embedding`'s encoder feeds (its rows run to the end).
+    embedding_offset: int
+
+    @property
+    def embedding_tokenizer(self) -> Any:
+        """The tokenizer of :meth:`token_ids`."""
 
     def token_ids(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
-        """Token ids ``(B, L)`` of the text encoder whose output the transformer attends to."""
+        """Token ids ``(B, L_e)`` of the text encoder whose word embeddings white-box attacks edit, padded and
+        truncated to ``max_sequence_length`` of its positions (text positions ``embedding_offset`` on)."""
 
     def token_embedding(self) -> torch.nn.Embedding:
         """That encoder's input-embedding table ``(V, E)``."""
@@ -100,6 +113,10 @@ class ModelCall(Protocol):
         pooled: torch.Tensor, text_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(velocity the sampler follows, conditional velocity, negative-prompt velocity or None)``."""
+
+    @property
+    def wants_negative(self) -> bool:
+        """Whether sampling guides against a negative prompt (set :attr:`negative` before sampling)."""
 
     @property
     def guided(self) -> bool:
@@ -159,8 +176,8 @@ class Adapter(ABC):
         return pooled_concept_states(states, layouts, self.unknown_pieces(pipe))
 
     @abstractmethod
-    def text_length(self, max_sequence_length: int | None) -> int:
-        """Length of the transformer's text stream for a pipeline call with this ``max_sequence_length``."""
+    def text_length(self, pipe: Any, max_sequence_length: int | None) -> int:
+        """Length of the transformer's text stream for a call of ``pipe`` with this ``max_sequence_length``."""
 
     @abstractmethod
     def size_multiple(self, pipe: Any) -> int:

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from ..capture import CaptureProcessor, CaptureSite, require_stock, reroute, uses_native_sdpa
 from ..tokens import PromptTokens, t5_tokens
@@ -79,7 +81,7 @@ class FluxAdapter(Adapter):
             prompt=list(prompts), prompt_2=None, device=pipe.transformer.device, max_sequence_length=text_length
         )[0]
 
-    def text_length(self, max_sequence_length: int | None) -> int:
+    def text_length(self, pipe: Any, max_sequence_length: int | None) -> int:
         return max_sequence_length or 512  # FluxPipeline's default
 
     def size_multiple(self, pipe: Any) -> int:
@@ -227,6 +229,18 @@ class FluxCall:
         self.n_tokens = (h // 2) * (w // 2)
         self.img_ids = latent_image_ids(h, w, transformer.device, transformer.dtype)
 
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """Set the pipeline's scheduler for ``steps`` steps as ``FluxPipeline.__call__`` does (linear sigmas from 1
+        to 1/steps, the resolution-dependent shift ``mu`` where the scheduler shifts dynamically); returns its
+        sigmas ``(steps + 1,)``, from ~1 down to 0."""
+        scheduler = self.pipe.scheduler
+        cfg = scheduler.config
+        mu = calculate_shift(self.n_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        kwargs = {"mu": mu} if cfg.get("use_dynamic_shifting", False) else {}
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", **kwargs)
+        return scheduler.sigmas.detach().clone().float()
+
     def encode(
         self, prompts: Sequence[str], max_sequence_length: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,6 +249,14 @@ class FluxCall:
                 prompt=list(prompts), prompt_2=None, device=self.pipe.transformer.device,
                 max_sequence_length=max_sequence_length,
             )
+
+    #: Flux's whole text sequence is T5's: word embeddings feed it from position 0.
+    embedding_offset = 0
+
+    @property
+    def embedding_tokenizer(self) -> Any:
+        """The tokenizer of :meth:`token_ids` (T5's)."""
+        return self.pipe.tokenizer_2
 
     def token_ids(self, prompts: Sequence[str], max_sequence_length: int) -> torch.Tensor:
         """The T5 token ids ``(B, L)`` of ``prompts`` as ``encode_prompt`` tokenizes them (padded, truncated)."""
@@ -311,6 +333,11 @@ class FluxCall:
         neg_embeds, neg_pooled = (t.expand(b, *t.shape[1:]) for t in self.negative)
         v_neg = self.velocity(transformer, x, sigma, neg_embeds, neg_pooled, text_ids)
         return v_neg + self.true_cfg_scale * (v - v_neg), v, v_neg
+
+    @property
+    def wants_negative(self) -> bool:
+        """Whether sampling guides against a negative prompt (then set :attr:`negative`)."""
+        return self.true_cfg_scale > 1
 
     @property
     def guided(self) -> bool:

@@ -93,7 +93,11 @@ class AttackContext:
         self.words = list(words)
         #: Start prompt -> clean latents ``(R, N, C)`` of reference images of its concept prompt.
         self.references = references
-        self.length = int(call_kwargs.get("max_sequence_length", 512))
+        #: The transformer's text length (for SD3 the CLIP positions and the T5 ones), and how many of its rows
+        #: come from the word embeddings white-box attacks edit (``call.token_embedding``), from row
+        #: ``call.embedding_offset`` on.
+        self.length = adapter_for(pipe).text_length(pipe, call_kwargs.get("max_sequence_length"))
+        self.embedding_length = self.length - call.embedding_offset
         self.images_drawn = 0
 
     def draw(self, conditioning: Conditioning, seeds: Sequence[int]) -> list[np.ndarray]:
@@ -112,16 +116,18 @@ class AttackContext:
         self.images_drawn += n
         return to_pixels(out)
 
-    def word_positions(self, prompt: str, word: str) -> tuple[int, ...]:
-        """The text positions of ``word``'s tokens in ``prompt`` (as the pipeline tokenizes it)."""
-        return adapter_for(self.pipe).prompt_tokens(self.pipe, prompt, self.length).positions(word)
+    def embedding_positions(self, prompt: str, word: str) -> tuple[int, ...]:
+        """The rows of ``word``'s tokens among ``prompt``'s word embeddings (``call.token_ids``' positions)."""
+        positions = adapter_for(self.pipe).prompt_tokens(self.pipe, prompt, self.length).positions(word)
+        offset = self.call.embedding_offset
+        return tuple(p - offset for p in positions if p >= offset)
 
     def single_token_words(self) -> tuple[list[str], torch.Tensor]:
         """The allowed words that are one token of the text encoder, and their ids ``(V',)``."""
         words, ids = [], []
         for word in self.words:
             pieces = self.call.token_ids([word], 4)[0]
-            content = [int(i) for i in pieces if int(i) not in self.pipe.tokenizer_2.all_special_ids]
+            content = [int(i) for i in pieces if int(i) not in self.call.embedding_tokenizer.all_special_ids]
             if len(content) == 1:
                 words.append(word)
                 ids.append(content[0])

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 import attnscope
 from attnscope.adapters import adapter_for
@@ -171,7 +172,7 @@ def run_attacks(
     _write(report, path)
 
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+    for module in (c for c in pipe.components.values() if isinstance(c, torch.nn.Module)):
         module.requires_grad_(False)
     call_kwargs = profile_for(model).default_call(pipe)
     defaults = model_defaults(model, pipe)

@@ -42,8 +42,8 @@ class TextualInversion(Attack):
     def run(self, context: AttackContext, start: AttackStart, budget: int, seed: int) -> SearchOutcome:
         generator = torch.Generator().manual_seed(seed)
         table = context.call.token_embedding()
-        template = context.call.token_ids([start.concept_prompt], context.length)
-        positions = torch.tensor(context.word_positions(start.concept_prompt, start.word))
+        template = context.call.token_ids([start.concept_prompt], context.embedding_length)
+        positions = torch.tensor(context.embedding_positions(start.concept_prompt, start.word))
         inputs = table(template).detach()  # (1, L, E)
         _, allowed = context.single_token_words()
         init = table.weight.detach()[allowed.to(table.weight.device)].mean(0)

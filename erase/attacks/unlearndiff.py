@@ -49,16 +49,16 @@ class UnlearnDiff(Attack):
         words, ids = context.single_token_words()
         embedding = context.call.token_embedding()
         table = embedding.weight.detach()[ids.to(embedding.weight.device)]  # (V', E)
-        template = context.call.token_ids([start.prompt], context.length)
-        content = int((template[0] != context.pipe.tokenizer_2.pad_token_id).sum())
-        if content + TOKENS > context.length:
+        template = context.call.token_ids([start.prompt], context.embedding_length)
+        content = int((template[0] != context.call.embedding_tokenizer.pad_token_id).sum())
+        if content + TOKENS > context.embedding_length:
             raise ValueError(f"the start prompt {start.prompt!r} leaves no room for {TOKENS} attack words")
         swapped: tuple[int, ...] = ()
         if start.swap:
-            swapped = tuple(TOKENS + p for p in context.word_positions(start.prompt, start.swap))
+            swapped = tuple(TOKENS + p for p in context.embedding_positions(start.prompt, start.swap))
         slots = torch.tensor([*range(TOKENS), *swapped])
         inputs = torch.cat([torch.zeros_like(embedding(template[:, :TOKENS])), embedding(template)], 1)
-        inputs = inputs[:, : context.length].detach()  # (1, L, E): TOKENS free places, then the start prompt
+        inputs = inputs[:, : context.embedding_length].detach()  # (1, L, E): TOKENS free places, then the start prompt
         logits = 0.01 * torch.randn(len(slots), len(words), generator=generator)
         if start.swap in words:  # the swapped word's slot starts as that word: the search starts at the start
             logits[TOKENS:, words.index(start.swap)] += 1.0

@@ -116,7 +116,7 @@ class UCE(ClosedFormMethod):
             down, up, stats[name]["energy_kept"] = _factor(delta, config.lora.rank)
             state[f"{name}.lora_A.weight"] = down.contiguous()
             state[f"{name}.lora_B.weight"] = up.contiguous()
-        write_lora(out, state, config.lora, list(deltas))
+        write_lora(out, state, config.lora, list(deltas), adapter_for(pipe).name)
         return {
             "points": len(x),
             "rows": {"edit": sum(len(g.edit) for g in groups), "keep": sum(1 + len(g.keep) for g in groups)},

@@ -1,4 +1,4 @@
-"""``attnscope.explain`` and ``attnscope explain`` on the bundled shapes model and a tiny random Flux."""
+"""``attnscope.explain`` and ``attnscope explain`` on the bundled shapes model and tiny random Flux and SD3."""
 
 from __future__ import annotations
 
@@ -119,7 +119,15 @@ def test_cli_writes_every_file_or_none(tmp_path, scene, capsys) -> None:
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 
 
-def test_explain_names_an_architecture_without_direct_calls() -> None:
+def test_explain_runs_on_sd3_with_cfg_batch_and_clip_t5_layout() -> None:
+    """SD3 (tiny, random): one batched forward per explanation, maps over both of a word's positions (CLIP, T5)."""
     pipe = attnscope.load_pipeline("tiny-sd3", progress=False)
-    with pytest.raises(ExplainError, match="not implemented for sd3"):
-        explain(pipe, np.zeros((32, 32, 3), np.uint8), "a red circle")
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    result = explain(pipe, image, "a red circle", concepts=["red", "circle"], samples=2, max_sequence_length=16)
+    assert result.samples == 2 and result.maps.present == ("token", "layer", "step")
+    red = result.maps.tokens.word("red")
+    assert len(red.positions) == 2 and red.positions[0] < pipe.tokenizer_max_length <= red.positions[1]
+    assert result.maps.word("red").data.shape[-2:] == (8, 8)  # 32 px, VAE factor 2, patch 2
+    assert result.concept_maps.word("circle").data.shape[-2:] == (8, 8)
+    again = explain(pipe, image, "a red circle", concepts=["red", "circle"], samples=2, max_sequence_length=16)
+    torch.testing.assert_close(again.maps.data, result.maps.data)

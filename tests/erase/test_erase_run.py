@@ -393,7 +393,7 @@ def test_spec_flags_override_or_define_a_spec() -> None:
 @pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
 def test_sample_trajectory_is_the_pipelines_sampler(true_cfg_scale: float, renoise_above: float) -> None:
     """The cache's base-model samples are the images ``FluxPipeline`` draws, true CFG and re-noising included."""
-    from attnscope.erase.sampling import flow_sigmas, sample_trajectory
+    from attnscope.erase.sampling import sample_trajectory
 
     pipe = small_shapes_pipeline()
     pipe.scheduler = FlowMatchRenoisingScheduler.from_config(pipe.scheduler.config, renoise_above=renoise_above)
@@ -408,7 +408,7 @@ def test_sample_trajectory_is_the_pipelines_sampler(true_cfg_scale: float, renoi
     x1 = call.noise(1, torch.Generator().manual_seed(5))
     trajectory = sample_trajectory(call, pipe.transformer, x1, steps, embeds, pooled, bank.text_ids)
     torch.testing.assert_close(trajectory.states[-1], expected.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(trajectory.sigmas, flow_sigmas(pipe, steps, call.n_tokens))
+    torch.testing.assert_close(trajectory.sigmas, call.sigmas(steps))
     # The recorded velocities are the conditional ones (ESD's v*(x_t, c)), not the guided ones.
     sigma = trajectory.sigmas[:1]
     v_cond = call.velocity(pipe.transformer, x1, sigma, embeds, pooled, bank.text_ids)

@@ -1,0 +1,190 @@
+"""Erasure, eval and attacks on SD3: the direct-call plumbing is the pipeline's, the LoRA lands on the text-side
+projections of every joint block (SD3.5's ``attn2`` untouched), ``StableDiffusion3Pipeline.load_lora_weights``
+loads it, and a LoRA made for the other architecture is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors import safe_open
+
+import attnscope
+from attnscope.adapters import adapter_for
+from attnscope.adapters.sd3 import SD3Call, unpatchify
+from attnscope.erase import losses
+from attnscope.erase.attacks import run_attacks
+from attnscope.erase.cache import CacheConfig, maps_forward
+from attnscope.erase.config import EraseConfig, LossWeights
+from attnscope.erase.lora import ARCHITECTURE_KEY, LoraFileError, LoraSettings, base_model, check_lora_file, load_lora
+from attnscope.erase.sampling import PromptBank, sample_trajectory
+from attnscope.erase.trainer import train
+from attnscope.erase.worlds.shapes import shapes_spec
+from attnscope.erase.worlds.shapes_eval import evaluate
+from attnscope.lab.model import (
+    ShapesModelConfig,
+    build_clip_tokenizer,
+    build_scheduler,
+    build_t5_tokenizer,
+    build_text_encoders,
+    build_vae,
+)
+from attnscope.lab.sd3 import SD3ShapesConfig, assemble_sd3_pipeline, build_clip_encoders, build_sd3_transformer
+from attnscope.shapes import MAX_SEQUENCE_LENGTH
+from attnscope.tiny import build_tiny_sd3_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = {"batch": 3, "contrastive_rows": 1, "keep_rows": 1, "checkpoint_every": 2,
+        "cache": CacheConfig(sample_steps=2, preserve_steps=2, seeds=1, contrastive_points=4)}
+
+
+def small_shapes_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """The SD3-form shapes layout (shapes tokenizers, positional T5, one-level VAE, 32×32) with small random
+    weights whose CLIP token embeddings are not zero, so that every text position carries its word."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        flux_cfg = ShapesModelConfig(hidden_heads=2, head_dim=16, t5_d_ff=64)
+        cfg = SD3ShapesConfig(joint_layers=2, hidden_heads=2, head_dim=16, clip_hidden=16)
+        t5_tokenizer = build_t5_tokenizer()
+        _, t5 = build_text_encoders(flux_cfg, t5_tokenizer, build_clip_tokenizer())
+        clips = build_clip_encoders(cfg, build_clip_tokenizer())
+        for clip in clips:
+            torch.nn.init.normal_(clip.text_model.embeddings.token_embedding.weight, std=0.5)
+        transformer = build_sd3_transformer(cfg, t5.config.d_model, 3)
+        pipe = assemble_sd3_pipeline(cfg, transformer, clips, t5, t5_tokenizer, build_vae(flux_cfg), build_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _config(**changes) -> EraseConfig:
+    return EraseConfig(**{"model": "shapes", "steps": 4, **FAST, **changes})
+
+
+@pytest.mark.parametrize("layout", ["sd3.5", "sd3"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_sd3_call_samples_as_the_pipeline(layout: str, guidance_scale: float) -> None:
+    """The cache's base-model samples are the latents StableDiffusion3Pipeline draws: its sigmas, its CFG batch."""
+    options = {} if layout == "sd3.5" else {"dual_attention_layers": (), "qk_norm": None}
+    pipe = build_tiny_sd3_pipeline(**options)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, steps = "a red circle", 3
+    expected = pipe(prompt, height=32, width=32, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    max_sequence_length=16, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    call = SD3Call(pipe, 32, 32, guidance_scale=guidance_scale)
+    assert call.n_tokens == 64 and call.wants_negative == (guidance_scale > 1)
+    bank = PromptBank(call, pipe.tokenizer_max_length + 16)
+    call.negative = bank.get([""]) if call.wants_negative else None
+    embeds, pooled = bank.get([prompt])
+    x1 = call.noise(1, torch.Generator().manual_seed(5))
+    trajectory = sample_trajectory(call, pipe.transformer, x1, steps, embeds, pooled, bank.text_ids)
+    torch.testing.assert_close(unpatchify(trajectory.states[-1], 2, 16, 16), expected.float(), atol=1e-5, rtol=1e-5)
+    # White-box attacks encode from T5 input embeddings: the prompt's own give encode_prompt's conditioning.
+    ids = call.token_ids([prompt], bank.length - call.embedding_offset)
+    from_embeddings, pooled_again, _ = call.encode_token_embeddings(call.token_embedding()(ids), [prompt])
+    torch.testing.assert_close(from_embeddings, embeds)
+    torch.testing.assert_close(pooled_again, pooled)
+
+
+@pytest.fixture(scope="module")
+def sd3_red_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd3-red")
+    train(small_shapes_sd3_pipeline(), [shapes_spec("red")], _config(), out, progress=False)
+    return out
+
+
+def test_an_sd3_erasure_lora_sits_on_every_joint_blocks_text_side_and_loads_with_diffusers(sd3_red_run) -> None:
+    lora = sd3_red_run / "pytorch_lora_weights.safetensors"
+    with safe_open(str(lora), "pt") as opened:
+        keys, metadata = set(opened.keys()), opened.metadata()
+    assert metadata[ARCHITECTURE_KEY] == "sd3"
+    blocks = {k.split(".")[2] for k in keys}
+    assert blocks == {"0", "1"} and {k.split(".")[-3] for k in keys} == {"add_q_proj", "add_k_proj", "add_v_proj"}
+    pipe = small_shapes_sd3_pipeline()
+    kwargs = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 4.5,
+              "max_sequence_length": MAX_SEQUENCE_LENGTH, "output_type": "np"}
+    before = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(str(sd3_red_run))  # diffusers' own loader, no attnscope in between
+    after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    checked = small_shapes_sd3_pipeline()
+    load_lora(checked, sd3_red_run)
+    through_attnscope = checked("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(after - before).max() > 0 and np.array_equal(after, through_attnscope)
+
+
+def test_sd3_eval_runs_and_a_lora_of_the_other_architecture_is_refused(sd3_red_run, tmp_path) -> None:
+    from test_erase_run import small_shapes_pipeline  # the Flux-form counterpart (pytest puts this folder on the path)
+
+    evaluate(sd3_red_run, pipe_factory=small_shapes_sd3_pipeline, seeds=1, out=tmp_path / "report")
+    data = json.loads((tmp_path / "report" / "eval.json").read_text())
+    for key in ("acc_e", "acc_ir", "acc_g", "acc_ctx", "acc_implicit"):
+        assert 0 <= data[key] <= 1
+    with pytest.raises(LoraFileError, match="LoRA for sd3 models, not for this flux pipeline"):
+        check_lora_file(small_shapes_pipeline(), sd3_red_run)
+    flux_run = tmp_path / "flux-red"
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=2), flux_run, progress=False)
+    with pytest.raises(LoraFileError, match="LoRA for flux models, not for this sd3 pipeline"):
+        load_lora(small_shapes_sd3_pipeline(), flux_run)
+
+
+def test_the_attention_term_lowers_the_concepts_attention_at_its_clip_and_t5_positions(tmp_path) -> None:
+    pipe = small_shapes_sd3_pipeline()
+    config = _config(steps=6, lr=1e-2, schedule="joint", weights=LossWeights(esd=0, attention=1, flow=0, contrastive=0))
+    call = SD3Call(pipe, 32, 32)
+    bank = PromptBank(call, pipe.tokenizer_max_length + MAX_SEQUENCE_LENGTH)
+    prompt = "a red circle"
+    positions = bank.positions(prompt, "red")
+    assert len(positions) == 2 and positions[0] < pipe.tokenizer_max_length <= positions[1]
+    embeds, pooled = bank.get([prompt])
+    x = call.noise(1, torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.7])
+
+    def mass() -> float:
+        with torch.no_grad():
+            maps, keep = maps_forward(call, pipe.transformer, x, sigma, embeds, pooled, bank.text_ids, positions)
+        return float(losses.attention_loss(maps, torch.ones(1, len(keep), dtype=torch.bool)))
+
+    before = mass()
+    train(pipe, [shapes_spec("red")], config, tmp_path, progress=False)
+    after = mass()
+    with base_model(pipe.transformer):
+        assert mass() == pytest.approx(before)
+    assert after < 0.9 * before
+
+
+@pytest.mark.parametrize("method", ["uce", "esd", "ca", "fmn"])
+def test_every_method_erases_on_tiny_sd3_into_a_lora_sd3_loads(method: str, tmp_path) -> None:
+    pipe = attnscope.load_pipeline("tiny-sd3", progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    spec = attnscope.erase.ConceptSpec(name="red", targets=["red"], synonyms=["crimson"], irrelevant=["blue"],
+                                       prompts=["a red circle", "a photo of a red car"],
+                                       preserve_prompts=["a blue circle"])
+    config = EraseConfig(model="tiny-sd3", method=method, **({} if method == "uce" else {"steps": 2}),
+                         **{k: v for k, v in FAST.items() if method != "uce" or k == "cache"})
+    train(pipe, [spec], config, tmp_path, progress=False)
+    fresh = attnscope.load_pipeline("tiny-sd3", progress=False)
+    load_lora(fresh, tmp_path)
+    assert fresh.transformer.transformer_blocks[0].attn2 is not None
+    assert not any("attn2" in name for name, _ in fresh.transformer.named_modules() if "lora_A" in name)
+
+
+def test_attacks_run_on_an_sd3_erasure(sd3_red_run, tmp_path) -> None:
+    budgets = {"prompt-search": 4, "unlearndiff": 1, "soft-prompt": 1, "textual-inversion": 1}
+    report = run_attacks(sd3_red_run, tmp_path / "attack", attacks=list(budgets), budgets=budgets, eval_seeds=1,
+                         pipe_factory=small_shapes_sd3_pipeline)
+    assert report["complete"] and set(report["table"]) == set(budgets)
+    for model in ("base", "erased"):
+        for attack in budgets:
+            assert 0 <= report["results"][model][f"{attack}/red"]["asr"] <= 1
+
+
+def test_lora_on_every_attention_projection_leaves_sd35s_image_only_attention_alone() -> None:
+    transformer = build_tiny_sd3_pipeline().transformer  # SD3.5 layout: attn2 in block 0
+    assert transformer.transformer_blocks[0].attn2 is not None
+    settings = LoraSettings(targets=adapter_for(transformer).attention_projections, layers="all")
+    names = settings.target_modules(transformer)
+    assert names and not any(".attn2." in name for name in names)
+    assert {name.split(".")[1] for name in names} == {"0", "1"} and any("to_add_out" in n for n in names)
