@@ -1,4 +1,4 @@
-"""The lab's commands: ``attnscope shapes train``, ``export`` and ``preferences``.
+"""The lab's commands: ``attnscope shapes train``, ``train-sd3``, ``export`` and ``preferences``.
 
 ``register(subparsers)`` adds them to the ``attnscope shapes`` command group (``attnscope.commands.command_group``),
 beside the world's ``eval``; it is the lab's ``attnscope.commands`` entry point, so the product's CLI never
@@ -14,13 +14,16 @@ from attnscope.commands import command_group
 from attnscope.shapes.cli import SHAPES_HELP
 
 from .model import T5_ATTENTION_KINDS, ShapesModelConfig
+from .sd3_train import SD3TrainConfig
 from .train import SIZE_OPTIONS, TrainConfig
 
 _DEFAULTS = TrainConfig()
+_SD3_DEFAULTS = SD3TrainConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add ``shapes {train,export,preferences}`` to ``subparsers``; returns the ``shapes`` group's subcommands."""
+    """Add ``shapes {train,train-sd3,export,preferences}`` to ``subparsers``; returns the ``shapes`` group's
+    subcommands."""
     sub = command_group(subparsers, "shapes", help=SHAPES_HELP)
 
     tr = sub.add_parser("train", help="train the tiny shapes Flux (rectified flow) from rendered scenes")
@@ -83,9 +86,29 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     tr.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
     tr.set_defaults(run=_train)
 
+    sd = sub.add_parser("train-sd3", help="train the SD3-form shapes model by distillation from a Flux-form one")
+    sd.add_argument("--out", default=_SD3_DEFAULTS.out, help="run folder: ckpt.pt, train.log (default %(default)s)")
+    sd.add_argument("--teacher", default=_SD3_DEFAULTS.teacher, help="a guidance-distilled Flux shapes folder, or "
+                    "'shapes' for the bundled model (default %(default)s)")
+    sd.add_argument("--minutes", type=float, default=_SD3_DEFAULTS.minutes, help="wall-time budget (0: --steps)")
+    sd.add_argument("--steps", type=int, default=_SD3_DEFAULTS.steps, help="step limit (0: minutes only)")
+    for name in ("seed", "batch"):
+        sd.add_argument(f"--{name}", type=int, default=getattr(_SD3_DEFAULTS, name))
+    sd.add_argument("--lr", type=float, default=_SD3_DEFAULTS.lr)
+    sd.add_argument("--uniform-t", type=float, default=_SD3_DEFAULTS.uniform_t, help="fraction of noise levels "
+                    "drawn uniformly (default %(default)s)")
+    sd.add_argument("--grounding", type=float, default=_SD3_DEFAULTS.grounding, help="weight of the token "
+                    "grounding loss at both SD3 positions of each word (default %(default)s)")
+    sd.add_argument("--threads", type=int, default=_SD3_DEFAULTS.threads, help="torch CPU threads")
+    sd.add_argument("--device", default=_SD3_DEFAULTS.device, help="cpu or cuda[:N]")
+    sd.add_argument("--workers", type=int, default=_SD3_DEFAULTS.workers, help="processes rendering batches ahead")
+    sd.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
+    sd.set_defaults(run=_train_sd3)
+
     ex = sub.add_parser("export", help="export a training checkpoint (EMA weights) as a diffusers folder")
     ex.add_argument("checkpoint", help="path to ckpt.pt")
-    ex.add_argument("--to", default=None, help="target folder (default: the bundled attnscope/shapes/weights)")
+    ex.add_argument("--to", default=None, help="target folder (default: the bundled model of its architecture, "
+                    "attnscope/shapes/weights or weights-sd3)")
     ex.set_defaults(run=_export)
 
     pr = sub.add_parser("preferences", help="sample a model on training captions and judge each image with the "
@@ -158,6 +181,16 @@ def _train(args: argparse.Namespace) -> int:
         model=ShapesModelConfig(**sizes).to_dict(),
     )
     path = train(cfg, resume=args.resume)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _train_sd3(args: argparse.Namespace) -> int:
+    from .sd3_train import SD3TrainConfig, train_sd3
+
+    options = ("out", "teacher", "minutes", "steps", "seed", "batch", "lr", "uniform_t", "grounding", "threads",
+               "device", "workers")
+    path = train_sd3(SD3TrainConfig(**{name: getattr(args, name) for name in options}), resume=args.resume)
     print(f"checkpoint: {path}")
     return 0
 

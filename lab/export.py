@@ -12,6 +12,7 @@ import torch
 from attnscope.shapes import bundled_path
 
 from .preference import PreferenceSet
+from .sd3_train import is_sd3_checkpoint, train_sd3_command
 from .train import load_checkpoint_pipeline, train_command
 
 #: Upper bound on the committed weights (bytes), as the repository promises.
@@ -24,7 +25,8 @@ def folder_bytes(path: Path) -> int:
 
 
 def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra_info: dict | None = None) -> Path:
-    """Write the checkpoint's pipeline (EMA weights, safetensors) to ``to`` (default: ``bundled_path()``).
+    """Write the checkpoint's pipeline (EMA weights, safetensors) to ``to`` (default: the bundled model of its
+    architecture, ``bundled_path("shapes")`` or ``bundled_path("shapes-sd3")``).
 
     The folder is built next to the target and swapped in by renames, so readers never see a half-written
     bundle. ``training.json`` in the folder records the step, wall time, config, the command, the record of the
@@ -34,9 +36,10 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
     Raises:
         ValueError: if the result exceeds MAX_BUNDLE_BYTES (the previous folder is kept).
     """
-    target = Path(to) if to is not None else bundled_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    sd3 = is_sd3_checkpoint(state)
+    target = Path(to) if to is not None else bundled_path("shapes-sd3" if sd3 else "shapes")
+    target.parent.mkdir(parents=True, exist_ok=True)
     pipe = load_checkpoint_pipeline(ckpt_path)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the bundle must be readable like any package data
@@ -44,12 +47,17 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
         pipe.save_pretrained(tmp, safe_serialization=True)
         cfg = state["config"]
         info = {
-            "command": train_command(cfg),
+            "command": train_sd3_command(cfg) if sd3 else train_command(cfg),
             "step": state["step"],
             "train_minutes": round(state["elapsed"] / 60, 2),
             "config": cfg,
-            "vae": {k: state["vae_config"][k] for k in ("scaling_factor", "shift_factor")},
-        } | ({"fine_tuned_from": state["parent"]} if state.get("parent") else {})
+        }
+        if sd3:  # the VAE, T5 and sampler are the teacher's
+            info["distilled_from"] = state["teacher_record"]
+        else:
+            info["vae"] = {k: state["vae_config"][k] for k in ("scaling_factor", "shift_factor")}
+        if state.get("parent"):
+            info["fine_tuned_from"] = state["parent"]
         if cfg.get("preference") and Path(cfg["preference"]).is_file():
             info["preference_set"] = PreferenceSet.load(cfg["preference"]).record(cfg["preference"])
         info |= extra_info or {}

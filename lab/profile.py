@@ -15,9 +15,10 @@ from attnscope.shapes.profile import ShapesProfile
 
 
 class CheckpointProfile(ShapesProfile):
-    """A training checkpoint of ``attnscope shapes train`` (``OUT/ckpt.pt``)."""
+    """A training checkpoint of ``attnscope shapes train`` or ``train-sd3`` (``OUT/ckpt.pt``)."""
 
-    name = "shapes checkpoint (*.pt)"
+    def __init__(self) -> None:
+        super().__init__("shapes checkpoint (*.pt)")
 
     def claims(self, name_or_path: str) -> bool:
         return str(name_or_path).endswith(".pt")

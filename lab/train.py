@@ -690,8 +690,13 @@ def _trainable_state(transformer: torch.nn.Module, t5: torch.nn.Module) -> dict[
 
 
 def load_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) -> FluxPipeline:
-    """A FluxPipeline built from a training checkpoint (EMA weights by default)."""
+    """The pipeline of a training checkpoint (EMA weights by default): a FluxPipeline, or for a ``train-sd3``
+    checkpoint a StableDiffusion3Pipeline (``sd3_train.py``)."""
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    if state.get("architecture") == "sd3":
+        from .sd3_train import load_sd3_checkpoint_pipeline
+
+        return load_sd3_checkpoint_pipeline(ckpt_path, use_ema)
     mcfg = ShapesModelConfig.from_dict(state["config"]["model"])
     transformer = build_transformer(mcfg)
     _, t5 = build_text_encoders(mcfg, build_t5_tokenizer(), build_clip_tokenizer())

@@ -17,6 +17,7 @@ this folder).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,35 @@ DEFAULT_CALL_KWARGS: dict = {
 
 def call_kwargs_for(pipe: Any, guidance_scale: float | None = None) -> dict[str, Any]:
     """The default call of a shapes pipeline: ``DEFAULT_CALL_KWARGS``'s size, steps and text length, and guidance
-    (``guidance_scale``, or the kind's default) in the form its transformer takes. A guidance-distilled
-    transformer (``guidance_embeds``) gets it as an input (default ``GUIDANCE_SCALE``), one call
-    per step; one without a guidance embedding (a model trained on data, such as a distillation teacher) gets true
-    classifier-free guidance against the empty prompt (default ``TRUE_CFG_SCALE``), two calls per step."""
+    (``guidance_scale``, or the kind's default) in the form its pipeline and transformer take:
+
+    * a guidance-distilled Flux transformer (``guidance_embeds``) gets it as an input (default ``GUIDANCE_SCALE``),
+      one call per step;
+    * a Flux transformer without a guidance embedding (a model trained on data, such as a distillation teacher)
+      gets true classifier-free guidance against the empty prompt (default ``TRUE_CFG_SCALE``), two calls per step;
+    * a pipeline without ``true_cfg_scale`` (``StableDiffusion3Pipeline``) does classifier-free guidance with its
+      ``guidance_scale`` (default ``GUIDANCE_SCALE``: the SD3 model learned its Flux teacher's guided velocity).
+    """
     kwargs = {k: v for k, v in DEFAULT_CALL_KWARGS.items() if k != "guidance_scale"}
-    if pipe.transformer.config.guidance_embeds:
+    if getattr(pipe.transformer.config, "guidance_embeds", False) or not _takes(pipe, "true_cfg_scale"):
         return kwargs | {"guidance_scale": GUIDANCE_SCALE if guidance_scale is None else guidance_scale}
     scale = TRUE_CFG_SCALE if guidance_scale is None else guidance_scale
     return kwargs | {"guidance_scale": 1.0, "true_cfg_scale": scale, "negative_prompt": ""}
 
 
-def bundled_path() -> Path:
-    """Folder of the committed diffusers pipeline (model_index.json, transformer/, text_encoder(_2)/, ...)."""
-    return Path(__file__).resolve().parent / "weights"
+def _takes(pipe: Any, keyword: str) -> bool:
+    return keyword in inspect.signature(type(pipe).__call__).parameters
+
+
+#: The bundled models by name: the Flux-form model and its SD3-form student (``weights-sd3/``, distilled from it).
+BUNDLED_FOLDERS: dict[str, str] = {"shapes": "weights", "shapes-sd3": "weights-sd3"}
+
+
+def bundled_path(name: str = "shapes") -> Path:
+    """Folder of a committed diffusers pipeline (model_index.json, transformer/, text encoders, ...)."""
+    if name not in BUNDLED_FOLDERS:
+        raise ValueError(f"no bundled shapes model {name!r}; bundled: {', '.join(BUNDLED_FOLDERS)}")
+    return Path(__file__).resolve().parent / BUNDLED_FOLDERS[name]
 
 
 class UntrainedSizeWarning(UserWarning):
@@ -94,6 +110,7 @@ def validate_call(prompt: str, height: int | None = None, width: int | None = No
 
 
 __all__ = [
+    "BUNDLED_FOLDERS",
     "DEFAULT_CALL_KWARGS",
     "GUIDANCE_SCALE",
     "MAX_SEQUENCE_LENGTH",

@@ -1,4 +1,4 @@
-"""The shapes world's model profile: the bundled model (``shapes``) and any exported shapes model folder.
+"""The shapes world's model profiles: the bundled models (``shapes``, ``shapes-sd3``) and any exported shapes folder.
 
 An exported folder is recognized by ``training.json`` beside its ``model_index.json`` (the record the lab's export
 writes), so a model exported from a training run gets the bundle's call, checks and erasure defaults too.
@@ -13,7 +13,7 @@ import torch
 
 from ..profiles import EraseDefaults, ModelProfile, World, dtype_keyword, register_profile
 from ..readout import Readout
-from . import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for, validate_call
+from . import BUNDLED_FOLDERS, DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for, validate_call
 
 
 class ShapesWorld(World):
@@ -40,24 +40,26 @@ SHAPES_READOUT = Readout(layers="double", late_steps=0.25, upsample="bilinear", 
 
 
 class ShapesProfile(ModelProfile):
-    """The bundled shapes model (``shapes``) and exported shapes folders."""
+    """A bundled shapes model (``shapes``, ``shapes-sd3``) and exported shapes folders."""
 
-    name = "shapes"
     world = SHAPES_WORLD
     erase_defaults = EraseDefaults(lora_targets=SHAPES_LORA_TARGETS, eta=SHAPES_ETA)
     readout = SHAPES_READOUT
 
+    def __init__(self, name: str = "shapes"):
+        self.name = name
+
     def claims(self, name_or_path: str) -> bool:
         folder = Path(name_or_path).expanduser()
         return name_or_path == self.name or (
-            (folder / "training.json").is_file() and (folder / "model_index.json").is_file()
+            self.name == "shapes" and (folder / "training.json").is_file() and (folder / "model_index.json").is_file()
         )
 
     def load(self, name_or_path: str, *, dtype: torch.dtype | None = None, **from_pretrained_kwargs: Any) -> Any:
-        from diffusers import FluxPipeline
+        from diffusers import DiffusionPipeline
 
-        folder = bundled_path() if name_or_path == self.name else Path(name_or_path).expanduser()
-        return FluxPipeline.from_pretrained(
+        folder = bundled_path(self.name) if name_or_path == self.name else Path(name_or_path).expanduser()
+        return DiffusionPipeline.from_pretrained(
             folder, **{dtype_keyword(): dtype or torch.float32}, **from_pretrained_kwargs
         )
 
@@ -69,6 +71,7 @@ class ShapesProfile(ModelProfile):
         validate_call(prompt, height, width)
 
 
-register_profile(ShapesProfile())
+for _name in BUNDLED_FOLDERS:
+    register_profile(ShapesProfile(_name))
 
 __all__ = ["SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_READOUT", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld"]

@@ -84,7 +84,8 @@ def test_a_registered_profile_claims_its_names(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("nonexistent", "neither a model attnscope knows (shapes, shapes checkpoint (*.pt), tiny-flux, tiny-sd3)"),
+        ("nonexistent",
+         "neither a model attnscope knows (shapes, shapes checkpoint (*.pt), shapes-sd3, tiny-flux, tiny-sd3)"),
         ("black-forest-labs/FLUX.1-dev", "nor in the hub cache, and HF_HUB_OFFLINE is set: download it once"),
     ],
 )

@@ -1,0 +1,318 @@
+"""Trainer of the SD3-form shapes model (``attnscope shapes train-sd3``): distillation from a Flux-form shapes model.
+
+The student (``sd3.py``: an SD3 transformer started from the teacher's blocks, and the CLIP slots' token
+embeddings) learns what the teacher draws at the teacher's own inputs: scenes rendered on the fly as in
+``train.py`` (same per-step seeds, ``BatchStream``), noised to x_t. SD3 is sampled with true classifier-free
+guidance, so per row the student gives a conditional and an unconditional velocity (one batch of two) and learns
+
+    v_u + w·(v_c − v_u) ≈ T(x_t, t, caption, w)     and     v_u ≈ T(x_t, t, "", 1)
+
+for w drawn uniformly in ``guidance`` (``T``: the guidance-distilled teacher, which takes w as an input). The
+guided term is divided by w², so that every w weighs as a velocity error does. With ``grounding`` > 0 the lab's
+token grounding loss (``grounding.py``) pulls each colour and shape word's attention, at both of its SD3 positions
+(CLIP and T5), towards its object. EMA, atomic checkpoints every few minutes, SIGINT/SIGTERM and ``--resume`` as
+in ``train.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from tqdm import tqdm
+
+import attnscope
+from attnscope import atomic
+from attnscope.adapters.flux import flux_velocity, pack_latents
+from attnscope.pipelines import resolve_device
+from attnscope.sampling import FlowMatchRenoisingScheduler
+from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
+from attnscope.tokens import clip_tokens, concat, t5_tokens
+
+from .grounding import grounding_loss, grounding_targets
+from .model import CLIP_MAX_LENGTH, ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
+from .sd3 import (
+    SD3ShapesConfig,
+    assemble_sd3_pipeline,
+    build_clip_encoders,
+    build_sd3_transformer,
+    encode_prompts,
+    transfer_from_flux,
+)
+from .train import BatchStream, _image_ids, _lr_factor, _stop_on_signals, images_to_tensor, load_exported, noise_levels
+
+#: Marks a checkpoint of this trainer (the lab's checkpoint profile and export read it).
+ARCHITECTURE = "sd3"
+
+
+@dataclass
+class SD3TrainConfig:
+    """Hyper-parameters of ``attnscope shapes train-sd3``; recorded in every checkpoint."""
+
+    out: str = "runs/shapes-sd3"
+    teacher: str = "shapes"  # a guidance-distilled Flux shapes folder; "shapes": the bundled model
+    seed: int = 0
+    minutes: float = 60.0
+    steps: int = 0  # 0: limited by minutes only
+    batch: int = 16
+    lr: float = 3e-4
+    warmup: int = 100
+    cooldown: float = 0.15
+    ema_decay: float = 0.998
+    guidance: list[float] = field(default_factory=lambda: [1.0, 5.0])
+    # A share of noise levels drawn uniformly: the layout forms at high noise, where logit-normal draws little.
+    uniform_t: float = 0.5
+    grounding: float = 0.1
+    checkpoint_minutes: float = 4.0
+    log_every: int = 25
+    threads: int = 1
+    device: str = "cpu"
+    workers: int = 0
+    caption_dropout: float = 0.0  # every row trains the unconditional velocity already
+    size: int = NATIVE_SIZE
+    model: dict = field(default_factory=lambda: SD3ShapesConfig().to_dict())
+
+
+def teacher_folder(teacher: str) -> Path:
+    return bundled_path() if teacher == "shapes" else Path(teacher)
+
+
+def load_flux_teacher(teacher: str):
+    """``(vae, transformer, t5, record)`` of a guidance-distilled Flux shapes folder, frozen."""
+    folder = teacher_folder(teacher)
+    record_path = folder / "training.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{folder} has no training.json: not an exported shapes model")
+    record = json.loads(record_path.read_text())
+    mcfg = ShapesModelConfig.from_dict(record["config"]["model"])
+    if not mcfg.guidance_embeds:
+        raise ValueError(f"{folder}: the teacher must be guidance-distilled (take the guidance scale as an input)")
+    vae, transformer, t5 = load_exported(folder, mcfg)
+    for module in (vae, transformer, t5):
+        module.eval().requires_grad_(False)
+    return vae, transformer, t5, record
+
+
+def unpack(velocity: torch.Tensor, size: int) -> torch.Tensor:
+    """Flux's packed ``(B, N, 4C)`` tokens back to latents ``(B, C, H, W)``."""
+    b, _, channels = velocity.shape
+    h = size // 2
+    return velocity.reshape(b, h, h, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, size, size)
+
+
+def sd3_prompt_tokens(clip_tokenizer, t5_tokenizer, caption: str):
+    """A caption's tokens in the student's text layout: CLIP positions, then T5."""
+    return concat(clip_tokens(clip_tokenizer, caption, CLIP_MAX_LENGTH),
+                  t5_tokens(t5_tokenizer, caption, MAX_SEQUENCE_LENGTH, offset=CLIP_MAX_LENGTH))
+
+
+def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) the distillation; returns the checkpoint path."""
+    torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    log_file = open(out / "train.log", "a", buffering=1)
+
+    def log(msg: str) -> None:
+        log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}\n")
+
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if resume and ckpt_path.exists() else None
+    if state is not None:
+        given = {k: getattr(cfg, k) for k in ("out", "minutes", "steps", "threads", "device", "workers")}
+        cfg = SD3TrainConfig(**{**state["config"], **given})
+    else:
+        log(f"start: {json.dumps(cfg.__dict__)}")
+    vae, teacher, t5, record = load_flux_teacher(cfg.teacher)
+    t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
+    mcfg = SD3ShapesConfig(**cfg.model)
+    torch.manual_seed(cfg.seed)
+    student = build_sd3_transformer(mcfg, t5.config.d_model, vae.config.latent_channels)
+    clips = build_clip_encoders(mcfg, clip_tokenizer)
+    if state is None:
+        transfer_from_flux(student, teacher)
+    else:
+        student.load_state_dict(state["transformer"])
+        for clip, weights in zip(clips, state["clips"]):
+            clip.load_state_dict(weights)
+    for module in (vae, teacher, t5, student, *clips):
+        module.to(device)
+
+    trained = _trained_modules(student, clips)
+    params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in _trainable_state(trained).items()}
+    step, elapsed = 0, 0.0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        ema = {k: v.to(device) for k, v in state["ema"].items()}
+        step, elapsed = state["step"], state["elapsed"]
+        gen.set_state(state["gen"])
+        log(f"resumed at step {step}, {elapsed / 60:.1f} min trained")
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    low, high = cfg.guidance
+
+    def save() -> None:
+        atomic.torch_save({
+            "architecture": ARCHITECTURE, "config": cfg.__dict__, "teacher_record": record,
+            "transformer": student.state_dict(), "clips": [clip.state_dict() for clip in clips], "ema": ema,
+            "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "elapsed": elapsed,
+        }, ckpt_path)
+        log(f"checkpoint step {step} ({elapsed / 60:.1f} min)")
+
+    def losses(scenes, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        b = len(captions)
+        with torch.no_grad():
+            latents = (vae.encode(images_to_tensor([s.image for s in scenes]).to(device)).latent_dist.mode()
+                       - shift) * scale
+        t = noise_levels(b, gen, cfg.uniform_t)
+        noise = torch.randn(latents.shape, generator=gen)
+        w = low + (high - low) * torch.rand(b, generator=gen)
+        t, noise, w = t.to(device), noise.to(device), w.to(device)
+        x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+        both_t = torch.cat([t, t])
+        with torch.no_grad():
+            text = encode_text(t5_tokenizer, t5, [*captions, *[""] * b])
+            packed = pack_latents(x_t)
+            target = flux_velocity(
+                teacher, torch.cat([packed, packed]), both_t, text,
+                torch.zeros(2 * b, teacher.config.pooled_projection_dim, device=device),
+                torch.zeros(text.shape[1], 3, device=device), _image_ids(x_t), torch.cat([w, torch.ones_like(w)]),
+            )
+            guided_target, unconditional_target = unpack(target, cfg.size).chunk(2)
+        embeds = encode_prompts(clip_tokenizer, clips, t5_tokenizer, t5, [*captions, *[""] * b], MAX_SEQUENCE_LENGTH)
+        targets = None
+        if cfg.grounding:
+            targets = grounding_targets(scenes, [sd3_prompt_tokens(clip_tokenizer, t5_tokenizer, c) if c else None
+                                                 for c in captions])
+
+        def student_velocity() -> torch.Tensor:
+            return student(
+                hidden_states=torch.cat([x_t, x_t]), encoder_hidden_states=embeds, timestep=both_t * 1000,
+                pooled_projections=torch.zeros(2 * b, student.config.pooled_projection_dim, device=device),
+            ).sample
+
+        ground = torch.zeros((), device=device)
+        if targets is None:
+            velocity = student_velocity()
+        else:
+            with attnscope.trace(student, differentiable=True, positions=targets.positions, layers="double") as tracer:
+                velocity = student_velocity()
+            ground = grounding_loss(list(tracer.take()[-1].values()), targets)
+        conditional, unconditional = velocity.chunk(2)
+        guided = unconditional + w[:, None, None, None] * (conditional - unconditional)
+        guided_error = (guided - guided_target).pow(2).mean(dim=(1, 2, 3)) / w.pow(2)
+        flow = guided_error.mean() + F.mse_loss(unconditional, unconditional_target)
+        return flow, ground
+
+    budget = cfg.minutes * 60
+    if budget <= 0 and cfg.steps <= 0:
+        raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
+    last_ckpt, window, window_n, window_t = time.time(), [0.0, 0.0], 0, time.time()
+    bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes-sd3", mininterval=10)
+    for module in trained.values():
+        module.train()
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop), BatchStream(cfg, step) as stream:
+            while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
+                t0 = time.time()
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
+                flow, ground = losses(*stream.next())
+                loss = flow + cfg.grounding * ground
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                try:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+                except RuntimeError:
+                    message = f"step {step + 1}: non-finite gradient; the checkpoint keeps step {step}"
+                    log(message)
+                    raise FloatingPointError(message) from None
+                opt.step()
+                step += 1
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for k, v in _trainable_state(trained).items():
+                        ema[k].lerp_(v, 1 - decay)
+                elapsed += time.time() - t0
+                window[0] += flow.item()
+                window[1] += ground.item()
+                window_n += 1
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    rate = window_n / (time.time() - window_t)
+                    log(f"step {step} loss {window[0] / window_n:.4f} grounding {window[1] / window_n:.4f} "
+                        f"it/s {rate:.2f} min {elapsed / 60:.1f}")
+                    bar.set_postfix(loss=f"{window[0] / window_n:.4f}")
+                    window, window_n, window_t = [0.0, 0.0], 0, time.time()
+                if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+                    save()
+                    last_ckpt = time.time()
+    finally:
+        bar.close()
+        if stop.is_set():
+            log(f"stopped by a signal after step {step}")
+        save()
+        log_file.close()
+    return ckpt_path
+
+
+def _trained_modules(student: SD3Transformer2DModel, clips) -> dict[str, torch.nn.Module]:
+    return {"transformer": student, "clip": clips[0], "clip_2": clips[1]}
+
+
+def _trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Float weights of the trained modules under their names (live tensors)."""
+    state = {}
+    for prefix, module in modules.items():
+        state |= {f"{prefix}.{k}": v.data for k, v in module.state_dict(keep_vars=True).items()
+                  if v.dtype.is_floating_point}
+    return state
+
+
+def train_sd3_command(cfg: dict) -> str:
+    """The command line of a checkpoint's config (options at their defaults omitted)."""
+    default = SD3TrainConfig().__dict__
+    command = f"attnscope shapes train-sd3 --out {cfg['out']} --minutes {cfg['minutes']:g}"
+    for name in ("teacher", "seed", "steps", "batch", "lr", "uniform_t", "grounding", "threads"):
+        if cfg[name] != default[name]:
+            command += f" --{name.replace('_', '-')} {cfg[name]:g}" if isinstance(cfg[name], float) else \
+                f" --{name.replace('_', '-')} {cfg[name]}"
+    return command
+
+
+def load_sd3_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) -> StableDiffusion3Pipeline:
+    """The StableDiffusion3Pipeline of a ``train-sd3`` checkpoint (EMA weights by default)."""
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    cfg = SD3TrainConfig(**state["config"])
+    folder = teacher_folder(cfg.teacher)
+    vae, _, t5, _ = load_flux_teacher(cfg.teacher)
+    mcfg = SD3ShapesConfig(**cfg.model)
+    student = build_sd3_transformer(mcfg, t5.config.d_model, vae.config.latent_channels)
+    clips = build_clip_encoders(mcfg, build_clip_tokenizer())
+    student.load_state_dict(state["transformer"])
+    for clip, weights in zip(clips, state["clips"]):
+        clip.load_state_dict(weights)
+    if use_ema:
+        for prefix, module in _trained_modules(student, clips).items():
+            ema = {k[len(prefix) + 1:]: v for k, v in state["ema"].items() if k.startswith(prefix + ".")}
+            module.load_state_dict(ema, strict=False)
+    scheduler = FlowMatchRenoisingScheduler.from_pretrained(folder, subfolder="scheduler")
+    return assemble_sd3_pipeline(mcfg, student, clips, t5, build_t5_tokenizer(), vae, scheduler)
+
+
+def is_sd3_checkpoint(state: dict) -> bool:
+    return state.get("architecture") == ARCHITECTURE
+
+
+__all__ = ["SD3TrainConfig", "is_sd3_checkpoint", "load_sd3_checkpoint_pipeline", "train_sd3", "train_sd3_command",
+           "unpack", "ARCHITECTURE"]
