@@ -90,6 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     sd.add_argument("--out", default=_SD3_DEFAULTS.out, help="run folder: ckpt.pt, train.log (default %(default)s)")
     sd.add_argument("--teacher", default=_SD3_DEFAULTS.teacher, help="a guidance-distilled Flux shapes folder, or "
                     "'shapes' for the bundled model (default %(default)s)")
+    sd.add_argument("--init-from", default=None, metavar="FOLDER", help="continue from an exported SD3 shapes model "
+                    "('shapes-sd3': the bundled one) with a fresh optimizer, instead of the teacher's blocks")
     sd.add_argument("--minutes", type=float, default=_SD3_DEFAULTS.minutes, help="wall-time budget (0: --steps)")
     sd.add_argument("--steps", type=int, default=_SD3_DEFAULTS.steps, help="step limit (0: minutes only)")
     for name in ("seed", "batch"):
@@ -188,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
 def _train_sd3(args: argparse.Namespace) -> int:
     from .sd3_train import SD3TrainConfig, train_sd3
 
-    options = ("out", "teacher", "minutes", "steps", "seed", "batch", "lr", "uniform_t", "grounding", "threads",
+    options = ("out", "teacher", "init_from", "minutes", "steps", "seed", "batch", "lr", "uniform_t", "grounding", "threads",
                "device", "workers")
     path = train_sd3(SD3TrainConfig(**{name: getattr(args, name) for name in options}), resume=args.resume)
     print(f"checkpoint: {path}")

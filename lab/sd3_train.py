@@ -57,6 +57,8 @@ class SD3TrainConfig:
 
     out: str = "runs/shapes-sd3"
     teacher: str = "shapes"  # a guidance-distilled Flux shapes folder; "shapes": the bundled model
+    # An exported SD3 shapes folder to continue from ("shapes-sd3": the bundled one) instead of the teacher's blocks.
+    init_from: str | None = None
     seed: int = 0
     minutes: float = 60.0
     steps: int = 0  # 0: limited by minutes only
@@ -132,11 +134,19 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
         log(f"start: {json.dumps(cfg.__dict__)}")
     vae, teacher, t5, record = load_flux_teacher(cfg.teacher)
     t5_tokenizer, clip_tokenizer = build_t5_tokenizer(), build_clip_tokenizer()
+    if state is None and cfg.init_from:  # a continued model keeps its sizes
+        parent_record = exported_sd3_folder(cfg.init_from) / "training.json"
+        if parent_record.is_file():
+            cfg.model = json.loads(parent_record.read_text())["config"]["model"]
     mcfg = SD3ShapesConfig(**cfg.model)
     torch.manual_seed(cfg.seed)
     student = build_sd3_transformer(mcfg, t5.config.d_model, vae.config.latent_channels)
     clips = build_clip_encoders(mcfg, clip_tokenizer)
-    if state is None:
+    parent = state.get("parent") if state is not None else None
+    if state is None and cfg.init_from:
+        parent = load_exported_sd3(cfg.init_from, student, clips)
+        log(f"initialized from {cfg.init_from}")
+    elif state is None:
         transfer_from_flux(student, teacher)
     else:
         student.load_state_dict(state["transformer"])
@@ -164,7 +174,7 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
         atomic.torch_save({
             "architecture": ARCHITECTURE, "config": cfg.__dict__, "teacher_record": record,
             "transformer": student.state_dict(), "clips": [clip.state_dict() for clip in clips], "ema": ema,
-            "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "elapsed": elapsed,
+            "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "elapsed": elapsed, "parent": parent,
         }, ckpt_path)
         log(f"checkpoint step {step} ({elapsed / 60:.1f} min)")
 
@@ -266,6 +276,31 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
     return ckpt_path
 
 
+def exported_sd3_folder(folder: str) -> Path:
+    path = bundled_path("shapes-sd3") if folder == "shapes-sd3" else Path(folder)
+    if not (path / "transformer").is_dir():
+        raise FileNotFoundError(f"{path} is not an exported SD3 shapes model: no transformer folder")
+    return path
+
+
+def load_exported_sd3(folder: str, student: SD3Transformer2DModel, clips) -> dict | None:
+    """Load an exported SD3 shapes folder's transformer and CLIP encoders into modules built for its sizes (so the
+    frozen parts stay frozen); returns its record (``training.json``), which travels into the export."""
+    from transformers import CLIPTextModelWithProjection
+
+    path = exported_sd3_folder(folder)
+    loaded = [SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")]
+    loaded += [CLIPTextModelWithProjection.from_pretrained(path, subfolder=sub)
+               for sub in ("text_encoder", "text_encoder_2")]
+    for module, source in zip((student, *clips), loaded):
+        try:
+            module.load_state_dict(source.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"{path} does not match the SD3 shapes config: {err}") from None
+    record = path / "training.json"
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def _trained_modules(student: SD3Transformer2DModel, clips) -> dict[str, torch.nn.Module]:
     return {"transformer": student, "clip": clips[0], "clip_2": clips[1]}
 
@@ -283,8 +318,8 @@ def train_sd3_command(cfg: dict) -> str:
     """The command line of a checkpoint's config (options at their defaults omitted)."""
     default = SD3TrainConfig().__dict__
     command = f"attnscope shapes train-sd3 --out {cfg['out']} --minutes {cfg['minutes']:g}"
-    for name in ("teacher", "seed", "steps", "batch", "lr", "uniform_t", "grounding", "threads"):
-        if cfg[name] != default[name]:
+    for name in ("teacher", "init_from", "seed", "steps", "batch", "lr", "uniform_t", "grounding", "threads"):
+        if cfg.get(name) != default[name]:
             command += f" --{name.replace('_', '-')} {cfg[name]:g}" if isinstance(cfg[name], float) else \
                 f" --{name.replace('_', '-')} {cfg[name]}"
     return command

@@ -196,7 +196,8 @@ def test_compare_runs_base_and_lora_on_the_same_seed(
 
 @pytest.mark.parametrize(
     ("folder", "message"),
-    [("", "Give the folder"), ("does/not/exist", "does not exist"), ("EMPTY", "no LoRA at"), ("OTHER", "does not fit")],
+    [("", "Give the folder"), ("does/not/exist", "does not exist"), ("EMPTY", "no LoRA at"), ("OTHER", "does not fit"),
+     ("SD3", "LoRA for sd3 models, not for this flux pipeline")],
 )
 def test_compare_refuses_folders_without_a_fitting_lora(
     model: explorer.Model, result: explorer.Result, tmp_path: Path, folder: str, message: str
@@ -210,6 +211,16 @@ def test_compare_refuses_folders_without_a_fitting_lora(
         other = attnscope.tiny.build_tiny_flux_pipeline(num_attention_heads=3).transformer
         other.add_adapter(peft.LoraConfig(r=2, target_modules=["add_q_proj"], init_lora_weights=False))
         FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=peft.utils.get_peft_model_state_dict(other))
+        folder = str(tmp_path)
+    elif folder == "SD3":  # module names and sizes that fit, made for the other architecture
+        import peft
+
+        from attnscope.erase.lora import LoraSettings, write_lora
+
+        same = attnscope.tiny.build_tiny_flux_pipeline().transformer
+        same.add_adapter(peft.LoraConfig(r=2, target_modules=["add_q_proj"], init_lora_weights=False))
+        write_lora(tmp_path, peft.utils.get_peft_model_state_dict(same), LoraSettings(rank=2, targets=("add_q_proj",)),
+                   ["transformer_blocks.0.attn.add_q_proj"], "sd3")
         folder = str(tmp_path)
     with pytest.raises(RequestError, match=message):
         explorer.compare(model, Request(PROMPT, seed=3), folder)

@@ -111,6 +111,13 @@ def test_train_resume_export_and_load(tmp_path) -> None:
     assert image.shape == (1, 32, 32, 3)
     record = (folder / "training.json").read_text()
     assert "attnscope shapes train-sd3" in record and "distilled_from" in record
+    # A later run continues from the export (fresh optimizer) and records where it started.
+    again = tmp_path / "again"
+    train_sd3(SD3TrainConfig(out=str(again), init_from=str(folder), minutes=0, steps=1, batch=2))
+    continued = torch.load(again / "ckpt.pt", weights_only=False)
+    assert continued["config"]["model"]["joint_layers"] == 5 and continued["parent"]["step"] == 3
+    assert "--init-from" in export_checkpoint(again / "ckpt.pt", tmp_path / "again-exported").joinpath(
+        "training.json").read_text()
 
 
 def test_cli_parses_train_sd3() -> None:
