@@ -190,8 +190,8 @@ def _train(args: argparse.Namespace) -> int:
 def _train_sd3(args: argparse.Namespace) -> int:
     from .sd3_train import SD3TrainConfig, train_sd3
 
-    options = ("out", "teacher", "init_from", "minutes", "steps", "seed", "batch", "lr", "uniform_t", "grounding", "threads",
-               "device", "workers")
+    options = ("out", "teacher", "init_from", "minutes", "steps", "seed", "batch", "lr", "uniform_t", "grounding",
+               "threads", "device", "workers")
     path = train_sd3(SD3TrainConfig(**{name: getattr(args, name) for name in options}), resume=args.resume)
     print(f"checkpoint: {path}")
     return 0
