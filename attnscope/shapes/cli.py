@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     sub = command_group(subparsers, "shapes", help=SHAPES_HELP)
 
     ev = sub.add_parser("eval", help="generation (and localization) metrics on the fixed evaluation set")
-    ev.add_argument("--model", default=None, help="a shapes model folder, or a training checkpoint (ckpt.pt) "
-                    "with the lab installed (default: the bundled weights)")
+    ev.add_argument("--model", default=None, help="shapes (the bundled Flux-form model, default), shapes-sd3 (the "
+                    "bundled SD3-form one), a shapes model folder, or a training checkpoint (ckpt.pt) with the lab "
+                    "installed")
     ev.add_argument("--out", default=None, help="write OUT/shapes_eval.json (and a sample grid)")
     ev.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: the published protocol's 4; "
                     "given alone, also for the two-object prompts)")

@@ -188,3 +188,14 @@ def test_lora_on_every_attention_projection_leaves_sd35s_image_only_attention_al
     names = settings.target_modules(transformer)
     assert names and not any(".attn2." in name for name in names)
     assert {name.split(".")[1] for name in names} == {"0", "1"} and any("to_add_out" in n for n in names)
+
+
+def test_erasing_an_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from attnscope.adapters import UnsupportedModelError
+
+    pipe = SimpleNamespace(transformer=torch.nn.Linear(2, 2))  # no MMDiT joint attention
+    with pytest.raises(UnsupportedModelError, match="FluxTransformer2DModel, SD3Transformer2DModel"):
+        train(pipe, [shapes_spec("red")], _config(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
