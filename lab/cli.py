@@ -104,6 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     sd.add_argument("--threads", type=int, default=_SD3_DEFAULTS.threads, help="torch CPU threads")
     sd.add_argument("--device", default=_SD3_DEFAULTS.device, help="cpu or cuda[:N]")
     sd.add_argument("--workers", type=int, default=_SD3_DEFAULTS.workers, help="processes rendering batches ahead")
+    sd.add_argument("--checkpoint-minutes", type=float, default=_SD3_DEFAULTS.checkpoint_minutes)
     sd.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (its config wins)")
     sd.set_defaults(run=_train_sd3)
 
@@ -191,7 +192,7 @@ def _train_sd3(args: argparse.Namespace) -> int:
     from .sd3_train import SD3TrainConfig, train_sd3
 
     options = ("out", "teacher", "init_from", "minutes", "steps", "seed", "batch", "lr", "uniform_t", "grounding",
-               "threads", "device", "workers")
+               "threads", "device", "workers", "checkpoint_minutes")
     path = train_sd3(SD3TrainConfig(**{name: getattr(args, name) for name in options}), resume=args.resume)
     print(f"checkpoint: {path}")
     return 0

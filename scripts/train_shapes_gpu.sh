@@ -10,6 +10,8 @@
 #                bash scripts/train_shapes_gpu.sh 8 --init-from attnscope/shapes/weights --batch 128 --lr 3e-4 \
 #                     --grounding 0.1 --uniform-t 0.5
 #                or a new run with a deeper text encoder: ... 8 --batch 128 --t5-layers 3 --grounding 0.1
+#                or the SD3-form model (attnscope shapes train-sd3), continuing the bundled one:
+#                SHAPES_COMMAND=train-sd3 bash scripts/train_shapes_gpu.sh 8 --init-from shapes-sd3 --batch 128
 #   Back here:   tar -xf FILES_AT/shapes-gpu.tar -C runs
 #                attnscope shapes eval --model runs/shapes-gpu/export --out runs/shapes-gpu/eval
 #                then export into attnscope/shapes/weights with the history, as lab/README.md says.
@@ -35,7 +37,7 @@ source scripts/gpu_env.sh
 
 RUN=runs/shapes-gpu
 # Rendering is numpy on the CPU: 12 processes keep a batch of 128 ahead of the GPU.
-python3 -m attnscope.cli shapes train --out "$RUN" --minutes "$MINUTES" --seed 0 --device cuda --workers 12 \
+python3 -m attnscope.cli shapes "${SHAPES_COMMAND:-train}" --out "$RUN" --minutes "$MINUTES" --seed 0 --device cuda --workers 12 \
     --threads 2 --checkpoint-minutes 2 "$@"
 python3 -m attnscope.cli shapes export "$RUN/ckpt.pt" --to "$RUN/export"
 tar -cf "${OUT:-runs}/shapes-gpu.tar" -C runs shapes-gpu/export shapes-gpu/train.log
