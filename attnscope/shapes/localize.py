@@ -14,7 +14,8 @@ read-out (``SHAPES_READOUT``) was chosen on, so the figures are held-out ones:
 
 Pairs: each colour and shape word *occurrence* against its own object (raw maps: "red#2" must light the second
 red object, not the first); for output-space maps each distinct colour and shape word of the caption is a concept
-(one softmax over them), scored against the union of the objects it names.
+(one softmax over them), scored against the union of the objects it names (on generated images, where each of
+them was drawn in its asked colour). Protocol 2 added the output-space maps of generated images.
 
 Methods, each read through the model's read-out with its layer choice replaced where the method names one:
 ``raw.<layer>`` (one layer), ``raw.double-mean`` (every dual-stream block), ``raw.best`` (the best single layer
@@ -40,7 +41,7 @@ from ..readout import Readout, readout_for
 from ..segmentation import PairScores, mean_scores
 from ..staging import staged_folder
 
-LOCALIZE_PROTOCOL = 1
+LOCALIZE_PROTOCOL = 2
 RENDERED_PER_COUNT = 16
 RENDERED_SEED = 20261205
 EXPLAIN_TS: tuple[float, ...] = (0.2, 0.3, 0.5)
@@ -105,11 +106,19 @@ def _generated(pipe: Any, readout: Readout) -> tuple[dict[str, dict[str, list[Pa
         same_colour = expected[0][0] == expected[1][0]
         words = words_of(prompt)
         kinds = [[w for w in words if is_color(w)], [w for w in words if is_shape(w)]]
+        concepts = list(dict.fromkeys(w for w in words if is_color(w) or is_shape(w)))
         for seed in GENERATED_SEEDS:
-            with trace(pipe) as tr:
+            with trace(pipe, concepts=concepts) as tr:
                 (image,) = generate(pipe, prompt, [seed])
             maps = tr.maps()
-            for k, ((color, _), found) in enumerate(zip(expected, match_objects(expected, read_scene(image)))):
+            matched = match_objects(expected, read_scene(image))
+            for concept in concepts:  # against the union of the objects it names, when each was drawn as asked
+                named = [(found, color) for (color, shape), found in zip(expected, matched)
+                         if concept in (color, shape)]
+                if all(found is not None and found.color == color for found, color in named):
+                    union = np.logical_or.reduce([found.mask for found, _ in named])
+                    subsets["all"]["output-space"].append(readout.score(tr.concept_maps().word(concept), union))
+            for k, ((color, _), found) in enumerate(zip(expected, matched)):
                 if found is None or found.color != color:
                     continue
                 for kind, kind_words in zip(("colour", "shape"), kinds):

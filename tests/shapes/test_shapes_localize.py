@@ -53,6 +53,7 @@ def test_benchmark_writes_its_tables_and_figures(tmp_path, monkeypatch, one_thre
     assert generated["all"]["default"]["pairs"] > generated["same-colour"]["default"]["pairs"] > 0
     assert (generated["same-colour/colour-words"]["default"]["pairs"]
             + generated["same-colour/shape-words"]["default"]["pairs"]) == generated["same-colour"]["default"]["pairs"]
+    assert 0 < generated["all"]["output-space"]["pairs"] <= 7  # red, circle, blue, square; red, circle, square
     assert len(result["generated_by_step"]["miou"]) == 20
     assert {"localize_layers.png", "localize_steps.png", "sample_0.png"} <= {p.name for p in out.iterdir()}
 
