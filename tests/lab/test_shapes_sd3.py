@@ -125,3 +125,22 @@ def test_cli_parses_train_sd3() -> None:
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["shapes", "train-sd3", "--out", "x", "--minutes", "5", "--grounding", "0.2"])
     assert args.out == "x" and args.minutes == 5 and args.grounding == 0.2 and args.teacher == "shapes"
+
+
+def test_the_bundled_sd3_model_loads_and_draws_with_sd3s_own_guidance() -> None:
+    from attnscope.lab.export import MAX_BUNDLE_BYTES, folder_bytes
+    from attnscope.sampling import FlowMatchRenoisingScheduler
+    from attnscope.shapes import bundled_path
+    from attnscope.shapes.reader import read_scene
+
+    assert folder_bytes(bundled_path("shapes-sd3")) <= MAX_BUNDLE_BYTES
+    pipe = attnscope.load_pipeline("shapes-sd3", progress=False)
+    assert isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.scheduler, FlowMatchRenoisingScheduler)
+    kwargs = attnscope.profiles.profile_for("shapes-sd3").default_call(pipe)
+    assert kwargs == call_kwargs_for(pipe) and kwargs["guidance_scale"] == 4.5
+    image = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    unguided = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np",
+                    **kwargs | {"guidance_scale": 1.0}).images
+    assert abs(image - unguided).mean() > 1e-3, "guidance must act"
+    objects = read_scene((image[0] * 255).round().astype("uint8"))
+    assert [o.color for o in objects] == ["red"]
