@@ -1,18 +1,20 @@
-"""The shapes world: a tiny bundled text-to-image Flux with ground truth, and its benchmark.
+"""The shapes world: tiny bundled text-to-image models (a Flux and an SD3) with ground truth, and their benchmark.
 
 * ``vocabulary``: colours, shapes, synonyms, ``check_prompt``.
 * ``render``: procedural scenes with captions and per-object / per-word masks.
 * ``reader``: reads a (generated) image back into objects and matches them to the prompt's.
 * ``generate``: a shapes model's images at its default call, as uint8 pixels.
 * ``metrics`` / ``localization``: ``attnscope shapes eval`` (generation, and word maps against object masks).
-* ``profile``: the world's model profile (``attnscope.load_pipeline("shapes")``, exported shapes folders).
-* ``weights/``: the bundled model, with ``training.json``, the record of how it was made.
+* ``profile``: the world's model profiles (``attnscope.load_pipeline("shapes")`` and ``("shapes-sd3")``, exported
+  shapes folders).
+* ``weights/``, ``weights-sd3/``: the bundled models, each with ``training.json``, the record of how it was made.
 
 How the weights were made (model construction, trainer, distillation, preference rounds, export) is the shapes
 *lab*, ``attnscope.lab`` (the ``lab/`` folder): nothing here imports it. Load the bundled model with
-``FluxPipeline.from_pretrained(bundled_path())`` (its scheduler, ``attnscope.sampling.FlowMatchRenoisingScheduler``,
-loads once ``attnscope`` is imported, as it is here) and call it with ``DEFAULT_CALL_KWARGS`` (see ``README.md`` in
-this folder).
+``FluxPipeline.from_pretrained(bundled_path())`` or ``StableDiffusion3Pipeline.from_pretrained(bundled_path(
+"shapes-sd3"))`` (their scheduler, ``attnscope.sampling.FlowMatchRenoisingScheduler``,
+loads once ``attnscope`` is imported, as it is here) and call it with ``call_kwargs_for(pipe)`` (see ``README.md``
+in this folder).
 """
 
 from __future__ import annotations
