@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="shapes", help="'shapes' (bundled), 'tiny-flux', a hub id or a folder")
+    p.add_argument("--model", default="shapes", help="'shapes' (bundled Flux), 'shapes-sd3' (bundled SD3), "
+                   "'tiny-flux', a hub id or a folder")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
