@@ -164,20 +164,7 @@ def build_text_encoders(
     cfg: ShapesModelConfig, t5_tok: T5Tokenizer, clip_tok: CLIPTokenizer
 ) -> tuple[CLIPTextModel, T5EncoderModel]:
     """Random-init CLIP (pooled vector only, ignored) and 1-layer T5 encoders sized for the tokenizers."""
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=cfg.clip_hidden,
-            intermediate_size=2 * cfg.clip_hidden,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            projection_dim=cfg.clip_hidden,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
+    clip = CLIPTextModel(clip_config(clip_tok, cfg.clip_hidden))
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tok),
@@ -199,6 +186,22 @@ def build_text_encoders(
     if cfg.t5_attention == "positional":
         make_attention_positional(t5)
     return clip, t5
+
+
+def clip_config(tokenizer: CLIPTokenizer, hidden: int) -> CLIPTextConfig:
+    """A one-layer CLIP text encoder ``hidden`` wide over ``tokenizer`` (``CLIP_MAX_LENGTH`` positions)."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def make_attention_positional(t5: T5EncoderModel) -> None:

@@ -30,11 +30,10 @@ import re
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from .model import CLIP_MAX_LENGTH, build_clip_tokenizer
+from .model import build_clip_tokenizer, clip_config
 
 #: Joint-block modules a teacher's dual-stream block gives a student's (identical names and shapes in diffusers).
 _COPIED_FROM_DOUBLE = ("norm1.", "norm1_context.", "attn.", "ff.", "ff_context.")
@@ -144,20 +143,7 @@ def build_clip_encoders(cfg: SD3ShapesConfig, tokenizer: CLIPTokenizer) -> tuple
     """The two one-layer CLIP encoders: token embeddings at zero (trained), position embeddings zero and frozen."""
     encoders = []
     for _ in range(2):
-        encoder = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=cfg.clip_hidden,
-                intermediate_size=2 * cfg.clip_hidden,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=CLIP_MAX_LENGTH,
-                projection_dim=cfg.clip_hidden,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        encoder = CLIPTextModelWithProjection(clip_config(tokenizer, cfg.clip_hidden))
         embeddings = encoder.text_model.embeddings
         with torch.no_grad():
             embeddings.token_embedding.weight.zero_()
@@ -166,28 +152,6 @@ def build_clip_encoders(cfg: SD3ShapesConfig, tokenizer: CLIPTokenizer) -> tuple
         embeddings.token_embedding.weight.requires_grad_(True)
         encoders.append(encoder)
     return tuple(encoders)
-
-
-def encode_prompts(
-    clip_tokenizer: CLIPTokenizer,
-    clips: tuple[CLIPTextModelWithProjection, CLIPTextModelWithProjection],
-    t5_tokenizer: T5Tokenizer,
-    t5: T5EncoderModel,
-    captions: list[str],
-    t5_length: int,
-) -> torch.Tensor:
-    """``prompt_embeds (B, CLIP_MAX_LENGTH + t5_length, D)`` as ``StableDiffusion3Pipeline.encode_prompt`` builds
-    them (penultimate CLIP states side by side, zero-padded to the T5 width, then the T5 states), differentiable in
-    the CLIP encoders (the T5 is frozen)."""
-    device = t5.device
-    ids = clip_tokenizer(captions, padding="max_length", max_length=clip_tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    clip = torch.cat([encoder(ids, output_hidden_states=True).hidden_states[-2] for encoder in clips], dim=-1)
-    t5_ids = t5_tokenizer(captions, padding="max_length", max_length=t5_length, truncation=True,
-                          add_special_tokens=True, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad():
-        text = t5(t5_ids)[0]
-    return torch.cat([F.pad(clip, (0, text.shape[-1] - clip.shape[-1])), text], dim=-2)
 
 
 def assemble_sd3_pipeline(
@@ -210,6 +174,6 @@ def assemble_sd3_pipeline(
 
 
 __all__ = [
-    "SD3ShapesConfig", "assemble_sd3_pipeline", "build_clip_encoders", "build_sd3_transformer", "encode_prompts",
+    "SD3ShapesConfig", "assemble_sd3_pipeline", "build_clip_encoders", "build_sd3_transformer",
     "guidance_embedding", "transfer_from_flux",
 ]

@@ -29,20 +29,19 @@ from tqdm import tqdm
 
 import attnscope
 from attnscope import atomic
-from attnscope.adapters.flux import flux_velocity, pack_latents
+from attnscope.adapters.flux import flux_velocity, pack_latents, unpack_latents
+from attnscope.adapters.sd3 import sd3_tokens
 from attnscope.pipelines import resolve_device
 from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
-from attnscope.tokens import clip_tokens, concat, t5_tokens
 
 from .grounding import grounding_loss, grounding_targets
-from .model import CLIP_MAX_LENGTH, ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
+from .model import ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
 from .sd3 import (
     SD3ShapesConfig,
     assemble_sd3_pipeline,
     build_clip_encoders,
     build_sd3_transformer,
-    encode_prompts,
     transfer_from_flux,
 )
 from .train import BatchStream, _image_ids, _lr_factor, _stop_on_signals, images_to_tensor, load_exported, noise_levels
@@ -101,19 +100,6 @@ def load_flux_teacher(teacher: str):
     return vae, transformer, t5, record
 
 
-def unpack(velocity: torch.Tensor, size: int) -> torch.Tensor:
-    """Flux's packed ``(B, N, 4C)`` tokens back to latents ``(B, C, H, W)``."""
-    b, _, channels = velocity.shape
-    h = size // 2
-    return velocity.reshape(b, h, h, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, size, size)
-
-
-def sd3_prompt_tokens(clip_tokenizer, t5_tokenizer, caption: str):
-    """A caption's tokens in the student's text layout: CLIP positions, then T5."""
-    return concat(clip_tokens(clip_tokenizer, caption, CLIP_MAX_LENGTH),
-                  t5_tokens(t5_tokenizer, caption, MAX_SEQUENCE_LENGTH, offset=CLIP_MAX_LENGTH))
-
-
 def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) the distillation; returns the checkpoint path."""
     torch.set_num_threads(cfg.threads)
@@ -154,6 +140,10 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
             clip.load_state_dict(weights)
     for module in (vae, teacher, t5, student, *clips):
         module.to(device)
+    # The student as the pipeline it becomes: its encode_prompt (differentiable in the CLIP slots; the T5 is frozen)
+    # and its text layout (sd3_tokens) are what training sees.
+    pipe = assemble_sd3_pipeline(mcfg, student, clips, t5, t5_tokenizer, vae, sd3_scheduler(cfg.teacher))
+    text_length = pipe.tokenizer_max_length + MAX_SEQUENCE_LENGTH
 
     trained = _trained_modules(student, clips)
     params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
@@ -197,11 +187,12 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
                 torch.zeros(2 * b, teacher.config.pooled_projection_dim, device=device),
                 torch.zeros(text.shape[1], 3, device=device), _image_ids(x_t), torch.cat([w, torch.ones_like(w)]),
             )
-            guided_target, unconditional_target = unpack(target, cfg.size).chunk(2)
-        embeds = encode_prompts(clip_tokenizer, clips, t5_tokenizer, t5, [*captions, *[""] * b], MAX_SEQUENCE_LENGTH)
+            guided_target, unconditional_target = unpack_latents(target, cfg.size, cfg.size).chunk(2)
+        embeds = pipe.encode_prompt([*captions, *[""] * b], None, None, device=device,
+                                    do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)[0]
         targets = None
         if cfg.grounding:
-            targets = grounding_targets(scenes, [sd3_prompt_tokens(clip_tokenizer, t5_tokenizer, c) if c else None
+            targets = grounding_targets(scenes, [sd3_tokens(pipe, c, text_length) if c else None
                                                  for c in captions])
 
         def student_velocity() -> torch.Tensor:
@@ -329,7 +320,6 @@ def load_sd3_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) ->
     """The StableDiffusion3Pipeline of a ``train-sd3`` checkpoint (EMA weights by default)."""
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
     cfg = SD3TrainConfig(**state["config"])
-    folder = teacher_folder(cfg.teacher)
     vae, _, t5, _ = load_flux_teacher(cfg.teacher)
     mcfg = SD3ShapesConfig(**cfg.model)
     student = build_sd3_transformer(mcfg, t5.config.d_model, vae.config.latent_channels)
@@ -341,8 +331,12 @@ def load_sd3_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) ->
         for prefix, module in _trained_modules(student, clips).items():
             ema = {k[len(prefix) + 1:]: v for k, v in state["ema"].items() if k.startswith(prefix + ".")}
             module.load_state_dict(ema, strict=False)
-    scheduler = FlowMatchRenoisingScheduler.from_pretrained(folder, subfolder="scheduler")
-    return assemble_sd3_pipeline(mcfg, student, clips, t5, build_t5_tokenizer(), vae, scheduler)
+    return assemble_sd3_pipeline(mcfg, student, clips, t5, build_t5_tokenizer(), vae, sd3_scheduler(cfg.teacher))
+
+
+def sd3_scheduler(teacher: str) -> FlowMatchRenoisingScheduler:
+    """The teacher's sampler, which the student shares."""
+    return FlowMatchRenoisingScheduler.from_pretrained(teacher_folder(teacher), subfolder="scheduler")
 
 
 def is_sd3_checkpoint(state: dict) -> bool:
@@ -350,4 +344,4 @@ def is_sd3_checkpoint(state: dict) -> bool:
 
 
 __all__ = ["SD3TrainConfig", "is_sd3_checkpoint", "load_sd3_checkpoint_pipeline", "train_sd3", "train_sd3_command",
-           "unpack", "ARCHITECTURE"]
+           "ARCHITECTURE"]

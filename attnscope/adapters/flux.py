@@ -166,6 +166,11 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents`: tokens ``(B, H/2 · W/2, 4C)`` -> latents ``(B, C, height, width)``."""
+    return FluxPipeline._unpack_latents(tokens, height, width, vae_scale_factor=1)
+
+
 def latent_image_ids(height: int, width: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """``FluxPipeline``'s position ids ``(H/2 · W/2, 3)`` of the packed tokens of an ``H × W`` latent."""
     return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
@@ -354,4 +359,5 @@ __all__ = [
     "flux_velocity",
     "latent_image_ids",
     "pack_latents",
+    "unpack_latents",
 ]

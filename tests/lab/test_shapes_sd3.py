@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 import attnscope
-from attnscope.adapters.flux import pack_latents
+from attnscope.adapters.flux import pack_latents, unpack_latents
 from attnscope.adapters.sd3 import patchify
 from attnscope.lab.cli import register
 from attnscope.lab.export import export_checkpoint
@@ -20,11 +20,10 @@ from attnscope.lab.sd3 import (
     SD3ShapesConfig,
     build_clip_encoders,
     build_sd3_transformer,
-    encode_prompts,
     guidance_embedding,
     transfer_from_flux,
 )
-from attnscope.lab.sd3_train import SD3TrainConfig, load_flux_teacher, train_sd3, unpack
+from attnscope.lab.sd3_train import SD3TrainConfig, load_flux_teacher, train_sd3
 from attnscope.shapes import MAX_SEQUENCE_LENGTH, call_kwargs_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +46,7 @@ def test_the_student_starts_from_the_teachers_weights_where_the_architectures_ag
     torch.testing.assert_close(embedded, flux.x_embedder(pack_latents(latents)), rtol=1e-5, atol=1e-5)
     # The output layer writes the same pixels through SD3's un-patchify as Flux's through its unpacking.
     hidden = torch.randn(2, 256, cfg.hidden, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(patchify(unpack(flux.proj_out(hidden), 32), 2), student.proj_out(hidden))
+    torch.testing.assert_close(patchify(unpack_latents(flux.proj_out(hidden), 32, 32), 2), student.proj_out(hidden))
     # The conditioning: timestep embedding plus the frozen pooled constant = the teacher's at guidance 1.
     t = torch.tensor([300.0, 900.0])
     student_conditioning = student.time_text_embed(t, torch.randn(2, 2 * cfg.clip_hidden))
@@ -65,26 +64,25 @@ def test_the_student_starts_from_the_teachers_weights_where_the_architectures_ag
         transfer_from_flux(build_sd3_transformer(SD3ShapesConfig(joint_layers=4), 128, 3), flux)
 
 
-def test_prompt_embeddings_are_the_pipelines_and_the_clip_slots_start_silent(teacher, tmp_path) -> None:
+def test_the_clip_slots_start_silent_and_train_through_the_pipelines_encode_prompt(teacher) -> None:
     _, t5 = teacher
     cfg = SD3ShapesConfig(joint_layers=5)
     clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
     clips = build_clip_encoders(cfg, clip_tokenizer)
-    captions = ["a red circle", "a blue square and a green triangle"]
-    embeds = encode_prompts(clip_tokenizer, clips, t5_tokenizer, t5, captions, MAX_SEQUENCE_LENGTH)
-    assert embeds.shape == (2, clip_tokenizer.model_max_length + MAX_SEQUENCE_LENGTH, t5.config.d_model)
-    assert not embeds[:, : clip_tokenizer.model_max_length].any()  # token embeddings start at zero
-    for clip in clips:  # now give the CLIP slots content, as training does
-        torch.nn.init.normal_(clip.text_model.embeddings.token_embedding.weight)
-    embeds = encode_prompts(clip_tokenizer, clips, t5_tokenizer, t5, captions, MAX_SEQUENCE_LENGTH)
     pipe = StableDiffusion3Pipeline(
         transformer=build_sd3_transformer(cfg, t5.config.d_model, 3), scheduler=attnscope.load_pipeline(
             "shapes", progress=False).scheduler, vae=None, text_encoder=clips[0], tokenizer=clip_tokenizer,
         text_encoder_2=clips[1], tokenizer_2=clip_tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
-    expected = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
-                                  max_sequence_length=MAX_SEQUENCE_LENGTH)[0]
-    torch.testing.assert_close(embeds, expected)
+    captions = ["a red circle", "a blue square and a green triangle"]
+    embeds = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
+                                max_sequence_length=MAX_SEQUENCE_LENGTH)[0]
+    assert embeds.shape == (2, clip_tokenizer.model_max_length + MAX_SEQUENCE_LENGTH, t5.config.d_model)
+    assert not embeds[:, : clip_tokenizer.model_max_length].any()  # token embeddings start at zero
+    embeds.sum().backward()  # the trainer encodes through the pipeline: the CLIP slots must get a gradient
+    for clip in clips:
+        assert clip.text_model.embeddings.token_embedding.weight.grad.any()
+        assert clip.text_model.embeddings.position_embedding.weight.grad is None  # frozen at zero
 
 
 def test_train_resume_export_and_load(tmp_path) -> None:
