@@ -130,14 +130,21 @@ def test_sd3_eval_runs_and_a_lora_of_the_other_architecture_is_refused(sd3_red_r
         load_lora(small_shapes_sd3_pipeline(), flux_run)
 
 
-def test_the_attention_term_lowers_the_concepts_attention_at_its_clip_and_t5_positions(tmp_path) -> None:
-    pipe = small_shapes_sd3_pipeline()
+@pytest.mark.parametrize("architecture", ["flux", "sd3"])
+def test_the_attention_term_lowers_the_concepts_attention_at_all_its_positions(architecture: str, tmp_path) -> None:
+    """Direction through the whole stack: training on the attention loss alone lowers the concept's attention, on
+    Flux (T5 positions) and on SD3 (its CLIP and its T5 position)."""
+    from test_erase_run import small_shapes_pipeline  # the Flux-form counterpart (pytest puts this folder on the path)
+
+    pipe = small_shapes_pipeline() if architecture == "flux" else small_shapes_sd3_pipeline()
     config = _config(steps=6, lr=1e-2, schedule="joint", weights=LossWeights(esd=0, attention=1, flow=0, contrastive=0))
-    call = SD3Call(pipe, 32, 32)
-    bank = PromptBank(call, pipe.tokenizer_max_length + MAX_SEQUENCE_LENGTH)
+    adapter = adapter_for(pipe)
+    call = adapter.model_call(pipe, 32, 32)
+    bank = PromptBank(call, adapter.text_length(pipe, MAX_SEQUENCE_LENGTH))
     prompt = "a red circle"
     positions = bank.positions(prompt, "red")
-    assert len(positions) == 2 and positions[0] < pipe.tokenizer_max_length <= positions[1]
+    if architecture == "sd3":
+        assert len(positions) == 2 and positions[0] < pipe.tokenizer_max_length <= positions[1]
     embeds, pooled = bank.get([prompt])
     x = call.noise(1, torch.Generator().manual_seed(3))
     sigma = torch.tensor([0.7])
