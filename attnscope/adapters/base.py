@@ -54,6 +54,16 @@ class ForwardContext:
     timestep: float
 
 
+def clean_latents(pipe: Any, images: Sequence[Any]) -> torch.Tensor:
+    """Latents ``(B, C, H, W)`` of uint8 RGB images ``(H, W, 3)``, on the transformer's device and dtype, as a
+    sampler's final state would be before the pipeline decodes it: the VAE's mode, shifted and scaled."""
+    vae = pipe.vae
+    pixels = torch.stack([torch.as_tensor(im).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    return z.to(pipe.transformer.device, pipe.transformer.dtype)
+
+
 class ModelCall(Protocol):
     """A direct transformer call at a chosen state, for one image size (what training and erasure need).
 

@@ -21,7 +21,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from ..capture import CaptureProcessor, CaptureSite, require_stock, reroute, uses_native_sdpa
 from ..tokens import PromptTokens, t5_tokens
 from . import check_size, register_adapter
-from .base import Adapter, ForwardContext, LayerInfo
+from .base import Adapter, ForwardContext, LayerInfo, clean_latents
 
 #: Flux's guidance-embedding input when none is given (``FluxPipeline``'s default ``guidance_scale``).
 DEFAULT_GUIDANCE = 3.5
@@ -292,12 +292,7 @@ class FluxCall:
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Clean latents ``(B, N, C)`` of uint8 RGB images ``(H, W, 3)`` (this call's size), as the sampler's
         final state would be before decoding: the VAE's mode, shifted and scaled, packed."""
-        vae = self.pipe.vae
-        pixels = torch.stack([torch.as_tensor(im).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-        transformer = self.pipe.transformer
-        return pack_latents(z.to(transformer.device, transformer.dtype))
+        return pack_latents(clean_latents(self.pipe, images))
 
     def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Packed Gaussian latents ``(B, N, C)``, drawn as ``FluxPipeline.prepare_latents`` draws them."""

@@ -21,7 +21,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from ..capture import CaptureProcessor, CaptureSite, require_stock, reroute
 from ..tokens import PromptTokens, clip_tokens, concat, t5_tokens, zero_tokens
 from . import check_size, register_adapter
-from .base import Adapter, ForwardContext, LayerInfo
+from .base import Adapter, ForwardContext, LayerInfo, clean_latents
 
 #: ``StableDiffusion3Pipeline``'s default ``guidance_scale`` (classifier-free guidance).
 DEFAULT_GUIDANCE = 7.0
@@ -313,12 +313,7 @@ class SD3Call:
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Clean states ``(B, N, C)`` of uint8 RGB images ``(H, W, 3)`` (this call's size): the VAE's mode,
         shifted and scaled as the pipeline undoes before decoding, patchified."""
-        vae = self.pipe.vae
-        pixels = torch.stack([torch.as_tensor(im).permute(2, 0, 1) for im in images]).float() / 127.5 - 1
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        z = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-        transformer = self.pipe.transformer
-        return patchify(z.to(transformer.device, transformer.dtype), self.patch)
+        return patchify(clean_latents(self.pipe, images), self.patch)
 
     def noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Gaussian states ``(B, N, C)``, drawn as ``StableDiffusion3Pipeline.prepare_latents`` draws its latents."""
