@@ -17,7 +17,6 @@ in ``train.py``.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from tqdm import tqdm
 
 import attnscope
 from attnscope import atomic
@@ -36,6 +34,7 @@ from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
 
 from .grounding import grounding_loss, grounding_targets
+from .loop import Progress, StepLosses, run_steps
 from .model import ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
 from .sd3 import (
     SD3ShapesConfig,
@@ -44,7 +43,7 @@ from .sd3 import (
     build_sd3_transformer,
     transfer_from_flux,
 )
-from .train import BatchStream, _image_ids, _lr_factor, _stop_on_signals, images_to_tensor, load_exported, noise_levels
+from .train import BatchStream, _image_ids, images_to_tensor, load_exported, noise_levels
 
 #: Marks a checkpoint of this trainer (the lab's checkpoint profile and export read it).
 ARCHITECTURE = "sd3"
@@ -149,14 +148,14 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
     params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(trained).items()}
-    step, elapsed = 0, 0.0
+    progress = Progress()
     gen = torch.Generator().manual_seed(cfg.seed)
     if state is not None:
         opt.load_state_dict(state["opt"])
         ema = {k: v.to(device) for k, v in state["ema"].items()}
-        step, elapsed = state["step"], state["elapsed"]
+        progress = Progress(state["step"], state["elapsed"])
         gen.set_state(state["gen"])
-        log(f"resumed at step {step}, {elapsed / 60:.1f} min trained")
+        log(f"resumed at step {progress.step}, {progress.elapsed / 60:.1f} min trained")
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     low, high = cfg.guidance
 
@@ -164,9 +163,10 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
         atomic.torch_save({
             "architecture": ARCHITECTURE, "config": cfg.__dict__, "teacher_record": record,
             "transformer": student.state_dict(), "clips": [clip.state_dict() for clip in clips], "ema": ema,
-            "opt": opt.state_dict(), "gen": gen.get_state(), "step": step, "elapsed": elapsed, "parent": parent,
+            "opt": opt.state_dict(), "gen": gen.get_state(), "step": progress.step, "elapsed": progress.elapsed,
+            "parent": parent,
         }, ckpt_path)
-        log(f"checkpoint step {step} ({elapsed / 60:.1f} min)")
+        log(f"checkpoint step {progress.step} ({progress.elapsed / 60:.1f} min)")
 
     def losses(scenes, captions) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(captions)
@@ -214,55 +214,19 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
         flow = guided_error.mean() + F.mse_loss(unconditional, unconditional_target)
         return flow, ground
 
-    budget = cfg.minutes * 60
-    if budget <= 0 and cfg.steps <= 0:
-        raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
-    last_ckpt, window, window_n, window_t = time.time(), [0.0, 0.0], 0, time.time()
-    bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes-sd3", mininterval=10)
     for module in trained.values():
         module.train()
-    stop = threading.Event()
+
+    def step_losses(_: int) -> StepLosses:
+        flow, ground = losses(*stream.next())
+        return flow + cfg.grounding * ground, flow, ground
+
     try:
-        with _stop_on_signals(stop), BatchStream(cfg, step) as stream:
-            while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
-                t0 = time.time()
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
-                flow, ground = losses(*stream.next())
-                loss = flow + cfg.grounding * ground
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                try:
-                    torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
-                except RuntimeError:
-                    message = f"step {step + 1}: non-finite gradient; the checkpoint keeps step {step}"
-                    log(message)
-                    raise FloatingPointError(message) from None
-                opt.step()
-                step += 1
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for k, v in _trainable_state(trained).items():
-                        ema[k].lerp_(v, 1 - decay)
-                elapsed += time.time() - t0
-                window[0] += flow.item()
-                window[1] += ground.item()
-                window_n += 1
-                bar.update(1)
-                if step % cfg.log_every == 0:
-                    rate = window_n / (time.time() - window_t)
-                    log(f"step {step} loss {window[0] / window_n:.4f} grounding {window[1] / window_n:.4f} "
-                        f"it/s {rate:.2f} min {elapsed / 60:.1f}")
-                    bar.set_postfix(loss=f"{window[0] / window_n:.4f}")
-                    window, window_n, window_t = [0.0, 0.0], 0, time.time()
-                if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-                    save()
-                    last_ckpt = time.time()
+        with BatchStream(cfg, progress.step) as stream:
+            run_steps(cfg, progress, opt=opt, params=params, ema=ema, weights=lambda: _trainable_state(trained),
+                      losses=step_losses, save=save, log=log, desc="shapes-sd3",
+                      second="grounding" if cfg.grounding else None)
     finally:
-        bar.close()
-        if stop.is_set():
-            log(f"stopped by a signal after step {step}")
-        save()
         log_file.close()
     return ckpt_path
 

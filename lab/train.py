@@ -32,11 +32,8 @@ same data stream. Progress goes to a tqdm bar and, one line per ``--log-every`` 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
-import signal
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,6 +55,7 @@ from attnscope.tokens import t5_tokens
 
 from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
+from .loop import Progress, StepLosses, run_steps
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
@@ -436,14 +434,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
-    step, elapsed = 0, 0.0
+    progress = Progress()
     gen = torch.Generator().manual_seed(cfg.seed)
     if state is not None:
         opt.load_state_dict(state["opt"])
         ema = {k: v.to(device) for k, v in state["ema"].items()}
-        step, elapsed = state["step"], state["elapsed"]
+        progress = Progress(state["step"], state["elapsed"])
         gen.set_state(state["gen"])
-        log(f"resumed at step {step}, {elapsed / 60:.1f} min trained")
+        log(f"resumed at step {progress.step}, {progress.elapsed / 60:.1f} min trained")
         if "rng" in state:
             log("checkpoint from before per-step batch seeds: the data stream changes from here")
 
@@ -460,13 +458,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 "ema": ema,
                 "opt": opt.state_dict(),
                 "gen": gen.get_state(),
-                "step": step,
-                "elapsed": elapsed,
+                "step": progress.step,
+                "elapsed": progress.elapsed,
                 "parent": parent,
             },
             ckpt_path,
         )
-        log(f"checkpoint step {step} ({elapsed / 60:.1f} min)")
+        log(f"checkpoint step {progress.step} ({progress.elapsed / 60:.1f} min)")
 
     def encode(images: list[np.ndarray]) -> torch.Tensor:
         """Normalized latents of (H, W, 3) uint8 images."""
@@ -501,101 +499,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return preference_loss(errors, winners, losers, t.to(device), noise.to(device), cfg.preference_beta,
                                cfg.preference_sft)
 
-    budget = cfg.minutes * 60  # 0: no time limit, ``steps`` only
-    if budget <= 0 and cfg.steps <= 0:
-        raise ValueError("give a time budget (minutes > 0), a step budget (steps > 0), or both")
-    last_ckpt = time.time()
-    # Window sums stay on the device: reading them every step would wait for the GPU every step.
-    window_loss, window_ground = torch.zeros((), device=device), torch.zeros((), device=device)
-    # The second number of a log line: the grounding loss, or a preference run's share of preferred pairs.
-    second = "preferred" if preferences is not None else "grounding" if cfg.grounding else None
-    window_n, window_t = 0, time.time()
-    bar = tqdm(initial=step, total=cfg.steps or None, desc="shapes", mininterval=10)
+    def step_losses(at_step: int) -> StepLosses:
+        if preferences is None:
+            flow, ground = data_losses(*stream.next())
+            return flow + cfg.grounding * ground, flow, ground
+        loss, preferred = preference_losses(at_step)
+        return loss, loss, preferred
+
     transformer.train()
     t5.train()
-    stop = threading.Event()
     try:
-        with _stop_on_signals(stop), BatchStream(cfg, step) as stream:
-            while not stop.is_set() and (budget <= 0 or elapsed < budget) and (cfg.steps == 0 or step < cfg.steps):
-                t0 = time.time()
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, elapsed, budget, cfg)
-                if preferences is None:
-                    flow, ground = data_losses(*stream.next())
-                    loss = flow + cfg.grounding * ground
-                else:
-                    loss, preferred = preference_losses(step)
-                    flow, ground = loss, preferred  # logged in the same two slots
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                try:  # a non-finite gradient stops the run before it reaches the weights, so the checkpoint stays good
-                    torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
-                except RuntimeError:
-                    message = (f"step {step + 1}: non-finite gradient (loss {flow.item():.4g}, {second} "
-                               f"{ground.item():.4g}); the weights were not updated and the checkpoint keeps "
-                               f"step {step}")
-                    log(message)
-                    raise FloatingPointError(message) from None
-                opt.step()
-                step += 1
-                # EMA warm-up (as in many diffusion trainers): early averages must not be dominated by the init.
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for k, v in _trainable_state(transformer, t5).items():
-                        ema[k].lerp_(v, 1 - decay)
-                elapsed += time.time() - t0
-                window_loss += flow.detach()
-                window_ground += ground.detach()
-                window_n += 1
-                bar.update(1)
-                if step % cfg.log_every == 0:
-                    rate = window_n / (time.time() - window_t)
-                    mean_loss = window_loss.item() / window_n
-                    grounded = f" {second} {window_ground.item() / window_n:.4f}" if second else ""
-                    log(f"step {step} loss {mean_loss:.4f}{grounded} it/s {rate:.2f} min {elapsed / 60:.1f}")
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    window_loss.zero_()
-                    window_ground.zero_()
-                    window_n, window_t = 0, time.time()
-                if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-                    save()
-                    last_ckpt = time.time()
+        with BatchStream(cfg, progress.step) as stream:
+            run_steps(
+                cfg, progress, opt=opt, params=params, ema=ema, weights=lambda: _trainable_state(transformer, t5),
+                losses=step_losses, save=save, log=log, desc="shapes",
+                # the second number of a log line: the grounding loss, or a preference run's share of preferred pairs
+                second="preferred" if preferences is not None else "grounding" if cfg.grounding else None,
+            )
     finally:
-        bar.close()
-        if stop.is_set():
-            log(f"stopped by a signal after step {step}")
-        save()
         log_file.close()
     return ckpt_path
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event):
-    """SIGINT / SIGTERM set ``stop`` (the loop then ends after the current step and the checkpoint is written),
-    also for a process started in the background, which inherits SIGINT as ignored. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _lr_factor(step: int, elapsed: float, budget: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``cfg.warmup`` steps, constant, then a linear cool-down over the last ``cfg.cooldown``
-    of the budget (to 5 %), which sharpens the final weights; intermediate checkpoints stay usable. The budget is
-    wall time when ``minutes`` > 0 (the schedule then depends on machine speed), else ``steps``."""
-    warm = min(1.0, (step + 1) / cfg.warmup)
-    if cfg.cooldown <= 0:
-        return warm
-    if budget > 0:
-        left = (budget - elapsed) / (cfg.cooldown * budget)
-    else:  # step budget only: a step-based, exactly reproducible schedule
-        left = (cfg.steps - step) / (cfg.cooldown * cfg.steps)
-    return warm * max(0.05, min(1.0, left))
 
 
 def train_command(cfg: dict) -> str:

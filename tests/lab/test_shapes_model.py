@@ -273,15 +273,15 @@ def test_bundled_weights_load_and_generate(bundled_pipe):
 
 
 def test_lr_schedule_warmup_constant_cooldown():
-    from attnscope.lab.train import _lr_factor
+    from attnscope.lab.loop import lr_factor
 
     cfg = TrainConfig(steps=1000, minutes=0, warmup=100, cooldown=0.2)
-    assert _lr_factor(0, 0.0, 0.0, cfg) == pytest.approx(0.01)
-    assert _lr_factor(500, 0.0, 0.0, cfg) == 1.0
-    assert _lr_factor(900, 0.0, 0.0, cfg) == pytest.approx(0.5)
-    assert _lr_factor(999, 0.0, 0.0, cfg) == pytest.approx(0.05)
+    assert lr_factor(0, 0.0, 0.0, cfg) == pytest.approx(0.01)
+    assert lr_factor(500, 0.0, 0.0, cfg) == 1.0
+    assert lr_factor(900, 0.0, 0.0, cfg) == pytest.approx(0.5)
+    assert lr_factor(999, 0.0, 0.0, cfg) == pytest.approx(0.05)
     timed = TrainConfig(minutes=10, warmup=1, cooldown=0.1)
-    assert _lr_factor(50, 570.0, 600.0, timed) == pytest.approx(0.5)
+    assert lr_factor(50, 570.0, 600.0, timed) == pytest.approx(0.5)
 
 
 def test_sigterm_stops_after_a_whole_step_and_resumes_the_same_stream(tmp_path):
