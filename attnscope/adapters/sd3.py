@@ -112,7 +112,6 @@ class SD3Adapter(Adapter):
         return None
 
 
-
 def sd3_tokens(pipe: Any, prompt: str, text_length: int) -> PromptTokens:
     """SD3's text sequence: CLIP (``pipe.tokenizer``, ``pipe.tokenizer_max_length``: 77 on SD3) then T5
     (``pipe.tokenizer_3``, the rest of ``text_length``).
@@ -174,6 +173,7 @@ class SD3CaptureProcessor(CaptureProcessor, JointAttnProcessor2_0):
 
         if not self._has_text:
             return original()
+
         def plain() -> bool:
             return (
                 not args
