@@ -46,7 +46,10 @@ class LossWeights:
     ``keep`` is ours: the adapted model's velocity must stay the base model's at states of the base model's own
     preservation-prompt trajectories (and, for models sampled with true classifier-free guidance, for the negative
     prompt at the concept's points, the reference guidance subtracts). A regression on known targets, so much less
-    noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw.
+    noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw. Under true CFG at scale
+    ``w`` the loss is multiplied by ``w²`` (``ModelCall.guidance_gain``): the sampler follows
+    ``v_neg + w·(v − v_neg)``, so a conditional error reaches the image w-fold, and the weight stays the error's
+    weight in the images on every model.
 
     ``ablation`` and ``anchor`` are concept ablation's (``--method ca``): the concept prompt's velocity regressed to
     the base model's velocity for the anchor prompt, and the anchor prompt's own velocity kept.

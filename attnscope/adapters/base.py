@@ -132,6 +132,11 @@ class ModelCall(Protocol):
     def guided(self) -> bool:
         """Whether sampling uses true classifier-free guidance (two calls per step)."""
 
+    @property
+    def guidance_gain(self) -> float:
+        """How many times a change of the conditional velocity reaches the velocity the sampler follows: the true
+        CFG scale ``w`` of ``v_neg + w·(v − v_neg)``, 1 without true CFG."""
+
 
 class Adapter(ABC):
     """Per-architecture facts: joint-attention modules, token order, grid, text layout, CFG batch layout."""

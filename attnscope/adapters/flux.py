@@ -344,6 +344,10 @@ class FluxCall:
         """Whether sampling uses true classifier-free guidance."""
         return self.true_cfg_scale > 1 and self.negative is not None
 
+    @property
+    def guidance_gain(self) -> float:
+        return self.true_cfg_scale if self.wants_negative else 1.0
+
 
 __all__ = [
     "DEFAULT_GUIDANCE",

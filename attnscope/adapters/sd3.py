@@ -238,6 +238,10 @@ class SD3Call:
     def guided(self) -> bool:
         return self.wants_negative and self.negative is not None
 
+    @property
+    def guidance_gain(self) -> float:
+        return self.guidance_scale if self.wants_negative else 1.0
+
     def sigmas(self, steps: int) -> torch.Tensor:
         """Set the pipeline's scheduler for ``steps`` steps as ``StableDiffusion3Pipeline.__call__`` does (the
         scheduler's own spacing, the resolution-dependent shift ``mu`` where it shifts dynamically); returns its

@@ -105,7 +105,10 @@ def preserve_rows(trainer: Trainer) -> dict[str, float]:
         if n_flow:
             values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
         if n_keep:
-            values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
+            # Weighed as the error the sampler sees: under true CFG a conditional error reaches it w-fold (the
+            # negative rows' own gain, w - 1, is close and shares the weight).
+            values["keep"] = trainer.call.guidance_gain ** 2 * losses.velocity_matching_loss(
+                v[n_flow:], c.keep_v[keep].to(device))
         return values
 
     def contrastive_losses(v, maps, columns):

@@ -206,3 +206,36 @@ def test_erasing_an_unsupported_architecture_names_the_supported_ones(tmp_path) 
     with pytest.raises(UnsupportedModelError, match="FluxTransformer2DModel, SD3Transformer2DModel"):
         train(pipe, [shapes_spec("red")], _config(), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_the_keep_loss_weighs_a_conditional_error_as_the_guided_sampler_sees_it(guidance_scale, monkeypatch,
+                                                                                tmp_path) -> None:
+    """The sampler follows v_neg + w·(v − v_neg) under true CFG: ``guidance_gain`` is that w (1 without CFG), and
+    the keep loss is the conditional velocity error times w²."""
+    pipe = small_shapes_sd3_pipeline()
+    call = SD3Call(pipe, 32, 32, guidance_scale=guidance_scale)
+    bank = PromptBank(call, pipe.tokenizer_max_length + MAX_SEQUENCE_LENGTH)
+    call.negative = bank.get([""]) if call.wants_negative else None
+    embeds, pooled = bank.get(["a red circle"])
+    x = call.noise(1, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        followed, v, v_neg = call.sampling_velocity(pipe.transformer, x, torch.tensor([0.6]), embeds, pooled,
+                                                    bank.text_ids)
+    assert call.guidance_gain == guidance_scale
+    if call.guided:
+        torch.testing.assert_close(followed - v_neg, call.guidance_gain * (v - v_neg))
+    else:
+        torch.testing.assert_close(followed, v)
+
+    unit_error = []
+
+    def one(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # every keep error 1, still differentiable
+        unit_error.append(1)
+        return v.sum() * 0 + 1
+
+    monkeypatch.setattr(losses, "velocity_matching_loss", one)
+    weights = LossWeights(esd=0, attention=0, flow=0, contrastive=0, implicit=0, keep=1)
+    result = train(pipe, [shapes_spec("red")], _config(steps=2, guidance_scale=guidance_scale, weights=weights),
+                   tmp_path, progress=False)
+    assert unit_error and result.final_losses["keep"] == pytest.approx(guidance_scale ** 2)
