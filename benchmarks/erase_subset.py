@@ -1,0 +1,69 @@
+"""The recipe subset of the shapes-world eval: quick figures for ablations, on the model a run was trained on.
+
+    python benchmarks/erase_subset.py RUN [--base] [--seeds 8] [--threads 1]
+
+The prompts of ``attnscope eval`` (protocol 3) that separate recipes, at fewer seeds: the erased prompts, the
+multi-mention synonym prompts, six two-object irrelevant prompts and the implicit prompts. Prints and writes
+``RUN/subset.json`` (``RUN/subset_base.json`` with ``--base``, which scores the base model on the run's concepts):
+Acc_e, Acc_g over the multi-mention prompts, Acc_ir over the two-object prompts, Acc_ctx, Acc_implicit and the
+attention mass on the erased prompts. It chooses recipes; `attnscope eval` reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import attnscope
+from attnscope.erase.lora import check_lora_file, load_lora
+from attnscope.erase.run import read_run
+from attnscope.erase.worlds.shapes_eval import _score_model, shapes_prompts
+
+
+def subset_prompts(specs) -> dict[str, list[str]]:
+    prompts = shapes_prompts(specs)
+    return {
+        "erased": prompts["erased"],
+        "synonym": [p for p in prompts["synonym"] if " and " in p or "," in p],
+        "irrelevant": [p for p in prompts["irrelevant"] if " and " in p][:6],
+        "implicit": prompts["implicit"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="folder written by `attnscope erase`")
+    parser.add_argument("--base", action="store_true", help="score the base model on the run's concepts")
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, specs = read_run(args.run)
+    if not specs:
+        raise SystemExit(f"{args.run} has no spec.yaml: pass the --out folder of `attnscope erase`")
+    pipe = attnscope.load_pipeline(model, progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    if not args.base:
+        check_lora_file(pipe, args.run)
+        load_lora(pipe, args.run)
+    prompts = subset_prompts(specs)
+    start = time.perf_counter()
+    scores, _ = _score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased")
+    log_file = args.run / "train_log.json"
+    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    result = {
+        "model": model, "seeds": args.seeds, "acc_e": scores.acc_e, "acc_g_multi": scores.acc_g,
+        "acc_ir_two_object": scores.acc_ir, "acc_ctx": scores.acc_ctx, "acc_implicit": scores.acc_implicit,
+        "attention_mass": scores.attention_mass.get("erased"), "erase_seconds": log.get("seconds"),
+        "eval_seconds": round(time.perf_counter() - start, 1), "prompts": {k: len(v) for k, v in prompts.items()},
+    }
+    (args.run / ("subset_base.json" if args.base else "subset.json")).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
