@@ -21,7 +21,7 @@ import torch
 import attnscope
 from attnscope.erase.lora import check_lora_file, load_lora
 from attnscope.erase.run import read_run
-from attnscope.erase.worlds.shapes_eval import _score_model, shapes_prompts
+from attnscope.erase.worlds.shapes_eval import score_model, shapes_prompts
 
 
 def subset_prompts(specs) -> dict[str, list[str]]:
@@ -52,7 +52,7 @@ def main() -> None:
         load_lora(pipe, args.run)
     prompts = subset_prompts(specs)
     start = time.perf_counter()
-    scores, _ = _score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased")
+    scores, _ = score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased")
     log_file = args.run / "train_log.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     result = {

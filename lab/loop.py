@@ -42,6 +42,22 @@ class Progress:
     elapsed: float = 0.0
 
 
+def restore_progress(
+    state: dict | None, opt: torch.optim.Optimizer, ema: dict[str, torch.Tensor], gen: torch.Generator,
+    log: Callable[[str], None],
+) -> tuple[Progress, dict[str, torch.Tensor]]:
+    """A checkpoint's optimizer, generator, step and time put back (``state`` None: a fresh start); returns the
+    progress and the EMA to continue from (on the optimizer's device)."""
+    if state is None:
+        return Progress(), ema
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["gen"])
+    progress = Progress(state["step"], state["elapsed"])
+    log(f"resumed at step {progress.step}, {progress.elapsed / 60:.1f} min trained")
+    device = next(iter(ema.values())).device
+    return progress, {k: v.to(device) for k, v in state["ema"].items()}
+
+
 #: One step's losses: (what is optimized, what is logged as "loss", the second logged number).
 StepLosses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -34,7 +34,7 @@ from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
 
 from .grounding import grounding_loss, grounding_targets
-from .loop import Progress, StepLosses, run_steps
+from .loop import StepLosses, restore_progress, run_steps
 from .model import ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
 from .sd3 import (
     SD3ShapesConfig,
@@ -148,14 +148,8 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
     params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(trained).items()}
-    progress = Progress()
     gen = torch.Generator().manual_seed(cfg.seed)
-    if state is not None:
-        opt.load_state_dict(state["opt"])
-        ema = {k: v.to(device) for k, v in state["ema"].items()}
-        progress = Progress(state["step"], state["elapsed"])
-        gen.set_state(state["gen"])
-        log(f"resumed at step {progress.step}, {progress.elapsed / 60:.1f} min trained")
+    progress, ema = restore_progress(state, opt, ema, gen, log)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     low, high = cfg.guidance
 

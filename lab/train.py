@@ -55,7 +55,7 @@ from attnscope.tokens import t5_tokens
 
 from .distill import DEFAULT_GUIDANCE_RANGE, GuidanceTeacher
 from .grounding import grounding_loss, grounding_targets
-from .loop import Progress, StepLosses, run_steps
+from .loop import StepLosses, restore_progress, run_steps
 from .model import (
     MAX_SEQUENCE_LENGTH,
     ShapesModelConfig,
@@ -434,16 +434,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     params = [p for p in [*transformer.parameters(), *t5.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(transformer, t5).items()}
-    progress = Progress()
     gen = torch.Generator().manual_seed(cfg.seed)
-    if state is not None:
-        opt.load_state_dict(state["opt"])
-        ema = {k: v.to(device) for k, v in state["ema"].items()}
-        progress = Progress(state["step"], state["elapsed"])
-        gen.set_state(state["gen"])
-        log(f"resumed at step {progress.step}, {progress.elapsed / 60:.1f} min trained")
-        if "rng" in state:
-            log("checkpoint from before per-step batch seeds: the data stream changes from here")
+    progress, ema = restore_progress(state, opt, ema, gen, log)
+    if state is not None and "rng" in state:
+        log("checkpoint from before per-step batch seeds: the data stream changes from here")
 
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
 

@@ -227,7 +227,7 @@ def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean(hists, axis=0)
 
 
-def _score_model(
+def score_model(
     pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int, label: str
 ) -> tuple[ModelScores, dict[str, list[np.ndarray]]]:
     from tqdm import tqdm
@@ -320,9 +320,9 @@ def evaluate(
     pipe.set_progress_bar_config(disable=True)
     check_lora_file(pipe, lora_dir)  # before spending minutes on base images
     prompts = shapes_prompts(specs)
-    base, base_images = _score_model(pipe, prompts, specs, seeds, "base model")
+    base, base_images = score_model(pipe, prompts, specs, seeds, "base model")
     load_lora(pipe, lora_dir)
-    erased, erased_images = _score_model(pipe, prompts, specs, seeds, "with the LoRA")
+    erased, erased_images = score_model(pipe, prompts, specs, seeds, "with the LoRA")
 
     irrelevant = prompts["irrelevant"]
     pixel_mae = mean_pixel_difference(
