@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score, jaccard_score, roc_auc_score
 
 __all__ = ["PairScores", "mean_scores", "score_pair"]
 
@@ -30,6 +29,9 @@ class PairScores:
 
 def score_pair(heat: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> PairScores:
     """``heat (H, W)`` soft map, ``predicted (H, W)`` its thresholded mask, ``truth (H, W)`` the ground truth."""
+    # Imported here: scikit-learn takes seconds to import, and every command imports this module via the profiles.
+    from sklearn.metrics import accuracy_score, average_precision_score, jaccard_score, roc_auc_score
+
     truth = np.asarray(truth, dtype=bool)
     if heat.shape != truth.shape or predicted.shape != truth.shape:
         raise ValueError(f"heatmap {heat.shape}, prediction {predicted.shape} and mask {truth.shape} must match")
