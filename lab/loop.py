@@ -47,7 +47,7 @@ def restore_progress(
     log: Callable[[str], None],
 ) -> tuple[Progress, dict[str, torch.Tensor]]:
     """A checkpoint's optimizer, generator, step and time put back (``state`` None: a fresh start); returns the
-    progress and the EMA to continue from (on the optimizer's device)."""
+    progress and the EMA to continue from (on the device of the fresh ``ema``)."""
     if state is None:
         return Progress(), ema
     opt.load_state_dict(state["opt"])

@@ -342,11 +342,11 @@ class FluxCall:
     @property
     def guided(self) -> bool:
         """Whether sampling uses true classifier-free guidance."""
-        return self.true_cfg_scale > 1 and self.negative is not None
+        return self.wants_negative and self.negative is not None
 
     @property
     def guidance_gain(self) -> float:
-        return self.true_cfg_scale if self.wants_negative else 1.0
+        return self.true_cfg_scale if self.guided else 1.0
 
 
 __all__ = [

@@ -240,7 +240,7 @@ class SD3Call:
 
     @property
     def guidance_gain(self) -> float:
-        return self.guidance_scale if self.wants_negative else 1.0
+        return self.guidance_scale if self.guided else 1.0
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """Set the pipeline's scheduler for ``steps`` steps as ``StableDiffusion3Pipeline.__call__`` does (the
