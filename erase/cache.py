@@ -10,8 +10,10 @@ that point is computed once too:
   target word swapped for each of them) as the fixed targets of the contrastive loss;
 * the final samples of the preservation prompts, for the preservation flow-matching loss;
 * *keep points* for the keep loss, whose base velocities the samplers computed anyway: every state on the
-  preservation trajectories with its prompt's velocity and, with true CFG, every concept point with the negative
-  prompt's velocity ``v*(x_t, ∅)``.
+  preservation trajectories with its prompt's velocity and, with true CFG, the negative prompt's velocity
+  ``v*(x_t, ∅)`` there too (the keep loss holds the guided pair, the velocity the sampler follows). The concept's
+  points are no keep points: under CFG ``v(x_t, ∅)`` there is the empty prompt's image, which the implicit loss
+  erases.
 
 All of it is deterministic for a seed and saved beside the checkpoint (``cache.pt``) so a resumed run trains
 on exactly the same data.
@@ -31,6 +33,7 @@ from attnscope.adapters import ModelCall
 from attnscope.trace import column_mask
 
 from .losses import attention_features, concept_map
+from .run import ResumeMismatchError
 from .sampling import PromptBank, sample_trajectory
 from .spec import ConceptSpec, find_word, replace_word
 
@@ -76,7 +79,8 @@ class EraseCache:
     through the concept and the anchor prompt, ``positives (P, K, N)`` /
     ``negatives (P, S, N)`` base attention features with ``positive_mask (P, K)``/``negative_mask (P, S)``;
     ``x0 (Q, N, C)`` preservation samples of ``preserve_prompts`` (Q); keep points ``keep_x (R, N, C)``,
-    ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)``; implicit rows
+    ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)`` and, with true CFG, the
+    negative prompt's ``keep_v_negative (R, N, C)`` (0 rows without); implicit rows
     ``implicit_point (U,)`` (index of a concept point), ``implicit_prompts`` (U) and the base velocity there through
     that prompt, ``v_implicit (U, N, C)``; ``concept_maps (P, N)`` the base model's concept map at each concept
     point (:func:`~erase.losses.concept_map`; empty unless asked for).
@@ -98,6 +102,7 @@ class EraseCache:
     keep_x: torch.Tensor
     keep_sigma: torch.Tensor
     keep_v: torch.Tensor
+    keep_v_negative: torch.Tensor
     keep_prompts: list[str]
     implicit_point: torch.Tensor
     implicit_prompts: list[str]
@@ -110,7 +115,14 @@ class EraseCache:
 
     @classmethod
     def load(cls, path: str | Path) -> EraseCache:
-        return cls(**torch.load(path, weights_only=False, map_location="cpu"))
+        data = torch.load(path, weights_only=False, map_location="cpu")
+        missing = sorted({f.name for f in fields(cls)} - data.keys())
+        if missing:
+            raise ResumeMismatchError(
+                f"{path} was drawn by an earlier attnscope (it has no {', '.join(missing)}): "
+                "start the run again with --overwrite"
+            )
+        return cls(**data)
 
 
 def maps_forward(
@@ -173,14 +185,12 @@ def _target_rows(
 @dataclass
 class ConceptPoints:
     """States of the base model's own trajectories of the concept prompts: ``x (P, N, C)`` at ``sigma (P,)``, step
-    by step for each chunk of (prompt, seed) jobs; ``v_concept (P, N, C)`` the conditional velocity there and, with
-    true CFG, ``v_negative`` the negative prompt's (else None); ``prompts``/``words`` (the target word in it)/
-    ``concept`` (index into the specs) per point."""
+    by step for each chunk of (prompt, seed) jobs; ``v_concept (P, N, C)`` the conditional velocity there;
+    ``prompts``/``words`` (the target word in it)/``concept`` (index into the specs) per point."""
 
     x: torch.Tensor
     sigma: torch.Tensor
     v_concept: torch.Tensor
-    v_negative: torch.Tensor | None
     prompts: list[str]
     words: list[str]
     concept: list[int]
@@ -200,7 +210,7 @@ def sample_concept_points(
     chunk."""
     transformer = call.pipe.transformer
     jobs = [(ci, p) for ci, spec in enumerate(specs) for p in spec.prompts for _ in range(config.seeds)]
-    x, sigma, v, negative, prompts, words, concept = [], [], [], [], [], [], []
+    x, sigma, v, prompts, words, concept = [], [], [], [], [], []
     for start in range(0, len(jobs), config.batch):
         chunk = jobs[start : start + config.batch]
         chunk_prompts = [p for _, p in chunk]
@@ -210,8 +220,6 @@ def sample_concept_points(
         for k in range(config.sample_steps):
             x.append(trajectory.states[k])
             v.append(trajectory.velocities[k])
-            if trajectory.negative_velocities is not None:
-                negative.append(trajectory.negative_velocities[k])
             sigma.append(trajectory.sigmas[k].expand(len(chunk)))
             prompts += chunk_prompts
             words += [specs[ci].target_in(p) for ci, p in chunk]
@@ -220,7 +228,7 @@ def sample_concept_points(
             on_chunk(start + len(chunk))
     return ConceptPoints(
         x=torch.cat(x), sigma=torch.cat(sigma).float(), v_concept=torch.cat(v),
-        v_negative=torch.cat(negative) if negative else None, prompts=prompts, words=words, concept=concept,
+        prompts=prompts, words=words, concept=concept,
     )
 
 
@@ -233,7 +241,6 @@ def build_cache(
     config: CacheConfig,
     layers: Any = "double",
     progress: Any = None,
-    negative_prompt: str = "",
 ) -> EraseCache:
     """Sample the base model (call inside :func:`erase.lora.base_model` once a LoRA exists) and fill the cache.
 
@@ -317,12 +324,7 @@ def build_cache(
 
     # Preservation samples: the end of each trajectory.
     x0_list, q_prompts = [], []
-    keep_x, keep_sigma, keep_v, keep_prompts = [], [], [], []
-    if points.v_negative is not None:  # the concept points with the negative prompt
-        keep_x.append(x)
-        keep_sigma.append(sigma)
-        keep_v.append(points.v_negative)
-        keep_prompts += [negative_prompt] * len(x)
+    keep_x, keep_sigma, keep_v, keep_v_negative, keep_prompts = [], [], [], [], []
     pjobs = [p for p in preserve_prompts for _ in range(config.seeds)]
     for start in range(0, len(pjobs), config.batch):
         chunk = pjobs[start : start + config.batch]
@@ -334,6 +336,8 @@ def build_cache(
         keep_x.append(trajectory.states[:-1].flatten(0, 1).cpu())  # (steps·B, N, C), step-major
         keep_sigma.append(trajectory.sigmas[:-1].repeat_interleave(len(chunk)))
         keep_v.append(trajectory.velocities.flatten(0, 1).cpu())
+        if trajectory.negative_velocities is not None:
+            keep_v_negative.append(trajectory.negative_velocities.flatten(0, 1).cpu())
         keep_prompts += chunk * config.preserve_steps
         done += len(chunk)
         if progress:
@@ -356,6 +360,7 @@ def build_cache(
         keep_x=torch.cat(keep_x).cpu() if keep_x else empty,
         keep_sigma=torch.cat(keep_sigma).float() if keep_sigma else torch.zeros(0),
         keep_v=torch.cat(keep_v).cpu() if keep_v else empty,
+        keep_v_negative=torch.cat(keep_v_negative) if keep_v_negative else empty,
         keep_prompts=keep_prompts,
         implicit_point=torch.tensor(implicit_point, dtype=torch.long),
         implicit_prompts=implicit_prompts,

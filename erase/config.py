@@ -26,8 +26,8 @@ class EraseConfig:
     """Everything that determines a run (recorded in ``run.json``; a resumed run must match it).
 
     ``batch``: rows per erase step and per preserve step; ``contrastive_rows`` of a preserve step's rows are
-    concept points for the contrastive loss (run only up to the last of ``attention_layers``), ``keep_rows`` keep
-    points for the keep loss, the rest flow-matching rows. ``height``/``width``/
+    concept points for the contrastive loss (run only up to the last of ``attention_layers``), up to ``keep_rows``
+    keep points for the keep loss (two rows each under true CFG), the rest flow-matching rows. ``height``/``width``/
     ``max_sequence_length``: ``None`` takes the model's defaults. ``attention_layers``: which joint-attention
     layers the attention and contrastive losses read (trace ``layers`` selector); ``attention_form``: the
     attention term as the mean mass on the concept's keys (``mass``, :func:`~erase.losses.attention_loss`) or as

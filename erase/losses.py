@@ -30,6 +30,7 @@ __all__ = [
     "esd_loss",
     "esd_target",
     "flow_matching_loss",
+    "guided_velocity_loss",
     "implicit_loss",
     "localized_attention_loss",
     "velocity_matching_loss",
@@ -44,12 +45,10 @@ class LossWeights:
     official term's scale against ours and measures the weights and the localized form).
 
     ``keep`` is ours: the adapted model's velocity must stay the base model's at states of the base model's own
-    preservation-prompt trajectories (and, for models sampled with true classifier-free guidance, for the negative
-    prompt at the concept's points, the reference guidance subtracts). A regression on known targets, so much less
-    noisy than the flow-matching loss, whose target ``ε − x0`` varies with the noise draw. Under true CFG at scale
-    ``w`` the loss is multiplied by ``w²`` (``ModelCall.guidance_gain``): the sampler follows
-    ``v_neg + w·(v − v_neg)``, so a conditional error reaches the image w-fold, and the weight stays the error's
-    weight in the images on every model.
+    preservation-prompt trajectories. A regression on known targets, so much less noisy than the flow-matching loss,
+    whose target ``ε − x0`` varies with the noise draw. Under true CFG at scale ``w`` what is kept is the velocity
+    the sampler follows, ``v_∅ + w·(v − v_∅)`` (:func:`guided_velocity_loss`), so the weight is the error's weight
+    in the images on every model, and the negative branch may change where the conditional one makes up for it.
 
     ``ablation`` and ``anchor`` are concept ablation's (``--method ca``): the concept prompt's velocity regressed to
     the base model's velocity for the anchor prompt, and the anchor prompt's own velocity kept.
@@ -162,6 +161,18 @@ def flow_matching_loss(v: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -
 def velocity_matching_loss(v: torch.Tensor, v_base: torch.Tensor) -> torch.Tensor:
     """``‖v(x_t, c) - sg[v*(x_t, c)]‖²``: keep the adapted model's velocity where the base model's is known."""
     return F.mse_loss(v.float(), v_base.float().detach())
+
+
+def guided_velocity_loss(
+    v: torch.Tensor, v_negative: torch.Tensor, v_base: torch.Tensor, v_negative_base: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``‖w·(v − v*) − (w − 1)·(v_∅ − v*_∅)‖²``: keep the velocity a true-CFG sampler follows at scale ``w``,
+    ``v_∅ + w·(v − v_∅)``, at the base model's. Both branches are free to move as long as the guided sum stays, so
+    the negative branch (every guided prompt's, and the empty prompt's image) can give up the concept while the
+    conditional branch makes up for it."""
+    error = scale * (v.float() - v_base.float().detach()) - (scale - 1) * (
+        v_negative.float() - v_negative_base.float().detach())
+    return error.square().mean()
 
 
 def attention_features(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:

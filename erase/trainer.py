@@ -125,7 +125,7 @@ class Trainer:
             with base_model(self.transformer):
                 cache = build_cache(
                     self.call, self.bank, self.specs, preserve, cache_config,
-                    self.config.attention_layers, progress, self.config.negative_prompt or "",
+                    self.config.attention_layers, progress,
                 )
             cache.save(path)
         self.parallel.barrier()  # the other processes load what rank 0 built

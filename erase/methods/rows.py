@@ -3,8 +3,8 @@ the adapted model on them (:meth:`~erase.trainer.Trainer.backward_group`) and re
 
 * :func:`erase_rows` — cached concept points through their own prompts (ESD, attention attenuation) and through
   prompts that name nothing (unconditional ESD);
-* :func:`preserve_rows` — noised preservation samples (flow matching), keep points (keep loss) and concept points
-  for the reverse self-contrastive loss;
+* :func:`preserve_rows` — noised preservation samples (flow matching), keep points (keep loss; with true CFG
+  through the negative prompt too) and concept points for the reverse self-contrastive loss;
 * :func:`ablation_rows` — concept points through the concept prompt and the anchor prompt (concept ablation).
 
 With adversarial erasure (:mod:`erase.adversary`) the erase groups also train their target on ``batch // 2``
@@ -83,12 +83,17 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
 def preserve_rows(trainer: Trainer) -> dict[str, float]:
     """Flow matching on noised preservation samples and the keep loss on ``keep_rows`` keep points (one forward),
     and the contrastive loss on ``contrastive_rows`` concept points (a second forward that stops after the last
-    layer whose maps it reads): ``batch`` rows in all."""
+    layer whose maps it reads): ``batch`` rows in all, or more where ``batch`` cannot hold a row of each. Under true
+    CFG a keep point is two rows, its prompt and the negative prompt, and the loss holds their guided sum
+    (:func:`~erase.losses.guided_velocity_loss`); flow matching gets what the keep points leave."""
     c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
+    guided = len(c.keep_v_negative) > 0
+    rows_per_keep = 2 if guided else 1
     n_contrastive = config.contrastive_rows if w.contrastive > 0 else 0
     room = max(config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
-    n_keep = min(config.keep_rows, room) if w.keep > 0 and len(c.keep_x) else 0
-    n_flow = max(config.batch - n_contrastive - n_keep, 1) if w.flow > 0 else 0
+    # One keep point at least, even where it overfills a small batch: a weighted loss is never silently dropped.
+    n_keep = min(config.keep_rows, max(room // rows_per_keep, 1)) if w.keep > 0 and len(c.keep_x) else 0
+    n_flow = max(config.batch - n_contrastive - rows_per_keep * n_keep, 1) if w.flow > 0 else 0
     if not (n_flow or n_keep or n_contrastive):
         return {}
     idx = trainer.draw(len(c.preserve_prompts), n_flow)
@@ -104,11 +109,12 @@ def preserve_rows(trainer: Trainer) -> dict[str, float]:
         values = {}
         if n_flow:
             values["flow"] = losses.flow_matching_loss(v[:n_flow], x0.to(device), noise.to(device))
-        if n_keep:
-            # Weighed as the error the sampler sees: under true CFG a conditional error reaches it w-fold (the
-            # negative rows' own gain, w - 1, is close and shares the weight).
-            values["keep"] = trainer.call.guidance_gain ** 2 * losses.velocity_matching_loss(
-                v[n_flow:], c.keep_v[keep].to(device))
+        if n_keep and guided:
+            values["keep"] = losses.guided_velocity_loss(
+                v[n_flow : n_flow + n_keep], v[n_flow + n_keep :], c.keep_v[keep].to(device),
+                c.keep_v_negative[keep].to(device), trainer.call.guidance_gain)
+        elif n_keep:
+            values["keep"] = losses.velocity_matching_loss(v[n_flow:], c.keep_v[keep].to(device))
         return values
 
     def contrastive_losses(v, maps, columns):
@@ -123,11 +129,13 @@ def preserve_rows(trainer: Trainer) -> dict[str, float]:
 
     values: dict[str, float] = {}
     if n_flow or n_keep:
+        negative = guided and n_keep > 0
         values |= trainer.backward_group(
-            torch.cat([x_t, c.keep_x[keep]]),
-            torch.cat([t, c.keep_sigma[keep]]),
+            torch.cat([x_t, c.keep_x[keep]] + [c.keep_x[keep]] * negative),
+            torch.cat([t, c.keep_sigma[keep]] + [c.keep_sigma[keep]] * negative),
             [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
             preserve_losses,
+            conditioning=tuple(e.expand(n_keep, *e.shape[1:]) for e in trainer.call.negative) if negative else None,
         )
     if n_contrastive:
         values |= trainer.backward_group(

@@ -95,15 +95,14 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert {"esd", "attention"} <= set(log["steps"][0])
     assert {"flow", "contrastive", "keep"} <= set(log["steps"][1])
     assert set(log["final_losses"]) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
-    # Keep points: every concept point with the negative prompt (the shapes model samples with true CFG), then
-    # every state of the preservation trajectories with its own prompt.
+    # Keep points: every state of the preservation trajectories with its own prompt's base velocity and, as the
+    # shapes model samples with true CFG, the negative prompt's.
     assert log["config"]["true_cfg_scale"] > 1
     cache = torch.load(out / "cache.pt", weights_only=False)
-    n_concept, n_preserve = len(cache["prompts"]), len(cache["preserve_prompts"])
-    assert len(cache["keep_prompts"]) == n_concept + n_preserve * FAST["cache"].preserve_steps
-    assert cache["keep_prompts"][:n_concept] == [""] * n_concept
-    assert set(cache["keep_prompts"][n_concept:]) == set(cache["preserve_prompts"])
-    assert cache["keep_x"].shape == cache["keep_v"].shape == (len(cache["keep_prompts"]), *cache["x"].shape[1:])
+    assert len(cache["keep_prompts"]) == len(cache["preserve_prompts"]) * FAST["cache"].preserve_steps
+    assert set(cache["keep_prompts"]) == set(cache["preserve_prompts"])
+    shape = (len(cache["keep_prompts"]), *cache["x"].shape[1:])
+    assert cache["keep_x"].shape == cache["keep_v"].shape == cache["keep_v_negative"].shape == shape
     assert (out / "spec.yaml").is_file() and (out / "checkpoint.pt").is_file()
     # The LoRA changed the model (B matrices start at zero).
     assert any(v.abs().sum() > 0 for k, v in _lora(out).items() if "lora_B" in k)
@@ -122,7 +121,7 @@ def test_a_guidance_distilled_shapes_model_erases_through_its_guidance_input(tmp
         hook.remove()
     assert result.lora_path.is_file()
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
-    assert "" not in cache["keep_prompts"] and set(cache["keep_prompts"]) == set(cache["preserve_prompts"])
+    assert set(cache["keep_prompts"]) == set(cache["preserve_prompts"]) and len(cache["keep_v_negative"]) == 0
     # The model's own guidance scale (the bundled shapes model's), scaled by 1000 as the transformer scales timesteps.
     assert scales and all(torch.all(g == 1000 * GUIDANCE_SCALE) for g in scales)
 
@@ -133,7 +132,8 @@ def test_contrastive_rows_run_only_up_to_the_last_attention_layer(tmp_path) -> N
     batch without the contrastive rows; an erase step runs all its rows through every block (the implicit loss off,
     whose rows the next test counts)."""
     pipe = small_shapes_pipeline()
-    config = _config(weights=LossWeights(implicit=0.0), **model_defaults("shapes", pipe))
+    # Four rows: one contrastive, one keep point (two rows under this model's true CFG), one flow row.
+    config = _config(batch=4, weights=LossWeights(implicit=0.0), **model_defaults("shapes", pipe))
     trainer = Trainer(pipe, [shapes_spec("red")], config, tmp_path)
     trainer.prepare_cache(None)
     calls: dict[str, list[int]] = {"double": [], "single": []}

@@ -209,10 +209,10 @@ def test_erasing_an_unsupported_architecture_names_the_supported_ones(tmp_path) 
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_the_keep_loss_weighs_a_conditional_error_as_the_guided_sampler_sees_it(guidance_scale, monkeypatch,
-                                                                                tmp_path) -> None:
-    """The sampler follows v_neg + w·(v − v_neg) under true CFG: ``guidance_gain`` is that w (1 without CFG), and
-    the keep loss is the conditional velocity error times w²."""
+def test_the_keep_loss_holds_the_velocity_the_guided_sampler_follows(guidance_scale, monkeypatch, tmp_path) -> None:
+    """The sampler follows v_neg + w·(v − v_neg) under true CFG: ``guidance_gain`` is that w (1 without CFG). Each
+    keep point is then two rows, its prompt and the negative prompt, aligned with the cached base velocities of
+    both: the untrained LoRA (B = 0) gives a zero keep loss, which any misaligned row would not."""
     pipe = small_shapes_sd3_pipeline()
     call = SD3Call(pipe, 32, 32, guidance_scale=guidance_scale)
     bank = PromptBank(call, pipe.tokenizer_max_length + MAX_SEQUENCE_LENGTH)
@@ -228,14 +228,26 @@ def test_the_keep_loss_weighs_a_conditional_error_as_the_guided_sampler_sees_it(
     else:
         torch.testing.assert_close(followed, v)
 
-    unit_error = []
+    seen: list[tuple[str, float, int]] = []
+    guided, plain = losses.guided_velocity_loss, losses.velocity_matching_loss
 
-    def one(v: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # every keep error 1, still differentiable
-        unit_error.append(1)
-        return v.sum() * 0 + 1
+    def guided_spy(v, v_negative, v_base, v_negative_base, scale):
+        seen.append(("guided", scale, len(v_negative)))
+        return guided(v, v_negative, v_base, v_negative_base, scale)
 
-    monkeypatch.setattr(losses, "velocity_matching_loss", one)
+    def plain_spy(v, v_base):
+        seen.append(("plain", 1.0, 0))
+        return plain(v, v_base)
+
+    monkeypatch.setattr(losses, "guided_velocity_loss", guided_spy)
+    monkeypatch.setattr(losses, "velocity_matching_loss", plain_spy)
     weights = LossWeights(esd=0, attention=0, flow=0, contrastive=0, implicit=0, keep=1)
-    result = train(pipe, [shapes_spec("red")], _config(steps=2, guidance_scale=guidance_scale, weights=weights),
-                   tmp_path, progress=False)
-    assert unit_error and result.final_losses["keep"] == pytest.approx(guidance_scale ** 2)
+    result = train(pipe, [shapes_spec("red")], _config(steps=2, guidance_scale=guidance_scale, weights=weights,
+                                                       batch=4, keep_rows=2), tmp_path, progress=False)
+    expected = ("guided", guidance_scale, 2) if guidance_scale > 1 else ("plain", 1.0, 0)
+    assert seen == [expected]
+    assert result.final_losses["keep"] < 1e-10
+    cache = torch.load(tmp_path / "cache.pt", weights_only=False)
+    assert len(cache["keep_v_negative"]) == (len(cache["keep_x"]) if guidance_scale > 1 else 0)
+
+

@@ -164,6 +164,20 @@ def test_flow_matching_loss_direction() -> None:
     assert after < before
 
 
+def test_the_guided_keep_loss_is_the_error_of_the_velocity_the_sampler_follows() -> None:
+    g = torch.Generator().manual_seed(0)
+    v_base, v_negative_base, e = (torch.randn(2, 5, 3, generator=g) for _ in range(3))
+    w = 4.5
+    # The negative branch gives up e and the conditional branch makes up for it: the guided sum is unchanged.
+    moved = losses.guided_velocity_loss(v_base + (w - 1) / w * e, v_negative_base + e, v_base, v_negative_base, w)
+    assert moved.item() == pytest.approx(0, abs=1e-10)
+    # An error of the conditional branch alone reaches the image w-fold; at w = 1 it is the plain keep loss.
+    alone = losses.guided_velocity_loss(v_base + e, v_negative_base, v_base, v_negative_base, w)
+    torch.testing.assert_close(alone, w**2 * losses.velocity_matching_loss(v_base + e, v_base))
+    unguided = losses.guided_velocity_loss(v_base + e, v_negative_base + e, v_base, v_negative_base, 1.0)
+    torch.testing.assert_close(unguided, losses.velocity_matching_loss(v_base + e, v_base))
+
+
 def test_velocity_matching_loss_pulls_to_the_base_velocity() -> None:
     target = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))
     assert losses.velocity_matching_loss(target.clone(), target).item() == 0
