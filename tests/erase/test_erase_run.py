@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import attnscope.cli
 from attnscope.adapters.flux import FluxCall
 from attnscope.erase import losses
-from attnscope.erase.cache import CacheConfig
+from attnscope.erase.cache import CacheConfig, EraseCache
 from attnscope.erase.cli import register
 from attnscope.erase.config import EraseConfig, LossWeights, model_defaults
 from attnscope.erase.lora import LoraFileError
@@ -236,6 +236,15 @@ def test_output_folder_rules(red_run, tmp_path) -> None:
     train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1), tmp_path / "run", overwrite=True,
           progress=False)
     assert (tmp_path / "run" / "keep.txt").read_text() == "user file"  # overwrite replaces the run's files only
+
+
+def test_a_cache_drawn_by_an_earlier_version_is_refused_naming_the_way_out(red_run, tmp_path) -> None:
+    out, _ = red_run
+    data = torch.load(out / "cache.pt", weights_only=False)
+    del data["keep_v_negative"]
+    torch.save(data, tmp_path / "cache.pt")
+    with pytest.raises(ResumeMismatchError, match="no keep_v_negative.*--overwrite"):
+        EraseCache.load(tmp_path / "cache.pt")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) -> None:
