@@ -129,13 +129,15 @@ def preserve_rows(trainer: Trainer) -> dict[str, float]:
 
     values: dict[str, float] = {}
     if n_flow or n_keep:
-        negative = guided and n_keep > 0
+        # Under true CFG the keep points come twice: through their prompts, then through the negative prompt.
+        again = keep if guided else keep[:0]
+        negative = tuple(e.expand(len(again), *e.shape[1:]) for e in trainer.call.negative) if len(again) else None
         values |= trainer.backward_group(
-            torch.cat([x_t, c.keep_x[keep]] + [c.keep_x[keep]] * negative),
-            torch.cat([t, c.keep_sigma[keep]] + [c.keep_sigma[keep]] * negative),
+            torch.cat([x_t, c.keep_x[keep], c.keep_x[again]]),
+            torch.cat([t, c.keep_sigma[keep], c.keep_sigma[again]]),
             [c.preserve_prompts[i] for i in idx] + [c.keep_prompts[i] for i in keep],
             preserve_losses,
-            conditioning=tuple(e.expand(n_keep, *e.shape[1:]) for e in trainer.call.negative) if negative else None,
+            conditioning=negative,
         )
     if n_contrastive:
         values |= trainer.backward_group(
