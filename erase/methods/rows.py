@@ -87,7 +87,7 @@ def preserve_rows(trainer: Trainer) -> dict[str, float]:
     CFG a keep point is two rows, its prompt and the negative prompt, and the loss holds their guided sum
     (:func:`~erase.losses.guided_velocity_loss`); flow matching gets what the keep points leave."""
     c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
-    guided = len(c.keep_v_negative) > 0
+    guided = trainer.call.guided
     rows_per_keep = 2 if guided else 1
     n_contrastive = config.contrastive_rows if w.contrastive > 0 else 0
     room = max(config.batch - n_contrastive - (1 if w.flow > 0 else 0), 0)  # one flow row at least
@@ -131,7 +131,7 @@ def preserve_rows(trainer: Trainer) -> dict[str, float]:
     if n_flow or n_keep:
         # Under true CFG the keep points come twice: through their prompts, then through the negative prompt.
         again = keep if guided else keep[:0]
-        negative = tuple(e.expand(len(again), *e.shape[1:]) for e in trainer.call.negative) if len(again) else None
+        negative = tuple(e.expand(n_keep, *e.shape[1:]) for e in trainer.call.negative) if len(again) else None
         values |= trainer.backward_group(
             torch.cat([x_t, c.keep_x[keep], c.keep_x[again]]),
             torch.cat([t, c.keep_sigma[keep], c.keep_sigma[again]]),
