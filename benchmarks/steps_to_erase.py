@@ -57,15 +57,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("flags", nargs="*", help="after --: flags for `attnscope erase`")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)  # after --: flags for `attnscope erase`
+    args, flags = parser.parse_args(argv[:split]), argv[split + 1 :]
     torch.set_num_threads(args.threads)
     record = args.out / "steps_to_erase.json"
     stages = json.loads(record.read_text()) if record.is_file() else {}
     for steps in range(args.every, args.steps + 1, args.every):
         if str(steps) in stages:
             continue
-        erase_stage(args.out, args.concept, steps, args.flags, args.threads)
+        erase_stage(args.out, args.concept, steps, flags, args.threads)
         stages[str(steps)] = score_stage(args.out, args.seeds)
         record.write_text(json.dumps(stages, indent=1))
         print(f"step {steps}: {stages[str(steps)]}", file=sys.stderr)
