@@ -22,22 +22,16 @@ import attnscope
 from attnscope.erase.lora import load_lora
 from attnscope.erase.run import read_run
 from attnscope.erase.worlds.shapes_eval import shows_any
-from attnscope.shapes import call_kwargs_for
+from attnscope.shapes.generate import generate
 from attnscope.shapes.reader import read_scene
-from attnscope.viz import to_pixels
 
 PROMPTS = ("", "with", "plus to", "and", "a", "next", "beside", "a plus next", "an with", "the to", "to the",
            "a red circle", "a blue square")
 
 
 def hit_rates(pipe, prompts, concepts, seeds: range) -> dict[str, float]:
-    rates = {}
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        images = to_pixels(pipe([prompt] * len(seeds), generator=generators, output_type="np",
-                                **call_kwargs_for(pipe)).images)
-        rates[prompt] = float(np.mean([shows_any(read_scene(im), concepts) for im in images]))
-    return rates
+    return {prompt: float(np.mean([shows_any(read_scene(im), concepts) for im in generate(pipe, prompt, list(seeds))]))
+            for prompt in prompts}
 
 
 def main() -> None:
