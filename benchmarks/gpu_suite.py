@@ -4,8 +4,9 @@
     python benchmarks/gpu_suite.py --scale tiny --device cpu --dtype float32 --json out.json   # the CPU dry run
 
 No hub is reachable, and speed and memory do not depend on the weights, so every model is built from its
-architecture's config with random weights: the transformer directly on the device (meta, then ``to_empty``, then
-an in-place init scaled by ``1/√fan_in`` so activations stay finite through 57 blocks), around it the tiny text
+architecture's config with random weights: the transformer built directly on the device in its dtype (its buffers,
+such as SD3's position table, computed by its own constructor), then an in-place init scaled by ``1/√fan_in`` so
+activations stay finite through 57 blocks), around it the tiny text
 encoders, tokenizers and VAE of ``attnscope.tiny`` widened to the transformer's text width. Sections, each
 written to the JSON as soon as it ends (a timeout keeps what finished; a section that fails records its error):
 
@@ -117,10 +118,18 @@ def _random_init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _on_device(cls: type, config: dict[str, Any], device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A model of ``cls(**config)`` allocated once, on ``device`` in ``dtype`` (never a float32 copy first)."""
-    with torch.device("meta"):
-        model = cls(**config)
-    return _random_init(model.to(dtype).to_empty(device=device), seed=0).eval()
+    """A model of ``cls(**config)`` allocated once, on ``device`` in ``dtype`` (never a float32 copy first).
+
+    Built by its own constructor rather than on ``meta`` + ``to_empty``: that leaves buffers (SD3's ``pos_embed``)
+    as uninitialized memory, whose garbage made the SD3 output NaN in some runs and not in others."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(default)
+    return _random_init(model.to(dtype), seed=0).eval()
 
 
 def flux_pipeline(scale: Scale, device: str, dtype: torch.dtype) -> Any:
@@ -186,6 +195,7 @@ def capture_section(transformer: Any, inputs: dict[str, Any], text_kept: int, re
         _reset_peak(device)
         reference = plain()[0]
         plain_peak = _peak(device)
+        finite = bool(torch.isfinite(reference).all())  # NaN != NaN: identity means nothing without it
         identical = {}
         peaks = {}
         for path, tr in traces.items():
@@ -207,6 +217,7 @@ def capture_section(transformer: Any, inputs: dict[str, Any], text_kept: int, re
         "layers": layers,
         "image_tokens": n_image,
         "text_kept": text_kept,
+        "finite": finite,
         "identical": identical,
         "plain_ms": round(1000 * statistics.median(times["plain"]), 2),
         "fused_ratio": round(statistics.median(t / p for t, p in zip(times["fused"], times["plain"])), 4),

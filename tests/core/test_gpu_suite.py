@@ -23,6 +23,7 @@ def test_gpu_suite_dry_run_reports_every_section(tmp_path, one_thread) -> None:
     assert json.loads(out.read_text()) == result
     for name in ("capture", "sd3"):
         capture = result[name]
+        assert capture["finite"], name
         assert capture["identical"] == {"fused": True, "chunked": True}, name
         assert capture["retained_bytes_per_forward"] == capture["retained_formula"] > 0, name
         assert capture["fused_ratio"] > 0 and capture["chunked_ratio"] > 0
