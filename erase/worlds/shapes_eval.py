@@ -48,15 +48,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import attnscope
 from attnscope.profiles import profile_for
+from attnscope.shapes.generate import generate
 from attnscope.shapes.metrics import SINGLE_PROMPTS, TWO_OBJECT_PROMPTS, score_image
 from attnscope.shapes.profile import ShapesWorld
 from attnscope.shapes.reader import read_scene
 from attnscope.shapes.vocabulary import CANONICAL, COLORS, SHAPES, parse_prompt, words_of
-from attnscope.viz import to_pixels
 
 from ..lora import check_lora_file, load_lora
 from ..run import EVAL_DIR, SPEC_FILE, read_run
@@ -200,22 +199,14 @@ def context_correct(prompt: str, detected: Sequence[Any], erased: Sequence[str])
 
 def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple[list[np.ndarray], float | None]:
     """Images for seeds ``0..seeds-1`` and the mean attention mass of ``words`` (None when no word is asked)."""
-    from attnscope.shapes import call_kwargs_for
-
-    generators = [torch.Generator().manual_seed(s) for s in range(seeds)]
-    kwargs = call_kwargs_for(pipe)
     if not words:
-        out = pipe([prompt] * seeds, generator=generators, output_type="np", **kwargs).images
-        mass = None
-    else:
-        with attnscope.trace(pipe, words=list(words), layers="double", reduce_steps=True) as tr:
-            out = pipe([prompt] * seeds, generator=generators, output_type="np", **kwargs).images
-        per_image = []
-        for i in range(seeds):
-            maps = tr.maps(i)
-            per_image.append(sum(float(maps.word(w, merge="sum").mean().numpy().mean()) for w in words))
-        mass = float(np.mean(per_image))
-    return to_pixels(out), mass
+        return generate(pipe, prompt, list(range(seeds))), None
+    with attnscope.trace(pipe, words=list(words), layers="double", reduce_steps=True) as tr:
+        images = generate(pipe, prompt, list(range(seeds)))
+    per_image = [
+        sum(float(tr.maps(i).word(w, merge="sum").mean().numpy().mean()) for w in words) for i in range(seeds)
+    ]
+    return images, float(np.mean(per_image))
 
 
 def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
