@@ -33,9 +33,9 @@ class EraseConfig:
     attention term as the mean mass on the concept's keys (``mass``, :func:`~erase.losses.attention_loss`) or as
     the share of the base model's localized map still on them (``localized``,
     :func:`~erase.losses.localized_attention_loss`); ``None`` takes the method's. The device is the pipeline's.
-    ``log_gradients_every``: every that many steps the log records each weighted loss's gradient norm (one extra
-    backward per loss on those steps; 0: never). ``threads``: torch CPU threads (results are bit-reproducible only
-    at the same count).
+    ``log_gradients_every``: every that many steps (a pair: both levels) the log records each weighted loss's
+    gradient norm (on those steps one extra backward per loss of non-zero weight, less one; 0: never).
+    ``threads``: torch CPU threads (results are bit-reproducible only at the same count).
     ``guidance_scale``/``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache and
     called in the losses (``None``: the model's default call: the guidance input of a guidance-distilled model
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
@@ -68,7 +68,7 @@ class EraseConfig:
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     checkpoint_every: int = 50
-    log_gradients_every: int = 25
+    log_gradients_every: int = 50
     adversarial: int = 0
     gradient_checkpointing: bool = False
     threads: int | None = None

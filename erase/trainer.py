@@ -199,14 +199,33 @@ class Trainer:
             bad = [name for name, value in values.items() if not torch.isfinite(value)]
             if not self.parallel.all_true(not bad):  # every process stops, not only the one that saw it
                 raise NonFiniteLossError(bad[0] if bad else "(another process's)", self.step, self.last_checkpoint)
+            weighted = {name: weights[name] * value for name, value in values.items()}
             if self.log_gradients:
-                for name, value in values.items():
-                    grads = torch.autograd.grad(weights[name] * value, self.params, retain_graph=True,
-                                                allow_unused=True)
-                    self.gradient_norms[name] = math.sqrt(sum(float(g.square().sum()) for g in grads
-                                                              if g is not None))
-            sum(weights[name] * value for name, value in values.items()).backward()
+                self._backward_logging_norms(weighted, [name for name in values if weights[name] != 0])
+            else:
+                sum(weighted.values()).backward()
         return {name: float(value.detach()) for name, value in values.items()}
+
+    def _backward_logging_norms(self, weighted: dict[str, torch.Tensor], moving: list[str]) -> None:
+        """The summed backward of ``weighted``, recording each weighted loss's gradient norm over the LoRA
+        parameters in ``gradient_norms``. Every ``moving`` loss but the last takes a backward of its own (graph
+        kept); the last one's gradient is what the summed backward added beyond theirs. So a logged step costs one
+        backward per moving loss, not one more, a loss of weight 0 costs none, and the update is bit-identical to an
+        unlogged step's (the same summed backward writes the gradients)."""
+        zeros = [torch.zeros_like(p) for p in self.params]
+        own: list[list[torch.Tensor]] = []
+        for name in moving[:-1]:
+            grads = torch.autograd.grad(weighted[name], self.params, retain_graph=True, allow_unused=True)
+            own.append([z if g is None else g for g, z in zip(grads, zeros)])
+            self.gradient_norms[name] = _norm(own[-1])
+        before = [z if p.grad is None else p.grad.clone() for p, z in zip(self.params, zeros)]
+        sum(weighted.values()).backward()
+        if moving:
+            after = [z if p.grad is None else p.grad for p, z in zip(self.params, zeros)]
+            self.gradient_norms[moving[-1]] = _norm(
+                [a - b - sum((g[j] for g in own), torch.zeros_like(a)) for j, (a, b) in enumerate(zip(after, before))]
+            )
+        self.gradient_norms.update({name: 0.0 for name in weighted if name not in moving})
 
     def draw(self, pool: int, n: int) -> torch.Tensor:
         """``n`` random indices into ``pool`` items (none, and no RNG used, when ``n`` is 0)."""
@@ -392,6 +411,10 @@ def _closed_form(
     seconds = time.perf_counter() - started
     run.write_results(out, config, specs, {"processes": 1, "seconds": round(seconds, 2), "edit": record})
     return EraseResult(lora_path=out / LORA_FILE, out=out, final_losses={}, seconds=seconds, log=[])
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.square().sum()) for t in tensors))
 
 
 def gradient_shares(log: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:

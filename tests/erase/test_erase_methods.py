@@ -83,6 +83,43 @@ def test_a_trained_baseline_logs_only_its_own_losses_and_writes_a_loadable_lora(
     assert len(fresh.get_active_adapters()) == 1
 
 
+def test_logged_gradient_norms_are_each_losss_own_and_leave_the_update_as_unlogged() -> None:
+    from types import SimpleNamespace
+
+    from attnscope.erase.trainer import Trainer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+
+    def weighted() -> dict[str, torch.Tensor]:
+        y = layer(x)
+        return {"a": 2.0 * y.square().mean(), "zero": 0.0 * y.sum(), "b": 0.5 * y.abs().sum(), "c": y[:, 0].sum()}
+
+    expected = {}
+    for name, loss in weighted().items():
+        grads = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
+        expected[name] = float(torch.cat([g.flatten() for g in grads]).norm())
+    earlier = [torch.randn_like(q) for q in layer.parameters()]  # another forward group's gradients of the step
+
+    def update(logged: bool) -> tuple[list[torch.Tensor], dict[str, float]]:
+        for q, g in zip(layer.parameters(), earlier):
+            q.grad = g.clone()
+        trainer = SimpleNamespace(params=list(layer.parameters()), gradient_norms={})
+        losses = weighted()
+        if logged:
+            Trainer._backward_logging_norms(trainer, losses, ["a", "b", "c"])
+        else:
+            sum(losses.values()).backward()
+        return [q.grad.clone() for q in layer.parameters()], trainer.gradient_norms
+
+    logged, norms = update(True)
+    plain, _ = update(False)
+    assert all(torch.equal(g, h) for g, h in zip(logged, plain))
+    assert norms.keys() == expected.keys() and norms["zero"] == 0.0
+    assert all(norms[k] == pytest.approx(expected[k], rel=1e-5) for k in ("a", "b", "c"))
+
+
 def test_concept_ablation_moves_the_concept_prompt_towards_the_anchor_prompt_and_keeps_the_anchor(tmp_path) -> None:
     pipe = shapes_pipe()
     call, bank = _call_and_bank(pipe)
