@@ -1,10 +1,11 @@
 """The recipe subset of the shapes-world eval: quick figures for ablations, on the model a run was trained on.
 
-    python benchmarks/erase_subset.py RUN [--base] [--seeds 8] [--threads 1]
+    python benchmarks/erase_subset.py RUN [--base] [--seeds 8] [--first-seed 0] [--threads 1]
 
 The prompts of ``attnscope eval`` (protocol 3) that separate recipes, at fewer seeds: the erased prompts, the
 multi-mention synonym prompts, six two-object irrelevant prompts and the implicit prompts. Prints and writes
-``RUN/subset.json`` (``RUN/subset_base.json`` with ``--base``, which scores the base model on the run's concepts):
+``RUN/subset.json`` (``RUN/subset_base.json`` with ``--base``, which scores the base model on the run's concepts;
+``_seedN`` before ``.json`` with ``--first-seed N``: seeds the eval never draws, for choosing a recipe):
 Acc_e, Acc_g over the multi-mention prompts, Acc_ir over the two-object prompts, Acc_ctx, Acc_implicit and the
 attention mass on the erased prompts. It chooses recipes; `attnscope eval` reports them.
 """
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="folder written by `attnscope erase`")
     parser.add_argument("--base", action="store_true", help="score the base model on the run's concepts")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,16 +54,18 @@ def main() -> None:
         load_lora(pipe, args.run)
     prompts = subset_prompts(specs)
     start = time.perf_counter()
-    scores, _ = score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased")
+    scores, _ = score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased", args.first_seed)
     log_file = args.run / "train_log.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     result = {
-        "model": model, "seeds": args.seeds, "acc_e": scores.acc_e, "acc_g_multi": scores.acc_g,
+        "model": model, "seeds": args.seeds, "first_seed": args.first_seed, "acc_e": scores.acc_e,
+        "acc_g_multi": scores.acc_g,
         "acc_ir_two_object": scores.acc_ir, "acc_ctx": scores.acc_ctx, "acc_implicit": scores.acc_implicit,
         "attention_mass": scores.attention_mass.get("erased"), "erase_seconds": log.get("seconds"),
         "eval_seconds": round(time.perf_counter() - start, 1), "prompts": {k: len(v) for k, v in prompts.items()},
     }
-    (args.run / ("subset_base.json" if args.base else "subset.json")).write_text(json.dumps(result, indent=1))
+    name = ("subset_base" if args.base else "subset") + (f"_seed{args.first_seed}" if args.first_seed else "")
+    (args.run / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 

@@ -197,12 +197,16 @@ def context_correct(prompt: str, detected: Sequence[Any], erased: Sequence[str])
     )
 
 
-def _generate(pipe: Any, prompt: str, seeds: int, words: Sequence[str]) -> tuple[list[np.ndarray], float | None]:
-    """Images for seeds ``0..seeds-1`` and the mean attention mass of ``words`` (None when no word is asked)."""
+def _generate(
+    pipe: Any, prompt: str, seeds: int, words: Sequence[str], first_seed: int = 0
+) -> tuple[list[np.ndarray], float | None]:
+    """Images for seeds ``first_seed .. first_seed + seeds - 1`` and the mean attention mass of ``words`` (None when
+    no word is asked)."""
+    seed_list = list(range(first_seed, first_seed + seeds))
     if not words:
-        return generate(pipe, prompt, list(range(seeds))), None
+        return generate(pipe, prompt, seed_list), None
     with attnscope.trace(pipe, words=list(words), layers="double", reduce_steps=True) as tr:
-        images = generate(pipe, prompt, list(range(seeds)))
+        images = generate(pipe, prompt, seed_list)
     per_image = [
         sum(float(tr.maps(i).word(w, merge="sum").mean().numpy().mean()) for w in words) for i in range(seeds)
     ]
@@ -219,8 +223,11 @@ def _histogram(images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def score_model(
-    pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int, label: str
+    pipe: Any, prompts: dict[str, list[str]], specs: Sequence[ConceptSpec], seeds: int, label: str,
+    first_seed: int = 0,
 ) -> tuple[ModelScores, dict[str, list[np.ndarray]]]:
+    """Score ``pipe`` as loaded on ``prompts`` at seeds ``first_seed .. first_seed + seeds - 1`` (the eval's are
+    ``0 ..``; a recipe is chosen on others); also returns each prompt's images."""
     from tqdm import tqdm
 
     concepts = [s.name for s in specs]
@@ -237,7 +244,7 @@ def score_model(
     ):
         named = group in ("erased", "synonym")
         words = [w for w in words_of(prompt) if named and CANONICAL.get(w) in concepts]
-        imgs, mass = _generate(pipe, prompt, seeds, words)
+        imgs, mass = _generate(pipe, prompt, seeds, words, first_seed)
         images[prompt] = imgs
         detected = [read_scene(im) for im in imgs]
         if group == "irrelevant":
