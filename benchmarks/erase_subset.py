@@ -1,11 +1,12 @@
 """The recipe subset of the shapes-world eval: quick figures for ablations, on the model a run was trained on.
 
-    python benchmarks/erase_subset.py RUN [--base] [--seeds 8] [--first-seed 0] [--threads 1]
+    python benchmarks/erase_subset.py RUN [--base] [--seeds 8] [--first-seed 0] [--all-prompts] [--threads 1]
 
 The prompts of ``attnscope eval`` (protocol 3) that separate recipes, at fewer seeds: the erased prompts, the
 multi-mention synonym prompts, six two-object irrelevant prompts and the implicit prompts. Prints and writes
 ``RUN/subset.json`` (``RUN/subset_base.json`` with ``--base``, which scores the base model on the run's concepts;
-``_seedN`` before ``.json`` with ``--first-seed N``: seeds the eval never draws, for choosing a recipe):
+``_seedN`` before ``.json`` with ``--first-seed N``: seeds the eval never draws, for choosing a recipe;
+``_all`` with ``--all-prompts``: every prompt of the protocol, i.e. ``attnscope eval``'s figures on other seeds):
 Acc_e, Acc_g over the multi-mention prompts, Acc_ir over the two-object prompts, Acc_ctx, Acc_implicit and the
 attention mass on the erased prompts. It chooses recipes; `attnscope eval` reports them.
 """
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="score the base model on the run's concepts")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first_seed .. first_seed + seeds - 1")
+    parser.add_argument("--all-prompts", action="store_true", help="every prompt of the eval protocol")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,19 +54,22 @@ def main() -> None:
     if not args.base:
         check_lora_file(pipe, args.run)
         load_lora(pipe, args.run)
-    prompts = subset_prompts(specs)
+    prompts = shapes_prompts(specs) if args.all_prompts else subset_prompts(specs)
     start = time.perf_counter()
     scores, _ = score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased", args.first_seed)
     log_file = args.run / "train_log.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     result = {
         "model": model, "seeds": args.seeds, "first_seed": args.first_seed, "acc_e": scores.acc_e,
-        "acc_g_multi": scores.acc_g,
-        "acc_ir_two_object": scores.acc_ir, "acc_ctx": scores.acc_ctx, "acc_implicit": scores.acc_implicit,
+        "acc_g" if args.all_prompts else "acc_g_multi": scores.acc_g, "all_prompts": args.all_prompts,
+        "acc_ir" if args.all_prompts else "acc_ir_two_object": scores.acc_ir,
+        "acc_ctx": scores.acc_ctx, "acc_implicit": scores.acc_implicit,
         "attention_mass": scores.attention_mass.get("erased"), "erase_seconds": log.get("seconds"),
         "eval_seconds": round(time.perf_counter() - start, 1), "prompts": {k: len(v) for k, v in prompts.items()},
+        "per_prompt": scores.per_prompt,
     }
     name = ("subset_base" if args.base else "subset") + (f"_seed{args.first_seed}" if args.first_seed else "")
+    name += "_all" if args.all_prompts else ""
     (args.run / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
