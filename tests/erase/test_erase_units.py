@@ -379,3 +379,23 @@ def test_implicit_loss_pushes_along_the_concept_minus_its_anchor_only() -> None:
     assert losses.implicit_loss(v_here, v_here, v_concept, v_anchor, eta=2.0) > 1
     # With nothing separating the concept from its anchor, the target is the base velocity itself.
     assert losses.implicit_loss(v_here, v_here, shared, shared, eta=2.0) == 0
+
+
+def test_the_eval_can_score_seeds_it_never_draws(one_thread) -> None:
+    """``score_model(first_seed=...)`` draws exactly the images of those seeds (how recipes are chosen off the
+    eval's own seeds), and the eval's default is seeds from 0."""
+    import numpy as np
+
+    import attnscope
+    from attnscope.erase.worlds.shapes_eval import score_model
+    from attnscope.shapes.generate import generate
+
+    pipe = attnscope.load_pipeline("shapes", progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = {"erased": ["a red circle"], "synonym": [], "irrelevant": [], "implicit": []}
+    spec = [shapes_spec("red")]
+    _, held_out = score_model(pipe, prompts, spec, seeds=2, label="held out", first_seed=7)
+    _, default = score_model(pipe, prompts, spec, seeds=1, label="eval")
+    assert all(np.array_equal(a, b) for a, b in zip(held_out["a red circle"], generate(pipe, "a red circle", [7, 8])))
+    assert np.array_equal(default["a red circle"][0], generate(pipe, "a red circle", [0])[0])
+    assert not np.array_equal(default["a red circle"][0], held_out["a red circle"][0])
