@@ -59,18 +59,19 @@ def main() -> None:
     scores, _ = score_model(pipe, prompts, specs, args.seeds, "base" if args.base else "erased", args.first_seed)
     log_file = args.run / "train_log.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    # The subset's Acc_g and Acc_ir cover only its multi-mention and two-object prompts: their keys say so.
+    g_key, ir_key = ("acc_g", "acc_ir") if args.all_prompts else ("acc_g_multi", "acc_ir_two_object")
     result = {
-        "model": model, "seeds": args.seeds, "first_seed": args.first_seed, "acc_e": scores.acc_e,
-        "acc_g" if args.all_prompts else "acc_g_multi": scores.acc_g, "all_prompts": args.all_prompts,
-        "acc_ir" if args.all_prompts else "acc_ir_two_object": scores.acc_ir,
+        "model": model, "seeds": args.seeds, "first_seed": args.first_seed, "all_prompts": args.all_prompts,
+        "acc_e": scores.acc_e, g_key: scores.acc_g, ir_key: scores.acc_ir,
         "acc_ctx": scores.acc_ctx, "acc_implicit": scores.acc_implicit,
         "attention_mass": scores.attention_mass.get("erased"), "erase_seconds": log.get("seconds"),
         "eval_seconds": round(time.perf_counter() - start, 1), "prompts": {k: len(v) for k, v in prompts.items()},
         "per_prompt": scores.per_prompt,
     }
-    name = ("subset_base" if args.base else "subset") + (f"_seed{args.first_seed}" if args.first_seed else "")
-    name += "_all" if args.all_prompts else ""
-    (args.run / f"{name}.json").write_text(json.dumps(result, indent=1))
+    name = "subset_base" if args.base else "subset"
+    suffix = (f"_seed{args.first_seed}" if args.first_seed else "") + ("_all" if args.all_prompts else "")
+    (args.run / f"{name}{suffix}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 

@@ -6,9 +6,9 @@
 No hub is reachable, and speed and memory do not depend on the weights, so every model is built from its
 architecture's config with random weights: the transformer built directly on the device in its dtype (its buffers,
 such as SD3's position table, computed by its own constructor), then an in-place init scaled by ``1/√fan_in`` so
-activations stay finite through 57 blocks), around it the tiny text
-encoders, tokenizers and VAE of ``attnscope.tiny`` widened to the transformer's text width. Sections, each
-written to the JSON as soon as it ends (a timeout keeps what finished; a section that fails records its error):
+activations stay finite through 57 blocks; around it the tiny text encoders, tokenizers and VAE of
+``attnscope.tiny`` widened to the transformer's text width. Sections, each written to the JSON as soon as it ends
+(a timeout keeps what finished; a section that fails records its error):
 
 1. ``capture``: one transformer forward at ``size``² (1024² → 4,096 image tokens, 512 text tokens), unhooked, then
    with every layer captured on the fused and on the chunked path (a typical prompt's ``text_kept`` columns),

@@ -212,18 +212,16 @@ class Trainer:
         kept); the last one's gradient is what the summed backward added beyond theirs. So a logged step costs one
         backward per moving loss, not one more, a loss of weight 0 costs none, and the update is bit-identical to an
         unlogged step's (the same summed backward writes the gradients)."""
-        zeros = [torch.zeros_like(p) for p in self.params]
-        own: list[list[torch.Tensor]] = []
+        # What the gradients hold before the summed backward, plus every moving loss's own but the last.
+        expected = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in self.params]
         for name in moving[:-1]:
             grads = torch.autograd.grad(weighted[name], self.params, retain_graph=True, allow_unused=True)
-            own.append([z if g is None else g for g, z in zip(grads, zeros)])
-            self.gradient_norms[name] = _norm(own[-1])
-        before = [z if p.grad is None else p.grad.clone() for p, z in zip(self.params, zeros)]
+            self.gradient_norms[name] = _norm([g for g in grads if g is not None])
+            expected = [e if g is None else e + g for e, g in zip(expected, grads)]
         sum(weighted.values()).backward()
         if moving:
-            after = [z if p.grad is None else p.grad for p, z in zip(self.params, zeros)]
             self.gradient_norms[moving[-1]] = _norm(
-                [a - b - sum((g[j] for g in own), torch.zeros_like(a)) for j, (a, b) in enumerate(zip(after, before))]
+                [p.grad - e for p, e in zip(self.params, expected) if p.grad is not None]
             )
         self.gradient_norms.update({name: 0.0 for name in weighted if name not in moving})
 
