@@ -41,7 +41,7 @@ from ..readout import Readout, readout_for
 from ..segmentation import PairScores, mean_scores
 from ..staging import staged_folder
 
-LOCALIZE_PROTOCOL = 2
+LOCALIZE_PROTOCOL = 3
 RENDERED_PER_COUNT = 16
 RENDERED_SEED = 20261205
 EXPLAIN_TS: tuple[float, ...] = (0.2, 0.3, 0.5)

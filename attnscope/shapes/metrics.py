@@ -59,7 +59,7 @@ from .vocabulary import COLORS, SHAPES, parse_prompt
 
 #: Version of the protocol, recorded in every result: raise it whenever prompts, seeds, call, reader or map scoring
 #: change, so that figures of different versions are never compared (benchmarks/RESULTS.md says what each changed).
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 DEFAULT_SEEDS = 4
 TWO_OBJECT_SEEDS = 16
 #: An object is true to form when its fitted stretch is within this factor of the renderer's proportions.

@@ -11,6 +11,12 @@ Pure pixel statistics, no learned weights, so it judges generated images by the 
    what a model draws: a box is judged against the square, an oval against the circle, instead of a tie
    between two prototypes that fit neither. How far the object is from the renderer's proportions is kept
    (``aspect``) so that metrics can also count only true-to-form shapes.
+4. Shape belongs to a silhouette, colour to pixels. The renderer never lets objects touch; where components of
+   different colours do, they are either objects side by side (each fits a prototype better than their union
+   does) or one object drawn in several colours, a blend (a blue disc with a red cap, and a rim of in-between
+   colours where they meet: the union fits better than the piece). A piece of a blend takes the shape of the
+   blend's silhouette and keeps its colour. Read alone, a two-pixel rim between a red and a blue region was a
+   yellow *triangle*, the best of three poor fits, and a red cap a red triangle.
 
 Accuracy on rendered scenes is tested in ``tests/shapes/test_shapes_world.py`` and reported in the README.
 """
@@ -65,6 +71,9 @@ class DetectedObject:
             object.
         aspect: width stretch of the object relative to the renderer's proportions of its shape (1: true to form,
             2: twice as wide as tall as it should be).
+        blended: the object is a piece of a blend (it touches a component of another colour, and their joint
+            silhouette fits a prototype better than the piece alone): ``shape``, ``shape_errors`` and ``aspect``
+            are the silhouette's.
     """
 
     color: str
@@ -75,6 +84,7 @@ class DetectedObject:
     area: float
     shape_errors: dict[str, float] = field(repr=False)
     aspect: float = 1.0
+    blended: bool = False
 
 
 def _as_array(image: np.ndarray | Image.Image) -> np.ndarray:
@@ -159,32 +169,50 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
     arr = _as_array(image)
     labels, alpha = color_alpha(arr)
     min_area = min_area_fraction * arr.shape[0] * arr.shape[1]
-    names = list(COLORS)
-    found = []
-    for ci, name in enumerate(names):
+    pieces = []  # (colour, hard mask, soft weights) of every component large enough to be an object
+    for ci, name in enumerate(COLORS):
         core = (labels == ci) & (alpha >= 0.5)
         soft = np.where((labels == ci) & (alpha >= 0.1), alpha, 0.0)
         for comp in _components(core):
             # Grow the hard mask by one pixel to pick up the anti-aliased rim for the soft measurements.
-            grown = _dilate(comp)
-            weights = np.where(grown, soft, 0.0)
-            area = float(weights.sum())
-            if area < min_area:
-                continue
-            shape, errors, aspect = classify_shape(weights)
-            ys, xs = np.nonzero(comp)
-            found.append(
-                DetectedObject(
-                    color=name,
-                    shape=shape,
-                    mask=comp,
-                    centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
-                    bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-                    area=area,
-                    shape_errors=errors,
-                    aspect=aspect,
-                )
+            weights = np.where(_dilate(comp), soft, 0.0)
+            if weights.sum() >= min_area:
+                pieces.append((name, comp, weights))
+    foreground = np.zeros(labels.shape, dtype=bool)
+    for _, comp, _ in pieces:
+        foreground |= comp
+    silhouettes, _ = ndimage.label(foreground, structure=_EIGHT_NEIGHBOURS)
+    outlines: dict[int, tuple[str, dict[str, float], float]] = {}  # silhouette label -> its classify_shape
+    found = []
+    for name, comp, weights in pieces:
+        shape, errors, aspect = classify_shape(weights)
+        grown = _dilate(comp)
+        blended = False
+        if any(other_name != name and (grown & other).any() for other_name, other, _ in pieces):
+            label = int(silhouettes[comp][0])
+            if label not in outlines:
+                # every pixel of the silhouette is object (a colour mix has no single colour's full opacity); its
+                # anti-aliased edge against the background is soft, as for one colour
+                whole = silhouettes == label
+                edge = np.where(_dilate(whole) & (alpha >= 0.1), alpha, 0.0)
+                outlines[label] = classify_shape(np.where(whole, 1.0, edge))
+            blended = min(outlines[label][1].values()) < min(errors.values())
+            if blended:
+                shape, errors, aspect = outlines[label]
+        ys, xs = np.nonzero(comp)
+        found.append(
+            DetectedObject(
+                color=name,
+                shape=shape,
+                mask=comp,
+                centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
+                bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                area=float(weights.sum()),
+                shape_errors=errors,
+                aspect=aspect,
+                blended=blended,
             )
+        )
     return sorted(found, key=lambda o: -o.area)
 
 

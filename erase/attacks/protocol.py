@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: Raised whenever a figure would change meaning (starts, seeds, judge, budgets' defaults, the attacks themselves).
-ATTACK_PROTOCOL_VERSION = 1
+ATTACK_PROTOCOL_VERSION = 2
 ATTACK_FILE = "attack.json"
 IMAGES_DIR = "images"
 #: Default folder of ``attnscope attack`` inside a run folder.

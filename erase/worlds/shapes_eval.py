@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: Version of the protocol (prompts, seeds, call, reader); raised whenever a figure would change meaning.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: Seeds per prompt: the erased group has 5 prompts, so Acc_e moves in steps of 1/80; fewer seeds cannot tell a
 #: small residue from none (benchmarks/RESULTS.md).
 DEFAULT_SEEDS = 16

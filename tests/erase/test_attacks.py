@@ -188,7 +188,7 @@ def test_protocol_writes_attack_json_and_resumes(red_lora, tmp_path, monkeypatch
     # per start: one progress check of 4 search images, then 1 evaluation image
     assert entry["images"] == 3 * (4 + 1) and len(entry["starts"]) == 3
     assert report["results"]["base"]["prompt-search/red"]["images"] == 3 * (4 + 1)
-    assert report["lora_sha256"] and report["protocol_version"] == 1
+    assert report["lora_sha256"] and report["protocol_version"] == 2
     shown = [(m, k, i) for m, r in report["results"].items() for k, e in r.items()
              for i, s in enumerate(e["starts"]) if s["asr"] > 0]
     assert len(list((out / "images").glob("*.png")) if (out / "images").exists() else []) == len(shown)

@@ -324,7 +324,7 @@ def test_eval_report_and_bad_lora(red_run, tmp_path) -> None:
     data = json.loads((tmp_path / "report" / "eval.json").read_text())
     for key in ("acc_e", "acc_ir", "acc_g", "acc_ctx", "acc_implicit"):
         assert 0 <= data[key] <= 1 and 0 <= data["base"][key] <= 1
-    assert data["protocol_version"] == 3 and set(report.prompts) == {"erased", "synonym", "irrelevant", "implicit"}
+    assert data["protocol_version"] == 4 and set(report.prompts) == {"erased", "synonym", "irrelevant", "implicit"}
     assert data["per_prompt"][""]["group"] == "implicit"  # the empty prompt is drawn and judged too
     assert data["concepts"] == ["red"] and report.prompts["synonym"][0] == "a crimson circle"
     assert not any("red" in p for p in report.prompts["irrelevant"])

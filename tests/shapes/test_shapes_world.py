@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from attnscope.shapes import DEFAULT_CALL_KWARGS, GUIDANCE_SCALE, NATIVE_SIZE, UntrainedSizeWarning, validate_call
 from attnscope.shapes.reader import read_scene
@@ -153,6 +154,43 @@ def test_reader_judges_stretched_shapes_by_category_and_measures_the_stretch(sha
     assert (found.color, found.shape) == ("blue", shape)
     assert found.aspect == pytest.approx(aspect, rel=0.12)
     assert min(found.shape_errors.values()) < 0.1
+
+
+def _painted(*objects: tuple[str, float, float, float, str]) -> np.ndarray:
+    """(shape, cx, cy, r, colour) objects painted in order over the background, float (32, 32, 3)."""
+    image = np.empty((32, 32, 3), np.float32)
+    image[:] = BACKGROUND
+    for shape, cx, cy, r, color in objects:
+        cov = coverage(shape, cx, cy, r, 32)[..., None]
+        image = image * (1 - cov) + np.asarray(COLORS[color], np.float32) * cov
+    return image
+
+
+def test_reader_gives_the_pieces_of_a_blend_its_silhouette_shape():
+    """A model sometimes draws one object in two colours: a blue disc with a red cap and a rim of an in-between
+    colour where they meet. Read alone, the cap fits a triangle best and the rim fits nothing; both are pieces of
+    a circle (shape belongs to the silhouette, colour to the pixels)."""
+    image = _painted(("circle", 16.0, 17.0, 9.0, "blue"))
+    rows = np.arange(32)[:, None].repeat(32, axis=1)
+    inside = np.abs(image - np.asarray(BACKGROUND, np.float32)).sum(-1) > 100
+    image[inside & (rows < 12)] = COLORS["red"]
+    image[inside & (rows >= 12) & (rows < 14)] = COLORS["yellow"]
+    found = read_scene(np.rint(image).astype(np.uint8))
+    assert sorted(o.color for o in found) == ["blue", "red", "yellow"]
+    assert all(o.shape == "circle" and o.blended for o in found)
+    (cap,) = [o for o in found if o.color == "red"]
+    alone = np.where(cap.mask[..., None], np.asarray(COLORS["red"], np.float32), np.asarray(BACKGROUND, np.float32))
+    assert read_scene(np.rint(alone).astype(np.uint8))[0].shape == "triangle"  # what it was read as before
+
+
+def test_reader_keeps_touching_objects_that_are_shapes_of_their_own():
+    """Two objects side by side that touch are no blend: each fits its prototype better than their union does."""
+    image = _painted(("triangle", 9.5, 16.0, 6.0, "red"), ("square", 19.5, 16.0, 5.0, "blue"))
+    found = read_scene(np.rint(image).astype(np.uint8))
+    red, blue = sorted(found, key=lambda o: o.color != "red")
+    assert (red.color, red.shape, blue.color, blue.shape) == ("red", "triangle", "blue", "square")
+    assert not red.blended and not blue.blended
+    assert (ndimage.binary_dilation(red.mask, structure=np.ones((3, 3), bool)) & blue.mask).any()  # they touch
 
 
 def test_reader_ignores_blank_image_and_rejects_bad_input():
