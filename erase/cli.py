@@ -2,7 +2,7 @@
 
     attnscope erase --concept red --out runs/erase-red            # shapes world, ~2 min on 2 CPU threads
     attnscope erase --concept red --method uce --out runs/uce-red   # a baseline: esd, ca, fmn, uce
-    attnscope erase --concept red --concept blue --out runs/erase-red-blue   # 300 steps per concept
+    attnscope erase --concept red --concept blue --out runs/erase-red-blue   # several concepts in one LoRA
     attnscope erase --spec my_concept.yaml --model black-forest-labs/FLUX.1-dev --device cuda --out ...
     accelerate launch --multi_gpu --num_processes 4 -m attnscope.cli erase ... --device cuda   # data parallel
     attnscope eval --lora runs/erase-red                           # -> runs/erase-red/eval/eval.json, eval_grid.png
@@ -84,9 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "the text-side projections of the dual-stream attention (--targets), every projection of the "
                    "dual-stream attention, or of every attention layer")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
-                   "(default: 300 per concept)")
+                   "(default: the method's for the number of concepts; 300 per concept, eraseanything 400 for two)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the method's for the "
+                   "number of concepts; 1e-3, eraseanything 2e-3 for two)")
     p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step "
                    "(2 of which feed the contrastive loss)")
     p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss "
@@ -262,7 +263,7 @@ def run_erase(args: argparse.Namespace) -> int:
     from attnscope.commands import CommandError
 
     from .cache import CacheConfig
-    from .config import STEPS_PER_CONCEPT, EraseConfig
+    from .config import EraseConfig
     from .losses import LossWeights
     from .parallel import DataParallel
     from .trainer import NonFiniteLossError, train
@@ -271,15 +272,15 @@ def run_erase(args: argparse.Namespace) -> int:
     method = method_for(args.method)
     _check_method_options(args, method)
     specs = _specs(args)
+    steps, lr = method.default_schedule(len(specs)) if method.trained else (EraseConfig.steps, EraseConfig.lr)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     parallel = DataParallel.for_device(args.device)
     pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)
     config = EraseConfig(
         model=args.model,
         method=method.name,
-        # Each concept gets a share of the erase rows: scale the default with their number.
-        steps=args.steps if args.steps is not None else STEPS_PER_CONCEPT * len(specs),
-        lr=args.lr,
+        steps=args.steps if args.steps is not None else steps,
+        lr=args.lr if args.lr is not None else lr,
         seed=args.seed,
         batch=args.batch,
         keep_rows=args.keep_rows,

@@ -13,12 +13,9 @@ from .cache import CacheConfig
 from .lora import LoraSettings
 from .losses import LossWeights
 from .methods import method_for
+from .methods.base import DEFAULT_LR, STEPS_PER_CONCEPT
 
-__all__ = ["STEPS_PER_CONCEPT", "EraseConfig", "LossWeights", "fill_model_defaults", "model_defaults"]
-
-#: Default optimizer steps per erased concept (erase and preserve steps count one each): the fewest that left no
-#: trace of the concept in the shapes evaluation at 16 seeds (benchmarks/RESULTS.md).
-STEPS_PER_CONCEPT = 300
+__all__ = ["EraseConfig", "LossWeights", "fill_model_defaults", "model_defaults"]
 
 
 @dataclass
@@ -48,7 +45,7 @@ class EraseConfig:
     model: str = "shapes"
     method: str = "eraseanything"
     steps: int = STEPS_PER_CONCEPT
-    lr: float = 1e-3
+    lr: float = DEFAULT_LR
     seed: int = 0
     batch: int = 8
     contrastive_rows: int = 2

@@ -15,7 +15,14 @@ if TYPE_CHECKING:
     from ..spec import ConceptSpec
     from ..trainer import Trainer
 
-__all__ = ["ClosedFormMethod", "Method", "TrainedMethod"]
+__all__ = ["DEFAULT_LR", "STEPS_PER_CONCEPT", "ClosedFormMethod", "Method", "TrainedMethod"]
+
+#: Optimizer steps per erased concept (erase and preserve steps count one each) when a method does not say
+#: otherwise: the fewest that left no trace of one concept in the shapes evaluation at 16 seeds
+#: (benchmarks/RESULTS.md).
+STEPS_PER_CONCEPT = 300
+#: AdamW learning rate when a method does not say otherwise.
+DEFAULT_LR = 1e-3
 
 #: ``attnscope erase`` options every trained method takes.
 TRAINING_OPTIONS = frozenset({
@@ -53,6 +60,11 @@ class TrainedMethod(Method):
     """A method the :class:`~erase.trainer.Trainer` trains: which level each step is, and what a step computes."""
 
     options = TRAINING_OPTIONS
+
+    def default_schedule(self, concepts: int) -> tuple[int, float]:
+        """``(steps, lr)`` of a run that erases ``concepts`` concepts together, when ``--steps``/``--lr`` are not
+        given. Each concept gets a share of the erase rows, so the steps grow with their number."""
+        return STEPS_PER_CONCEPT * concepts, DEFAULT_LR
 
     def level(self, trainer: Trainer, step: int) -> str:
         """The level of optimizer step ``step`` (a name for the log: ``erase``, ``preserve``, ...)."""

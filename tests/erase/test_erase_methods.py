@@ -325,3 +325,29 @@ def test_uce_says_when_its_rows_leave_the_solve_to_the_ridge(tmp_path) -> None:
         train(shapes_pipe(), [spec], config, tmp_path, progress=False)
     modules = json.loads((tmp_path / "train_log.json").read_text())["edit"]["modules"]
     assert all(0 < m["rank"] < 128 for m in modules.values())
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--concept", "red"], (300, 1e-3)),
+    (["--concept", "red", "--concept", "circle"], (400, 2e-3)),
+    (["--concept", "green", "--concept", "yellow", "--concept", "square"], (900, 1e-3)),
+    (["--concept", "red", "--concept", "circle", "--method", "esd"], (600, 1e-3)),
+    (["--concept", "red", "--concept", "circle", "--steps", "50", "--lr", "5e-4"], (50, 5e-4)),
+])
+def test_erase_takes_the_methods_steps_and_learning_rate_for_the_number_of_concepts(
+    argv, expected, monkeypatch, tmp_path
+) -> None:
+    """Concepts share the erase rows: 300 steps per concept, except EraseAnything's two concepts, 400 steps at
+    twice the learning rate; flags win."""
+    import attnscope.erase.trainer as trainer
+
+    seen = {}
+
+    def record(pipe, specs, config, out, **kwargs):
+        seen["schedule"] = (config.steps, config.lr)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "train", record)
+    with pytest.raises(SystemExit):
+        _cli("erase", "--out", str(tmp_path / "out"), *argv)
+    assert seen["schedule"] == expected
