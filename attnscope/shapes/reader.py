@@ -12,11 +12,11 @@ Pure pixel statistics, no learned weights, so it judges generated images by the 
    between two prototypes that fit neither. How far the object is from the renderer's proportions is kept
    (``aspect``) so that metrics can also count only true-to-form shapes.
 4. Shape belongs to a silhouette, colour to pixels. The renderer never lets objects touch; where components of
-   different colours do, they are either objects side by side (each fits a prototype better than their union
-   does) or one object drawn in several colours, a blend (a blue disc with a red cap, and a rim of in-between
-   colours where they meet: the union fits better than the piece). A piece of a blend takes the shape of the
-   blend's silhouette and keeps its colour. Read alone, a two-pixel rim between a red and a blue region was a
-   yellow *triangle*, the best of three poor fits, and a red cap a red triangle.
+   different colours do, they are objects side by side (a red disc sitting on a green square) or one object drawn
+   in several colours, a blend (a blue disc with a red cap, and a rim of in-between colours where they meet). A
+   piece that fits no prototype by itself (``MALFORMED_ERROR``) while the silhouette it is part of fits one better
+   is a piece of a blend: it takes the silhouette's shape and keeps its colour. Read alone, such a rim's best of
+   three poor fits is arbitrary, often a triangle.
 
 Accuracy on rendered scenes is tested in ``tests/shapes/test_shapes_world.py`` and reported in the README.
 """
@@ -39,6 +39,9 @@ MIN_AREA_FRACTION = 6 / 1024
 _AREA_PER_R2 = {"circle": float(np.pi), "square": (2 * 0.88) ** 2, "triangle": 0.5 * 2.08 * 1.8}
 #: Fitted stretches are clamped to this range (beyond it an object is no shape of the vocabulary anyway).
 _ASPECT_RANGE = (0.4, 2.5)
+#: A component whose best prototype fits it no better than a wrong prototype fits a clean render
+#: (``classify_shape``'s errors: ≈ 0.05 clean, ≥ 0.3 wrong) fits no shape by itself.
+MALFORMED_ERROR = 0.3
 #: 3×3 neighbourhood: diagonal neighbours touch, so objects are 8-connected and the dilation grows the rim diagonally.
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
@@ -71,9 +74,9 @@ class DetectedObject:
             object.
         aspect: width stretch of the object relative to the renderer's proportions of its shape (1: true to form,
             2: twice as wide as tall as it should be).
-        blended: the object is a piece of a blend (it touches a component of another colour, and their joint
-            silhouette fits a prototype better than the piece alone): ``shape``, ``shape_errors`` and ``aspect``
-            are the silhouette's.
+        blended: the object is a piece of a blend (it touches a component of another colour, fits no prototype
+            by itself, and their joint silhouette fits one better): ``shape``, ``shape_errors`` and ``aspect`` are
+            the silhouette's.
     """
 
     color: str
@@ -188,7 +191,9 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
         shape, errors, aspect = classify_shape(weights)
         grown = _dilate(comp)
         blended = False
-        if any(other_name != name and (grown & other).any() for other_name, other, _ in pieces):
+        if min(errors.values()) >= MALFORMED_ERROR and any(
+            other_name != name and (grown & other).any() for other_name, other, _ in pieces
+        ):
             label = int(silhouettes[comp][0])
             if label not in outlines:
                 # every pixel of the silhouette is object (a colour mix has no single colour's full opacity); its
