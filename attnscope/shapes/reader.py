@@ -189,21 +189,20 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
     found = []
     for name, comp, weights in pieces:
         shape, errors, aspect = classify_shape(weights)
-        grown = _dilate(comp)
         blended = False
-        if min(errors.values()) >= MALFORMED_ERROR and any(
-            other_name != name and (grown & other).any() for other_name, other, _ in pieces
-        ):
+        if min(errors.values()) >= MALFORMED_ERROR:
+            grown = _dilate(comp)
             label = int(silhouettes[comp][0])
-            if label not in outlines:
-                # every pixel of the silhouette is object (a colour mix has no single colour's full opacity); its
-                # anti-aliased edge against the background is soft, as for one colour
-                whole = silhouettes == label
-                edge = np.where(_dilate(whole) & (alpha >= 0.1), alpha, 0.0)
-                outlines[label] = classify_shape(np.where(whole, 1.0, edge))
-            blended = min(outlines[label][1].values()) < min(errors.values())
-            if blended:
-                shape, errors, aspect = outlines[label]
+            if any(other_name != name and (grown & other).any() for other_name, other, _ in pieces):
+                if label not in outlines:
+                    # every pixel of the silhouette is object (a colour mix has no single colour's full opacity);
+                    # its anti-aliased edge against the background is soft, as for one colour
+                    whole = silhouettes == label
+                    edge = np.where(_dilate(whole) & (alpha >= 0.1), alpha, 0.0)
+                    outlines[label] = classify_shape(np.where(whole, 1.0, edge))
+                blended = min(outlines[label][1].values()) < min(errors.values())
+                if blended:
+                    shape, errors, aspect = outlines[label]
         ys, xs = np.nonzero(comp)
         found.append(
             DetectedObject(
