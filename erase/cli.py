@@ -272,7 +272,7 @@ def run_erase(args: argparse.Namespace) -> int:
     method = method_for(args.method)
     _check_method_options(args, method)
     specs = _specs(args)
-    steps, lr = method.default_schedule(len(specs)) if method.trained else (EraseConfig.steps, EraseConfig.lr)
+    steps, lr = method.default_schedule(len(specs))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     parallel = DataParallel.for_device(args.device)
     pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)

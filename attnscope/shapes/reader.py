@@ -190,19 +190,12 @@ def read_scene(image: np.ndarray | Image.Image, min_area_fraction: float = MIN_A
     for name, comp, weights in pieces:
         shape, errors, aspect = classify_shape(weights)
         blended = False
-        if min(errors.values()) >= MALFORMED_ERROR:
-            grown = _dilate(comp)
+        if min(errors.values()) >= MALFORMED_ERROR and _touches_another_colour(name, comp, pieces):
             label = int(silhouettes[comp][0])
-            if any(other_name != name and (grown & other).any() for other_name, other, _ in pieces):
-                if label not in outlines:
-                    # every pixel of the silhouette is object (a colour mix has no single colour's full opacity);
-                    # its anti-aliased edge against the background is soft, as for one colour
-                    whole = silhouettes == label
-                    edge = np.where(_dilate(whole) & (alpha >= 0.1), alpha, 0.0)
-                    outlines[label] = classify_shape(np.where(whole, 1.0, edge))
-                blended = min(outlines[label][1].values()) < min(errors.values())
-                if blended:
-                    shape, errors, aspect = outlines[label]
+            if label not in outlines:
+                outlines[label] = _classify_silhouette(silhouettes == label, alpha)
+            if min(outlines[label][1].values()) < min(errors.values()):
+                (shape, errors, aspect), blended = outlines[label], True
         ys, xs = np.nonzero(comp)
         found.append(
             DetectedObject(
@@ -237,6 +230,19 @@ def match_objects(expected: list[tuple[str, str]], detected: list[DetectedObject
         if score > best_score:
             best, best_score = chosen, score
     return best
+
+
+def _touches_another_colour(name: str, comp: np.ndarray, pieces: list[tuple[str, np.ndarray, np.ndarray]]) -> bool:
+    """Whether the component ``comp`` of colour ``name`` is 8-adjacent to a component of another colour."""
+    grown = _dilate(comp)
+    return any(other_name != name and (grown & other).any() for other_name, other, _ in pieces)
+
+
+def _classify_silhouette(whole: np.ndarray, alpha: np.ndarray) -> tuple[str, dict[str, float], float]:
+    """:func:`classify_shape` of a blend's silhouette: every pixel of it is object (a colour mix has no single
+    colour's full opacity); its anti-aliased edge against the background is soft, as for one colour."""
+    edge = np.where(_dilate(whole) & (alpha >= 0.1), alpha, 0.0)
+    return classify_shape(np.where(whole, 1.0, edge))
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:

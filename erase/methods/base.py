@@ -55,16 +55,17 @@ class Method(ABC):
     #: is the share of the base model's localized map left, ``mass`` the mean mass on the concept's keys).
     attention_form: ClassVar[str] = "mass"
 
+    def default_schedule(self, concepts: int) -> tuple[int, float]:
+        """``(steps, lr)`` of a run that erases ``concepts`` concepts together, when ``--steps``/``--lr`` are not
+        given (a closed-form edit records them and takes no steps). Each concept gets a share of the erase rows, so
+        the steps grow with their number."""
+        return STEPS_PER_CONCEPT * concepts, DEFAULT_LR
+
 
 class TrainedMethod(Method):
     """A method the :class:`~erase.trainer.Trainer` trains: which level each step is, and what a step computes."""
 
     options = TRAINING_OPTIONS
-
-    def default_schedule(self, concepts: int) -> tuple[int, float]:
-        """``(steps, lr)`` of a run that erases ``concepts`` concepts together, when ``--steps``/``--lr`` are not
-        given. Each concept gets a share of the erase rows, so the steps grow with their number."""
-        return STEPS_PER_CONCEPT * concepts, DEFAULT_LR
 
     def level(self, trainer: Trainer, step: int) -> str:
         """The level of optimizer step ``step`` (a name for the log: ``erase``, ``preserve``, ...)."""
