@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..losses import LossWeights
-from .base import DEFAULT_LR, STEPS_PER_CONCEPT, TRAINING_OPTIONS, TrainedMethod
+from .base import TRAINING_OPTIONS, TrainedMethod
 from .rows import erase_rows, preserve_rows
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class EraseAnything(TrainedMethod):
     def default_schedule(self, concepts: int) -> tuple[int, float]:
         if concepts == 2:
             return TWO_CONCEPT_STEPS, TWO_CONCEPT_LR
-        return STEPS_PER_CONCEPT * concepts, DEFAULT_LR
+        return super().default_schedule(concepts)
 
     def level(self, trainer: Trainer, step: int) -> str:
         if trainer.config.schedule == "joint":
