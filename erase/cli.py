@@ -93,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss "
                    "(base velocities on preservation trajectories)")
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
-                   "η·(v*(c) − v*(c_anc)) (default: the model profile's; 1 as in the paper, 2 for shapes models)")
+                   "η·(v*(c) − v*(c_anc)), for every concept and the unasked path (default: a concept spec's own η, "
+                   "else the model profile's: 1 as in the paper; shapes models 2, a shape word 1)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term: the "
                    "mean attention mass on the concept's keys (default, as the paper's weight 1e-3 on it: inert), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its scale)")
@@ -253,6 +254,8 @@ def _specs(args: argparse.Namespace) -> list[Any]:
         specs.append(spec.with_overrides(**given))
     if not specs:
         raise ValueError("nothing to erase: give --concept NAME or --spec FILE")
+    if args.eta is not None:  # a number on the command line means every row, over a concept's own η
+        specs = [s.with_overrides(eta=args.eta) for s in specs]
     return specs
 
 

@@ -36,8 +36,9 @@ class EraseConfig:
     ``guidance_scale``/``true_cfg_scale``/``negative_prompt``: how the base model is sampled for the cache and
     called in the losses (``None``: the model's default call: the guidance input of a guidance-distilled model
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
-    sampled with it). ``eta`` (ESD's negative-guidance strength) and ``lora``: ``None`` takes the model profile's
-    erasure defaults, as ``attnscope erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a
+    sampled with it). ``eta`` (ESD's negative-guidance strength: the unasked path's, and the concepts' whose spec
+    sets no ``eta`` of its own) and ``lora``: ``None`` takes the model profile's erasure defaults, as ``attnscope
+    erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a
     step computes, or a closed-form edit); ``weights``: ``None`` takes the method's own. ``adversarial``: attack
     steps on an adversarial conditioning before each erase step (:mod:`erase.adversary`; 0: none).
     """

@@ -84,8 +84,11 @@ class LossWeights:
 
 
 
-def esd_target(v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+def esd_target(
+    v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """``v*(x_t, c_anc) - eta·(v*(x_t, c) - v*(x_t, c_anc))``, detached: where the erased model should point.
+    ``eta``: one number, or one per row ``(B, 1, 1)``.
 
     Negative guidance: from the anchor's velocity, step *away* from the concept's direction (ESD, Gandikota et
     al. 2023, transcribed from ε-prediction to flow velocity: both are linear in the score).
@@ -94,7 +97,7 @@ def esd_target(v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: f
 
 
 def esd_loss(
-    v: torch.Tensor, v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float = 1.0
+    v: torch.Tensor, v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     """ESD for flow matching: ``‖v(x_t, c) - sg[esd_target]‖²`` (mean over all elements). Shapes ``(B, N, C)``."""
     return F.mse_loss(v.float(), esd_target(v_base_concept.float(), v_base_anchor.float(), eta))

@@ -17,6 +17,7 @@ YAML layout (every key but ``name`` and ``targets`` optional)::
     irrelevant: [green, blue]      # concepts that must stay intact (preservation, contrastive positives)
     prompts: ["a red circle"]      # training prompts for the erase step
     preserve_prompts: ["a green circle"]   # prompts sampled for the preservation step
+    eta: 1                         # ESD's η on this concept's prompts; none: the run's (``--eta``, the model's)
 """
 
 from __future__ import annotations
@@ -75,10 +76,16 @@ class ConceptSpec:
     irrelevant: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     preserve_prompts: tuple[str, ...] = ()
+    eta: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SpecError("a concept spec needs a non-empty 'name'")
+        if self.eta is not None and (isinstance(self.eta, bool) or not isinstance(self.eta, (int, float))
+                                     or not self.eta > 0):
+            raise SpecError(f"spec {self.name!r}: 'eta' must be a positive number, got {self.eta!r}")
+        if self.eta is not None:
+            object.__setattr__(self, "eta", float(self.eta))
         for key in ("targets", "synonyms", "anchors", "irrelevant", "prompts", "preserve_prompts"):
             value = getattr(self, key)
             if isinstance(value, str) or not all(isinstance(v, str) and v.strip() for v in value):

@@ -30,7 +30,8 @@ SHAPES_WORLD = ShapesWorld()
 #: alone leaves no token without it; the values carry it out of every token.
 SHAPES_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj")
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
-#: from the concept as the paper's η = 1 to stop drawing it (measurements in benchmarks/RESULTS.md).
+#: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
+#: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
 SHAPES_ETA = 2.0
 #: How the shapes models' maps are read: every dual-stream block and the last quarter of the steps averaged, brought
 #: to pixels bilinearly (a 2×2-pixel token's soft map, interpolated, follows an object's edge better than its

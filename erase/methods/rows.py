@@ -23,7 +23,7 @@ from .. import losses
 if TYPE_CHECKING:
     from ..trainer import Trainer
 
-__all__ = ["ablation_rows", "erase_rows", "preserve_rows"]
+__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -37,11 +37,19 @@ def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tenso
     return points[trainer.draw(len(points), n)], (embeds.expand(n, -1, -1), pooled.expand(n, -1))
 
 
+def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
+    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)``: its concept's own (the spec's ``eta``),
+    else the run's."""
+    own = [s.eta if s.eta is not None else trainer.config.eta for s in trainer.specs]
+    return torch.tensor(own, dtype=torch.float32)[trainer.cache.concept[points]].view(-1, 1, 1)
+
+
 def erase_rows(trainer: Trainer) -> dict[str, float]:
     """ESD and attention attenuation on ``batch`` concept points and unconditional ESD on ``batch // 2`` implicit
     rows, in one forward: a second forward would cost its fixed per-call overhead again, which on a small model is a
     large share of a step. Only the concept rows have concept columns in the captured maps. With attention alone
-    (Forget-Me-Not) the forward stops after the last layer whose maps the loss reads."""
+    (Forget-Me-Not) the forward stops after the last layer whose maps the loss reads. ESD pushes each concept point
+    with its concept's η (:func:`concept_eta`); the implicit rows, which name no concept, with the run's."""
     c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
     n = config.batch if w.esd > 0 or w.attention > 0 else 0
     idx = trainer.draw(len(c.prompts), n)
@@ -56,7 +64,8 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
     def erase_losses(v, maps, columns):
         out = {}
         if w.esd > 0:
-            out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device), config.eta)
+            out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device),
+                                         concept_eta(trainer, idx).to(device))
         if w.attention > 0 and config.attention_form == "localized":
             out["attention"] = losses.localized_attention_loss(
                 [m[:n] for m in maps], columns[:n], c.concept_maps[idx].to(device))
@@ -68,7 +77,8 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
             out["implicit"] = losses.implicit_loss(v[n:a], v_here, v_concept, v_anchor, config.eta)
         if conditioning is not None:
             out["adversarial"] = losses.esd_loss(v[a:], c.v_concept[adversarial].to(device),
-                                                 c.v_anchor[adversarial].to(device), config.eta)
+                                                 c.v_anchor[adversarial].to(device),
+                                                 concept_eta(trainer, adversarial).to(device))
         return out
 
     words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None

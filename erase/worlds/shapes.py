@@ -100,6 +100,12 @@ def shows_any(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
     return any(d.color in concepts or d.shape in concepts for d in detected)
 
 
+#: ESD's η on a shape's prompts; a colour's are pushed with the model's (``SHAPES_ETA``, 2), and so is the unasked
+#: path. Pushed that far, a shape is often dropped with its object instead of drawn as another shape, which costs the
+#: rest of the prompt; a colour pushed at 1 survives in prompts that name it twice or more (benchmarks/RESULTS.md).
+SHAPE_ETA = 1.0
+
+
 def shapes_spec(word: str) -> ConceptSpec:
     """The spec of a shapes-world colour or shape, from ``attnscope.shapes.vocabulary``.
 
@@ -109,7 +115,8 @@ def shapes_spec(word: str) -> ConceptSpec:
     a blue circle and a green square): an erased colour leaves its object with another colour, an erased shape leaves
     its colour on another shape, so the rest of the prompt is drawn as asked (benchmarks/RESULTS.md). Preservation
     prompts: every single-object scene that contains neither the concept nor a synonym, and ``TWO_OBJECT_PRESERVATION``
-    two-object scenes of them (see :func:`_two_object_preservation`).
+    two-object scenes of them (see :func:`_two_object_preservation`). η: ``SHAPE_ETA`` for a shape, the run's for a
+    colour.
     """
     word = word.lower()
     if word not in vocab.COLORS and word not in vocab.SHAPES:
@@ -139,6 +146,7 @@ def shapes_spec(word: str) -> ConceptSpec:
         irrelevant=tuple(irrelevant),
         prompts=tuple(prompts),
         preserve_prompts=tuple(preserve),
+        eta=None if is_color else SHAPE_ETA,
     )
 
 

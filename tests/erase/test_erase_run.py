@@ -371,6 +371,11 @@ def test_spec_flags_override_or_define_a_spec() -> None:
     assert spec.targets == ("cat",) and spec.prompts == ("a photo of a cat", "a cat on a car")
     with pytest.raises(ValueError, match="exactly one --concept"):
         _specs(parser.parse_args(["erase", "--concept", "red", "--concept", "blue", "--anchor", "x"]))
+    # --eta is every concept's η, over a spec's own (a shapes-world shape has one).
+    red, triangle = _specs(parser.parse_args(["erase", "--concept", "red", "--concept", "triangle"]))
+    assert (red.eta, triangle.eta) == (None, 1.0)
+    specs = _specs(parser.parse_args(["erase", "--concept", "red", "--concept", "triangle", "--eta", "3"]))
+    assert [s.eta for s in specs] == [3.0, 3.0]
 
 
 @pytest.mark.parametrize("renoise_above", [1.0, 0.5])

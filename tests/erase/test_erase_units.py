@@ -119,6 +119,26 @@ def test_esd_loss_moves_towards_negative_guidance_target() -> None:
     assert torch.dot((v.detach() - v_c).flatten(), direction) < 0
 
 
+def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
+    from types import SimpleNamespace
+
+    from attnscope.erase.methods.rows import concept_eta
+
+    g = torch.Generator().manual_seed(0)
+    v_c, v_anc = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    eta = torch.tensor([1.0, 2.0, 0.5]).view(-1, 1, 1)
+    per_row = torch.stack([losses.esd_target(v_c[i], v_anc[i], float(e)) for i, e in enumerate(eta.flatten())])
+    assert torch.equal(losses.esd_target(v_c, v_anc, eta), per_row)
+    # A run erasing a colour (the run's η) and a shape (its own) at once; points index the cache's concept column.
+    trainer = SimpleNamespace(specs=[shapes_spec("red"), shapes_spec("circle")], config=SimpleNamespace(eta=2.0),
+                              cache=SimpleNamespace(concept=torch.tensor([0, 1, 1, 0])))
+    assert concept_eta(trainer, torch.tensor([3, 1, 0])).flatten().tolist() == [2.0, 1.0, 2.0]
+    with pytest.raises(SpecError, match="'eta' must be a positive number"):
+        ConceptSpec(name="red", targets=("red",), eta=0)
+    with pytest.raises(SpecError, match="'eta' must be a positive number"):
+        ConceptSpec.from_dict({"name": "red", "eta": "strong"})
+
+
 def test_attention_loss_lowers_concept_mass() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 2, 6, 5, generator=g).requires_grad_(True)  # (B, H, N, T kept of S=5 keys)
@@ -314,6 +334,9 @@ def test_default_lora_targets_and_eta_per_model() -> None:
 
     assert eta("black-forest-labs/FLUX.1-dev") == eta("tiny-flux") == 1.0
     assert eta("shapes") == eta("runs/shapes-train/ckpt.pt") == 2.0
+    # On the shapes models a shape's own η is gentler; a colour takes the model's.
+    assert [shapes_spec(w).eta for w in vocab.SHAPES] == [1.0] * len(vocab.SHAPES)
+    assert {shapes_spec(w).eta for w in vocab.COLORS} == {None}
 
     assert targets("black-forest-labs/FLUX.1-dev") == PAPER_LORA_TARGETS == ("add_q_proj", "add_k_proj")
     assert targets("tiny-flux") == PAPER_LORA_TARGETS
