@@ -38,9 +38,9 @@ class EraseConfig:
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
     sampled with it). ``eta`` (ESD's negative-guidance strength: the unasked path's, and the concepts' whose spec
     sets no ``eta`` of its own) and ``lora``: ``None`` takes the model profile's erasure defaults, as ``attnscope
-    erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a
-    step computes, or a closed-form edit); ``weights``: ``None`` takes the method's own. ``adversarial``: attack
-    steps on an adversarial conditioning before each erase step (:mod:`erase.adversary`; 0: none).
+    erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit);
+    ``weights``: ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
+    before each erase step (:mod:`erase.adversary`; 0: none).
     """
 
     model: str = "shapes"

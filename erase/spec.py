@@ -81,10 +81,9 @@ class ConceptSpec:
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise SpecError("a concept spec needs a non-empty 'name'")
-        if self.eta is not None and (isinstance(self.eta, bool) or not isinstance(self.eta, (int, float))
-                                     or not self.eta > 0):
-            raise SpecError(f"spec {self.name!r}: 'eta' must be a positive number, got {self.eta!r}")
         if self.eta is not None:
+            if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta > 0:
+                raise SpecError(f"spec {self.name!r}: 'eta' must be a positive number, got {self.eta!r}")
             object.__setattr__(self, "eta", float(self.eta))
         for key in ("targets", "synonyms", "anchors", "irrelevant", "prompts", "preserve_prompts"):
             value = getattr(self, key)

@@ -38,10 +38,10 @@ def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tenso
 
 
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
-    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)``: its concept's own (the spec's ``eta``),
-    else the run's."""
-    own = [s.eta if s.eta is not None else trainer.config.eta for s in trainer.specs]
-    return torch.tensor(own, dtype=torch.float32)[trainer.cache.concept[points]].view(-1, 1, 1)
+    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device: its concept's own
+    (the spec's ``eta``), else the run's."""
+    own = torch.tensor([s.eta if s.eta is not None else trainer.config.eta for s in trainer.specs])
+    return own[trainer.cache.concept[points]].view(-1, 1, 1).to(trainer.transformer.device)
 
 
 def erase_rows(trainer: Trainer) -> dict[str, float]:
@@ -65,7 +65,7 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         out = {}
         if w.esd > 0:
             out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device),
-                                         concept_eta(trainer, idx).to(device))
+                                         concept_eta(trainer, idx))
         if w.attention > 0 and config.attention_form == "localized":
             out["attention"] = losses.localized_attention_loss(
                 [m[:n] for m in maps], columns[:n], c.concept_maps[idx].to(device))
@@ -78,7 +78,7 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         if conditioning is not None:
             out["adversarial"] = losses.esd_loss(v[a:], c.v_concept[adversarial].to(device),
                                                  c.v_anchor[adversarial].to(device),
-                                                 concept_eta(trainer, adversarial).to(device))
+                                                 concept_eta(trainer, adversarial))
         return out
 
     words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None

@@ -131,7 +131,8 @@ def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
     assert torch.equal(losses.esd_target(v_c, v_anc, eta), per_row)
     # A run erasing a colour (the run's η) and a shape (its own) at once; points index the cache's concept column.
     trainer = SimpleNamespace(specs=[shapes_spec("red"), shapes_spec("circle")], config=SimpleNamespace(eta=2.0),
-                              cache=SimpleNamespace(concept=torch.tensor([0, 1, 1, 0])))
+                              cache=SimpleNamespace(concept=torch.tensor([0, 1, 1, 0])),
+                              transformer=SimpleNamespace(device=torch.device("cpu")))
     assert concept_eta(trainer, torch.tensor([3, 1, 0])).flatten().tolist() == [2.0, 1.0, 2.0]
     with pytest.raises(SpecError, match="'eta' must be a positive number"):
         ConceptSpec(name="red", targets=("red",), eta=0)
