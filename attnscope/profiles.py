@@ -52,6 +52,9 @@ class EraseDefaults:
 
     lora_targets: tuple[str, ...] = PAPER_LORA_TARGETS
     eta: float = PAPER_ETA
+    #: The weight of EraseAnything's attention-attenuation term on this model; ``None``: the method's own (the
+    #: paper's 1e-3). A model where the term was measured to buy nothing turns it off with 0.
+    attention_weight: float | None = None
 
 
 class World:

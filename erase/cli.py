@@ -95,13 +95,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
                    "η·(v*(c) − v*(c_anc)), for every concept and the unasked path (default: a concept spec's own η, "
                    "else the model profile's: 1 as in the paper; shapes models 2, a shape word 1)")
-    p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term: the "
-                   "mean attention mass on the concept's keys (default, as the paper's weight 1e-3 on it: inert), or "
-                   "the share of the base model's localized concept map still on the concept (weight 1 is its scale)")
+    p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
+                   "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
+                   "the share of the base model's localized concept map still on the concept (weight 1 is its "
+                   "scale). The shapes models turn the term off: give it a weight with --weights attention=W")
     p.add_argument("--schedule", choices=("alternate", "joint"), default="alternate", help="alternate "
                    "erase/preserve steps, or both every step")
     p.add_argument("--weights", type=_weights, default={}, help="loss weights of the method's losses, e.g. "
-                   "'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables)")
+                   "'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables; the shapes models' "
+                   "attention is 0)")
     p.add_argument("--targets", default=None, help="comma-separated text-side LoRA target modules of the dual-stream "
                    "attention (default: the method's or the model profile's; add_q_proj,add_k_proj as in the paper, "
                    "shapes models add add_v_proj; uce edits add_k_proj,add_v_proj)")
@@ -264,6 +266,7 @@ def run_erase(args: argparse.Namespace) -> int:
 
     import attnscope
     from attnscope.commands import CommandError
+    from attnscope.profiles import profile_for
 
     from .cache import CacheConfig
     from .config import EraseConfig
@@ -289,7 +292,7 @@ def run_erase(args: argparse.Namespace) -> int:
         keep_rows=args.keep_rows,
         schedule=args.schedule,
         eta=args.eta,
-        weights=LossWeights(**{**vars(method.default_weights), **args.weights}),
+        weights=LossWeights(**{**vars(method.weights_for(profile_for(args.model).erase_defaults)), **args.weights}),
         lora=_lora_settings(args, method, pipe),
         cache=CacheConfig(
             sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
@@ -300,6 +303,9 @@ def run_erase(args: argparse.Namespace) -> int:
         attention_form=args.attention_form,
         threads=args.threads,
     )
+    if args.attention_form and not config.weights.attention:
+        raise ValueError(f"--attention-form {args.attention_form} shapes the attention term, whose weight is 0 on "
+                         f"{args.model} (off by default on the shapes models): add --weights attention=W")
     try:
         result = train(pipe, specs, config, args.out, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as err:  # not a bad input, but its message says all: print it as one line

@@ -98,8 +98,8 @@ class EraseConfig:
 
 def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
     """Set ``config``'s ``None`` fields to their defaults (in place; also returned): the call settings of
-    :func:`model_defaults`, the profile's η and LoRA placement, the method's loss weights (and LoRA targets, for a
-    method that edits other projections than the profile's)."""
+    :func:`model_defaults`, the profile's η and LoRA placement, the method's loss weights on that model (and LoRA
+    targets, for a method that edits other projections than the profile's)."""
     for key, value in model_defaults(config.model, pipe).items():
         if getattr(config, key) is None:
             setattr(config, key, value)
@@ -110,7 +110,7 @@ def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
     if config.lora is None:
         config.lora = LoraSettings(targets=method.lora_targets or defaults.lora_targets)
     if config.weights is None:
-        config.weights = method.default_weights
+        config.weights = method.weights_for(defaults)
     if config.attention_form is None:
         config.attention_form = method.attention_form
     return config

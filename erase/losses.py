@@ -41,8 +41,9 @@ __all__ = [
 class LossWeights:
     """Loss weights (official defaults). A zero weight skips that loss entirely (used for ablations).
 
-    ``attention`` keeps the official 1e-3, on the mean mass: inert there (benchmarks/RESULTS.md derives the
-    official term's scale against ours and measures the weights and the localized form).
+    ``attention`` keeps the official 1e-3, on the mean mass, where a model's profile does not set its own
+    (``EraseDefaults.attention_weight``; the shapes models turn it off). benchmarks/RESULTS.md derives the official
+    term's scale against ours and measures the weights and the localized form.
 
     ``keep`` is ours: the adapted model's velocity must stay the base model's at states of the base model's own
     preservation-prompt trajectories. A regression on known targets, so much less noisy than the flow-matching loss,

@@ -33,6 +33,11 @@ SHAPES_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj")
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
 #: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
 SHAPES_ETA = 2.0
+#: EraseAnything's attention-attenuation term is off on the shapes models. At the paper's weight it changes no LoRA
+#: beyond float noise, and every weight that moves the attention costs something else: on the Flux model the rest
+#: of the prompt, on the SD3 model the erasure itself (the colour moves to the tokens it was not taken from). The
+#: search, in both forms, is in benchmarks/RESULTS.md; ``--weights attention=W`` turns it back on.
+SHAPES_ATTENTION_WEIGHT = 0.0
 #: How the shapes models' maps are read: every dual-stream block and the last quarter of the steps averaged, brought
 #: to pixels bilinearly (a 2×2-pixel token's soft map, interpolated, follows an object's edge better than its
 #: blocks) and cut at 0.55 of the normalized range. Chosen on training prompts, seeds and rendered scenes
@@ -44,7 +49,9 @@ class ShapesProfile(ModelProfile):
     """A bundled shapes model (``shapes``, ``shapes-sd3``) and exported shapes folders."""
 
     world = SHAPES_WORLD
-    erase_defaults = EraseDefaults(lora_targets=SHAPES_LORA_TARGETS, eta=SHAPES_ETA)
+    erase_defaults = EraseDefaults(
+        lora_targets=SHAPES_LORA_TARGETS, eta=SHAPES_ETA, attention_weight=SHAPES_ATTENTION_WEIGHT
+    )
     readout = SHAPES_READOUT
 
     def __init__(self, name: str = "shapes"):
@@ -75,4 +82,7 @@ class ShapesProfile(ModelProfile):
 for _name in BUNDLED_FOLDERS:
     register_profile(ShapesProfile(_name))
 
-__all__ = ["SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_READOUT", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld"]
+__all__ = [
+    "SHAPES_ATTENTION_WEIGHT", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_READOUT", "SHAPES_WORLD", "ShapesProfile",
+    "ShapesWorld",
+]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..losses import LossWeights
 
 if TYPE_CHECKING:
+    from attnscope.profiles import EraseDefaults
+
     from ..config import EraseConfig
     from ..spec import ConceptSpec
     from ..trainer import Trainer
@@ -54,6 +56,10 @@ class Method(ABC):
     #: Its attention term's form when ``EraseConfig.attention_form`` is not set (``erase.losses``: ``localized``
     #: is the share of the base model's localized map left, ``mass`` the mean mass on the concept's keys).
     attention_form: ClassVar[str] = "mass"
+
+    def weights_for(self, defaults: EraseDefaults) -> LossWeights:
+        """The loss weights a run starts from on a model with these erasure ``defaults`` (its profile's)."""
+        return self.default_weights
 
     def default_schedule(self, concepts: int) -> tuple[int, float]:
         """``(steps, lr)`` of a run that erases ``concepts`` concepts together, when ``--steps``/``--lr`` are not

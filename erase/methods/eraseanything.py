@@ -2,7 +2,8 @@
 
 The *erase* (lower) level makes the model stop drawing the concept: ESD-flow towards the anchor plus attention
 attenuation on the concept's text keys (``--attention-form localized``: where the base model's localized map put
-it, the map from the same hooks as every map attnscope draws), and (ours, weight 1 by default) unconditional ESD:
+it, the map from the same hooks as every map attnscope draws; weighted as the model's profile says, which on the
+shapes models is 0: measured to buy nothing there), and (ours, weight 1 by default) unconditional ESD:
 the concept's points through prompts that name nothing, so that it is not drawn unasked either. The *preserve*
 (upper) level keeps everything else: flow matching on base-model samples of irrelevant prompts, the keep loss and
 the reverse self-contrastive loss. ``schedule="alternate"`` alternates them (the official code: even steps erase,
@@ -11,6 +12,7 @@ odd steps preserve); ``schedule="joint"`` takes both levels in every step (their
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..losses import LossWeights
@@ -18,6 +20,8 @@ from .base import TRAINING_OPTIONS, TrainedMethod
 from .rows import erase_rows, preserve_rows
 
 if TYPE_CHECKING:
+    from attnscope.profiles import EraseDefaults
+
     from ..trainer import Trainer
 
 __all__ = ["EraseAnything"]
@@ -31,10 +35,18 @@ TWO_CONCEPT_LR = 2e-3
 
 class EraseAnything(TrainedMethod):
     name = "eraseanything"
-    summary = "bi-level: ESD-flow + attention attenuation + unconditional ESD, alternating with preservation"
+    summary = ("bi-level: ESD-flow + attention attenuation (off on the shapes models) + unconditional ESD, "
+               "alternating with preservation")
     default_weights = LossWeights()
     losses = ("esd", "attention", "flow", "contrastive", "keep", "implicit", "adversarial")
     options = TRAINING_OPTIONS | {"eta", "schedule", "keep_rows", "preserve_steps", "attention_form"}
+
+    def weights_for(self, defaults: EraseDefaults) -> LossWeights:
+        """The paper's weights, with the attention term's weight the model's where its profile sets one (the
+        shapes models turn the term off: measured to buy nothing there)."""
+        if defaults.attention_weight is None:
+            return self.default_weights
+        return replace(self.default_weights, attention=defaults.attention_weight)
 
     def default_schedule(self, concepts: int) -> tuple[int, float]:
         if concepts == 2:

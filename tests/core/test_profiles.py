@@ -34,11 +34,13 @@ def test_builtin_profiles_carry_their_model_facts() -> None:
     shapes = profile_for("shapes")
     assert isinstance(shapes, ShapesProfile) and shapes.world is SHAPES_WORLD
     assert shapes.erase_defaults.eta == 2.0 and "add_v_proj" in shapes.erase_defaults.lora_targets
+    assert shapes.erase_defaults.attention_weight == 0  # EraseAnything's attention term: off on the shapes models
     assert shapes.default_call()["num_inference_steps"] == 20
     with pytest.raises(OutOfVocabularyError, match="'dog'"):
         shapes.check_call("a red dog", 32, 32)
     tiny = profile_for("tiny-flux")
     assert tiny.erase_defaults.eta == PAPER_ETA and tiny.erase_defaults.lora_targets == PAPER_LORA_TARGETS
+    assert tiny.erase_defaults.attention_weight is None  # the method's own: the paper's
     assert tiny.default_call()["height"] == 32
     tiny.check_call("anything at all", 17, 3)  # a stand-in for a real model: no vocabulary, no size rule
 

@@ -4,6 +4,7 @@ placements, gradient-norm logging, and the CLI's refusals of options a method do
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from attnscope.adapters import adapter_for
 from attnscope.erase import ConceptSpec, losses
 from attnscope.erase.cache import CacheConfig, maps_forward
 from attnscope.erase.cli import register
-from attnscope.erase.config import EraseConfig, model_defaults
+from attnscope.erase.config import EraseConfig, fill_model_defaults, model_defaults
 from attnscope.erase.lora import LoraSettings, base_model, load_lora
 from attnscope.erase.losses import LossWeights
 from attnscope.erase.methods import UnknownMethodError, method_for, method_names
@@ -306,14 +307,32 @@ def test_adversarial_erasure_is_refused_with_the_reason(method, reason, tmp_path
         _cli("erase", "--concept", "red", "--method", method, "--adversarial", "--out", str(tmp_path / "o"))
 
 
+def test_the_shapes_models_turn_eraseanythings_attention_term_off_and_only_its(tmp_path) -> None:
+    """The profile's ``attention_weight`` sets EraseAnything's attention term (0 on both shapes models, the paper's
+    1e-3 where a profile says nothing) and leaves every other loss, and every other method, as it was. Shaping a term
+    that is off is refused, naming the weight to give it."""
+    eraseanything, fmn = method_for("eraseanything"), method_for("fmn")
+    for model in ("shapes", "shapes-sd3"):
+        defaults = profile_for(model).erase_defaults
+        assert eraseanything.weights_for(defaults) == replace(LossWeights(), attention=0.0)
+        assert fmn.weights_for(defaults) == fmn.default_weights and fmn.default_weights.attention == 1.0
+    assert eraseanything.weights_for(profile_for("tiny-flux").erase_defaults) == LossWeights()
+    filled = fill_model_defaults(EraseConfig(model="shapes"), shapes_pipe())
+    assert filled.weights.attention == 0 and filled.weights.esd == 1
+    with pytest.raises(ValueError, match="--attention-form localized shapes the attention term, whose weight is 0 on "
+                                         "shapes .*add --weights attention=W"):
+        _cli("erase", "--concept", "red", "--attention-form", "localized", "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_localized_attention_term_starts_at_one_with_the_base_maps_in_the_cache(tmp_path) -> None:
     config = _config("eraseanything", attention_form="localized", weights=LossWeights.only(attention=1.0), steps=2)
     result = train(shapes_pipe(), [shapes_spec("red")], config, tmp_path, progress=False)
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert cache["concept_maps"].shape == (len(cache["x"]), 256) and (cache["concept_maps"] >= 0).all()
     assert result.log[0]["attention"] == pytest.approx(1.0, abs=1e-4)  # the first step sees the base model's maps
-    plain = train(shapes_pipe(), [shapes_spec("red")], _config("eraseanything", steps=2, attention_form="mass"),
-                  tmp_path / "mass", progress=False)
+    mass = _config("eraseanything", steps=2, attention_form="mass", weights=LossWeights())
+    plain = train(shapes_pipe(), [shapes_spec("red")], mass, tmp_path / "mass", progress=False)
     assert len(torch.load(tmp_path / "mass" / "cache.pt", weights_only=False)["concept_maps"]) == 0
     assert plain.log[0]["attention"] < 0.2  # the mass form: a probability mass, not a share
 

@@ -92,9 +92,11 @@ def test_run_writes_diffusers_lora_spec_and_log(red_run) -> None:
     assert json.loads((out / "run.json").read_text())["config"]["eta"] == 2.0
     log = json.loads((out / "train_log.json").read_text())
     assert [e["level"] for e in log["steps"]] == ["erase", "preserve", "erase", "preserve"]
-    assert {"esd", "attention"} <= set(log["steps"][0])
+    # The shapes models' profile turns the attention term off (measured to buy nothing there).
+    assert log["config"]["weights"]["attention"] == 0 and "attention" not in log["steps"][0]
+    assert {"esd", "implicit"} <= set(log["steps"][0])
     assert {"flow", "contrastive", "keep"} <= set(log["steps"][1])
-    assert set(log["final_losses"]) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
+    assert set(log["final_losses"]) == {"esd", "implicit", "flow", "contrastive", "keep"}
     # Keep points: every state of the preservation trajectories with its own prompt's base velocity and, as the
     # shapes model samples with true CFG, the negative prompt's.
     assert log["config"]["true_cfg_scale"] > 1
@@ -174,7 +176,7 @@ def test_implicit_rows_are_the_concepts_points_through_prompts_that_name_nothing
         erase = trainer.train_step()
     finally:
         hook.remove()
-    assert {"esd", "attention", "implicit"} == set(erase) and calls == [config.batch + config.batch // 2]
+    assert {"esd", "implicit"} == set(erase) and calls == [config.batch + config.batch // 2]
 
 
 def test_a_row_without_a_concept_word_rides_in_the_captured_forward_without_columns(tmp_path) -> None:
@@ -257,19 +259,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
         return value * float("nan") if calls["n"] == 2 else value  # the erase step at step index 2
 
     monkeypatch.setattr(losses, "attention_loss", exploding)
+    paper = _config(weights=LossWeights())  # the paper's weights: the attention term on
     with pytest.raises(NonFiniteLossError, match="attention loss became non-finite at step 2") as err:
-        train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, progress=False)
+        train(small_shapes_pipeline(), [shapes_spec("red")], paper, tmp_path, progress=False)
     assert err.value.loss == "attention" and err.value.checkpoint == tmp_path / "checkpoint.pt"
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["lora"].values())
     monkeypatch.setattr(losses, "attention_loss", real)
-    train(small_shapes_pipeline(), [shapes_spec("red")], _config(), tmp_path, resume=True, progress=False)
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(weights=LossWeights()), tmp_path, resume=True,
+          progress=False)
 
 
 def test_multi_concept_run(tmp_path) -> None:
     specs = [shapes_spec("red"), shapes_spec("circle")]
     result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
-    assert set(result.final_losses) == {"esd", "attention", "implicit", "flow", "contrastive", "keep"}
+    assert set(result.final_losses) == {"esd", "implicit", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
     # Preservation prompts name neither erased concept nor a synonym.
