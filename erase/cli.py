@@ -105,8 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "'esd=1,attention=1e-3,flow=0.1,contrastive=0.1,keep=20' (0 disables; the shapes models' "
                    "attention is 0)")
     p.add_argument("--targets", default=None, help="comma-separated text-side LoRA target modules of the dual-stream "
-                   "attention (default: the method's or the model profile's; add_q_proj,add_k_proj as in the paper, "
-                   "shapes models add add_v_proj; uce edits add_k_proj,add_v_proj)")
+                   "attention, and context_embedder (the projection every text token enters through) (default: the "
+                   "method's or the model profile's; add_q_proj,add_k_proj as in the paper, shapes models add "
+                   "add_v_proj; uce edits add_k_proj,add_v_proj)")
     p.add_argument("--adversarial", type=int, nargs="?", const=ADVERSARIAL_STEPS, default=0, metavar="STEPS",
                    help="adversarial erasure (AdvUnlearn-style): STEPS soft-prompt attack steps against the model "
                    f"before each erase step, which then also trains on the attack's embeddings (bare flag: "

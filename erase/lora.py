@@ -2,8 +2,9 @@
 
 The adapter is a peft LoRA added through diffusers' ``PeftAdapterMixin`` (``transformer.add_adapter``), by
 default on ``add_q_proj`` / ``add_k_proj`` of the dual-stream blocks (the paper's choice; a model profile may add
-more, see ``ModelProfile.erase_defaults``): these project the *text* tokens, so the edit changes what image
-tokens find at the concept's text and nothing about how the image stream itself is computed. The base model is
+more, see ``ModelProfile.erase_defaults``, up to the text embedder every text token enters through): these project
+the *text* tokens, so the edit changes what image tokens find at the concept's text and nothing about how the image
+stream itself is computed. The base model is
 the same module with the adapter disabled
 (:func:`base_model`): no second copy of the weights, and unlike the official code's self-teacher it does not
 drift while training.
@@ -61,9 +62,11 @@ class LoraSettings:
     """Rank, scale and placement of the erasure LoRA.
 
     ``targets``: name suffixes of linear modules inside the model's joint-attention modules (peft
-    ``target_modules``); ``layers``: in the dual-stream (``double``) attention layers only, or in ``all``; ``blocks``:
-    restrict the dual-stream layers to these block indices (``None``: all). ``alpha`` defaults to ``rank`` (scale 1,
-    as in the official code: r8/α8).
+    ``target_modules``), and the model's text embedder by its name (``context_embedder``: the one projection every
+    text token passes before the first block, so an edit there reaches every token a concept spreads into);
+    ``layers``: in the dual-stream (``double``) attention layers only, or in ``all``; ``blocks``: restrict the
+    dual-stream layers to these block indices (``None``: all). ``alpha`` defaults to ``rank`` (scale 1, as in the
+    official code: r8/α8).
     """
 
     rank: int = 8
@@ -82,8 +85,8 @@ class LoraSettings:
 
     def target_modules(self, transformer: torch.nn.Module) -> list[str]:
         """Full module names in ``transformer`` that get the adapter; ValueError if none match."""
-        layers = [info for info in adapter_for(transformer).layers(transformer)
-                  if info.kind == "double" or self.layers == "all"]
+        adapter = adapter_for(transformer)
+        layers = [info for info in adapter.layers(transformer) if info.kind == "double" or self.layers == "all"]
         n_blocks = sum(info.kind == "double" for info in layers)
         bad = [b for b in self.blocks or () if not 0 <= b < n_blocks]
         if bad:
@@ -99,6 +102,8 @@ class LoraSettings:
                     and any(sub == t or sub.endswith("." + t) for t in self.targets)
                 ):
                     names.append(f"{info.name}.{sub}")
+        if adapter.text_embedder in self.targets:
+            names.append(adapter.text_embedder)
         if not names:
             where = "double-stream attention" if self.layers == "double" else "attention"
             raise ValueError(f"no linear module of the {where} layers matches the LoRA targets {list(self.targets)}")

@@ -153,6 +153,9 @@ class Adapter(ABC):
     attention_projections: tuple[str, ...] = (
         "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     )
+    #: The transformer's linear module that brings the text encoders' states to its width: every text token passes
+    #: it once, before any block (Flux and SD3 both call it ``context_embedder``).
+    text_embedder: str = "context_embedder"
 
     @classmethod
     def for_transformer(cls, transformer: torch.nn.Module) -> Adapter:

@@ -6,6 +6,7 @@ writes), so a model exported from a training run gets the bundle's call, checks 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 
 from ..profiles import EraseDefaults, ModelProfile, World, dtype_keyword, register_profile
 from ..readout import Readout
-from . import BUNDLED_FOLDERS, DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for, validate_call
+from . import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for, validate_call
 
 
 class ShapesWorld(World):
@@ -29,6 +30,11 @@ SHAPES_WORLD = ShapesWorld()
 #: shapes model's one-layer T5 spreads a colour into the context of every prompt token, so re-routing attention
 #: alone leaves no token without it; the values carry it out of every token.
 SHAPES_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj")
+#: The SD3-form model's LoRA also sits on its text embedder (``context_embedder``, the projection every text token
+#: passes before the first block). With the attention projections alone, a colour named two or three times survived
+#: erasure there; with the embedder too it does not, and more of the rest of the prompt is kept. On the Flux-form
+#: model the embedder changed nothing but triangle's context, which it lowered (benchmarks/RESULTS.md).
+SHAPES_SD3_LORA_TARGETS = (*SHAPES_LORA_TARGETS, "context_embedder")
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
 #: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
@@ -45,17 +51,21 @@ SHAPES_ATTENTION_WEIGHT = 0.0
 SHAPES_READOUT = Readout(layers="double", late_steps=0.25, upsample="bilinear", threshold=0.55)
 
 
+#: What ``attnscope erase`` uses on a shapes model unless told otherwise.
+SHAPES_ERASE_DEFAULTS = EraseDefaults(
+    lora_targets=SHAPES_LORA_TARGETS, eta=SHAPES_ETA, attention_weight=SHAPES_ATTENTION_WEIGHT
+)
+
+
 class ShapesProfile(ModelProfile):
     """A bundled shapes model (``shapes``, ``shapes-sd3``) and exported shapes folders."""
 
     world = SHAPES_WORLD
-    erase_defaults = EraseDefaults(
-        lora_targets=SHAPES_LORA_TARGETS, eta=SHAPES_ETA, attention_weight=SHAPES_ATTENTION_WEIGHT
-    )
     readout = SHAPES_READOUT
 
-    def __init__(self, name: str = "shapes"):
+    def __init__(self, name: str = "shapes", erase_defaults: EraseDefaults = SHAPES_ERASE_DEFAULTS):
         self.name = name
+        self.erase_defaults = erase_defaults
 
     def claims(self, name_or_path: str) -> bool:
         folder = Path(name_or_path).expanduser()
@@ -79,10 +89,10 @@ class ShapesProfile(ModelProfile):
         validate_call(prompt, height, width)
 
 
-for _name in BUNDLED_FOLDERS:
-    register_profile(ShapesProfile(_name))
+register_profile(ShapesProfile("shapes"))
+register_profile(ShapesProfile("shapes-sd3", replace(SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS)))
 
 __all__ = [
-    "SHAPES_ATTENTION_WEIGHT", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_READOUT", "SHAPES_WORLD", "ShapesProfile",
-    "ShapesWorld",
+    "SHAPES_ATTENTION_WEIGHT", "SHAPES_ERASE_DEFAULTS", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_READOUT",
+    "SHAPES_SD3_LORA_TARGETS", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
 ]

@@ -35,6 +35,8 @@ def test_builtin_profiles_carry_their_model_facts() -> None:
     assert isinstance(shapes, ShapesProfile) and shapes.world is SHAPES_WORLD
     assert shapes.erase_defaults.eta == 2.0 and "add_v_proj" in shapes.erase_defaults.lora_targets
     assert shapes.erase_defaults.attention_weight == 0  # EraseAnything's attention term: off on the shapes models
+    sd3 = profile_for("shapes-sd3")
+    assert sd3.erase_defaults.lora_targets[-1] == "context_embedder" and sd3.erase_defaults.eta == 2.0
     assert shapes.default_call()["num_inference_steps"] == 20
     with pytest.raises(OutOfVocabularyError, match="'dog'"):
         shapes.check_call("a red dog", 32, 32)

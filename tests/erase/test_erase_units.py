@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from attnscope.erase import losses
 from attnscope.erase.lora import (
@@ -25,7 +26,12 @@ from attnscope.erase.worlds import erasure_world
 from attnscope.erase.worlds.open import shipped_specs
 from attnscope.erase.worlds.shapes import shapes_spec
 from attnscope.shapes import vocabulary as vocab
-from attnscope.tiny import TINY_FLUX_CALL_KWARGS, build_tiny_flux_pipeline
+from attnscope.tiny import (
+    TINY_FLUX_CALL_KWARGS,
+    TINY_SD3_CALL_KWARGS,
+    build_tiny_flux_pipeline,
+    build_tiny_sd3_pipeline,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -285,6 +291,34 @@ def test_lora_targets_only_dual_stream_text_projections() -> None:
         LoraSettings(targets=("nonexistent",)).target_modules(pipe.transformer)
 
 
+@pytest.mark.parametrize(("build", "call"), [(build_tiny_flux_pipeline, TINY_FLUX_CALL_KWARGS),
+                                             (build_tiny_sd3_pipeline, TINY_SD3_CALL_KWARGS)], ids=["flux", "sd3"])
+def test_a_lora_on_the_text_embedder_reloads_exactly_with_diffusers(build, call, tmp_path) -> None:
+    """``context_embedder`` as a target puts the adapter on the one projection every text token enters through, beside
+    the attention projections named with it; diffusers' own loader gives back the same images on Flux and SD3 from a
+    LoRA that sits there alone (so its effect is the embedder's)."""
+    pipe = build(0)
+    names = LoraSettings(targets=("add_q_proj", "context_embedder")).target_modules(pipe.transformer)
+    assert names[-1] == "context_embedder" and names[:-1] and all(n.endswith("attn.add_q_proj") for n in names[:-1])
+    settings = LoraSettings(rank=4, targets=("context_embedder",))
+    params = add_lora(pipe.transformer, settings)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_lora(pipe.transformer, tmp_path, settings)
+    assert set(load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))) == {
+        "transformer.context_embedder.lora_A.weight", "transformer.context_embedder.lora_B.weight"}
+
+    def image(p) -> torch.Tensor:
+        p.set_progress_bar_config(disable=True)
+        return p("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+
+    erased, base = image(pipe), image(build(0))
+    fresh = build(0)
+    fresh.load_lora_weights(tmp_path)
+    assert torch.equal(image(fresh), erased) and not torch.equal(erased, base)
+
+
 def test_corrupt_or_mismatched_lora_is_refused(trained_lora, tmp_path) -> None:
     _, folder = trained_lora
     pipe = build_tiny_flux_pipeline(0)
@@ -342,6 +376,8 @@ def test_default_lora_targets_and_eta_per_model() -> None:
     assert targets("black-forest-labs/FLUX.1-dev") == PAPER_LORA_TARGETS == ("add_q_proj", "add_k_proj")
     assert targets("tiny-flux") == PAPER_LORA_TARGETS
     assert targets("shapes") == targets("runs/shapes-train/ckpt.pt") == (*PAPER_LORA_TARGETS, "add_v_proj")
+    # The SD3-form shapes model's LoRA also sits on its text embedder; its η is the Flux-form model's.
+    assert targets("shapes-sd3") == (*targets("shapes"), "context_embedder") and eta("shapes-sd3") == 2.0
 
 
 # ------------------------------------------------------------------------------------- shapes eval protocol
