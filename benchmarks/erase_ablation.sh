@@ -9,12 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 out=${1:-runs/erase-ablation}
+# The shapes models train without the attention term (their profile's weight is 0), so its row puts it back.
 variants=(
   "full|"
-  "no-attention|--weights attention=0"
+  "paper-attention|--weights attention=1e-3"
+  "localized-attention|--attention-form localized --weights attention=1"
   "no-contrastive|--weights contrastive=0"
   "no-preservation|--weights flow=0,keep=0"
-  "esd-only|--weights attention=0,flow=0,contrastive=0,keep=0"
+  "esd-only|--weights flow=0,contrastive=0,keep=0"
   "paper-targets-qk|--targets add_q_proj,add_k_proj"
 )
 for entry in "${variants[@]}"; do

@@ -1,7 +1,7 @@
 """Steps to erase: how a recipe's figures on the erased prompts develop over its optimizer steps.
 
     python benchmarks/steps_to_erase.py OUT --concept red [--every 50] [--steps 300] [--seeds 8] [--threads 2]
-        [-- ERASE FLAGS...]      e.g.  -- --weights attention=0
+        [-- ERASE FLAGS...]      e.g.  -- --weights attention=1e-3
                                  or    -- --attention-form localized --weights attention=1
 
 Trains ``attnscope erase --concept ... --out OUT`` in stages of ``--every`` steps (each stage resumes the last one's
