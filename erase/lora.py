@@ -4,10 +4,8 @@ The adapter is a peft LoRA added through diffusers' ``PeftAdapterMixin`` (``tran
 default on ``add_q_proj`` / ``add_k_proj`` of the dual-stream blocks (the paper's choice; a model profile may add
 more, see ``ModelProfile.erase_defaults``, up to the text embedder every text token enters through): these project
 the *text* tokens, so the edit changes what image tokens find at the concept's text and nothing about how the image
-stream itself is computed. The base model is
-the same module with the adapter disabled
-(:func:`base_model`): no second copy of the weights, and unlike the official code's self-teacher it does not
-drift while training.
+stream itself is computed. The base model is the same module with the adapter disabled (:func:`base_model`): no
+second copy of the weights, and unlike the official code's self-teacher it does not drift while training.
 
 Files: :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` with ``FluxPipeline.save_lora_weights``,
 so ``pipe.load_lora_weights(folder)`` loads it. :func:`load_lora` is that call plus checks that turn a corrupt
