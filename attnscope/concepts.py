@@ -2,10 +2,11 @@
 dual-stream blocks without changing the image.
 
 Each concept ("red", "circle", "background") is encoded *alone* by the model's own text encoder, and its
-features enter the text stream through the transformer's ``context_embedder`` like a prompt's would. In every
-dual-stream block the concept rows go through the block's text-stream weights (``norm1_context``,
-``add_q/k/v_proj``, ``norm_added_q/k``, ``to_add_out``, ``ff_context``) and attend to ``[concepts; image]``: the
-image keys and values are the block's own, taken from the traced attention call. Nothing attends back to the
+features enter the text stream through the transformer's text embedder (the adapter's ``text_embedder``,
+``context_embedder``) like a prompt's would. In every dual-stream block the concept rows go through the block's
+text-stream weights (``norm1_context``, ``add_q/k/v_proj``, ``norm_added_q/k``, ``to_add_out``, ``ff_context``) and
+attend to ``[concepts; image]``: the image keys and values are the block's own, taken from the traced attention
+call. Nothing attends back to the
 concepts, so the model's output is bit-identical to an untraced run.
 
 The map of concept ``c`` at image token ``i`` is ``softmax_c ⟨o_c, o_i⟩``: the dot product of the concept's and the
@@ -173,7 +174,8 @@ class ConceptStream:
         if self._embedded is None:  # the model does not change inside a trace: encode and embed once
             states = self.trace.encode_concepts(self.concepts, text_length)
             with torch.no_grad():
-                self._embedded = transformer.context_embedder(states.to(transformer.device, transformer.dtype))
+                embedder = transformer.get_submodule(self.trace.adapter.text_embedder)
+                self._embedded = embedder(states.to(transformer.device, transformer.dtype))
         self._stream = repeat(self._embedded, "c d -> r c d", r=rows.stop - rows.start)
         self._rows = rows
         self._attended.clear()
