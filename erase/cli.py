@@ -215,15 +215,14 @@ def _check_method_options(args: argparse.Namespace, method: Any) -> None:
                          "attention projection there is")
 
 
-def _lora_settings(args: argparse.Namespace, method: Any, pipe: Any) -> Any:
+def _lora_settings(args: argparse.Namespace, method: Any, pipe: Any, defaults: Any) -> Any:
+    """The LoRA of ``args``: ``defaults`` is the model profile's ``EraseDefaults``."""
     from attnscope.adapters import adapter_for
-    from attnscope.profiles import profile_for
 
     from .lora import LoraSettings
 
     if args.train == "text":
-        targets = _csv(args.targets) if args.targets else (
-            method.lora_targets or profile_for(args.model).erase_defaults.lora_targets)
+        targets = _csv(args.targets) if args.targets else (method.lora_targets or defaults.lora_targets)
         return LoraSettings(rank=args.rank, targets=targets)
     projections = adapter_for(pipe).attention_projections
     return LoraSettings(rank=args.rank, targets=projections, layers="double" if args.train == "joint" else "all")
@@ -283,6 +282,7 @@ def run_erase(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     parallel = DataParallel.for_device(args.device)
     pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)
+    defaults = profile_for(args.model).erase_defaults
     config = EraseConfig(
         model=args.model,
         method=method.name,
@@ -293,8 +293,8 @@ def run_erase(args: argparse.Namespace) -> int:
         keep_rows=args.keep_rows,
         schedule=args.schedule,
         eta=args.eta,
-        weights=LossWeights(**{**vars(method.weights_for(profile_for(args.model).erase_defaults)), **args.weights}),
-        lora=_lora_settings(args, method, pipe),
+        weights=LossWeights(**{**vars(method.weights_for(defaults)), **args.weights}),
+        lora=_lora_settings(args, method, pipe, defaults),
         cache=CacheConfig(
             sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
         ),

@@ -247,20 +247,23 @@ def test_attention_features_are_unit_norm_and_sum_multi_piece_words() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ LoRA file
-def _image(pipe) -> torch.Tensor:
-    return pipe(
-        "a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **TINY_FLUX_CALL_KWARGS
-    ).images
+def _image(pipe, call=TINY_FLUX_CALL_KWARGS) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+
+
+def _nudged_lora(transformer, settings: LoraSettings) -> None:
+    """Add the adapter and move every LoRA matrix off its start, so the adapted model differs from the base."""
+    with torch.no_grad():
+        for p in add_lora(transformer, settings):
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
 
 
 @pytest.fixture(scope="module")
 def trained_lora(tmp_path_factory):
     pipe = build_tiny_flux_pipeline(0)
     pipe.set_progress_bar_config(disable=True)
-    params = add_lora(pipe.transformer, LoraSettings(rank=4))
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    _nudged_lora(pipe.transformer, LoraSettings(rank=4))
     folder = tmp_path_factory.mktemp("lora")
     save_lora(pipe.transformer, folder, LoraSettings(rank=4))
     return pipe, folder
@@ -301,22 +304,14 @@ def test_a_lora_on_the_text_embedder_reloads_exactly_with_diffusers(build, call,
     names = LoraSettings(targets=("add_q_proj", "context_embedder")).target_modules(pipe.transformer)
     assert names[-1] == "context_embedder" and names[:-1] and all(n.endswith("attn.add_q_proj") for n in names[:-1])
     settings = LoraSettings(rank=4, targets=("context_embedder",))
-    params = add_lora(pipe.transformer, settings)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    _nudged_lora(pipe.transformer, settings)
     save_lora(pipe.transformer, tmp_path, settings)
     assert set(load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))) == {
         "transformer.context_embedder.lora_A.weight", "transformer.context_embedder.lora_B.weight"}
-
-    def image(p) -> torch.Tensor:
-        p.set_progress_bar_config(disable=True)
-        return p("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
-
-    erased, base = image(pipe), image(build(0))
+    erased, base = _image(pipe, call), _image(build(0), call)
     fresh = build(0)
     fresh.load_lora_weights(tmp_path)
-    assert torch.equal(image(fresh), erased) and not torch.equal(erased, base)
+    assert torch.equal(_image(fresh, call), erased) and not torch.equal(erased, base)
 
 
 def test_corrupt_or_mismatched_lora_is_refused(trained_lora, tmp_path) -> None:
