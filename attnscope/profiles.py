@@ -194,7 +194,7 @@ def profile_for(name_or_path: str | os.PathLike[str]) -> ModelProfile:
         for profile in reversed(_PROFILES):
             if profile.claims(text):
                 return profile
-    return PretrainedProfile(text, _PRETRAINED.get(_transformer_class_name(text) or "", PretrainedFacts()))
+    return PretrainedProfile(text, _PRETRAINED.get(transformer_class_name(text) or "", PretrainedFacts()))
 
 
 def profile_of(model: Any) -> ModelProfile:
@@ -204,7 +204,7 @@ def profile_of(model: Any) -> ModelProfile:
     return profile_for(name) if name else ModelProfile()
 
 
-def _transformer_class_name(name_or_path: str) -> str | None:
+def transformer_class_name(name_or_path: str) -> str | None:
     """The transformer class a pretrained pipeline's ``model_index.json`` names, read from the folder or, for a
     hub id, from the local hub cache; ``None`` where it cannot be read without loading."""
     local = Path(name_or_path).expanduser()
@@ -285,4 +285,5 @@ __all__ = [
     "register_pretrained",
     "register_profile",
     "registered_names",
+    "transformer_class_name",
 ]

@@ -36,6 +36,7 @@ from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
 from .grounding import grounding_loss, grounding_targets
 from .loop import StepLosses, restore_progress, run_steps
 from .model import ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
+from .profile import SD3_ARCHITECTURE as ARCHITECTURE
 from .sd3 import (
     SD3ShapesConfig,
     assemble_sd3_pipeline,
@@ -44,9 +45,6 @@ from .sd3 import (
     transfer_from_flux,
 )
 from .train import BatchStream, _image_ids, images_to_tensor, load_exported, noise_levels
-
-#: Marks a checkpoint of this trainer (the lab's checkpoint profile and export read it).
-ARCHITECTURE = "sd3"
 
 
 @dataclass

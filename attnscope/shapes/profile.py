@@ -1,7 +1,8 @@
 """The shapes world's model profiles: the bundled models (``shapes``, ``shapes-sd3``) and any exported shapes folder.
 
 An exported folder is recognized by ``training.json`` beside its ``model_index.json`` (the record the lab's export
-writes), so a model exported from a training run gets the bundle's call, checks and erasure defaults too.
+writes), so a model exported from a training run gets the call, checks and erasure defaults of the bundled model
+with its transformer class.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..profiles import EraseDefaults, ModelProfile, World, dtype_keyword, register_profile
+from ..profiles import EraseDefaults, ModelProfile, World, dtype_keyword, register_profile, transformer_class_name
 from ..readout import Readout
 from . import DEFAULT_CALL_KWARGS, bundled_path, call_kwargs_for, validate_call
 
@@ -58,19 +59,21 @@ SHAPES_ERASE_DEFAULTS = EraseDefaults(
 
 
 class ShapesProfile(ModelProfile):
-    """A bundled shapes model (``shapes``, ``shapes-sd3``) and exported shapes folders."""
+    """A bundled shapes model (``shapes``, ``shapes-sd3``) and the exported shapes folders of its architecture
+    (``transformer_class``, the class their ``model_index.json`` names)."""
 
     world = SHAPES_WORLD
     readout = SHAPES_READOUT
 
-    def __init__(self, name: str = "shapes", erase_defaults: EraseDefaults = SHAPES_ERASE_DEFAULTS):
+    def __init__(self, name: str, transformer_class: str, erase_defaults: EraseDefaults = SHAPES_ERASE_DEFAULTS):
         self.name = name
+        self.transformer_class = transformer_class
         self.erase_defaults = erase_defaults
 
     def claims(self, name_or_path: str) -> bool:
-        folder = Path(name_or_path).expanduser()
         return name_or_path == self.name or (
-            self.name == "shapes" and (folder / "training.json").is_file() and (folder / "model_index.json").is_file()
+            (Path(name_or_path).expanduser() / "training.json").is_file()
+            and transformer_class_name(name_or_path) == self.transformer_class
         )
 
     def load(self, name_or_path: str, *, dtype: torch.dtype | None = None, **from_pretrained_kwargs: Any) -> Any:
@@ -89,10 +92,14 @@ class ShapesProfile(ModelProfile):
         validate_call(prompt, height, width)
 
 
-register_profile(ShapesProfile("shapes"))
-register_profile(ShapesProfile("shapes-sd3", replace(SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS)))
+#: The bundled Flux-form model and its exports.
+SHAPES_PROFILE = register_profile(ShapesProfile("shapes", "FluxTransformer2DModel"))
+#: The bundled SD3-form model and its exports.
+SHAPES_SD3_PROFILE = register_profile(ShapesProfile(
+    "shapes-sd3", "SD3Transformer2DModel", replace(SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS)
+))
 
 __all__ = [
-    "SHAPES_ATTENTION_WEIGHT", "SHAPES_ERASE_DEFAULTS", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_READOUT",
-    "SHAPES_SD3_LORA_TARGETS", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
+    "SHAPES_ATTENTION_WEIGHT", "SHAPES_ERASE_DEFAULTS", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_PROFILE",
+    "SHAPES_READOUT", "SHAPES_SD3_LORA_TARGETS", "SHAPES_SD3_PROFILE", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
 ]

@@ -48,11 +48,21 @@ def test_builtin_profiles_carry_their_model_facts() -> None:
 
 
 def test_an_exported_shapes_folder_is_a_shapes_model(tmp_path) -> None:
-    """A folder with the lab's export record (training.json) gets the shapes profile; any other diffusers folder is a
-    pretrained model, described by the transformer class its model_index.json names."""
+    """A folder with the lab's export record (training.json) gets the profile of the bundled shapes model with its
+    transformer class; any other diffusers folder is a pretrained model, described by that class."""
     from attnscope.shapes import bundled_path
 
-    assert isinstance(profile_for(str(bundled_path())), ShapesProfile)
+    assert profile_for(str(bundled_path())).name == "shapes"
+    # An export is claimed by the bundled model of its architecture, whose erasure defaults differ.
+    for name in ("shapes", "shapes-sd3"):
+        export = tmp_path / f"{name}-export"
+        export.mkdir()
+        for record in ("model_index.json", "training.json"):
+            (export / record).write_text((bundled_path(name) / record).read_text())
+        profile = profile_for(str(export))
+        assert isinstance(profile, ShapesProfile) and profile.name == name
+        assert profile.erase_defaults == profile_for(name).erase_defaults
+    assert profile_for(str(tmp_path / "shapes-export")).erase_defaults != profile.erase_defaults
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "FluxTransformer2DModel"]}))
@@ -89,7 +99,8 @@ def test_a_registered_profile_claims_its_names(monkeypatch) -> None:
     ("model", "message"),
     [
         ("nonexistent",
-         "neither a model attnscope knows (shapes, shapes checkpoint (*.pt), shapes-sd3, tiny-flux, tiny-sd3)"),
+         "neither a model attnscope knows (shapes, shapes checkpoint (*.pt), shapes-sd3, "
+         "shapes-sd3 checkpoint (*.pt), tiny-flux, tiny-sd3)"),
         ("black-forest-labs/FLUX.1-dev", "nor in the hub cache, and HF_HUB_OFFLINE is set: download it once"),
     ],
 )

@@ -24,6 +24,7 @@ from attnscope.lab.sd3 import (
     transfer_from_flux,
 )
 from attnscope.lab.sd3_train import SD3TrainConfig, load_flux_teacher, train_sd3
+from attnscope.profiles import profile_for
 from attnscope.shapes import MAX_SEQUENCE_LENGTH, call_kwargs_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +102,10 @@ def test_train_resume_export_and_load(tmp_path) -> None:
     from_checkpoint = attnscope.load_pipeline(str(out / "ckpt.pt"), progress=False)
     assert isinstance(from_checkpoint, StableDiffusion3Pipeline)
     folder = export_checkpoint(out / "ckpt.pt", tmp_path / "exported")
+    # The checkpoint and its export get the SD3-form model's facts (its LoRA reaches the text embedder).
+    for trained in (out / "ckpt.pt", folder):
+        assert profile_for(str(trained)).erase_defaults == profile_for("shapes-sd3").erase_defaults
+    assert "context_embedder" in profile_for(str(folder)).erase_defaults.lora_targets
     pipe = attnscope.load_pipeline(str(folder), progress=False)
     assert isinstance(pipe, StableDiffusion3Pipeline)
     kwargs = call_kwargs_for(pipe) | {"num_inference_steps": 2}
