@@ -312,10 +312,10 @@ def build_vae(cfg: ShapesModelConfig) -> AutoencoderKL:
     )
 
 
-def build_scheduler() -> FlowMatchRenoisingScheduler:
-    """The bundled sampler: fixed shift (no resolution-dependent one), re-noising above ``RENOISE_ABOVE``."""
+def build_scheduler(shift: float = SAMPLER_SHIFT, renoise_above: float = RENOISE_ABOVE) -> FlowMatchRenoisingScheduler:
+    """The bundled sampler: fixed shift (no resolution-dependent one), re-noising above ``renoise_above``."""
     return FlowMatchRenoisingScheduler(
-        num_train_timesteps=1000, shift=SAMPLER_SHIFT, use_dynamic_shifting=False, renoise_above=RENOISE_ABOVE
+        num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False, renoise_above=renoise_above
     )
 
 

@@ -30,7 +30,6 @@ from attnscope import atomic
 from attnscope.adapters.flux import flux_velocity, pack_latents, unpack_latents
 from attnscope.adapters.sd3 import sd3_tokens
 from attnscope.pipelines import resolve_device
-from attnscope.sampling import FlowMatchRenoisingScheduler
 from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
 
 from .grounding import grounding_loss, grounding_targets
@@ -139,7 +138,7 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
         module.to(device)
     # The student as the pipeline it becomes: its encode_prompt (differentiable in the CLIP slots; the T5 is frozen)
     # and its text layout (sd3_tokens) are what training sees.
-    pipe = assemble_sd3_pipeline(mcfg, student, clips, t5, t5_tokenizer, vae, sd3_scheduler(cfg.teacher))
+    pipe = assemble_sd3_pipeline(mcfg, student, clips, t5, t5_tokenizer, vae)
     text_length = pipe.tokenizer_max_length + MAX_SEQUENCE_LENGTH
 
     trained = _trained_modules(student, clips)
@@ -287,12 +286,7 @@ def load_sd3_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) ->
         for prefix, module in _trained_modules(student, clips).items():
             ema = {k[len(prefix) + 1:]: v for k, v in state["ema"].items() if k.startswith(prefix + ".")}
             module.load_state_dict(ema, strict=False)
-    return assemble_sd3_pipeline(mcfg, student, clips, t5, build_t5_tokenizer(), vae, sd3_scheduler(cfg.teacher))
-
-
-def sd3_scheduler(teacher: str) -> FlowMatchRenoisingScheduler:
-    """The teacher's sampler, which the student shares."""
-    return FlowMatchRenoisingScheduler.from_pretrained(teacher_folder(teacher), subfolder="scheduler")
+    return assemble_sd3_pipeline(mcfg, student, clips, t5, build_t5_tokenizer(), vae)
 
 
 def is_sd3_checkpoint(state: dict) -> bool:

@@ -27,7 +27,6 @@ from attnscope.erase.worlds.shapes_eval import evaluate
 from attnscope.lab.model import (
     ShapesModelConfig,
     build_clip_tokenizer,
-    build_scheduler,
     build_t5_tokenizer,
     build_text_encoders,
     build_vae,
@@ -55,7 +54,7 @@ def small_shapes_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         for clip in clips:
             torch.nn.init.normal_(clip.text_model.embeddings.token_embedding.weight, std=0.5)
         transformer = build_sd3_transformer(cfg, t5.config.d_model, 3)
-        pipe = assemble_sd3_pipeline(cfg, transformer, clips, t5, t5_tokenizer, build_vae(flux_cfg), build_scheduler())
+        pipe = assemble_sd3_pipeline(cfg, transformer, clips, t5, t5_tokenizer, build_vae(flux_cfg))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -19,6 +19,7 @@ from attnscope.lab.model import build_clip_tokenizer, build_t5_tokenizer
 from attnscope.lab.sd3 import (
     SD3ShapesConfig,
     build_clip_encoders,
+    build_sd3_scheduler,
     build_sd3_transformer,
     guidance_embedding,
     transfer_from_flux,
@@ -139,6 +140,12 @@ def test_the_bundled_sd3_model_loads_and_draws_with_sd3s_own_guidance() -> None:
     assert folder_bytes(bundled_path("shapes-sd3")) <= MAX_BUNDLE_BYTES
     pipe = attnscope.load_pipeline("shapes-sd3", progress=False)
     assert isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.scheduler, FlowMatchRenoisingScheduler)
+    def public(config) -> dict:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    # It samples with the sampler the lab builds for it (the one its figures were measured with), not its teacher's.
+    assert public(pipe.scheduler.config) == public(build_sd3_scheduler().config)
+    assert pipe.scheduler.config.shift != attnscope.load_pipeline("shapes", progress=False).scheduler.config.shift
     kwargs = attnscope.profiles.profile_for("shapes-sd3").default_call(pipe)
     assert kwargs == call_kwargs_for(pipe) and kwargs["guidance_scale"] == 4.5
     image = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
