@@ -192,15 +192,41 @@ def preservation_prompts(specs: Sequence[ConceptSpec]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice: PyYAML keeps the last value silently, so an
+    ``eta: 1`` added above a saved spec's ``eta: null`` would train at the default without a word."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and on which line, without PyYAML's quoted snippet."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        return f"{err.problem}, line {err.problem_mark.line + 1}" if err.problem_mark else err.problem
+    return str(err).splitlines()[0]
+
+
 def load_spec(path: str | Path) -> list[ConceptSpec]:
     """Read one spec (a mapping) or several (a list of mappings, or ``{concepts: [...]}``) from a YAML file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"spec file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML ({err})") from None
+        raise SpecError(f"{path}: not valid YAML ({_one_line(err)})") from None
     if isinstance(data, dict) and "concepts" in data:
         data = data["concepts"]
     items = data if isinstance(data, list) else [data]

@@ -95,6 +95,11 @@ def test_spec_yaml_roundtrip_and_shipped_specs(tmp_path) -> None:
     (tmp_path / "bad.yaml").write_text("name: x\ntargets: [x]\ncolour: red\n")
     with pytest.raises(SpecError, match="unknown key"):
         load_spec(tmp_path / "bad.yaml")
+    # A key given twice is refused, not silently the last one (an added ``eta`` above a saved ``eta: null``).
+    (tmp_path / "twice.yaml").write_text("- name: x\n  eta: 1\n  targets: [x]\n  eta: null\n")
+    twice = r"twice.yaml: not valid YAML \(the key 'eta' is given twice in one mapping, line 4\)$"
+    with pytest.raises(SpecError, match=twice):
+        load_spec(tmp_path / "twice.yaml")
     assert {"nudity", "van-gogh", "parachute"} <= set(shipped_specs())
     for path in shipped_specs().values():
         for shipped in load_spec(path):
