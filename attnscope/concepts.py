@@ -6,8 +6,7 @@ features enter the text stream through the transformer's text embedder (the adap
 ``context_embedder``) like a prompt's would. In every dual-stream block the concept rows go through the block's
 text-stream weights (``norm1_context``, ``add_q/k/v_proj``, ``norm_added_q/k``, ``to_add_out``, ``ff_context``) and
 attend to ``[concepts; image]``: the image keys and values are the block's own, taken from the traced attention
-call. Nothing attends back to the
-concepts, so the model's output is bit-identical to an untraced run.
+call. Nothing attends back to the concepts, so the model's output is bit-identical to an untraced run.
 
 The map of concept ``c`` at image token ``i`` is ``softmax_c ⟨o_c, o_i⟩``: the dot product of the concept's and the
 image token's attention outputs *before* the output projections (heads concatenated), normalized over the

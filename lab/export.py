@@ -12,7 +12,8 @@ import torch
 from attnscope.shapes import bundled_path
 
 from .preference import PreferenceSet
-from .sd3_train import is_sd3_checkpoint, train_sd3_command
+from .profile import SD3_ARCHITECTURE, checkpoint_architecture
+from .sd3_train import train_sd3_command
 from .train import load_checkpoint_pipeline, train_command
 
 #: Upper bound on the committed weights (bytes), as the repository promises.
@@ -37,7 +38,7 @@ def export_checkpoint(ckpt_path: str | Path, to: str | Path | None = None, extra
         ValueError: if the result exceeds MAX_BUNDLE_BYTES (the previous folder is kept).
     """
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-    sd3 = is_sd3_checkpoint(state)
+    sd3 = checkpoint_architecture(state) == SD3_ARCHITECTURE
     target = Path(to) if to is not None else bundled_path("shapes-sd3" if sd3 else "shapes")
     target.parent.mkdir(parents=True, exist_ok=True)
     pipe = load_checkpoint_pipeline(ckpt_path)

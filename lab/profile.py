@@ -45,6 +45,11 @@ class CheckpointProfile(ShapesProfile):
         return pipe if dtype is None else pipe.to(dtype=dtype)
 
 
+def checkpoint_architecture(state: dict) -> str:
+    """The architecture a loaded training checkpoint records (``FLUX_ARCHITECTURE`` where it records none)."""
+    return state.get("architecture", FLUX_ARCHITECTURE)
+
+
 def recorded_architecture(path: str) -> str | None:
     """The architecture a training checkpoint records (``"flux"`` where it records none); ``None`` for a path that
     is no readable checkpoint."""
@@ -64,7 +69,7 @@ def _recorded_architecture(path: str, mtime_ns: int, size: int) -> str | None:
         state = torch.load(path, weights_only=False, map_location="cpu", mmap=True)
     except Exception:  # noqa: BLE001 - any unreadable file is "no checkpoint"; load() reports the real error
         return None
-    return state.get("architecture", FLUX_ARCHITECTURE) if isinstance(state, dict) else None
+    return checkpoint_architecture(state) if isinstance(state, dict) else None
 
 
 #: The instances the ``attnscope.profiles`` entry points name.
@@ -73,5 +78,5 @@ SD3_CHECKPOINT_PROFILE = CheckpointProfile(SD3_ARCHITECTURE, SHAPES_SD3_PROFILE)
 
 __all__ = [
     "CHECKPOINT_PROFILE", "FLUX_ARCHITECTURE", "SD3_ARCHITECTURE", "SD3_CHECKPOINT_PROFILE", "CheckpointProfile",
-    "recorded_architecture",
+    "checkpoint_architecture", "recorded_architecture",
 ]

@@ -35,7 +35,7 @@ from attnscope.shapes import MAX_SEQUENCE_LENGTH, NATIVE_SIZE, bundled_path
 from .grounding import grounding_loss, grounding_targets
 from .loop import StepLosses, restore_progress, run_steps
 from .model import ShapesModelConfig, build_clip_tokenizer, build_t5_tokenizer, encode_text
-from .profile import SD3_ARCHITECTURE as ARCHITECTURE
+from .profile import SD3_ARCHITECTURE
 from .sd3 import (
     SD3ShapesConfig,
     assemble_sd3_pipeline,
@@ -152,7 +152,7 @@ def train_sd3(cfg: SD3TrainConfig, resume: bool = False) -> Path:
 
     def save() -> None:
         atomic.torch_save({
-            "architecture": ARCHITECTURE, "config": cfg.__dict__, "teacher_record": record,
+            "architecture": SD3_ARCHITECTURE, "config": cfg.__dict__, "teacher_record": record,
             "transformer": student.state_dict(), "clips": [clip.state_dict() for clip in clips], "ema": ema,
             "opt": opt.state_dict(), "gen": gen.get_state(), "step": progress.step, "elapsed": progress.elapsed,
             "parent": parent,
@@ -289,9 +289,4 @@ def load_sd3_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) ->
     return assemble_sd3_pipeline(mcfg, student, clips, t5, build_t5_tokenizer(), vae)
 
 
-def is_sd3_checkpoint(state: dict) -> bool:
-    return state.get("architecture") == ARCHITECTURE
-
-
-__all__ = ["SD3TrainConfig", "is_sd3_checkpoint", "load_sd3_checkpoint_pipeline", "train_sd3", "train_sd3_command",
-           "ARCHITECTURE"]
+__all__ = ["SD3TrainConfig", "load_sd3_checkpoint_pipeline", "train_sd3", "train_sd3_command"]

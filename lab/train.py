@@ -71,7 +71,7 @@ from .model import (
     make_attention_positional,
 )
 from .preference import DEFAULT_BETA, PreferenceSet, model_digest, preference_loss
-from .profile import SD3_ARCHITECTURE
+from .profile import SD3_ARCHITECTURE, checkpoint_architecture
 
 DEFAULT_CAPTION_DROPOUT = 0.1
 #: ``ShapesModelConfig`` fields a new run can set from the command line (``--t5-layers 3`` ...).
@@ -611,7 +611,7 @@ def load_checkpoint_pipeline(ckpt_path: str | Path, use_ema: bool = True) -> Flu
     """The pipeline of a training checkpoint (EMA weights by default): a FluxPipeline, or for a ``train-sd3``
     checkpoint a StableDiffusion3Pipeline (``sd3_train.py``)."""
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-    if state.get("architecture") == SD3_ARCHITECTURE:
+    if checkpoint_architecture(state) == SD3_ARCHITECTURE:
         from .sd3_train import load_sd3_checkpoint_pipeline
 
         return load_sd3_checkpoint_pipeline(ckpt_path, use_ema)
