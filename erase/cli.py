@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="eraseanything", help="erasure method: " + ", ".join(method_names()))
     p.add_argument("--train", choices=("text", "joint", "attention"), default="text", help="where the LoRA trains: "
                    "the text-side projections of the dual-stream attention (--targets), every projection of the "
-                   "dual-stream attention, or of every attention layer")
+                   "dual-stream attention, or of every attention layer; with the text embedder wherever the method "
+                   "or the model profile trains it")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
                    "(default: the method's for the number of concepts; 300 per concept, eraseanything 400 for two)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
@@ -221,11 +222,15 @@ def _lora_settings(args: argparse.Namespace, method: Any, pipe: Any, defaults: A
 
     from .lora import LoraSettings
 
+    text_side = _csv(args.targets) if args.targets else (method.lora_targets or defaults.lora_targets)
     if args.train == "text":
-        targets = _csv(args.targets) if args.targets else (method.lora_targets or defaults.lora_targets)
-        return LoraSettings(rank=args.rank, targets=targets)
-    projections = adapter_for(pipe).attention_projections
-    return LoraSettings(rank=args.rank, targets=projections, layers="double" if args.train == "joint" else "all")
+        return LoraSettings(rank=args.rank, targets=text_side)
+    # --train widens the placement inside the attention; the text embedder that the method or the model trains stays,
+    # since on a model whose profile trains it, it is what reaches a concept that spread into other tokens.
+    adapter = adapter_for(pipe)
+    embedder = (adapter.text_embedder,) if adapter.text_embedder in text_side else ()
+    return LoraSettings(rank=args.rank, targets=adapter.attention_projections + embedder,
+                        layers="double" if args.train == "joint" else "all")
 
 
 def _specs(args: argparse.Namespace) -> list[Any]:

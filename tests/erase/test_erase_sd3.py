@@ -198,6 +198,26 @@ def test_lora_on_every_attention_projection_leaves_sd35s_image_only_attention_al
     assert {name.split(".")[1] for name in names} == {"0", "1"} and any("to_add_out" in n for n in names)
 
 
+@pytest.mark.parametrize(("model", "trains_embedder"), [("shapes-sd3", True), ("shapes", False)])
+def test_training_every_attention_projection_keeps_the_text_embedder_the_profile_trains(model, trains_embedder) -> None:
+    import argparse
+
+    from attnscope.erase.cli import _lora_settings
+    from attnscope.erase.methods import method_for
+
+    pipe = attnscope.load_pipeline(model, progress=False)
+    defaults = attnscope.profile_for(model).erase_defaults
+    assert ("context_embedder" in defaults.lora_targets) is trains_embedder
+    names = {}
+    for placement in ("text", "attention"):
+        args = argparse.Namespace(train=placement, targets=None, rank=8)
+        settings = _lora_settings(args, method_for("eraseanything"), pipe, defaults)
+        names[placement] = settings.target_modules(pipe.transformer)
+    assert ("context_embedder" in names["attention"]) is trains_embedder
+    assert set(names["text"]) < set(names["attention"])
+    assert any(n.endswith(".attn.to_q") for n in names["attention"])
+
+
 def test_erasing_an_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
     from types import SimpleNamespace
 
