@@ -222,7 +222,7 @@ def _lora_settings(args: argparse.Namespace, method: Any, pipe: Any, defaults: A
 
     from .lora import LoraSettings
 
-    text_side = _csv(args.targets) if args.targets else (method.lora_targets or defaults.lora_targets)
+    text_side = _csv(args.targets) if args.targets else method.lora_targets_for(defaults)
     if args.train == "text":
         return LoraSettings(rank=args.rank, targets=text_side)
     # --train widens the placement inside the attention; the text embedder that the method or the model trains stays,

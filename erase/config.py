@@ -108,7 +108,7 @@ def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
     if config.eta is None:
         config.eta = defaults.eta
     if config.lora is None:
-        config.lora = LoraSettings(targets=method.lora_targets or defaults.lora_targets)
+        config.lora = LoraSettings(targets=method.lora_targets_for(defaults))
     if config.weights is None:
         config.weights = method.weights_for(defaults)
     if config.attention_form is None:

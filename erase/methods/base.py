@@ -61,6 +61,10 @@ class Method(ABC):
         """The loss weights a run starts from on a model with these erasure ``defaults`` (its profile's)."""
         return self.default_weights
 
+    def lora_targets_for(self, defaults: EraseDefaults) -> tuple[str, ...]:
+        """The LoRA targets a run uses when not told: the method's own, else its model profile's (``defaults``)."""
+        return self.lora_targets or defaults.lora_targets
+
     def default_schedule(self, concepts: int) -> tuple[int, float]:
         """``(steps, lr)`` of a run that erases ``concepts`` concepts together, when ``--steps``/``--lr`` are not
         given (a closed-form edit records them and takes no steps). Each concept gets a share of the erase rows, so
