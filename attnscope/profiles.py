@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -37,6 +37,10 @@ from .readout import Readout
 PAPER_LORA_TARGETS: tuple[str, ...] = ("add_q_proj", "add_k_proj")
 #: The paper's ESD negative-guidance strength η.
 PAPER_ETA = 1.0
+
+#: Where an erasure LoRA trains (``attnscope erase --train``): on the text-side targets (``text``), or on every
+#: projection of the dual-stream attention layers (``joint``) or of every attention layer (``attention``).
+LoraPlacement = Literal["text", "joint", "attention"]
 
 #: Modules whose import registers a built-in profile.
 _BUILTIN_MODULES = ("attnscope.shapes.profile", "attnscope.tiny")
@@ -51,6 +55,11 @@ class EraseDefaults:
     """What ``attnscope erase`` uses for a model when not told otherwise."""
 
     lora_targets: tuple[str, ...] = PAPER_LORA_TARGETS
+    #: Where the LoRA trains: ``text`` puts it on ``lora_targets``; the wider placements keep the text embedder where
+    #: ``lora_targets`` has it.
+    placement: LoraPlacement = "text"
+    #: The method's step count is multiplied by this: a wider placement may need more steps to finish an erasure.
+    steps_scale: float = 1.0
     eta: float = PAPER_ETA
     #: The weight of EraseAnything's attention-attenuation term on this model; ``None``: the method's own (the
     #: paper's 1e-3). A model where the term was measured to buy nothing turns it off with 0.
@@ -273,6 +282,7 @@ __all__ = [
     "PAPER_ETA",
     "PAPER_LORA_TARGETS",
     "EraseDefaults",
+    "LoraPlacement",
     "ModelNotFoundError",
     "ModelProfile",
     "PretrainedFacts",

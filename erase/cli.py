@@ -80,12 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', "
                    "a hub id or a folder")
     p.add_argument("--method", default="eraseanything", help="erasure method: " + ", ".join(method_names()))
-    p.add_argument("--train", choices=("text", "joint", "attention"), default="text", help="where the LoRA trains: "
+    p.add_argument("--train", choices=("text", "joint", "attention"), default=None, help="where the LoRA trains: "
                    "the text-side projections of the dual-stream attention (--targets), every projection of the "
                    "dual-stream attention, or of every attention layer; with the text embedder wherever the method "
-                   "or the model profile trains it")
+                   "or the model profile trains it (default: the model profile's; attention on shapes-sd3, text "
+                   "elsewhere)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
-                   "(default: the method's for the number of concepts; 300 per concept, eraseanything 400 for two)")
+                   "(default: the method's for the number of concepts, 300 per concept, eraseanything 400 for two; "
+                   "1.5 times that on shapes-sd3)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the method's for the "
                    "number of concepts; 1e-3, eraseanything 2e-3 for two)")
@@ -211,26 +213,6 @@ def _check_method_options(args: argparse.Namespace, method: Any) -> None:
     if unknown:
         raise ValueError(f"--method {method.name} has no loss {', '.join(unknown)}: its --weights are "
                          f"{', '.join(method.losses) or 'none (closed form)'}")
-    if args.targets and args.train != "text":
-        raise ValueError(f"--targets chooses the text-side projections; --train {args.train} trains every "
-                         "attention projection there is")
-
-
-def _lora_settings(args: argparse.Namespace, method: Any, pipe: Any, defaults: Any) -> Any:
-    """The LoRA of ``args``: ``defaults`` is the model profile's ``EraseDefaults``."""
-    from attnscope.adapters import adapter_for
-
-    from .lora import LoraSettings
-
-    text_side = _csv(args.targets) if args.targets else method.lora_targets_for(defaults)
-    if args.train == "text":
-        return LoraSettings(rank=args.rank, targets=text_side)
-    # --train widens the placement inside the attention; the text embedder that the method or the model trains stays,
-    # since on a model whose profile trains it, it is what reaches a concept that spread into other tokens.
-    adapter = adapter_for(pipe)
-    embedder = (adapter.text_embedder,) if adapter.text_embedder in text_side else ()
-    return LoraSettings(rank=args.rank, targets=adapter.attention_projections + embedder,
-                        layers="double" if args.train == "joint" else "all")
 
 
 def _specs(args: argparse.Namespace) -> list[Any]:
@@ -274,7 +256,7 @@ def run_erase(args: argparse.Namespace) -> int:
     from attnscope.profiles import profile_for
 
     from .cache import CacheConfig
-    from .config import EraseConfig
+    from .config import EraseConfig, lora_settings_for
     from .losses import LossWeights
     from .parallel import DataParallel
     from .trainer import NonFiniteLossError, train
@@ -283,7 +265,6 @@ def run_erase(args: argparse.Namespace) -> int:
     method = method_for(args.method)
     _check_method_options(args, method)
     specs = _specs(args)
-    steps, lr = method.default_schedule(len(specs))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     parallel = DataParallel.for_device(args.device)
     pipe = attnscope.load_pipeline(args.model, device=parallel.device(args.device), dtype=dtype, progress=False)
@@ -291,15 +272,16 @@ def run_erase(args: argparse.Namespace) -> int:
     config = EraseConfig(
         model=args.model,
         method=method.name,
-        steps=args.steps if args.steps is not None else steps,
-        lr=args.lr if args.lr is not None else lr,
+        steps=args.steps,
+        lr=args.lr,
         seed=args.seed,
         batch=args.batch,
         keep_rows=args.keep_rows,
         schedule=args.schedule,
         eta=args.eta,
         weights=LossWeights(**{**vars(method.weights_for(defaults)), **args.weights}),
-        lora=_lora_settings(args, method, pipe, defaults),
+        lora=lora_settings_for(method, defaults, pipe, placement=args.train,
+                               targets=_csv(args.targets) if args.targets else None, rank=args.rank),
         cache=CacheConfig(
             sample_steps=args.sample_steps, preserve_steps=args.preserve_steps, seeds=args.cache_seeds, seed=args.seed
         ),

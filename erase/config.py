@@ -7,15 +7,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from attnscope.adapters import adapter_for
-from attnscope.profiles import profile_for
+from attnscope.profiles import EraseDefaults, LoraPlacement, profile_for
 
 from .cache import CacheConfig
 from .lora import LoraSettings
 from .losses import LossWeights
 from .methods import method_for
-from .methods.base import DEFAULT_LR, STEPS_PER_CONCEPT
+from .methods.base import Method
 
-__all__ = ["EraseConfig", "LossWeights", "fill_model_defaults", "model_defaults"]
+__all__ = ["EraseConfig", "LossWeights", "fill_model_defaults", "lora_settings_for", "model_defaults", "schedule_for"]
 
 
 @dataclass
@@ -37,16 +37,17 @@ class EraseConfig:
     called in the losses (``None``: the model's default call: the guidance input of a guidance-distilled model
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
     sampled with it). ``eta`` (ESD's negative-guidance strength: the unasked path's, and the concepts' whose spec
-    sets no ``eta`` of its own) and ``lora``: ``None`` takes the model profile's erasure defaults, as ``attnscope
-    erase`` does. ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit);
-    ``weights``: ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
+    sets no ``eta`` of its own), ``lora`` (:func:`lora_settings_for`), ``steps`` and ``lr`` (:func:`schedule_for`):
+    ``None`` takes the model profile's erasure defaults and the method's schedule, as ``attnscope erase`` does.
+    ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit); ``weights``:
+    ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
     before each erase step (:mod:`erase.adversary`; 0: none).
     """
 
     model: str = "shapes"
     method: str = "eraseanything"
-    steps: int = STEPS_PER_CONCEPT
-    lr: float = DEFAULT_LR
+    steps: int | None = None
+    lr: float | None = None
     seed: int = 0
     batch: int = 8
     contrastive_rows: int = 2
@@ -72,9 +73,9 @@ class EraseConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.attention_form not in (None, "mass", "localized"):
             raise ValueError(f"attention_form must be 'mass' or 'localized', not {self.attention_form!r}")
@@ -96,10 +97,11 @@ class EraseConfig:
         return data
 
 
-def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
+def fill_model_defaults(config: EraseConfig, pipe: Any, concepts: int = 1) -> EraseConfig:
     """Set ``config``'s ``None`` fields to their defaults (in place; also returned): the call settings of
     :func:`model_defaults`, the profile's η and LoRA placement, the method's loss weights on that model (and LoRA
-    targets, for a method that edits other projections than the profile's)."""
+    targets, for a method that edits other projections than the profile's), and the method's schedule for
+    ``concepts`` concepts erased together on that model."""
     for key, value in model_defaults(config.model, pipe).items():
         if getattr(config, key) is None:
             setattr(config, key, value)
@@ -108,12 +110,46 @@ def fill_model_defaults(config: EraseConfig, pipe: Any) -> EraseConfig:
     if config.eta is None:
         config.eta = defaults.eta
     if config.lora is None:
-        config.lora = LoraSettings(targets=method.lora_targets_for(defaults))
+        config.lora = lora_settings_for(method, defaults, pipe)
+    steps, lr = schedule_for(method, defaults, concepts)
+    if config.steps is None:
+        config.steps = steps
+    if config.lr is None:
+        config.lr = lr
     if config.weights is None:
         config.weights = method.weights_for(defaults)
     if config.attention_form is None:
         config.attention_form = method.attention_form
     return config
+
+
+def lora_settings_for(
+    method: Method, defaults: EraseDefaults, pipe: Any, *, placement: LoraPlacement | None = None,
+    targets: tuple[str, ...] | None = None, rank: int = 8,
+) -> LoraSettings:
+    """The LoRA of a run of ``method`` on the model whose profile's erasure defaults are ``defaults``: ``placement``
+    (``None``: the profile's; ``text`` when ``targets`` are given) and the text-side ``targets`` (``None``: the
+    method's, else the profile's)."""
+    if targets is not None and placement not in (None, "text"):
+        raise ValueError(f"--targets chooses the text-side projections; --train {placement} trains every attention "
+                         "projection there is")
+    placement = placement or ("text" if targets is not None else defaults.placement)
+    text_side = targets or method.lora_targets_for(defaults)
+    if placement == "text":
+        return LoraSettings(rank=rank, targets=text_side)
+    # A wider placement widens it inside the attention; the text embedder that the method or the profile trains
+    # stays, since on a model whose profile trains it, it is what reaches a concept that spread into other tokens.
+    adapter = adapter_for(pipe)
+    embedder = (adapter.text_embedder,) if adapter.text_embedder in text_side else ()
+    return LoraSettings(rank=rank, targets=adapter.attention_projections + embedder,
+                        layers="double" if placement == "joint" else "all")
+
+
+def schedule_for(method: Method, defaults: EraseDefaults, concepts: int) -> tuple[int, float]:
+    """``(steps, lr)`` of a run of ``method`` erasing ``concepts`` concepts together on the model whose profile's
+    erasure defaults are ``defaults``: the method's schedule, its steps scaled as the profile says."""
+    steps, lr = method.default_schedule(concepts)
+    return max(1, round(steps * defaults.steps_scale)), lr
 
 
 def model_defaults(model: str, pipe: Any) -> dict[str, Any]:

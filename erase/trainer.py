@@ -80,7 +80,8 @@ class Trainer:
         out: Path,
         parallel: DataParallel | None = None,
     ):
-        self.pipe, self.specs, self.config, self.out = pipe, list(specs), fill_model_defaults(config, pipe), out
+        self.pipe, self.specs, self.out = pipe, list(specs), out
+        self.config = fill_model_defaults(config, pipe, len(self.specs))
         method = method_for(config.method)
         if not isinstance(method, TrainedMethod):
             raise ValueError(f"{config.method} is a closed-form edit: it has no training steps")
@@ -323,7 +324,7 @@ def train(
         raise ValueError(
             f"erasure calls the transformer directly, which attnscope cannot do for {adapter.name} models yet"
         )
-    fill_model_defaults(config, pipe)
+    fill_model_defaults(config, pipe, len(specs))
     method = method_for(config.method)
     if resume and not method.trained:
         raise run.ResumeMismatchError(

@@ -18,8 +18,9 @@ from attnscope.adapters.sd3 import SD3Call, unpatchify
 from attnscope.erase import losses
 from attnscope.erase.attacks import run_attacks
 from attnscope.erase.cache import CacheConfig, maps_forward
-from attnscope.erase.config import EraseConfig, LossWeights
+from attnscope.erase.config import EraseConfig, LossWeights, fill_model_defaults, lora_settings_for
 from attnscope.erase.lora import ARCHITECTURE_KEY, LoraFileError, LoraSettings, base_model, check_lora_file, load_lora
+from attnscope.erase.methods import method_for
 from attnscope.erase.sampling import PromptBank, sample_trajectory
 from attnscope.erase.trainer import train
 from attnscope.erase.worlds.shapes import shapes_spec
@@ -95,15 +96,19 @@ def sd3_red_run(tmp_path_factory):
     return out
 
 
-def test_an_sd3_erasure_lora_sits_on_every_joint_blocks_text_side_and_loads_with_diffusers(sd3_red_run) -> None:
-    """The SD3-form shapes model's placement: q/k/v of every joint block's text side, and the text embedder."""
+def test_an_sd3_erasure_lora_sits_on_every_joint_attention_projection_and_loads_with_diffusers(sd3_red_run) -> None:
+    """The SD3-form shapes model's placement: every projection of every joint block's attention, the image side
+    too, and the text embedder."""
     lora = sd3_red_run / "pytorch_lora_weights.safetensors"
     with safe_open(str(lora), "pt") as opened:
         keys, metadata = set(opened.keys()), opened.metadata()
     assert metadata[ARCHITECTURE_KEY] == "sd3"
     blocks = {k.split(".")[2] for k in keys if k.startswith("transformer.transformer_blocks.")}
-    modules = {k.split(".")[-3] for k in keys}
-    assert blocks == {"0", "1"} and modules == {"add_q_proj", "add_k_proj", "add_v_proj", "context_embedder"}
+    modules = {k.removesuffix(".weight").rsplit(".", 1)[0].split(".attn.")[-1].removeprefix("transformer.")
+               for k in keys}
+    assert blocks == {"0", "1"} and modules == {
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "context_embedder"
+    }
     pipe = small_shapes_sd3_pipeline()
     kwargs = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 4.5,
               "max_sequence_length": MAX_SEQUENCE_LENGTH, "output_type": "np"}
@@ -200,22 +205,41 @@ def test_lora_on_every_attention_projection_leaves_sd35s_image_only_attention_al
 
 @pytest.mark.parametrize(("model", "trains_embedder"), [("shapes-sd3", True), ("shapes", False)])
 def test_training_every_attention_projection_keeps_the_text_embedder_the_profile_trains(model, trains_embedder) -> None:
-    import argparse
-
-    from attnscope.erase.cli import _lora_settings
-    from attnscope.erase.methods import method_for
 
     pipe = attnscope.load_pipeline(model, progress=False)
     defaults = attnscope.profile_for(model).erase_defaults
     assert ("context_embedder" in defaults.lora_targets) is trains_embedder
-    names = {}
-    for placement in ("text", "attention"):
-        args = argparse.Namespace(train=placement, targets=None, rank=8)
-        settings = _lora_settings(args, method_for("eraseanything"), pipe, defaults)
-        names[placement] = settings.target_modules(pipe.transformer)
+    names = {
+        placement: lora_settings_for(method_for("eraseanything"), defaults, pipe, placement=placement)
+        .target_modules(pipe.transformer)
+        for placement in ("text", "attention")
+    }
     assert ("context_embedder" in names["attention"]) is trains_embedder
     assert set(names["text"]) < set(names["attention"])
     assert any(n.endswith(".attn.to_q") for n in names["attention"])
+
+
+@pytest.mark.parametrize(("model", "placement", "steps"), [("shapes-sd3", "attention", 450), ("shapes", "text", 300)])
+def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(model, placement, steps) -> None:
+    """What a run gets when not told: the SD3 model trains every attention projection and its text embedder for half
+    as many steps again as the method's schedule (two concepts too); the Flux model the text side for the method's
+    steps. Text-side ``targets`` mean the text placement, and refuse a wider one."""
+
+    pipe = attnscope.load_pipeline(model, progress=False)
+    filled = fill_model_defaults(EraseConfig(model=model), pipe)
+    assert (filled.steps, filled.lr) == (steps, 1e-3)
+    assert filled.lora.layers == ("all" if placement == "attention" else "double")
+    names = filled.lora.target_modules(pipe.transformer)
+    assert any(n.endswith(".attn.to_q") for n in names) is (placement == "attention")
+    two = fill_model_defaults(EraseConfig(model=model), pipe, concepts=2)
+    assert (two.steps, two.lr) == (round(400 * steps / 300), 2e-3)
+    told = fill_model_defaults(EraseConfig(model=model, steps=7, lr=5e-4), pipe)
+    assert (told.steps, told.lr) == (7, 5e-4)
+    method, defaults = method_for("eraseanything"), attnscope.profile_for(model).erase_defaults
+    paper = lora_settings_for(method, defaults, pipe, targets=("add_q_proj", "add_k_proj"))
+    assert paper.layers == "double" and paper.targets == ("add_q_proj", "add_k_proj")
+    with pytest.raises(ValueError, match="--targets chooses the text-side projections; --train attention"):
+        lora_settings_for(method, defaults, pipe, placement="attention", targets=("add_q_proj",))
 
 
 def test_erasing_an_unsupported_architecture_names_the_supported_ones(tmp_path) -> None:
