@@ -128,12 +128,13 @@ def lora_settings_for(
     targets: tuple[str, ...] | None = None, rank: int = 8,
 ) -> LoraSettings:
     """The LoRA of a run of ``method`` on the model whose profile's erasure defaults are ``defaults``: ``placement``
-    (``None``: the profile's; ``text`` when ``targets`` are given) and the text-side ``targets`` (``None``: the
-    method's, else the profile's)."""
+    (``None``: the profile's; ``text`` when ``targets`` are given or the method names its own projections, as a
+    closed-form edit of particular ones does) and the text-side ``targets`` (``None``: the method's, else the
+    profile's)."""
     if targets is not None and placement not in (None, "text"):
         raise ValueError(f"--targets chooses the text-side projections; --train {placement} trains every attention "
                          "projection there is")
-    placement = placement or ("text" if targets is not None else defaults.placement)
+    placement = placement or ("text" if targets is not None or method.lora_targets else defaults.placement)
     text_side = targets or method.lora_targets_for(defaults)
     if placement == "text":
         return LoraSettings(rank=rank, targets=text_side)

@@ -223,7 +223,8 @@ def test_training_every_attention_projection_keeps_the_text_embedder_the_profile
 def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(model, placement, steps) -> None:
     """What a run gets when not told: the SD3 model trains every attention projection and its text embedder for half
     as many steps again as the method's schedule (two concepts too); the Flux model the text side for the method's
-    steps. Text-side ``targets`` mean the text placement, and refuse a wider one."""
+    steps. Text-side ``targets``, given or the method's own, mean the text placement; given, they refuse a wider
+    one."""
 
     pipe = attnscope.load_pipeline(model, progress=False)
     filled = fill_model_defaults(EraseConfig(model=model), pipe)
@@ -238,6 +239,8 @@ def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(
     method, defaults = method_for("eraseanything"), attnscope.profile_for(model).erase_defaults
     paper = lora_settings_for(method, defaults, pipe, targets=("add_q_proj", "add_k_proj"))
     assert paper.layers == "double" and paper.targets == ("add_q_proj", "add_k_proj")
+    uce = lora_settings_for(method_for("uce"), defaults, pipe)  # a method that names its projections keeps them
+    assert uce.layers == "double" and uce.targets == ("add_k_proj", "add_v_proj")
     with pytest.raises(ValueError, match="--targets chooses the text-side projections; --train attention"):
         lora_settings_for(method, defaults, pipe, placement="attention", targets=("add_q_proj",))
 
