@@ -44,10 +44,11 @@ SHAPES_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj")
 #: erasure there; with the embedder too it does not, and more of the rest of the prompt is kept. On the Flux-form
 #: model the embedder changed nothing but triangle's context, which it lowered (benchmarks/RESULTS.md).
 SHAPES_SD3_LORA_TARGETS = (*SHAPES_LORA_TARGETS, "context_embedder")
-#: On the SD3-form model the LoRA trains every attention projection, the image side too, and the text embedder. A
-#: prompt of glue words only draws its shape or colour from the image tokens' own attention, which a text-side LoRA
-#: cannot reach: there the image side narrows the unasked path and what prompt searches find, and keeps more of the
-#: erased prompts' context. It needs half as many steps again to finish the named concept; a step costs the same.
+#: On the SD3-form model the LoRA trains every attention projection, the image side too, and the text embedder: it
+#: keeps more of the erased prompts' context than the text side, and a glue prompt, whose text tokens add a nearly
+#: image-independent term to the image's attention output, draws a concept from the image tokens' own attention,
+#: which only the image side reaches (what prompt searches find narrows; measured in benchmarks/RESULTS.md). It needs
+#: half as many steps again to finish the named concept; a step costs the same.
 SHAPES_SD3_PLACEMENT: LoraPlacement = "attention"
 SHAPES_SD3_STEPS_SCALE = 1.5
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
