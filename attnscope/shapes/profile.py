@@ -55,6 +55,12 @@ SHAPES_SD3_STEPS_SCALE = 1.5
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
 #: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
 SHAPES_ETA = 2.0
+#: ESD's η on a shape's prompts on the Flux-form model (a colour's, and the unasked path, are pushed at
+#: ``SHAPES_ETA``). Pushed that far, a shape there is often dropped with its object instead of drawn as another
+#: shape, which costs the rest of the prompt; a colour pushed at 1 survives in prompts that name it twice or more.
+#: On the SD3-form model a shape is pushed at ``SHAPES_ETA`` too: at 1, circle, whose prompts differ least from
+#: their anchors' at the start of a trajectory there, was not erased at all (benchmarks/RESULTS.md).
+SHAPES_SHAPE_ETA = 1.0
 #: EraseAnything's attention-attenuation term is off on the shapes models. At the paper's weight it changes no LoRA
 #: beyond float noise, and every weight that moves the attention costs something else: on the Flux model the rest
 #: of the prompt, on the SD3 model the erasure itself (the colour moves to the tokens it was not taken from). The
@@ -80,10 +86,15 @@ class ShapesProfile(ModelProfile):
     world = SHAPES_WORLD
     readout = SHAPES_READOUT
 
-    def __init__(self, name: str, transformer_class: str, erase_defaults: EraseDefaults = SHAPES_ERASE_DEFAULTS):
+    def __init__(
+        self, name: str, transformer_class: str, erase_defaults: EraseDefaults = SHAPES_ERASE_DEFAULTS,
+        shape_eta: float | None = SHAPES_SHAPE_ETA,
+    ):
         self.name = name
         self.transformer_class = transformer_class
         self.erase_defaults = erase_defaults
+        #: ESD's η on a shape's prompts (the shapes world's concept specs); ``None``: the model's, as a colour's.
+        self.shape_eta = shape_eta
 
     def claims(self, name_or_path: str) -> bool:
         return name_or_path == self.name or (
@@ -114,11 +125,11 @@ SHAPES_SD3_PROFILE = register_profile(ShapesProfile(
     "shapes-sd3", "SD3Transformer2DModel", replace(
         SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS, placement=SHAPES_SD3_PLACEMENT,
         steps_scale=SHAPES_SD3_STEPS_SCALE,
-    )
+    ), shape_eta=None,
 ))
 
 __all__ = [
     "SHAPES_ATTENTION_WEIGHT", "SHAPES_ERASE_DEFAULTS", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_PROFILE",
     "SHAPES_READOUT", "SHAPES_SD3_LORA_TARGETS", "SHAPES_SD3_PLACEMENT", "SHAPES_SD3_PROFILE", "SHAPES_SD3_STEPS_SCALE",
-    "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
+    "SHAPES_SHAPE_ETA", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
 ]

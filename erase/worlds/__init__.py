@@ -54,6 +54,11 @@ class ErasureWorld(ABC):
     #: Images per prompt of ``attnscope eval`` when ``--seeds`` is not given.
     default_eval_seeds: int
 
+    def for_model(self, model: str) -> ErasureWorld:
+        """This view as ``model`` sees it, for a world whose specs depend on the model (the shapes world's η for a
+        shape); by default the view itself."""
+        return self
+
     @abstractmethod
     def spec(self, concept: str) -> ConceptSpec:
         """The spec of ``--concept`` (``UnknownConceptError``, with suggestions, when the world has none)."""
@@ -107,5 +112,5 @@ def erasure_world(model: str) -> ErasureWorld:
     world = profile_for(model).world
     for cls in type(world).__mro__:
         if cls in _REGISTRY:
-            return _REGISTRY[cls]
+            return _REGISTRY[cls].for_model(model)
     raise LookupError(f"no erasure view is registered for {type(world).__name__}")

@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnscope.profiles import profile_for
 from attnscope.shapes import vocabulary as vocab
 from attnscope.shapes.metrics import TWO_OBJECT_PROMPTS
-from attnscope.shapes.profile import ShapesWorld
+from attnscope.shapes.profile import SHAPES_SHAPE_ETA, ShapesProfile, ShapesWorld
 
 from ..spec import ConceptSpec, UnknownConceptError, suggest, words_of
 from . import AttackStart, ErasureWorld, Judge, register_erasure_world
@@ -23,6 +24,13 @@ class ShapesErasure(ErasureWorld):
 
     open_vocabulary = False
 
+    def __init__(self, shape_eta: float | None = SHAPES_SHAPE_ETA):
+        self.shape_eta = shape_eta
+
+    def for_model(self, model: str) -> ShapesErasure:
+        profile = profile_for(model)
+        return ShapesErasure(profile.shape_eta if isinstance(profile, ShapesProfile) else SHAPES_SHAPE_ETA)
+
     @property
     def default_eval_seeds(self) -> int:
         from .shapes_eval import DEFAULT_SEEDS
@@ -30,7 +38,7 @@ class ShapesErasure(ErasureWorld):
         return DEFAULT_SEEDS
 
     def spec(self, concept: str) -> ConceptSpec:
-        return shapes_spec(concept.strip())
+        return shapes_spec(concept.strip(), shape_eta=self.shape_eta)
 
     def check_words(self, pipe: Any, words: Sequence[str]) -> None:
         for word in words:
@@ -100,13 +108,7 @@ def shows_any(detected: Sequence[Any], concepts: Sequence[str]) -> bool:
     return any(d.color in concepts or d.shape in concepts for d in detected)
 
 
-#: ESD's η on a shape's prompts; a colour's are pushed with the model's (``SHAPES_ETA``, 2), and so is the unasked
-#: path. Pushed that far, a shape is often dropped with its object instead of drawn as another shape, which costs the
-#: rest of the prompt; a colour pushed at 1 survives in prompts that name it twice or more (benchmarks/RESULTS.md).
-SHAPE_ETA = 1.0
-
-
-def shapes_spec(word: str) -> ConceptSpec:
+def shapes_spec(word: str, shape_eta: float | None = SHAPES_SHAPE_ETA) -> ConceptSpec:
     """The spec of a shapes-world colour or shape, from ``attnscope.shapes.vocabulary``.
 
     Prompts: the concept with every partner (each shape for a colour, each colour for a shape) alone, plus two-object
@@ -115,8 +117,8 @@ def shapes_spec(word: str) -> ConceptSpec:
     a blue circle and a green square): an erased colour leaves its object with another colour, an erased shape leaves
     its colour on another shape, so the rest of the prompt is drawn as asked (benchmarks/RESULTS.md). Preservation
     prompts: every single-object scene that contains neither the concept nor a synonym, and ``TWO_OBJECT_PRESERVATION``
-    two-object scenes of them (see :func:`_two_object_preservation`). η: ``SHAPE_ETA`` for a shape, the run's for a
-    colour.
+    two-object scenes of them (see :func:`_two_object_preservation`). η: ``shape_eta`` for a shape (``None``: the
+    run's; the model's profile says which, ``ShapesProfile.shape_eta``), the run's for a colour.
     """
     word = word.lower()
     if word not in vocab.COLORS and word not in vocab.SHAPES:
@@ -146,7 +148,7 @@ def shapes_spec(word: str) -> ConceptSpec:
         irrelevant=tuple(irrelevant),
         prompts=tuple(prompts),
         preserve_prompts=tuple(preserve),
-        eta=None if is_color else SHAPE_ETA,
+        eta=None if is_color else shape_eta,
     )
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import attnscope
 import attnscope.cli
 from attnscope.adapters import adapter_for
-from attnscope.erase import ConceptSpec, losses
+from attnscope.erase import ConceptSpec, erasure_world, losses
 from attnscope.erase.cache import CacheConfig, maps_forward
 from attnscope.erase.cli import register
 from attnscope.erase.config import EraseConfig, fill_model_defaults, model_defaults
@@ -372,3 +372,26 @@ def test_erase_takes_the_methods_steps_and_learning_rate_for_the_number_of_conce
     with pytest.raises(SystemExit):
         _cli("erase", "--out", str(tmp_path / "out"), *argv)
     assert seen["schedule"] == expected
+
+
+@pytest.mark.parametrize(("model", "shape_eta"), [("shapes", 1.0), ("shapes-sd3", None)])
+def test_a_shapes_eta_is_the_models_choice(model, shape_eta, monkeypatch, tmp_path) -> None:
+    """A shape's ESD η comes from the model's profile: 1 on the Flux model, the model's own (a colour's, 2) on the
+    SD3 model; a colour always takes the model's. `attnscope erase` trains with the world's view for its model, and
+    `--eta` still sets every concept's."""
+    import attnscope.erase.trainer as trainer
+
+    world = erasure_world(model)
+    assert world.spec("circle").eta == shape_eta and world.spec("red").eta is None
+    seen = {}
+
+    def record(pipe, specs, config, out, **kwargs):
+        seen["eta"] = [s.eta for s in specs]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "train", record)
+    for argv, expected in ((["--concept", "circle", "--concept", "red"], [shape_eta, None]),
+                           (["--concept", "circle", "--eta", "3"], [3.0])):
+        with pytest.raises(SystemExit):
+            _cli("erase", "--model", model, "--out", str(tmp_path / "out"), *argv)
+        assert seen["eta"] == expected
