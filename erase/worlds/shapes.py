@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from attnscope.profiles import profile_for
 from attnscope.shapes import vocabulary as vocab
@@ -28,8 +28,7 @@ class ShapesErasure(ErasureWorld):
         self.shape_eta = shape_eta
 
     def for_model(self, model: str) -> ShapesErasure:
-        profile = profile_for(model)
-        return ShapesErasure(profile.shape_eta if isinstance(profile, ShapesProfile) else SHAPES_SHAPE_ETA)
+        return ShapesErasure(cast(ShapesProfile, profile_for(model)).shape_eta)  # a shapes model's profile
 
     @property
     def default_eval_seeds(self) -> int:
