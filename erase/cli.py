@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from attnscope.profiles import LoraPlacement
 
 from .adversary import ADVERSARIAL_STEPS
 from .methods import method_for, method_names
@@ -80,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="shapes", help="'shapes' (bundled), a shapes checkpoint *.pt, 'tiny-flux', "
                    "a hub id or a folder")
     p.add_argument("--method", default="eraseanything", help="erasure method: " + ", ".join(method_names()))
-    p.add_argument("--train", choices=("text", "joint", "attention"), default=None, help="where the LoRA trains: "
+    p.add_argument("--train", choices=get_args(LoraPlacement), default=None, help="where the LoRA trains: "
                    "the text-side projections of the dual-stream attention (--targets), every projection of the "
                    "dual-stream attention, or of every attention layer; with the text embedder wherever the method "
                    "or the model profile trains it (default: the model profile's; attention on shapes-sd3, text "
