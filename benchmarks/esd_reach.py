@@ -20,13 +20,16 @@ from pathlib import Path
 import torch
 
 import attnscope
-from attnscope.adapters import adapter_for
 from attnscope.erase.cache import EraseCache
+from attnscope.erase.config import EraseConfig
 from attnscope.erase.lora import load_lora
 from attnscope.erase.losses import esd_target
 from attnscope.erase.run import CACHE_FILE, RUN_FILE, read_run
 from attnscope.erase.sampling import PromptBank
+from attnscope.erase.trainer import training_call
 
+#: The fields of a run's recorded config that set the velocities it trained on.
+CALL_SETTINGS = ("height", "width", "guidance_scale", "true_cfg_scale", "max_sequence_length", "negative_prompt")
 #: The σ range reported per prompt: the sampler's middle steps.
 MIDDLE = (0.7, 0.95)
 
@@ -88,13 +91,8 @@ def main() -> None:
     concepts = [s.name for s in cache_specs]
     eta = torch.tensor([s.eta if s.eta is not None else recorded["eta"] for s in cache_specs])[cache.concept]
     pipe = attnscope.load_pipeline(model, progress=False)
-    # The velocities the run trained on: its recorded call settings, as the trainer builds them.
-    call = adapter_for(pipe).model_call(pipe, recorded["height"], recorded["width"],
-                                        guidance_scale=recorded["guidance_scale"],
-                                        true_cfg_scale=recorded["true_cfg_scale"] or 1.0)
-    bank = PromptBank(call, recorded["max_sequence_length"])
-    if call.wants_negative:
-        call.negative = bank.get([recorded["negative_prompt"] or ""])
+    # The velocities the run trained on: its recorded call settings, through the trainer's call.
+    call, bank = training_call(pipe, EraseConfig(model=model, **{key: recorded[key] for key in CALL_SETTINGS}))
     target = esd_target(cache.v_concept.float(), cache.v_anchor.float(), eta.view(-1, 1, 1))
     base = ((cache.v_concept.float() - target) ** 2).mean((1, 2))
     results = {}

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import attnscope
 from attnscope import atomic
-from attnscope.adapters import adapter_for
+from attnscope.adapters import ModelCall, adapter_for
 from attnscope.trace import column_mask
 
 from . import run
@@ -38,7 +38,7 @@ from .sampling import PromptBank
 from .spec import ConceptSpec, SpecError, check_prompts_fit, preservation_prompts
 from .worlds import erasure_world
 
-__all__ = ["EraseResult", "NonFiniteLossError", "Trainer", "gradient_shares", "train"]
+__all__ = ["EraseResult", "NonFiniteLossError", "Trainer", "gradient_shares", "train", "training_call"]
 
 #: Key of a log entry's per-loss gradient norms (weighted losses, over the LoRA parameters).
 GRADIENT_NORMS = "grad_norm"
@@ -54,6 +54,20 @@ class NonFiniteLossError(RuntimeError):
             f"the {loss} loss became non-finite at step {step}; training stopped without applying that step and "
             f"{kept} (lower --lr, or the loss weight of {loss})"
         )
+
+
+def training_call(pipe: Any, config: EraseConfig) -> tuple[ModelCall, PromptBank]:
+    """The model call and prompt bank a run of ``config`` (defaults filled) trains through: its size, guidance and
+    text length, and under true CFG the negative prompt's conditioning. Anything that reads a run's velocities
+    again builds them here, so it sees what the run trained on."""
+    call = adapter_for(pipe).model_call(
+        pipe, config.height, config.width,
+        guidance_scale=config.guidance_scale, true_cfg_scale=config.true_cfg_scale or 1.0,
+    )
+    bank = PromptBank(call, config.max_sequence_length)
+    if call.wants_negative:
+        call.negative = bank.get([config.negative_prompt or ""])
+    return call, bank
 
 
 @dataclass
@@ -88,13 +102,7 @@ class Trainer:
         self.method = method
         self.parallel = parallel or DataParallel.for_device(pipe.transformer.device)
         self.transformer = pipe.transformer
-        self.call = adapter_for(pipe).model_call(
-            pipe, config.height, config.width,
-            guidance_scale=config.guidance_scale, true_cfg_scale=config.true_cfg_scale or 1.0,
-        )
-        self.bank = PromptBank(self.call, config.max_sequence_length)
-        if self.call.wants_negative:
-            self.call.negative = self.bank.get([config.negative_prompt or ""])
+        self.call, self.bank = training_call(pipe, self.config)
         self.params = add_lora(self.transformer, config.lora)
         if config.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
