@@ -21,9 +21,12 @@ import torch
 from .. import losses
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..spec import ConceptSpec
     from ..trainer import Trainer
 
-__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows"]
+__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows", "spec_etas"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -37,10 +40,15 @@ def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tenso
     return points[trainer.draw(len(points), n)], (embeds.expand(n, -1, -1), pooled.expand(n, -1))
 
 
+def spec_etas(specs: Sequence[ConceptSpec], eta: float) -> torch.Tensor:
+    """ESD's η of each concept, ``(S,)``: its spec's ``eta``, else the run's ``eta``."""
+    return torch.tensor([s.eta if s.eta is not None else eta for s in specs])
+
+
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
-    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device: its concept's own
-    (the spec's ``eta``), else the run's."""
-    own = torch.tensor([s.eta if s.eta is not None else trainer.config.eta for s in trainer.specs])
+    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device: its concept's
+    (:func:`spec_etas`)."""
+    own = spec_etas(trainer.specs, trainer.config.eta)
     return own[trainer.cache.concept[points]].view(-1, 1, 1).to(trainer.transformer.device)
 
 
