@@ -88,8 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "or the model profile trains it (default: the model profile's; attention on shapes-sd3, text "
                    "elsewhere)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
-                   "(default: the method's for the number of concepts, 300 per concept, eraseanything 400 for two; "
-                   "1.5 times that on shapes-sd3)")
+                   "(default: the method's for the number of concepts, 300 per concept, eraseanything 400 for two "
+                   "at twice the rate; 1.5 times that on shapes-sd3, at the lone rate)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the method's for the "
                    "number of concepts; 1e-3, eraseanything 2e-3 for two)")
@@ -100,6 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=float, default=None, help="ESD negative-guidance strength η in v*(c_anc) − "
                    "η·(v*(c) − v*(c_anc)), for every concept and the unasked path (default: a concept spec's own η, "
                    "else the model profile's: 1 as in the paper; shapes models 2, a shape word 1)")
+    p.add_argument("--balance-eta", action=argparse.BooleanOptionalAction, default=None, help="several concepts: "
+                   "raise each concept's η until its ESD push over the cache matches the strongest concept's "
+                   "(default: the model profile's; on for shapes-sd3, where a pair otherwise leaves the concept "
+                   "whose prompts differ least from their anchors)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
                    "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its "
@@ -281,6 +285,7 @@ def run_erase(args: argparse.Namespace) -> int:
         keep_rows=args.keep_rows,
         schedule=args.schedule,
         eta=args.eta,
+        balance_eta=args.balance_eta,
         weights=LossWeights(**{**vars(method.weights_for(defaults)), **args.weights}),
         lora=lora_settings_for(method, defaults, pipe, placement=args.train,
                                targets=_csv(args.targets) if args.targets else None, rank=args.rank),

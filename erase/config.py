@@ -38,7 +38,8 @@ class EraseConfig:
     such as the bundled shapes model or FLUX.1-dev, true CFG for a model without a guidance embedding that is
     sampled with it). ``eta`` (ESD's negative-guidance strength: the unasked path's, and the concepts' whose spec
     sets no ``eta`` of its own), ``lora`` (:func:`lora_settings_for`), ``steps`` and ``lr`` (:func:`schedule_for`):
-    ``None`` takes the model profile's erasure defaults and the method's schedule, as ``attnscope erase`` does.
+    ``None`` takes the model profile's erasure defaults and the method's schedule, as ``attnscope erase`` does;
+    so does ``balance_eta`` (several concepts pushed equally hard, :func:`~erase.methods.rows.run_etas`).
     ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit); ``weights``:
     ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
     before each erase step (:mod:`erase.adversary`; 0: none).
@@ -55,6 +56,7 @@ class EraseConfig:
     schedule: Literal["alternate", "joint"] = "alternate"
     weights: LossWeights | None = None
     eta: float | None = None
+    balance_eta: bool | None = None
     tau: float = 0.07
     lora: LoraSettings | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -99,9 +101,9 @@ class EraseConfig:
 
 def fill_model_defaults(config: EraseConfig, pipe: Any, concepts: int = 1) -> EraseConfig:
     """Set ``config``'s ``None`` fields to their defaults (in place; also returned): the call settings of
-    :func:`model_defaults`, the profile's η and LoRA placement, the method's loss weights on that model (and LoRA
-    targets, for a method that edits other projections than the profile's), and the method's schedule for
-    ``concepts`` concepts erased together on that model."""
+    :func:`model_defaults`, the profile's η (and whether several concepts' are balanced) and LoRA placement, the
+    method's loss weights on that model (and LoRA targets, for a method that edits other projections than the
+    profile's), and the method's schedule for ``concepts`` concepts erased together on that model."""
     for key, value in model_defaults(config.model, pipe).items():
         if getattr(config, key) is None:
             setattr(config, key, value)
@@ -109,6 +111,8 @@ def fill_model_defaults(config: EraseConfig, pipe: Any, concepts: int = 1) -> Er
     method = method_for(config.method)
     if config.eta is None:
         config.eta = defaults.eta
+    if config.balance_eta is None:
+        config.balance_eta = defaults.balance_eta
     if config.lora is None:
         config.lora = lora_settings_for(method, defaults, pipe)
     steps, lr = schedule_for(method, defaults, concepts)
@@ -148,8 +152,9 @@ def lora_settings_for(
 
 def schedule_for(method: Method, defaults: EraseDefaults, concepts: int) -> tuple[int, float]:
     """``(steps, lr)`` of a run of ``method`` erasing ``concepts`` concepts together on the model whose profile's
-    erasure defaults are ``defaults``: the method's schedule, its steps scaled as the profile says."""
-    steps, lr = method.default_schedule(concepts)
+    erasure defaults are ``defaults``: the method's schedule within the profile's ``max_lr``, its steps scaled as
+    the profile says."""
+    steps, lr = method.default_schedule(concepts, defaults.max_lr)
     return max(1, round(steps * defaults.steps_scale)), lr
 
 

@@ -17,7 +17,8 @@ YAML layout (every key but ``name`` and ``targets`` optional)::
     irrelevant: [green, blue]      # concepts that must stay intact (preservation, contrastive positives)
     prompts: ["a red circle"]      # training prompts for the erase step
     preserve_prompts: ["a green circle"]   # prompts sampled for the preservation step
-    eta: 1                         # ESD's η on this concept's prompts; none: the run's (``--eta``, the model's)
+    eta: 1                         # ESD's η on this concept's prompts; none: the run's (``--eta``, the model's);
+                                   # raised where a run balances several concepts' pushes (``--balance-eta``)
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from .cache import EraseCache, build_cache
 from .config import EraseConfig, fill_model_defaults
 from .lora import LORA_FILE, add_lora, base_model, save_lora
 from .methods import TrainedMethod, method_for
+from .methods.rows import run_etas
 from .parallel import DataParallel
 from .sampling import PromptBank
 from .spec import ConceptSpec, SpecError, check_prompts_fit, preservation_prompts
@@ -114,6 +115,7 @@ class Trainer:
         self.log: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
         self.cache: EraseCache | None = None
+        self.etas: torch.Tensor | None = None
         self.adversary: Adversary | None = None
         #: Set by :func:`train` on the steps whose per-loss gradient norms are logged; filled by backward_group.
         self.log_gradients = False
@@ -139,6 +141,8 @@ class Trainer:
             cache.save(path)
         self.parallel.barrier()  # the other processes load what rank 0 built
         self.cache = EraseCache.load(path)
+        #: ESD's η of each concept, ``(S,)``.
+        self.etas = run_etas(self.specs, self.cache, self.config.eta, self.config.balance_eta)
         self.adversary = Adversary(self) if self.config.adversarial else None
         self.contrastive_points = torch.nonzero(self.cache.positive_mask.any(dim=1)).flatten()
         if self.config.weights.contrastive > 0 and len(self.contrastive_points) == 0:
@@ -398,6 +402,7 @@ def train(
         save_lora(trainer.transformer, out, config.lora)
         run.write_results(out, config, specs, {
             "processes": parallel.world, "seconds": round(seconds, 2), "final_losses": final,
+            "etas": dict(zip(names, trainer.etas.tolist())),
             "gradient_shares": gradient_shares(trainer.log), "steps": trainer.log,
         })
     parallel.barrier()

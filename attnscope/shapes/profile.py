@@ -51,6 +51,13 @@ SHAPES_SD3_LORA_TARGETS = (*SHAPES_LORA_TARGETS, "context_embedder")
 #: half as many steps again to finish the named concept; a step costs the same.
 SHAPES_SD3_PLACEMENT: LoraPlacement = "attention"
 SHAPES_SD3_STEPS_SCALE = 1.5
+#: The fastest rate erasures on the SD3-form model hold at: a shape alone is not erased at twice it, so two concepts
+#: take the lone rate there, 450 steps each.
+SHAPES_SD3_MAX_LR = 1e-3
+#: Several concepts on the SD3-form model are pushed equally hard (``EraseDefaults.balance_eta``): each at its own η,
+#: a pair erased the concept whose prompts differ more from their anchors and left the other, at any rate, rank,
+#: batch or row weighting tried; balanced, both go. On the Flux-form model pairs are erased without it.
+SHAPES_SD3_BALANCE_ETA = True
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
 #: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
@@ -124,12 +131,13 @@ SHAPES_PROFILE = register_profile(ShapesProfile("shapes", "FluxTransformer2DMode
 SHAPES_SD3_PROFILE = register_profile(ShapesProfile(
     "shapes-sd3", "SD3Transformer2DModel", replace(
         SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS, placement=SHAPES_SD3_PLACEMENT,
-        steps_scale=SHAPES_SD3_STEPS_SCALE,
+        steps_scale=SHAPES_SD3_STEPS_SCALE, max_lr=SHAPES_SD3_MAX_LR, balance_eta=SHAPES_SD3_BALANCE_ETA,
     ), shape_eta=None,
 ))
 
 __all__ = [
     "SHAPES_ATTENTION_WEIGHT", "SHAPES_ERASE_DEFAULTS", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_PROFILE",
-    "SHAPES_READOUT", "SHAPES_SD3_LORA_TARGETS", "SHAPES_SD3_PLACEMENT", "SHAPES_SD3_PROFILE", "SHAPES_SD3_STEPS_SCALE",
+    "SHAPES_READOUT", "SHAPES_SD3_BALANCE_ETA", "SHAPES_SD3_LORA_TARGETS", "SHAPES_SD3_MAX_LR", "SHAPES_SD3_PLACEMENT",
+    "SHAPES_SD3_PROFILE", "SHAPES_SD3_STEPS_SCALE",
     "SHAPES_SHAPE_ETA", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
 ]

@@ -23,10 +23,11 @@ from .. import losses
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ..cache import EraseCache
     from ..spec import ConceptSpec
     from ..trainer import Trainer
 
-__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows", "spec_etas"]
+__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows", "push_sizes", "run_etas", "spec_etas"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -45,11 +46,33 @@ def spec_etas(specs: Sequence[ConceptSpec], eta: float) -> torch.Tensor:
     return torch.tensor([s.eta if s.eta is not None else eta for s in specs])
 
 
+def push_sizes(cache: EraseCache, concepts: int) -> torch.Tensor:
+    """How far ESD's target moves from each concept's base velocity per unit η, ``(S,)``: the mean over its cache
+    points of ``mean‖v*(x_t, c) − v*(x_t, c_anc)‖²`` per element (0 for a concept without points)."""
+    size = ((cache.v_concept.float() - cache.v_anchor.float()) ** 2).mean((1, 2))
+    total = torch.zeros(concepts).index_add_(0, cache.concept, size)
+    count = torch.zeros(concepts).index_add_(0, cache.concept, torch.ones_like(size))
+    return total / count.clamp(min=1)
+
+
+def run_etas(specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, balance: bool) -> torch.Tensor:
+    """ESD's η of each concept in a run, ``(S,)``: its spec's, else the run's ``eta`` (:func:`spec_etas`). With
+    ``balance`` and several concepts, each is raised until its push over the cache, ``η²·``:func:`push_sizes`,
+    matches the strongest concept's: one LoRA trained on both otherwise goes to the concept whose prompts differ
+    most from their anchors and leaves the other drawn (measured on the SD3 shapes model; benchmarks/RESULTS.md)."""
+    etas = spec_etas(specs, eta)
+    if not balance or len(specs) < 2:
+        return etas
+    push = etas**2 * push_sizes(cache, len(specs))
+    if not bool((push > 0).all()):  # a concept without points (or pushes) has nothing to balance
+        return etas
+    return etas * (push.max() / push).sqrt()
+
+
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
     """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device: its concept's
-    (:func:`spec_etas`)."""
-    own = spec_etas(trainer.specs, trainer.config.eta)
-    return own[trainer.cache.concept[points]].view(-1, 1, 1).to(trainer.transformer.device)
+    (``trainer.etas``, :func:`run_etas`)."""
+    return trainer.etas[trainer.cache.concept[points]].view(-1, 1, 1).to(trainer.transformer.device)
 
 
 def erase_rows(trainer: Trainer) -> dict[str, float]:

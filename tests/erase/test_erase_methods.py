@@ -255,6 +255,7 @@ def _cli(*argv):
     (["--method", "esd", "--schedule", "joint"], "--method esd does not take --schedule"),
     (["--method", "esd", "--weights", "attention=1"], "--method esd has no loss attention: its --weights are esd"),
     (["--method", "uce", "--weights", "esd=1"], "--method uce does not take --weights"),
+    (["--method", "uce", "--no-balance-eta"], "--method uce does not take --balance-eta"),
     (["--method", "nope"], "unknown erasure method 'nope'"),
     (["--train", "joint", "--targets", "add_k_proj"], "--targets chooses the text-side projections"),
 ])
@@ -353,12 +354,14 @@ def test_uce_says_when_its_rows_leave_the_solve_to_the_ridge(tmp_path) -> None:
     (["--concept", "red", "--concept", "circle", "--method", "esd"], (600, 1e-3)),
     (["--concept", "red", "--concept", "circle", "--steps", "50", "--lr", "5e-4"], (50, 5e-4)),
     (["--concept", "red", "--model", "shapes-sd3"], (450, 1e-3)),
+    (["--concept", "red", "--concept", "circle", "--model", "shapes-sd3"], (900, 1e-3)),
 ])
 def test_erase_takes_the_methods_steps_and_learning_rate_for_the_number_of_concepts(
     argv, expected, monkeypatch, tmp_path
 ) -> None:
     """Concepts share the erase rows: 300 steps per concept, except EraseAnything's two concepts, 400 steps at
-    twice the learning rate; the SD3 model's profile asks for half as many again; flags win."""
+    twice the learning rate where the model's erasures hold at it; the SD3 model's profile asks for half as many
+    steps again, and two concepts there keep the lone rate; flags win."""
     import attnscope.erase.trainer as trainer
 
     seen = {}

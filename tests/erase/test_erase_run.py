@@ -271,11 +271,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
 
 
 def test_multi_concept_run(tmp_path) -> None:
+    """Two concepts share one run; balanced, the one whose points differ less from their anchors is pushed at a
+    higher η until both ESD pushes over the cache match, and the log says at which."""
     specs = [shapes_spec("red"), shapes_spec("circle")]
-    result = train(small_shapes_pipeline(), specs, _config(steps=2), tmp_path, progress=False)
+    result = train(small_shapes_pipeline(), specs, _config(steps=2, balance_eta=True), tmp_path, progress=False)
     assert set(result.final_losses) == {"esd", "implicit", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
+    etas = torch.tensor(list(json.loads((tmp_path / "train_log.json").read_text())["etas"].values()))
+    push = torch.stack([((cache["v_concept"] - cache["v_anchor"])[cache["concept"] == k] ** 2).mean() for k in (0, 1)])
+    torch.testing.assert_close(etas[0] ** 2 * push[0], etas[1] ** 2 * push[1])
+    own = torch.tensor([spec.eta or 2.0 for spec in specs])  # a shape's own η on the Flux model, else the run's
+    assert torch.isclose(etas, own).any() and (etas >= own).all() and not torch.equal(etas, own)
     # Preservation prompts name neither erased concept nor a synonym.
     assert not any(
         w in p.split() for p in cache["preserve_prompts"] for w in ("red", "circle", "crimson", "disc", "orb")

@@ -219,12 +219,15 @@ def test_training_every_attention_projection_keeps_the_text_embedder_the_profile
     assert any(n.endswith(".attn.to_q") for n in names["attention"])
 
 
-@pytest.mark.parametrize(("model", "placement", "steps"), [("shapes-sd3", "attention", 450), ("shapes", "text", 300)])
-def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(model, placement, steps) -> None:
+@pytest.mark.parametrize(("model", "placement", "steps", "two"), [
+    ("shapes-sd3", "attention", 450, (900, 1e-3)), ("shapes", "text", 300, (400, 2e-3)),
+])
+def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(model, placement, steps, two) -> None:
     """What a run gets when not told: the SD3 model trains every attention projection and its text embedder for half
-    as many steps again as the method's schedule (two concepts too); the Flux model the text side for the method's
-    steps. Text-side ``targets``, given or the method's own, mean the text placement; given, they refuse a wider
-    one."""
+    as many steps again as the method's schedule, two concepts at the lone rate (its ``max_lr``) with their ESD
+    pushes balanced; the Flux model the text side for the method's steps, two concepts at the faster rate, each at
+    its own η. Text-side ``targets``, given or the method's own, mean the text placement; given, they refuse a
+    wider one."""
 
     pipe = attnscope.load_pipeline(model, progress=False)
     filled = fill_model_defaults(EraseConfig(model=model), pipe)
@@ -232,8 +235,10 @@ def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(
     assert filled.lora.layers == ("all" if placement == "attention" else "double")
     names = filled.lora.target_modules(pipe.transformer)
     assert any(n.endswith(".attn.to_q") for n in names) is (placement == "attention")
-    two = fill_model_defaults(EraseConfig(model=model), pipe, concepts=2)
-    assert (two.steps, two.lr) == (round(400 * steps / 300), 2e-3)
+    pair = fill_model_defaults(EraseConfig(model=model), pipe, concepts=2)
+    assert (pair.steps, pair.lr) == two
+    assert pair.balance_eta is (model == "shapes-sd3")
+    assert fill_model_defaults(EraseConfig(model=model, balance_eta=False), pipe, concepts=2).balance_eta is False
     told = fill_model_defaults(EraseConfig(model=model, steps=7, lr=5e-4), pipe)
     assert (told.steps, told.lr) == (7, 5e-4)
     method, defaults = method_for("eraseanything"), attnscope.profile_for(model).erase_defaults

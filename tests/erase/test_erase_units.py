@@ -133,7 +133,7 @@ def test_esd_loss_moves_towards_negative_guidance_target() -> None:
 def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
     from types import SimpleNamespace
 
-    from attnscope.erase.methods.rows import concept_eta
+    from attnscope.erase.methods.rows import concept_eta, push_sizes, run_etas
 
     g = torch.Generator().manual_seed(0)
     v_c, v_anc = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
@@ -141,10 +141,22 @@ def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
     per_row = torch.stack([losses.esd_target(v_c[i], v_anc[i], float(e)) for i, e in enumerate(eta.flatten())])
     assert torch.equal(losses.esd_target(v_c, v_anc, eta), per_row)
     # A run erasing a colour (the run's η) and a shape (its own) at once; points index the cache's concept column.
-    trainer = SimpleNamespace(specs=[shapes_spec("red"), shapes_spec("circle")], config=SimpleNamespace(eta=2.0),
-                              cache=SimpleNamespace(concept=torch.tensor([0, 1, 1, 0])),
-                              transformer=SimpleNamespace(device=torch.device("cpu")))
+    # Red's points differ from their anchors by 3 per element, circle's by 1 and 2: pushes 9 and 2.5 per unit η.
+    anchor = torch.zeros(4, 5, 4)
+    concept = anchor + torch.tensor([3.0, 1.0, 2.0, 3.0]).view(-1, 1, 1)
+    cache = SimpleNamespace(concept=torch.tensor([0, 1, 1, 0]), v_concept=concept, v_anchor=anchor)
+    specs = [shapes_spec("red"), shapes_spec("circle")]
+    torch.testing.assert_close(push_sizes(cache, 2), torch.tensor([9.0, 2.5]))
+    own = run_etas(specs, cache, 2.0, balance=False)
+    assert own.tolist() == [2.0, 1.0]
+    trainer = SimpleNamespace(cache=cache, etas=own, transformer=SimpleNamespace(device=torch.device("cpu")))
     assert concept_eta(trainer, torch.tensor([3, 1, 0])).flatten().tolist() == [2.0, 1.0, 2.0]
+    # Balanced, the weaker push is raised to the strongest's (η²·push 36 for both) and the strongest keeps its η.
+    balanced = run_etas(specs, cache, 2.0, balance=True)
+    torch.testing.assert_close(balanced**2 * push_sizes(cache, 2), torch.tensor([36.0, 36.0]))
+    assert balanced[0] == 2.0
+    red_only = SimpleNamespace(concept=torch.zeros(4, dtype=torch.long), v_concept=concept, v_anchor=anchor)
+    assert run_etas(specs[:1], red_only, 2.0, balance=True).tolist() == [2.0]  # one concept: its own
     with pytest.raises(SpecError, match="'eta' must be a positive number"):
         ConceptSpec(name="red", targets=("red",), eta=0)
     with pytest.raises(SpecError, match="'eta' must be a positive number"):
