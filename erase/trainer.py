@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +74,14 @@ def training_call(pipe: Any, config: EraseConfig) -> tuple[ModelCall, PromptBank
 @dataclass
 class EraseResult:
     """What a finished run produced: the LoRA file, the folder, final losses (mean of the last 10 steps of
-    each), wall time in seconds (this process) and the per-step log."""
+    each), wall time in seconds (this process), the per-step log and ESD's η of each concept (a trained run)."""
 
     lora_path: Path
     out: Path
     final_losses: dict[str, float]
     seconds: float
     log: list[dict[str, Any]]
+    etas: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -397,16 +398,17 @@ def train(
     parallel.check_in_sync(trainer.params)
     lora_path = out / LORA_FILE
     final = _final_losses(trainer.log)
+    etas = dict(zip(names, trainer.etas.tolist()))
     seconds = time.perf_counter() - started
     if parallel.is_main:
         save_lora(trainer.transformer, out, config.lora)
         run.write_results(out, config, specs, {
             "processes": parallel.world, "seconds": round(seconds, 2), "final_losses": final,
-            "etas": dict(zip(names, trainer.etas.tolist())),
+            "etas": etas,
             "gradient_shares": gradient_shares(trainer.log), "steps": trainer.log,
         })
     parallel.barrier()
-    return EraseResult(lora_path=lora_path, out=out, final_losses=final, seconds=seconds, log=trainer.log)
+    return EraseResult(lora_path=lora_path, out=out, final_losses=final, seconds=seconds, log=trainer.log, etas=etas)
 
 
 def _closed_form(

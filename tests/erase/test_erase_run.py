@@ -278,7 +278,8 @@ def test_multi_concept_run(tmp_path) -> None:
     assert set(result.final_losses) == {"esd", "implicit", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
-    etas = torch.tensor(list(json.loads((tmp_path / "train_log.json").read_text())["etas"].values()))
+    assert json.loads((tmp_path / "train_log.json").read_text())["etas"] == result.etas
+    etas = torch.tensor([result.etas[spec.name] for spec in specs])
     push = torch.stack([((cache["v_concept"] - cache["v_anchor"])[cache["concept"] == k] ** 2).mean() for k in (0, 1)])
     torch.testing.assert_close(etas[0] ** 2 * push[0], etas[1] ** 2 * push[1])
     own = torch.tensor([spec.eta or 2.0 for spec in specs])  # a shape's own η on the Flux model, else the run's
