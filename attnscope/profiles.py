@@ -64,8 +64,8 @@ class EraseDefaults:
     #: The weight of EraseAnything's attention-attenuation term on this model; ``None``: the method's own (the
     #: paper's 1e-3). A model where the term was measured to buy nothing turns it off with 0.
     attention_weight: float | None = None
-    #: The highest learning rate this model's erasures hold at; a method's faster schedule for several concepts (a
-    #: higher rate) falls back to its lone-concept one above it. ``None``: no limit.
+    #: The highest learning rate this model's erasures hold at: a method's faster schedule (several concepts at a
+    #: higher rate) runs at this one, for proportionally more steps. ``None``: no limit.
     max_lr: float | None = None
     #: Several concepts erased together are pushed equally hard: each concept's η is raised until its ESD push over
     #: the run's cache, η²·mean‖v*(c) − v*(c_anc)‖², matches the strongest concept's (:func:`erase.methods.rows.

@@ -89,10 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "elsewhere)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps, erase and preserve steps count one each "
                    "(default: the method's for the number of concepts, 300 per concept, eraseanything 400 for two "
-                   "at twice the rate; 1.5 times that on shapes-sd3, at the lone rate)")
+                   "at twice the rate; 1.5 times that on shapes-sd3, whose rate is capped at 1e-3: 1200 for two)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the method's for the "
-                   "number of concepts; 1e-3, eraseanything 2e-3 for two)")
+                   "number of concepts; 1e-3, eraseanything 2e-3 for two; at most 1e-3 on shapes-sd3)")
     p.add_argument("--batch", type=int, default=8, help="rows per erase step and per preserve step "
                    "(2 of which feed the contrastive loss)")
     p.add_argument("--keep-rows", type=int, default=3, help="preserve-step rows for the keep loss "

@@ -152,9 +152,12 @@ def lora_settings_for(
 
 def schedule_for(method: Method, defaults: EraseDefaults, concepts: int) -> tuple[int, float]:
     """``(steps, lr)`` of a run of ``method`` erasing ``concepts`` concepts together on the model whose profile's
-    erasure defaults are ``defaults``: the method's schedule within the profile's ``max_lr``, its steps scaled as
-    the profile says."""
-    steps, lr = method.default_schedule(concepts, defaults.max_lr)
+    erasure defaults are ``defaults``: the method's schedule, its steps scaled as the profile says. A rate above the
+    profile's ``max_lr`` is lowered to it and the steps raised in proportion: the run takes the same steps × rate,
+    the update budget the faster schedule was chosen for."""
+    steps, lr = method.default_schedule(concepts)
+    if defaults.max_lr is not None and lr > defaults.max_lr:
+        steps, lr = steps * lr / defaults.max_lr, defaults.max_lr
     return max(1, round(steps * defaults.steps_scale)), lr
 
 

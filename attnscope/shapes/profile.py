@@ -52,7 +52,7 @@ SHAPES_SD3_LORA_TARGETS = (*SHAPES_LORA_TARGETS, "context_embedder")
 SHAPES_SD3_PLACEMENT: LoraPlacement = "attention"
 SHAPES_SD3_STEPS_SCALE = 1.5
 #: The fastest rate erasures on the SD3-form model hold at: a shape alone is not erased at twice it, so two concepts
-#: take the lone rate there, 450 steps each.
+#: run at this rate there, for twice the steps of the faster schedule (1200 in all).
 SHAPES_SD3_MAX_LR = 1e-3
 #: Several concepts on the SD3-form model are pushed equally hard (``EraseDefaults.balance_eta``): each at its own η,
 #: a pair erased the concept whose prompts differ more from their anchors and left the other, at any rate, rank,

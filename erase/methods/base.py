@@ -65,11 +65,10 @@ class Method(ABC):
         """The LoRA targets a run uses when not told: the method's own, else its model profile's (``defaults``)."""
         return self.lora_targets or defaults.lora_targets
 
-    def default_schedule(self, concepts: int, max_lr: float | None = None) -> tuple[int, float]:
+    def default_schedule(self, concepts: int) -> tuple[int, float]:
         """``(steps, lr)`` of a run that erases ``concepts`` concepts together, when ``--steps``/``--lr`` are not
         given (a closed-form edit records them and takes no steps). Each concept gets a share of the erase rows, so
-        the steps grow with their number. A faster schedule than this one keeps to ``max_lr`` (the model's), as the
-        rate its erasures were measured to hold at."""
+        the steps grow with their number."""
         return STEPS_PER_CONCEPT * concepts, DEFAULT_LR
 
 

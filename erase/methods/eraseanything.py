@@ -28,9 +28,8 @@ __all__ = ["EraseAnything"]
 
 #: Two concepts erased together: each gets half of the erase rows, so at the lone concept's rate they need 300
 #: steps each; at twice the rate 400 steps erase them as well in two thirds of the time. Three or more keep the
-#: lone rate: there the faster one left the concepts drawn unasked; so does a model whose erasures do not hold at
-#: the faster rate (its profile's ``max_lr``: on the SD3 shapes model a shape alone is not erased at 2e-3;
-#: benchmarks/RESULTS.md).
+#: lone rate: there the faster one left the concepts drawn unasked (benchmarks/RESULTS.md). A model whose erasures
+#: do not hold at the faster rate caps it (``EraseDefaults.max_lr``, :func:`erase.config.schedule_for`).
 TWO_CONCEPT_STEPS = 400
 TWO_CONCEPT_LR = 2e-3
 
@@ -50,10 +49,10 @@ class EraseAnything(TrainedMethod):
             return self.default_weights
         return replace(self.default_weights, attention=defaults.attention_weight)
 
-    def default_schedule(self, concepts: int, max_lr: float | None = None) -> tuple[int, float]:
-        if concepts == 2 and (max_lr is None or TWO_CONCEPT_LR <= max_lr):
+    def default_schedule(self, concepts: int) -> tuple[int, float]:
+        if concepts == 2:
             return TWO_CONCEPT_STEPS, TWO_CONCEPT_LR
-        return super().default_schedule(concepts, max_lr)
+        return super().default_schedule(concepts)
 
     def level(self, trainer: Trainer, step: int) -> str:
         if trainer.config.schedule == "joint":

@@ -220,14 +220,14 @@ def test_training_every_attention_projection_keeps_the_text_embedder_the_profile
 
 
 @pytest.mark.parametrize(("model", "placement", "steps", "two"), [
-    ("shapes-sd3", "attention", 450, (900, 1e-3)), ("shapes", "text", 300, (400, 2e-3)),
+    ("shapes-sd3", "attention", 450, (1200, 1e-3)), ("shapes", "text", 300, (400, 2e-3)),
 ])
 def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(model, placement, steps, two) -> None:
     """What a run gets when not told: the SD3 model trains every attention projection and its text embedder for half
-    as many steps again as the method's schedule, two concepts at the lone rate (its ``max_lr``) with their ESD
-    pushes balanced; the Flux model the text side for the method's steps, two concepts at the faster rate, each at
-    its own η. Text-side ``targets``, given or the method's own, mean the text placement; given, they refuse a
-    wider one."""
+    as many steps again as the method's schedule, two concepts at its ``max_lr`` for proportionally more steps,
+    their ESD pushes balanced; the Flux model the text side for the method's steps, two concepts at the faster
+    rate, each at its own η. Text-side ``targets``, given or the method's own, mean the text placement; given, they
+    refuse a wider one."""
 
     pipe = attnscope.load_pipeline(model, progress=False)
     filled = fill_model_defaults(EraseConfig(model=model), pipe)
