@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..spec import ConceptSpec
     from ..trainer import Trainer
 
-__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows", "push_sizes", "run_etas", "spec_etas"]
+__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows", "push_sizes", "run_etas"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -41,11 +41,6 @@ def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tenso
     return points[trainer.draw(len(points), n)], (embeds.expand(n, -1, -1), pooled.expand(n, -1))
 
 
-def spec_etas(specs: Sequence[ConceptSpec], eta: float) -> torch.Tensor:
-    """ESD's η of each concept, ``(S,)``: its spec's ``eta``, else the run's ``eta``."""
-    return torch.tensor([s.eta if s.eta is not None else eta for s in specs])
-
-
 def push_sizes(cache: EraseCache, concepts: int) -> torch.Tensor:
     """How far ESD's target moves from each concept's base velocity per unit η, ``(S,)``: the mean over its cache
     points of ``mean‖v*(x_t, c) − v*(x_t, c_anc)‖²`` per element (0 for a concept without points)."""
@@ -56,11 +51,11 @@ def push_sizes(cache: EraseCache, concepts: int) -> torch.Tensor:
 
 
 def run_etas(specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, balance: bool) -> torch.Tensor:
-    """ESD's η of each concept in a run, ``(S,)``: its spec's, else the run's ``eta`` (:func:`spec_etas`). With
-    ``balance`` and several concepts, each is raised until its push over the cache, ``η²·``:func:`push_sizes`,
-    matches the strongest concept's: one LoRA trained on both otherwise goes to the concept whose prompts differ
-    most from their anchors and leaves the other drawn (measured on the SD3 shapes model; benchmarks/RESULTS.md)."""
-    etas = spec_etas(specs, eta)
+    """ESD's η of each concept in a run, ``(S,)``: its spec's, else the run's ``eta``. With ``balance`` and several
+    concepts, each is raised until its push over the cache, ``η²·``:func:`push_sizes`, matches the strongest
+    concept's: one LoRA trained on them all otherwise goes to the concept whose prompts differ most from their
+    anchors and leaves the others drawn (measured on the SD3 shapes model; benchmarks/RESULTS.md)."""
+    etas = torch.tensor([s.eta if s.eta is not None else eta for s in specs])
     if not balance or len(specs) < 2:
         return etas
     push = etas**2 * push_sizes(cache, len(specs))
