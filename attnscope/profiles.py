@@ -68,8 +68,9 @@ class EraseDefaults:
     #: higher rate) runs at this one, for proportionally more steps. ``None``: no limit.
     max_lr: float | None = None
     #: Several concepts erased together are pushed equally hard: each concept's η is raised until its ESD push over
-    #: the run's cache, η²·mean‖v*(c) − v*(c_anc)‖², matches the strongest concept's (:func:`erase.methods.rows.
-    #: run_etas`). Off, each concept keeps its own η.
+    #: the cache points naming it alone, η²·mean‖v*(c) − v*(c_anc)‖², matches the strongest concept's, and a point
+    #: naming several takes the smallest of their η (:func:`erase.methods.rows.run_etas`, ``point_etas``). Off,
+    #: each concept keeps its own η.
     balance_eta: bool = False
 
 

@@ -24,7 +24,7 @@ from attnscope.erase.cache import EraseCache
 from attnscope.erase.config import EraseConfig
 from attnscope.erase.lora import load_lora
 from attnscope.erase.losses import esd_target
-from attnscope.erase.methods.rows import run_etas
+from attnscope.erase.methods.rows import point_etas, run_etas
 from attnscope.erase.run import CACHE_FILE, RUN_FILE, read_run
 from attnscope.erase.sampling import PromptBank
 from attnscope.erase.trainer import training_call
@@ -90,7 +90,8 @@ def main() -> None:
     recorded = json.loads((args.run / RUN_FILE).read_text())["config"]
     _, cache_specs = read_run(cache_run)
     concepts = [s.name for s in cache_specs]
-    eta = run_etas(cache_specs, cache, recorded["eta"], recorded.get("balance_eta", False))[cache.concept]
+    balance = recorded.get("balance_eta", False)
+    eta = point_etas(cache_specs, cache, run_etas(cache_specs, cache, recorded["eta"], balance), balance)
     pipe = attnscope.load_pipeline(model, progress=False)
     # The velocities the run trained on: its recorded call settings, through the trainer's call.
     call, bank = training_call(pipe, EraseConfig(model=model, **{key: recorded[key] for key in CALL_SETTINGS}))

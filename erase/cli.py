@@ -101,7 +101,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "η·(v*(c) − v*(c_anc)), for every concept and the unasked path (default: a concept spec's own η, "
                    "else the model profile's: 1 as in the paper; shapes models 2, a shape word 1)")
     p.add_argument("--balance-eta", action=argparse.BooleanOptionalAction, default=None, help="several concepts: "
-                   "raise each concept's η until its ESD push over the cache matches the strongest concept's "
+                   "raise each concept's η until its ESD push over the prompts naming it alone matches the "
+                   "strongest concept's; a prompt naming several is pushed at the smallest of their η "
                    "(default: the model profile's; on for shapes-sd3, where a pair otherwise leaves the concept "
                    "whose prompts differ least from their anchors)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "

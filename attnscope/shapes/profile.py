@@ -56,8 +56,8 @@ SHAPES_SD3_STEPS_SCALE = 1.5
 SHAPES_SD3_MAX_LR = 1e-3
 #: Several concepts on the SD3-form model are pushed equally hard (``EraseDefaults.balance_eta``): each at its own η,
 #: a pair erased the concept whose prompts differ more from their anchors and left the other, at any rate, rank,
-#: batch or row weighting tried; balanced, that one is erased too (red + circle on one seed of two). On the Flux-form
-#: model pairs are erased without it.
+#: batch or row weighting tried; balanced over the prompts that name one concept, that one is erased too. On the
+#: Flux-form model pairs are erased without it.
 SHAPES_SD3_BALANCE_ETA = True
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import losses
+from ..spec import find_word
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from ..spec import ConceptSpec
     from ..trainer import Trainer
 
-__all__ = ["ablation_rows", "concept_eta", "erase_rows", "preserve_rows", "push_sizes", "run_etas"]
+__all__ = ["ablation_rows", "concept_eta", "erase_rows", "named_concepts", "point_etas", "preserve_rows", "push_sizes",
+           "run_etas"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -41,33 +43,57 @@ def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tenso
     return points[trainer.draw(len(points), n)], (embeds.expand(n, -1, -1), pooled.expand(n, -1))
 
 
-def push_sizes(cache: EraseCache, concepts: int) -> torch.Tensor:
+def push_sizes(cache: EraseCache, concepts: int, points: torch.Tensor | None = None) -> torch.Tensor:
     """How far ESD's target moves from each concept's base velocity per unit η, ``(S,)``: the mean over its cache
-    points of ``mean‖v*(x_t, c) − v*(x_t, c_anc)‖²`` per element (0 for a concept without points)."""
+    points (those of ``points``, a ``(P,)`` mask, where given) of ``mean‖v*(x_t, c) − v*(x_t, c_anc)‖²`` per element
+    (0 for a concept without points)."""
     size = ((cache.v_concept.float() - cache.v_anchor.float()) ** 2).mean((1, 2))
-    total = torch.zeros(concepts).index_add_(0, cache.concept, size)
-    count = torch.zeros(concepts).index_add_(0, cache.concept, torch.ones_like(size))
+    use = torch.ones_like(size) if points is None else points.float()
+    total = torch.zeros(concepts).index_add_(0, cache.concept, size * use)
+    count = torch.zeros(concepts).index_add_(0, cache.concept, use)
     return total / count.clamp(min=1)
+
+
+def named_concepts(specs: Sequence[ConceptSpec], prompts: Sequence[str]) -> torch.Tensor:
+    """Which concepts of a run each prompt names (a target word or a synonym), ``(P, S)`` bool."""
+    return torch.tensor([[any(find_word(p, w) for w in (*s.targets, *s.synonyms)) for s in specs] for p in prompts],
+                        dtype=torch.bool).view(len(prompts), len(specs))
 
 
 def run_etas(specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, balance: bool) -> torch.Tensor:
     """ESD's η of each concept in a run, ``(S,)``: its spec's, else the run's ``eta``. With ``balance`` and several
-    concepts, each is raised until its push over the cache, ``η²·``:func:`push_sizes`, matches the strongest
-    concept's: one LoRA trained on them all otherwise goes to the concept whose prompts differ most from their
-    anchors and leaves the others drawn (measured on the SD3 shapes model; benchmarks/RESULTS.md)."""
+    concepts, each is raised until its push over its own cache points, ``η²·``:func:`push_sizes`, matches the
+    strongest concept's: one LoRA trained on them all otherwise goes to the concept whose prompts differ most from
+    their anchors and leaves the others drawn (measured on the SD3 shapes model; benchmarks/RESULTS.md). A
+    concept's own points are those whose prompt names no other concept of the run (all its points where none
+    does): a prompt naming two carries both concepts' push and would hide how weakly the other is pushed."""
     etas = torch.tensor([s.eta if s.eta is not None else eta for s in specs])
     if not balance or len(specs) < 2:
         return etas
-    push = etas**2 * push_sizes(cache, len(specs))
+    names = named_concepts(specs, cache.prompts).sum(1) == 1
+    own = push_sizes(cache, len(specs), names)
+    push = etas**2 * torch.where(own > 0, own, push_sizes(cache, len(specs)))
     if not bool((push > 0).all()):  # a concept without points (or pushes) has nothing to balance
         return etas
     return etas * (push.max() / push).sqrt()
 
 
+def point_etas(specs: Sequence[ConceptSpec], cache: EraseCache, etas: torch.Tensor, balance: bool) -> torch.Tensor:
+    """ESD's η at each cache point, ``(P,)``: its concept's of ``etas`` (:func:`run_etas`); balanced, the smallest
+    over the concepts its prompt names, its own among them. Such a prompt's anchor replaces all of them, so it
+    already carries the strongest concept's push; the others' raised η would push it further than any concept's
+    own points (on the SD3 shapes model that cost context; benchmarks/RESULTS.md)."""
+    if not balance:
+        return etas[cache.concept]
+    named = named_concepts(specs, cache.prompts)
+    named[torch.arange(len(cache.prompts)), cache.concept] = True
+    return torch.where(named, etas, torch.inf).amin(1)
+
+
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
-    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device: its concept's
-    (``trainer.etas``, :func:`run_etas`)."""
-    return trainer.etas[trainer.cache.concept[points]].view(-1, 1, 1).to(trainer.transformer.device)
+    """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device (``trainer.point_etas``,
+    :func:`point_etas`)."""
+    return trainer.point_etas[points].view(-1, 1, 1).to(trainer.transformer.device)
 
 
 def erase_rows(trainer: Trainer) -> dict[str, float]:

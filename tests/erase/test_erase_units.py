@@ -133,7 +133,7 @@ def test_esd_loss_moves_towards_negative_guidance_target() -> None:
 def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
     from types import SimpleNamespace
 
-    from attnscope.erase.methods.rows import concept_eta, push_sizes, run_etas
+    from attnscope.erase.methods.rows import concept_eta, named_concepts, point_etas, push_sizes, run_etas
 
     g = torch.Generator().manual_seed(0)
     v_c, v_anc = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
@@ -141,22 +141,34 @@ def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
     per_row = torch.stack([losses.esd_target(v_c[i], v_anc[i], float(e)) for i, e in enumerate(eta.flatten())])
     assert torch.equal(losses.esd_target(v_c, v_anc, eta), per_row)
     # A run erasing a colour (the run's η) and a shape (its own) at once; points index the cache's concept column.
-    # Red's points differ from their anchors by 3 per element, circle's by 1 and 2: pushes 9 and 2.5 per unit η.
+    # Red's points differ from their anchors by 3 per element, circle's by 1 and 2: pushes 9 and 2.5 per unit η,
+    # and circle's alone (over "a green circle", the one of its prompts naming no red) 1.
     anchor = torch.zeros(4, 5, 4)
     concept = anchor + torch.tensor([3.0, 1.0, 2.0, 3.0]).view(-1, 1, 1)
-    cache = SimpleNamespace(concept=torch.tensor([0, 1, 1, 0]), v_concept=concept, v_anchor=anchor)
+    prompts = ["a red square", "a green circle", "a red circle", "a red triangle"]
+    cache = SimpleNamespace(concept=torch.tensor([0, 1, 1, 0]), v_concept=concept, v_anchor=anchor, prompts=prompts)
     specs = [shapes_spec("red"), shapes_spec("circle")]
     torch.testing.assert_close(push_sizes(cache, 2), torch.tensor([9.0, 2.5]))
+    assert named_concepts(specs, prompts).tolist() == [[True, False], [False, True], [True, True], [True, False]]
+    torch.testing.assert_close(push_sizes(cache, 2, torch.tensor([True, True, False, True])), torch.tensor([9.0, 1.0]))
     own = run_etas(specs, cache, 2.0, balance=False)
     assert own.tolist() == [2.0, 1.0]
-    trainer = SimpleNamespace(cache=cache, etas=own, transformer=SimpleNamespace(device=torch.device("cpu")))
+    assert point_etas(specs, cache, own, balance=False).tolist() == [2.0, 1.0, 1.0, 2.0]  # each point its concept's
+    trainer = SimpleNamespace(cache=cache, point_etas=point_etas(specs, cache, own, balance=False),
+                              transformer=SimpleNamespace(device=torch.device("cpu")))
     assert concept_eta(trainer, torch.tensor([3, 1, 0])).flatten().tolist() == [2.0, 1.0, 2.0]
-    # Balanced, the weaker push is raised to the strongest's (η²·push 36 for both) and the strongest keeps its η.
+    # Balanced, circle's push over the points naming it alone is raised to red's (η²·push 36 for both: η 6), and
+    # red keeps its η; "a red circle", which names both, is pushed at the smaller η, red's.
     balanced = run_etas(specs, cache, 2.0, balance=True)
-    torch.testing.assert_close(balanced**2 * push_sizes(cache, 2), torch.tensor([36.0, 36.0]))
-    assert balanced[0] == 2.0
-    red_only = SimpleNamespace(concept=torch.zeros(4, dtype=torch.long), v_concept=concept, v_anchor=anchor)
+    torch.testing.assert_close(balanced, torch.tensor([2.0, 6.0]))
+    assert point_etas(specs, cache, balanced, balance=True).tolist() == [2.0, 6.0, 2.0, 2.0]
+    red_only = SimpleNamespace(concept=torch.zeros(4, dtype=torch.long), v_concept=concept, v_anchor=anchor,
+                               prompts=prompts)
     assert run_etas(specs[:1], red_only, 2.0, balance=True).tolist() == [2.0]  # one concept: its own
+    # A concept whose every prompt names another is balanced over all its points.
+    shared = SimpleNamespace(concept=torch.tensor([0, 1]), v_concept=concept[[0, 2]], v_anchor=anchor[:2],
+                             prompts=["a red square", "a red circle"])
+    torch.testing.assert_close(run_etas(specs, shared, 2.0, balance=True), torch.tensor([2.0, 3.0]))
     with pytest.raises(SpecError, match="'eta' must be a positive number"):
         ConceptSpec(name="red", targets=("red",), eta=0)
     with pytest.raises(SpecError, match="'eta' must be a positive number"):
