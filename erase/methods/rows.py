@@ -70,8 +70,8 @@ def run_etas(specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, balanc
     etas = torch.tensor([s.eta if s.eta is not None else eta for s in specs])
     if not balance or len(specs) < 2:
         return etas
-    names = named_concepts(specs, cache.prompts).sum(1) == 1
-    own = push_sizes(cache, len(specs), names)
+    alone = named_concepts(specs, cache.prompts).sum(1) == 1
+    own = push_sizes(cache, len(specs), alone)
     push = etas**2 * torch.where(own > 0, own, push_sizes(cache, len(specs)))
     if not bool((push > 0).all()):  # a concept without points (or pushes) has nothing to balance
         return etas
