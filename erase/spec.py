@@ -111,6 +111,15 @@ class ConceptSpec:
             f"{', '.join(self.targets)}); every training prompt must name it"
         )
 
+    @property
+    def erased_words(self) -> tuple[str, ...]:
+        """The words whose concept is erased: the targets and their synonyms."""
+        return (*self.targets, *self.synonyms)
+
+    def named_in(self, prompt: str) -> str | None:
+        """The first of :attr:`erased_words` that ``prompt`` names (whole word, case-insensitive); None if none."""
+        return next((w for w in self.erased_words if find_word(prompt, w)), None)
+
     def anchor_for(self, prompt: str, avoid: Sequence[str] = ()) -> str:
         """The anchor that replaces this concept in ``prompt``: the first that ``prompt`` does not already name (the
         first at all if it names them all), never one that contains a word of ``avoid``; "" (drop the target) when
@@ -126,12 +135,11 @@ class ConceptSpec:
         """Raise ConceptNotInPromptError for the first training prompt that lacks a target word."""
         for prompt in self.prompts:
             self.target_in(prompt)
-        erased = [w.lower() for w in (*self.targets, *self.synonyms)]
         for prompt in self.preserve_prompts:
-            found = [w for w in erased if find_word(prompt, w)]
+            found = self.named_in(prompt)
             if found:
                 raise SpecError(
-                    f"spec {self.name!r}: preservation prompt {prompt!r} contains the erased word {found[0]!r}"
+                    f"spec {self.name!r}: preservation prompt {prompt!r} contains the erased word {found.lower()!r}"
                 )
 
     # ------------------------------------------------------------------------------------ I/O
@@ -188,8 +196,7 @@ def replace_word(prompt: str, word: str, by: str, every: bool = False) -> str:
 
 def preservation_prompts(specs: Sequence[ConceptSpec]) -> list[str]:
     """Union of the specs' preservation prompts without any that name an erased word (multi-concept runs)."""
-    erased = [w for s in specs for w in (*s.targets, *s.synonyms)]
-    prompts = [p for s in specs for p in s.preserve_prompts if not any(find_word(p, w) for w in erased)]
+    prompts = [p for s in specs for p in s.preserve_prompts if not any(spec.named_in(p) for spec in specs)]
     return list(dict.fromkeys(prompts))
 
 

@@ -349,7 +349,7 @@ def train(
     world = erasure_world(config.model)
     for spec in specs:
         spec.check_prompts()
-        world.check_words(pipe, [*spec.targets, *spec.synonyms, *spec.irrelevant])
+        world.check_words(pipe, [*spec.erased_words, *spec.irrelevant])
     check_prompts_fit(pipe, specs, config.max_sequence_length)
     parallel = DataParallel.for_device(pipe.transformer.device)
     run.check_out(out, resume, overwrite)

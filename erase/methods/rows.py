@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import losses
-from ..spec import find_word
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -56,7 +55,7 @@ def push_sizes(cache: EraseCache, concepts: int, points: torch.Tensor | None = N
 
 def named_concepts(specs: Sequence[ConceptSpec], prompts: Sequence[str]) -> torch.Tensor:
     """Which concepts of a run each prompt names (a target word or a synonym), ``(P, S)`` bool."""
-    return torch.tensor([[any(find_word(p, w) for w in (*s.targets, *s.synonyms)) for s in specs] for p in prompts],
+    return torch.tensor([[s.named_in(p) is not None for s in specs] for p in prompts],
                         dtype=torch.bool).view(len(prompts), len(specs))
 
 

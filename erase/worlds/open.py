@@ -100,7 +100,7 @@ class OpenErasure(ErasureWorld):
     def attack_words(self, pipe: Any, spec: ConceptSpec) -> list[str]:
         """The tokenizer's whole words (pieces that start a word, two letters or more), without any that contains a
         target or synonym of the concept."""
-        banned = [w.lower() for w in (*spec.targets, *spec.synonyms)]
+        banned = [w.lower() for w in spec.erased_words]
         words = {p.lstrip("▁").lower() for p in pipe.tokenizer_2.get_vocab() if p.startswith("▁") and len(p) > 2}
         return sorted(w for w in words if w.isalpha() and not any(b in w for b in banned))
 
