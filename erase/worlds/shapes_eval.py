@@ -21,6 +21,7 @@ Figures (all in 0..1, for the erased model at top level and for the base model u
 * ``acc_ctx``: erased- and synonym-prompt images that draw everything the prompt asks but the erased concept —
   each object's other attribute, every other object with its colour and shape, and the right count (the reader's
   objects matched to the asked ones, erased attributes matching anything); ``acc_ctx_relative`` = erased / base;
+  each erased and synonym prompt's own share is its ``per_prompt`` entry's ``context`` (which prompts lose it);
 * ``acc_implicit``: implicit-prompt images that show an erased concept (what the model draws unasked);
 * ``acc_ir``: irrelevant-prompt images drawn correctly (every asked object found with its colour and shape);
   ``acc_ir_relative`` = erased / base;
@@ -254,13 +255,15 @@ def score_model(
                 attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
         else:
             ok = [shows_any(d, concepts) for d in detected]
-            if group != "implicit":
-                masses[group].append(mass)
-                context += [context_correct(prompt, d, concepts) for d in detected]
+        kept = [context_correct(prompt, d, concepts) for d in detected] if named else []
+        if named:
+            masses[group].append(mass)
+            context += kept
         hits[group] += ok
         per_prompt[prompt] = {
             "group": group,
             "rate": float(np.mean(ok)),
+            **({"context": float(np.mean(kept))} if kept else {}),
             **({"attention_mass": mass} if mass is not None else {}),
         }
     rate = {g: float(np.mean(v)) if v else float("nan") for g, v in hits.items()}

@@ -342,6 +342,10 @@ def test_eval_report_and_bad_lora(red_run, tmp_path) -> None:
         assert 0 <= data[key] <= 1 and 0 <= data["base"][key] <= 1
     assert data["protocol_version"] == 4 and set(report.prompts) == {"erased", "synonym", "irrelevant", "implicit"}
     assert data["per_prompt"][""]["group"] == "implicit"  # the empty prompt is drawn and judged too
+    # Context per prompt on the prompts that name the concept, whose images it averages to acc_ctx (one seed).
+    named = [v for v in data["per_prompt"].values() if v["group"] in ("erased", "synonym")]
+    assert all("context" not in v for v in data["per_prompt"].values() if v["group"] not in ("erased", "synonym"))
+    assert data["acc_ctx"] == pytest.approx(sum(v["context"] for v in named) / len(named))
     assert data["concepts"] == ["red"] and report.prompts["synonym"][0] == "a crimson circle"
     assert not any("red" in p for p in report.prompts["irrelevant"])
     assert set(data["attention_mass"]) == {"erased", "synonym"} and data["quality"]["pixel_mae"] >= 0
