@@ -255,8 +255,9 @@ def score_model(
                 attributes[kind] += [hit for s in scores for hit in s[f"{kind}_hits"]]
         else:
             ok = [shows_any(d, concepts) for d in detected]
-        kept = [context_correct(prompt, d, concepts) for d in detected] if named else []
+        kept: list[bool] = []  # the rest of the scene drawn as asked, on prompts that name a concept
         if named:
+            kept = [context_correct(prompt, d, concepts) for d in detected]
             masses[group].append(mass)
             context += kept
         hits[group] += ok
