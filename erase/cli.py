@@ -105,6 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "strongest concept's; a prompt naming several is pushed at the smallest of their η "
                    "(default: the model profile's; on for shapes-sd3, where a pair otherwise leaves the concept "
                    "whose prompts differ least from their anchors)")
+    p.add_argument("--esd-margin", type=float, default=None, metavar="M", help="stop pushing a concept point by ESD "
+                   "once its velocity is M concept lengths past its anchor's (0: at the anchor; default: pushed "
+                   "towards ESD's target throughout)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
                    "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its "
@@ -287,6 +290,7 @@ def run_erase(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         eta=args.eta,
         balance_eta=args.balance_eta,
+        esd_margin=args.esd_margin,
         weights=LossWeights(**{**vars(method.weights_for(defaults)), **args.weights}),
         lora=lora_settings_for(method, defaults, pipe, placement=args.train,
                                targets=_csv(args.targets) if args.targets else None, rank=args.rank),

@@ -40,6 +40,8 @@ class EraseConfig:
     sets no ``eta`` of its own), ``lora`` (:func:`lora_settings_for`), ``steps`` and ``lr`` (:func:`schedule_for`):
     ``None`` takes the model profile's erasure defaults and the method's schedule, as ``attnscope erase`` does;
     so does ``balance_eta`` (several concepts pushed equally hard, :func:`~erase.methods.rows.run_etas`).
+    ``esd_margin``: a concept point stops being pushed by ESD once its velocity is that many concept lengths past
+    its anchor (:func:`~erase.losses.esd_loss`; ``None``: pushed towards ESD's target throughout).
     ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit); ``weights``:
     ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
     before each erase step (:mod:`erase.adversary`; 0: none).
@@ -57,6 +59,7 @@ class EraseConfig:
     weights: LossWeights | None = None
     eta: float | None = None
     balance_eta: bool | None = None
+    esd_margin: float | None = None
     tau: float = 0.07
     lora: LoraSettings | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -86,6 +89,8 @@ class EraseConfig:
         if self.batch < 1 or self.checkpoint_every < 1:
             raise ValueError("batch and checkpoint_every must be >= 1")
         method = method_for(self.method)  # an unknown name fails here, naming the known ones
+        if self.esd_margin is not None and not self.esd_margin >= 0:
+            raise ValueError(f"esd_margin must be >= 0 concept lengths past the anchor, got {self.esd_margin}")
         if self.adversarial < 0:
             raise ValueError(f"adversarial must be >= 0 attack steps, got {self.adversarial}")
         if self.adversarial and method.adversarial_refusal:

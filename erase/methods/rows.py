@@ -116,7 +116,7 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         out = {}
         if w.esd > 0:
             out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device),
-                                         concept_eta(trainer, idx))
+                                         concept_eta(trainer, idx), config.esd_margin)
         if w.attention > 0 and config.attention_form == "localized":
             out["attention"] = losses.localized_attention_loss(
                 [m[:n] for m in maps], columns[:n], c.concept_maps[idx].to(device))

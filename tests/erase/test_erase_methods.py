@@ -256,6 +256,8 @@ def _cli(*argv):
     (["--method", "esd", "--weights", "attention=1"], "--method esd has no loss attention: its --weights are esd"),
     (["--method", "uce", "--weights", "esd=1"], "--method uce does not take --weights"),
     (["--method", "uce", "--no-balance-eta"], "--method uce does not take --balance-eta"),
+    (["--method", "ca", "--esd-margin", "0.25"], "--method ca does not take --esd-margin"),
+    (["--esd-margin", "-1"], "esd_margin must be >= 0"),
     (["--method", "nope"], "unknown erasure method 'nope'"),
     (["--train", "joint", "--targets", "add_k_proj"], "--targets chooses the text-side projections"),
 ])

@@ -270,6 +270,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) ->
           progress=False)
 
 
+def test_esd_margin_reaches_the_esd_rows_and_the_run_record(tmp_path, monkeypatch) -> None:
+    margins = []
+
+    def esd_loss(*args, **kwargs):
+        margins.append(args[4] if len(args) > 4 else kwargs.get("margin"))
+        return real(*args, **kwargs)
+
+    real = losses.esd_loss
+    monkeypatch.setattr(losses, "esd_loss", esd_loss)
+    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1, esd_margin=0.5), tmp_path, progress=False)
+    assert margins == [0.5] and json.loads((tmp_path / "run.json").read_text())["config"]["esd_margin"] == 0.5
+
+
 def test_multi_concept_run(tmp_path) -> None:
     """Two concepts share one run; balanced, the one whose points differ less from their anchors is pushed at a
     higher η until both ESD pushes over the points naming one concept match, and the log says at which."""

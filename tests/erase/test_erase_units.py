@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from attnscope.erase import losses
@@ -128,6 +129,24 @@ def test_esd_loss_moves_towards_negative_guidance_target() -> None:
     # The velocity moved away from the concept direction (v_c - v_anc).
     direction = (v_c - v_anc).flatten()
     assert torch.dot((v.detach() - v_c).flatten(), direction) < 0
+
+
+def test_esd_margin_stops_pushing_a_row_once_it_is_past_its_anchor() -> None:
+    g = torch.Generator().manual_seed(0)
+    v_c, v_anc = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    d = v_c - v_anc
+    # Progress along the concept direction: 1 at the base model, 0 at the anchor, -η at ESD's target.
+    target = losses.esd_target(v_c, v_anc, 2.0)
+    for v, expected in ((v_c, 1.0), (v_anc, 0.0), (target, -2.0), (v_anc - 0.1 * d, -0.1)):
+        torch.testing.assert_close(losses.esd_progress(v, v_c, v_anc), torch.full((3,), expected))
+    # Row 0 at the base model, row 1 a tenth past its anchor, row 2 half past it; margin 0.25 pushes rows 0 and 1.
+    v = torch.stack([v_c[0], v_anc[1] - 0.1 * d[1], v_anc[2] - 0.5 * d[2]]).requires_grad_(True)
+    losses.esd_loss(v, v_c, v_anc, 2.0, margin=0.25).backward()
+    alone = v.detach().clone().requires_grad_(True)
+    losses.esd_loss(alone, v_c, v_anc, 2.0).backward()
+    assert torch.equal(v.grad[:2], alone.grad[:2]) and not v.grad[2].any() and alone.grad[2].any()
+    # Without a margin it is the plain regression to ESD's target.
+    torch.testing.assert_close(losses.esd_loss(v, v_c, v_anc, 2.0), F.mse_loss(v, target))
 
 
 def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
