@@ -72,6 +72,9 @@ class EraseDefaults:
     #: naming several takes the smallest of their η (:func:`erase.methods.rows.run_etas`, ``point_etas``). Off,
     #: each concept keeps its own η.
     balance_eta: bool = False
+    #: ESD stops pushing a concept point once its velocity is this many concept lengths past its anchor's
+    #: (:func:`erase.losses.esd_loss`); ``None``: every point is pushed towards ESD's target throughout.
+    esd_margin: float | None = None
 
 
 class World:

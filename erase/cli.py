@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any, get_args
@@ -50,6 +51,16 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def _semicolons(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(";") if part.strip())
+
+
+def _margin(text: str) -> float:
+    """``--esd-margin``: a number of concept lengths, or ``off`` (never stop pushing)."""
+    if text.strip().lower() == "off":
+        return math.inf
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of concept lengths or 'off', got {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -105,9 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "strongest concept's; a prompt naming several is pushed at the smallest of their η "
                    "(default: the model profile's; on for shapes-sd3, where a pair otherwise leaves the concept "
                    "whose prompts differ least from their anchors)")
-    p.add_argument("--esd-margin", type=float, default=None, metavar="M", help="stop pushing a concept point by ESD "
-                   "once its velocity is M concept lengths past its anchor's (0: at the anchor; default: pushed "
-                   "towards ESD's target throughout)")
+    p.add_argument("--esd-margin", type=_margin, default=None, metavar="M", help="stop pushing a concept point by "
+                   "ESD once its velocity is M concept lengths past its anchor's (0: at the anchor; off: pushed "
+                   "towards ESD's target throughout; default: the model profile's: off, 0.25 on shapes-sd3)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
                    "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its "

@@ -41,7 +41,8 @@ class EraseConfig:
     ``None`` takes the model profile's erasure defaults and the method's schedule, as ``attnscope erase`` does;
     so does ``balance_eta`` (several concepts pushed equally hard, :func:`~erase.methods.rows.run_etas`).
     ``esd_margin``: a concept point stops being pushed by ESD once its velocity is that many concept lengths past
-    its anchor (:func:`~erase.losses.esd_loss`; ``None``: pushed towards ESD's target throughout).
+    its anchor (:func:`~erase.losses.esd_loss`; ``math.inf``: pushed towards ESD's target throughout; ``None``: the
+    model profile's, for a method that takes it).
     ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit); ``weights``:
     ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
     before each erase step (:mod:`erase.adversary`; 0: none).
@@ -118,6 +119,8 @@ def fill_model_defaults(config: EraseConfig, pipe: Any, concepts: int = 1) -> Er
         config.eta = defaults.eta
     if config.balance_eta is None:
         config.balance_eta = defaults.balance_eta
+    if config.esd_margin is None and "esd_margin" in method.options:
+        config.esd_margin = defaults.esd_margin
     if config.lora is None:
         config.lora = lora_settings_for(method, defaults, pipe)
     steps, lr = schedule_for(method, defaults, concepts)

@@ -14,6 +14,7 @@ Notation (rectified flow, as in diffusers' Flux): ``x_t = (1 - t)·x0 + t·ε``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -114,11 +115,12 @@ def esd_loss(
     """ESD for flow matching: ``‖v(x_t, c) - sg[esd_target]‖²`` (mean over all elements). Shapes ``(B, N, C)``.
 
     With a ``margin`` a row stops being pushed once :func:`esd_progress` is at or below ``-margin`` (it is that many
-    concept lengths past its anchor): the row still counts in the mean, with no error. A large η makes a weak
+    concept lengths past its anchor): the row still counts in the mean, with no error (``None`` or ``math.inf``:
+    every row pushed). A large η makes a weak
     concept move as fast as a strong one, and the margin keeps it from then going on towards the far target, which
     on the SD3 shapes model dropped the objects beside the erased one (benchmarks/RESULTS.md)."""
     target = esd_target(v_base_concept.float(), v_base_anchor.float(), eta)
-    if margin is None:
+    if margin is None or math.isinf(margin):
         return F.mse_loss(v.float(), target)
     pushed = esd_progress(v, v_base_concept, v_base_anchor) > -margin
     return ((v.float() - target) ** 2 * pushed.view(-1, *[1] * (v.dim() - 1))).mean()

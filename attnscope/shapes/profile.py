@@ -59,6 +59,10 @@ SHAPES_SD3_MAX_LR = 1e-3
 #: batch or row weighting tried; balanced over the prompts that name one concept, that one is erased too. On the
 #: Flux-form model pairs are erased without it.
 SHAPES_SD3_BALANCE_ETA = True
+#: On the SD3-form model ESD stops pushing a concept point a quarter of a concept length past its anchor
+#: (``EraseDefaults.esd_margin``): the η raised for a weak concept otherwise carries its points on towards the far
+#: target, and a pair then dropped the object beside the erased one; a point that has reached the margin is erased.
+SHAPES_SD3_ESD_MARGIN = 0.25
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
 #: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
@@ -133,12 +137,13 @@ SHAPES_SD3_PROFILE = register_profile(ShapesProfile(
     "shapes-sd3", "SD3Transformer2DModel", replace(
         SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS, placement=SHAPES_SD3_PLACEMENT,
         steps_scale=SHAPES_SD3_STEPS_SCALE, max_lr=SHAPES_SD3_MAX_LR, balance_eta=SHAPES_SD3_BALANCE_ETA,
+        esd_margin=SHAPES_SD3_ESD_MARGIN,
     ), shape_eta=None,
 ))
 
 __all__ = [
     "SHAPES_ATTENTION_WEIGHT", "SHAPES_ERASE_DEFAULTS", "SHAPES_ETA", "SHAPES_LORA_TARGETS", "SHAPES_PROFILE",
-    "SHAPES_READOUT", "SHAPES_SD3_BALANCE_ETA", "SHAPES_SD3_LORA_TARGETS", "SHAPES_SD3_MAX_LR", "SHAPES_SD3_PLACEMENT",
-    "SHAPES_SD3_PROFILE", "SHAPES_SD3_STEPS_SCALE",
+    "SHAPES_READOUT", "SHAPES_SD3_BALANCE_ETA", "SHAPES_SD3_ESD_MARGIN", "SHAPES_SD3_LORA_TARGETS",
+    "SHAPES_SD3_MAX_LR", "SHAPES_SD3_PLACEMENT", "SHAPES_SD3_PROFILE", "SHAPES_SD3_STEPS_SCALE",
     "SHAPES_SHAPE_ETA", "SHAPES_WORLD", "ShapesProfile", "ShapesWorld",
 ]

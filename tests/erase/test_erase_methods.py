@@ -4,6 +4,7 @@ placements, gradient-norm logging, and the CLI's refusals of options a method do
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -377,6 +378,34 @@ def test_erase_takes_the_methods_steps_and_learning_rate_for_the_number_of_conce
     with pytest.raises(SystemExit):
         _cli("erase", "--out", str(tmp_path / "out"), *argv)
     assert seen["schedule"] == expected
+
+
+@pytest.mark.parametrize(("argv", "margin"), [
+    ([], 0.25), (["--esd-margin", "0.1"], 0.1), (["--esd-margin", "off"], math.inf), (["--method", "ca"], None),
+])
+def test_esd_margin_is_the_sd3_models_unless_told(argv, margin, monkeypatch, tmp_path) -> None:
+    """`attnscope erase` on the SD3 model stops ESD at the profile's margin; a number or `off` wins, and a method
+    that does not push by ESD gets none."""
+    import attnscope.erase.trainer as trainer
+
+    seen = {}
+
+    def record(pipe, specs, config, out, **kwargs):
+        seen["margin"] = fill_model_defaults(config, pipe, len(specs)).esd_margin
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "train", record)
+    with pytest.raises(SystemExit):
+        _cli("erase", "--concept", "red", "--model", "shapes-sd3", "--out", str(tmp_path / "out"), *argv)
+    assert seen["margin"] == margin
+
+
+def test_a_bad_esd_margin_is_one_line(capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        attnscope.cli.main(["erase", "--concept", "red", "--esd-margin", "far", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err.endswith("expected a number of concept lengths or 'off', got 'far'")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(("model", "shape_eta"), [("shapes", 1.0), ("shapes-sd3", None)])

@@ -5,6 +5,7 @@ loads it, and a LoRA made for the other architecture is refused."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -225,9 +226,9 @@ def test_training_every_attention_projection_keeps_the_text_embedder_the_profile
 def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(model, placement, steps, two) -> None:
     """What a run gets when not told: the SD3 model trains every attention projection and its text embedder for half
     as many steps again as the method's schedule, two concepts at its ``max_lr`` for proportionally more steps,
-    their ESD pushes balanced; the Flux model the text side for the method's steps, two concepts at the faster
-    rate, each at its own η. Text-side ``targets``, given or the method's own, mean the text placement; given, they
-    refuse a wider one."""
+    their ESD pushes balanced and stopped past a margin; the Flux model the text side for the method's steps, two
+    concepts at the faster rate, each at its own η. Text-side ``targets``, given or the method's own, mean the text
+    placement; given, they refuse a wider one."""
 
     pipe = attnscope.load_pipeline(model, progress=False)
     filled = fill_model_defaults(EraseConfig(model=model), pipe)
@@ -239,6 +240,10 @@ def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(
     assert (pair.steps, pair.lr) == two
     assert pair.balance_eta is (model == "shapes-sd3")
     assert fill_model_defaults(EraseConfig(model=model, balance_eta=False), pipe, concepts=2).balance_eta is False
+    # The SD3 model stops ESD a quarter of a concept length past the anchor, for the methods that push by ESD.
+    assert filled.esd_margin == (0.25 if model == "shapes-sd3" else None)
+    assert fill_model_defaults(EraseConfig(model=model, esd_margin=math.inf), pipe).esd_margin == math.inf
+    assert fill_model_defaults(EraseConfig(model=model, method="ca"), pipe).esd_margin is None
     told = fill_model_defaults(EraseConfig(model=model, steps=7, lr=5e-4), pipe)
     assert (told.steps, told.lr) == (7, 5e-4)
     method, defaults = method_for("eraseanything"), attnscope.profile_for(model).erase_defaults

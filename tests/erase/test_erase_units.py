@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,8 +147,9 @@ def test_esd_margin_stops_pushing_a_row_once_it_is_past_its_anchor() -> None:
     alone = v.detach().clone().requires_grad_(True)
     losses.esd_loss(alone, v_c, v_anc, 2.0).backward()
     assert torch.equal(v.grad[:2], alone.grad[:2]) and not v.grad[2].any() and alone.grad[2].any()
-    # Without a margin it is the plain regression to ESD's target.
-    torch.testing.assert_close(losses.esd_loss(v, v_c, v_anc, 2.0), F.mse_loss(v, target))
+    # Without a margin, or with an infinite one (`--esd-margin off`), it is the plain regression to ESD's target.
+    for margin in (None, math.inf):
+        assert torch.equal(losses.esd_loss(v, v_c, v_anc, 2.0, margin=margin), F.mse_loss(v, target))
 
 
 def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
