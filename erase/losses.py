@@ -116,9 +116,9 @@ def esd_loss(
 
     With a ``margin`` a row stops being pushed once :func:`esd_progress` is at or below ``-margin`` (it is that many
     concept lengths past its anchor): the row still counts in the mean, with no error (``None`` or ``math.inf``:
-    every row pushed). A large η makes a weak
-    concept move as fast as a strong one, and the margin keeps it from then going on towards the far target, which
-    on the SD3 shapes model dropped the objects beside the erased one (benchmarks/RESULTS.md)."""
+    every row pushed). A large η makes a weak concept move as fast as a strong one, and the margin keeps it from
+    then going on towards the far target, which on the SD3 shapes model dropped the objects beside the erased one
+    (benchmarks/RESULTS.md)."""
     target = esd_target(v_base_concept.float(), v_base_anchor.float(), eta)
     if margin is None or math.isinf(margin):
         return F.mse_loss(v.float(), target)

@@ -400,7 +400,7 @@ def test_esd_margin_is_the_sd3_models_unless_told(argv, margin, monkeypatch, tmp
     assert seen["margin"] == margin
 
 
-def test_a_bad_esd_margin_is_one_line(capsys, tmp_path) -> None:
+def test_a_bad_esd_margin_is_refused_naming_what_it_takes(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_:
         attnscope.cli.main(["erase", "--concept", "red", "--esd-margin", "far", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
