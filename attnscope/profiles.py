@@ -73,7 +73,8 @@ class EraseDefaults:
     #: each concept keeps its own η.
     balance_eta: bool = False
     #: ESD stops pushing a concept point once its velocity is this many concept lengths past its anchor's
-    #: (:func:`erase.losses.esd_loss`); ``None``: every point is pushed towards ESD's target throughout.
+    #: (:func:`erase.losses.esd_loss`), divided by how far the balance raised the point's η
+    #: (:func:`erase.methods.rows.point_margins`); ``None``: every point is pushed towards ESD's target throughout.
     esd_margin: float | None = None
 
 

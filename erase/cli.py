@@ -118,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "whose prompts differ least from their anchors)")
     p.add_argument("--esd-margin", type=_margin, default=None, metavar="M", help="stop pushing a concept point by "
                    "ESD once its velocity is M concept lengths past its anchor's (0: at the anchor; off: pushed "
-                   "towards ESD's target throughout; default: the model profile's: off, 0.25 on shapes-sd3)")
+                   "towards ESD's target throughout; default: the model profile's: off, 0.25 on shapes-sd3); a "
+                   "point whose η --balance-eta raised k-fold stops at M/k")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
                    "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its "

@@ -110,19 +110,19 @@ def esd_progress(v: torch.Tensor, v_base_concept: torch.Tensor, v_base_anchor: t
 
 def esd_loss(
     v: torch.Tensor, v_base_concept: torch.Tensor, v_base_anchor: torch.Tensor, eta: float | torch.Tensor = 1.0,
-    margin: float | None = None,
+    margin: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ESD for flow matching: ``‖v(x_t, c) - sg[esd_target]‖²`` (mean over all elements). Shapes ``(B, N, C)``.
 
     With a ``margin`` a row stops being pushed once :func:`esd_progress` is at or below ``-margin`` (it is that many
     concept lengths past its anchor): the row still counts in the mean, with no error (``None`` or ``math.inf``:
-    every row pushed). A large η makes a weak concept move as fast as a strong one, and the margin keeps it from
-    then going on towards the far target, which on the SD3 shapes model dropped the objects beside the erased one
-    (benchmarks/RESULTS.md)."""
+    every row pushed; a ``(B,)`` tensor: each row's own). A large η makes a weak concept move as fast as a strong
+    one, and the margin keeps it from then going on towards the far target, which on the SD3 shapes model dropped
+    the objects beside the erased one (benchmarks/RESULTS.md)."""
     target = esd_target(v_base_concept.float(), v_base_anchor.float(), eta)
-    if margin is None or math.isinf(margin):
+    if margin is None or (not torch.is_tensor(margin) and math.isinf(margin)):
         return F.mse_loss(v.float(), target)
-    pushed = esd_progress(v, v_base_concept, v_base_anchor) > -margin
+    pushed = esd_progress(v, v_base_concept, v_base_anchor) > -torch.as_tensor(margin, device=v.device)
     return ((v.float() - target) ** 2 * pushed.view(-1, *[1] * (v.dim() - 1))).mean()
 
 

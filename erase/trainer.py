@@ -33,7 +33,7 @@ from .cache import EraseCache, build_cache
 from .config import EraseConfig, fill_model_defaults
 from .lora import LORA_FILE, add_lora, base_model, save_lora
 from .methods import TrainedMethod, method_for
-from .methods.rows import point_etas, run_etas
+from .methods.rows import point_etas, point_margins, run_etas
 from .parallel import DataParallel
 from .sampling import PromptBank
 from .spec import ConceptSpec, SpecError, check_prompts_fit, preservation_prompts
@@ -118,6 +118,7 @@ class Trainer:
         self.cache: EraseCache | None = None
         self.etas: torch.Tensor | None = None
         self.point_etas: torch.Tensor | None = None
+        self.point_margins: torch.Tensor | None = None
         self.adversary: Adversary | None = None
         #: Set by :func:`train` on the steps whose per-loss gradient norms are logged; filled by backward_group.
         self.log_gradients = False
@@ -147,6 +148,9 @@ class Trainer:
         self.etas = run_etas(self.specs, self.cache, self.config.eta, self.config.balance_eta)
         #: ESD's η at each cache point, ``(P,)``.
         self.point_etas = point_etas(self.specs, self.cache, self.etas, self.config.balance_eta)
+        #: ESD's margin at each cache point, ``(P,)``; ``None``: every point pushed throughout.
+        self.point_margins = point_margins(self.specs, self.cache, self.config.eta, self.config.esd_margin,
+                                           self.point_etas)
         self.adversary = Adversary(self) if self.config.adversarial else None
         self.contrastive_points = torch.nonzero(self.cache.positive_mask.any(dim=1)).flatten()
         if self.config.weights.contrastive > 0 and len(self.contrastive_points) == 0:

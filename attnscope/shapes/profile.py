@@ -62,6 +62,7 @@ SHAPES_SD3_BALANCE_ETA = True
 #: On the SD3-form model ESD stops pushing a concept point a quarter of a concept length past its anchor
 #: (``EraseDefaults.esd_margin``): the η raised for a weak concept otherwise carries its points on towards the far
 #: target, and a pair then dropped the object beside the erased one; a point that has reached the margin is erased.
+#: A point whose η the balance raised stops that many times nearer, as the raised η carries it that much further.
 SHAPES_SD3_ESD_MARGIN = 0.25
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its

@@ -14,6 +14,7 @@ forward. A loss with weight 0 draws no rows.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from ..spec import ConceptSpec
     from ..trainer import Trainer
 
-__all__ = ["ablation_rows", "concept_eta", "erase_rows", "named_concepts", "point_etas", "preserve_rows", "push_sizes",
-           "run_etas"]
+__all__ = ["ablation_rows", "concept_eta", "concept_margin", "erase_rows", "named_concepts", "point_etas",
+           "point_margins", "preserve_rows", "push_sizes", "run_etas"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -89,10 +90,33 @@ def point_etas(specs: Sequence[ConceptSpec], cache: EraseCache, etas: torch.Tens
     return torch.where(named, etas, torch.inf).amin(1)
 
 
+def point_margins(
+    specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, margin: float | None, point_eta: torch.Tensor
+) -> torch.Tensor | None:
+    """ESD's margin at each cache point, ``(P,)`` (:func:`~erase.losses.esd_loss`; ``None``: no margin): ``margin``
+    divided by how far the balance raised the point's η (``point_eta``, :func:`point_etas`) above its concept's own
+    (the spec's, else the run's ``eta``). A raised η moves a point further per step, and Adam's momentum carries it
+    past its stopping point in proportion; the raise is there to make a weak concept move as fast as a strong one,
+    not further (on the SD3 shapes model the raised concept went furthest past a shared margin, and the objects
+    beside it were dropped; benchmarks/RESULTS.md)."""
+    if margin is None or math.isinf(margin):
+        return None
+    own = run_etas(specs, cache, eta, balance=False)[cache.concept]
+    return margin * own / point_eta
+
+
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
     """ESD's η at each of the cache's concept ``points``, ``(B, 1, 1)`` on the model's device (``trainer.point_etas``,
     :func:`point_etas`)."""
     return trainer.point_etas[points].view(-1, 1, 1).to(trainer.transformer.device)
+
+
+def concept_margin(trainer: Trainer, points: torch.Tensor) -> torch.Tensor | None:
+    """ESD's margin at each of the cache's concept ``points``, ``(B,)`` on the model's device (``None``: no margin;
+    :func:`point_margins`)."""
+    if trainer.point_margins is None:
+        return None
+    return trainer.point_margins[points].to(trainer.transformer.device)
 
 
 def erase_rows(trainer: Trainer) -> dict[str, float]:
@@ -116,7 +140,7 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         out = {}
         if w.esd > 0:
             out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device),
-                                         concept_eta(trainer, idx), config.esd_margin)
+                                         concept_eta(trainer, idx), concept_margin(trainer, idx))
         if w.attention > 0 and config.attention_form == "localized":
             out["attention"] = losses.localized_attention_loss(
                 [m[:n] for m in maps], columns[:n], c.concept_maps[idx].to(device))

@@ -197,6 +197,36 @@ def test_esd_pushes_each_concept_point_with_its_concepts_eta() -> None:
         ConceptSpec.from_dict({"name": "red", "eta": "strong"})
 
 
+def test_a_point_whose_eta_the_balance_raised_stops_nearer_its_anchor() -> None:
+    from types import SimpleNamespace
+
+    from attnscope.erase.methods.rows import concept_margin, point_etas, point_margins, run_etas
+
+    # Red (the run's η 2) and circle (its spec's η 1): red's points differ from their anchors by 3, circle's by 1.
+    anchor = torch.zeros(4, 5, 4)
+    concept = anchor + torch.tensor([3.0, 1.0, 1.0, 3.0]).view(-1, 1, 1)
+    cache = SimpleNamespace(concept=torch.tensor([0, 1, 1, 0]), v_concept=concept, v_anchor=anchor,
+                            prompts=["a red square", "a green circle", "a red circle", "a red triangle"])
+    specs = [shapes_spec("red"), shapes_spec("circle")]
+    own = run_etas(specs, cache, 2.0, balance=False)
+    assert point_margins(specs, cache, 2.0, 0.25, point_etas(specs, cache, own, balance=False)).tolist() == [0.25] * 4
+    # Balanced, circle's η is raised 1 → 6 and its own point stops a sixth as far past its anchor; "a red circle",
+    # pushed at red's η 2, twice circle's own, half as far; red's points keep the margin.
+    balanced = point_etas(specs, cache, run_etas(specs, cache, 2.0, balance=True), balance=True)
+    margins = point_margins(specs, cache, 2.0, 0.25, balanced)
+    torch.testing.assert_close(margins, torch.tensor([0.25, 0.25 / 6, 0.125, 0.25]))
+    trainer = SimpleNamespace(point_margins=margins, transformer=SimpleNamespace(device=torch.device("cpu")))
+    torch.testing.assert_close(concept_margin(trainer, torch.tensor([1, 0])), torch.tensor([0.25 / 6, 0.25]))
+    for margin in (None, math.inf):  # no margin: every point pushed throughout
+        assert point_margins(specs, cache, 2.0, margin, balanced) is None
+        assert concept_margin(SimpleNamespace(point_margins=None), torch.tensor([0])) is None
+    # A margin per row is the same loss as one margin where the rows share it.
+    g = torch.Generator().manual_seed(0)
+    v, v_c, v_anc = (torch.randn(4, 5, 4, generator=g) for _ in range(3))
+    assert torch.equal(losses.esd_loss(v, v_c, v_anc, 2.0, margin=torch.full((4,), 0.25)),
+                       losses.esd_loss(v, v_c, v_anc, 2.0, margin=0.25))
+
+
 def test_attention_loss_lowers_concept_mass() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 2, 6, 5, generator=g).requires_grad_(True)  # (B, H, N, T kept of S=5 keys)
