@@ -328,7 +328,10 @@ def run_erase(args: argparse.Namespace) -> int:
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.final_losses.items())
     losses = f"; final losses: {losses}" if losses else ""
     if config.balance_eta and len(result.etas) > 1:
-        losses += "; ESD η balanced: " + ", ".join(f"{name} {eta:.3g}" for name, eta in result.etas.items())
+        losses += "; ESD η balanced: " + ", ".join(
+            f"{name} {eta:.3g}" + (f" (margin {result.margins[name]:.3g})" if result.margins else "")
+            for name, eta in result.etas.items()
+        )
     print(
         f"erased {', '.join(s.name for s in specs)} with {method.name} in {time.perf_counter() - started:.1f}s "
         f"({done}){losses}\nLoRA: {result.lora_path}  "

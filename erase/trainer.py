@@ -33,7 +33,7 @@ from .cache import EraseCache, build_cache
 from .config import EraseConfig, fill_model_defaults
 from .lora import LORA_FILE, add_lora, base_model, save_lora
 from .methods import TrainedMethod, method_for
-from .methods.rows import point_etas, point_margins, run_etas
+from .methods.rows import point_etas, point_margins, run_etas, run_margins
 from .parallel import DataParallel
 from .sampling import PromptBank
 from .spec import ConceptSpec, SpecError, check_prompts_fit, preservation_prompts
@@ -74,7 +74,8 @@ def training_call(pipe: Any, config: EraseConfig) -> tuple[ModelCall, PromptBank
 @dataclass
 class EraseResult:
     """What a finished run produced: the LoRA file, the folder, final losses (mean of the last 10 steps of
-    each), wall time in seconds (this process), the per-step log and ESD's η of each concept (a trained run)."""
+    each), wall time in seconds (this process), the per-step log, and ESD's η and margin of each concept (a trained
+    run; no margins without one)."""
 
     lora_path: Path
     out: Path
@@ -82,6 +83,7 @@ class EraseResult:
     seconds: float
     log: list[dict[str, Any]]
     etas: dict[str, float] = field(default_factory=dict)
+    margins: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -406,16 +408,19 @@ def train(
     lora_path = out / LORA_FILE
     final = _final_losses(trainer.log)
     etas = dict(zip(names, trainer.etas.tolist()))
+    margins = run_margins(specs, trainer.cache, config.eta, config.esd_margin, trainer.etas)
+    margins = {} if margins is None else dict(zip(names, margins.tolist()))
     seconds = time.perf_counter() - started
     if parallel.is_main:
         save_lora(trainer.transformer, out, config.lora)
         run.write_results(out, config, specs, {
             "processes": parallel.world, "seconds": round(seconds, 2), "final_losses": final,
-            "etas": etas,
+            "etas": etas, "esd_margins": margins,
             "gradient_shares": gradient_shares(trainer.log), "steps": trainer.log,
         })
     parallel.barrier()
-    return EraseResult(lora_path=lora_path, out=out, final_losses=final, seconds=seconds, log=trainer.log, etas=etas)
+    return EraseResult(lora_path=lora_path, out=out, final_losses=final, seconds=seconds, log=trainer.log, etas=etas,
+                       margins=margins)
 
 
 def _closed_form(

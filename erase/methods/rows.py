@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..trainer import Trainer
 
 __all__ = ["ablation_rows", "concept_eta", "concept_margin", "erase_rows", "named_concepts", "point_etas",
-           "point_margins", "preserve_rows", "push_sizes", "run_etas"]
+           "point_margins", "preserve_rows", "push_sizes", "run_etas", "run_margins"]
 
 
 def _adversarial_rows(trainer: Trainer) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -103,6 +103,17 @@ def point_margins(
         return None
     own = run_etas(specs, cache, eta, balance=False)[cache.concept]
     return margin * own / point_eta
+
+
+def run_margins(
+    specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, margin: float | None, etas: torch.Tensor
+) -> torch.Tensor | None:
+    """ESD's margin of each concept in a run at the points naming it alone, ``(S,)`` (``None``: no margin): as
+    :func:`point_margins`, ``margin`` divided by how far the balance raised the concept's η (``etas``,
+    :func:`run_etas`) above its own. What a run reports; the steps use :func:`point_margins`."""
+    if margin is None or math.isinf(margin):
+        return None
+    return margin * run_etas(specs, cache, eta, balance=False) / etas
 
 
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:

@@ -279,16 +279,20 @@ def test_esd_margin_reaches_the_esd_rows_and_the_run_record(tmp_path, monkeypatc
 
     real = losses.esd_loss
     monkeypatch.setattr(losses, "esd_loss", esd_loss)
-    train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1, esd_margin=0.5), tmp_path, progress=False)
+    result = train(small_shapes_pipeline(), [shapes_spec("red")], _config(steps=1, esd_margin=0.5), tmp_path,
+                   progress=False)
     assert len(margins) == 1 and set(margins[0].tolist()) == {0.5}  # one concept: its margin at every row
+    assert result.margins == {"red": 0.5}
     assert json.loads((tmp_path / "run.json").read_text())["config"]["esd_margin"] == 0.5
 
 
 def test_multi_concept_run(tmp_path) -> None:
     """Two concepts share one run; balanced, the one whose points differ less from their anchors is pushed at a
-    higher η until both ESD pushes over the points naming one concept match, and the log says at which."""
+    higher η until both ESD pushes over the points naming one concept match, and the log says at which, and at
+    which margin: the run's divided by the raise."""
     specs = [shapes_spec("red"), shapes_spec("circle")]
-    result = train(small_shapes_pipeline(), specs, _config(steps=2, balance_eta=True), tmp_path, progress=False)
+    result = train(small_shapes_pipeline(), specs, _config(steps=2, balance_eta=True, esd_margin=0.5), tmp_path,
+                   progress=False)
     assert set(result.final_losses) == {"esd", "implicit", "flow", "contrastive", "keep"}
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert set(cache["concept"].tolist()) == {0, 1}
@@ -302,6 +306,9 @@ def test_multi_concept_run(tmp_path) -> None:
     torch.testing.assert_close(etas[0] ** 2 * push[0], etas[1] ** 2 * push[1])
     own = torch.tensor([spec.eta or 2.0 for spec in specs])  # a shape's own η on the Flux model, else the run's
     assert torch.isclose(etas, own).any() and (etas >= own).all() and not torch.equal(etas, own)
+    margins = torch.tensor([result.margins[spec.name] for spec in specs])
+    torch.testing.assert_close(margins, 0.5 * own / etas)
+    assert json.loads((tmp_path / "train_log.json").read_text())["esd_margins"] == result.margins
     # Preservation prompts name neither erased concept nor a synonym.
     assert not any(
         w in p.split() for p in cache["preserve_prompts"] for w in ("red", "circle", "crimson", "disc", "orb")
