@@ -120,6 +120,7 @@ class Trainer:
         self.cache: EraseCache | None = None
         self.etas: torch.Tensor | None = None
         self.point_etas: torch.Tensor | None = None
+        self.margins: torch.Tensor | None = None
         self.point_margins: torch.Tensor | None = None
         self.adversary: Adversary | None = None
         #: Set by :func:`train` on the steps whose per-loss gradient norms are logged; filled by backward_group.
@@ -150,6 +151,8 @@ class Trainer:
         self.etas = run_etas(self.specs, self.cache, self.config.eta, self.config.balance_eta)
         #: ESD's η at each cache point, ``(P,)``.
         self.point_etas = point_etas(self.specs, self.cache, self.etas, self.config.balance_eta)
+        #: ESD's margin of each concept, ``(S,)``, what the run reports; ``None``: every point pushed throughout.
+        self.margins = run_margins(self.specs, self.cache, self.config.eta, self.config.esd_margin, self.etas)
         #: ESD's margin at each cache point, ``(P,)``; ``None``: every point pushed throughout.
         self.point_margins = point_margins(self.specs, self.cache, self.config.eta, self.config.esd_margin,
                                            self.point_etas)
@@ -408,8 +411,7 @@ def train(
     lora_path = out / LORA_FILE
     final = _final_losses(trainer.log)
     etas = dict(zip(names, trainer.etas.tolist()))
-    margins = run_margins(specs, trainer.cache, config.eta, config.esd_margin, trainer.etas)
-    margins = {} if margins is None else dict(zip(names, margins.tolist()))
+    margins = {} if trainer.margins is None else dict(zip(names, trainer.margins.tolist()))
     seconds = time.perf_counter() - started
     if parallel.is_main:
         save_lora(trainer.transformer, out, config.lora)
