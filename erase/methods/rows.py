@@ -99,10 +99,8 @@ def point_margins(
     past its stopping point in proportion; the raise is there to make a weak concept move as fast as a strong one,
     not further (on the SD3 shapes model the raised concept went furthest past a shared margin, and the objects
     beside it were dropped; benchmarks/RESULTS.md)."""
-    if margin is None or math.isinf(margin):
-        return None
-    own = run_etas(specs, cache, eta, balance=False)[cache.concept]
-    return margin * own / point_eta
+    unraised = _unraised_margins(specs, cache, eta, margin)
+    return None if unraised is None else unraised[cache.concept] / point_eta
 
 
 def run_margins(
@@ -111,9 +109,18 @@ def run_margins(
     """ESD's margin of each concept in a run at the points naming it alone, ``(S,)`` (``None``: no margin): as
     :func:`point_margins`, ``margin`` divided by how far the balance raised the concept's η (``etas``,
     :func:`run_etas`) above its own. What a run reports; the steps use :func:`point_margins`."""
+    unraised = _unraised_margins(specs, cache, eta, margin)
+    return None if unraised is None else unraised / etas
+
+
+def _unraised_margins(
+    specs: Sequence[ConceptSpec], cache: EraseCache, eta: float, margin: float | None
+) -> torch.Tensor | None:
+    """``margin`` times each concept's own η, ``(S,)``: the numerator both margin rules divide by a raised η
+    (``None``: no margin)."""
     if margin is None or math.isinf(margin):
         return None
-    return margin * run_etas(specs, cache, eta, balance=False) / etas
+    return margin * run_etas(specs, cache, eta, balance=False)
 
 
 def concept_eta(trainer: Trainer, points: torch.Tensor) -> torch.Tensor:
