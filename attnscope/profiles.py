@@ -41,6 +41,8 @@ PAPER_ETA = 1.0
 #: Where an erasure LoRA trains (``attnscope erase --train``): on the text-side targets (``text``), or on every
 #: projection of the dual-stream attention layers (``joint``) or of every attention layer (``attention``).
 LoraPlacement = Literal["text", "joint", "attention"]
+#: Which velocity an erasure's ESD and implicit loss hold under true CFG (:attr:`EraseDefaults.erase_velocity`).
+EraseVelocity = Literal["conditional", "guided"]
 
 #: Modules whose import registers a built-in profile.
 _BUILTIN_MODULES = ("attnscope.shapes.profile", "attnscope.tiny")
@@ -76,6 +78,10 @@ class EraseDefaults:
     #: (:func:`erase.losses.esd_loss`), divided by how far the balance raised the point's η
     #: (:func:`erase.methods.rows.point_margins`); ``None``: every point is pushed towards ESD's target throughout.
     esd_margin: float | None = None
+    #: Which velocity ESD and the implicit loss hold under true CFG: each row's ``conditional`` velocity, or the
+    #: ``guided`` one, the conditional velocity referred to the base model's negative branch, which the sampler
+    #: follows (:func:`erase.losses.referred_velocity`). The same without true CFG.
+    erase_velocity: EraseVelocity = "conditional"
 
 
 class World:
@@ -294,6 +300,7 @@ __all__ = [
     "PAPER_ETA",
     "PAPER_LORA_TARGETS",
     "EraseDefaults",
+    "EraseVelocity",
     "LoraPlacement",
     "ModelNotFoundError",
     "ModelProfile",

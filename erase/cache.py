@@ -57,7 +57,9 @@ class CacheConfig:
     (each costs ``k_irrelevant`` + #synonyms base rows), ``batch`` rows per base-model forward;
     ``implicit_prompts``: prompts that name nothing, through which every concept point is also seen for the
     unconditional ESD loss (one base forward per point and prompt); ``concept_maps``: also store the base model's
-    map of the concept word at every concept point (the localized attention term's target)."""
+    map of the concept word at every concept point (the localized attention term's target);
+    ``negative_velocities``: under true CFG, also store the negative prompt's base velocity at every concept point
+    (what ESD and the implicit loss on the guided velocity are referred to)."""
 
     sample_steps: int = 8
     preserve_steps: int = 20
@@ -68,6 +70,7 @@ class CacheConfig:
     seed: int = 0
     implicit_prompts: tuple[str, ...] = ("", "and", "the", "a")
     concept_maps: bool = False
+    negative_velocities: bool = False
 
 
 @dataclass
@@ -82,7 +85,9 @@ class EraseCache:
     ``keep_sigma (R,)``, ``keep_prompts`` (R) with base velocities ``keep_v (R, N, C)`` and, with true CFG, the
     negative prompt's ``keep_v_negative (R, N, C)`` (0 rows without); implicit rows
     ``implicit_point (U,)`` (index of a concept point), ``implicit_prompts`` (U) and the base velocity there through
-    that prompt, ``v_implicit (U, N, C)``; ``concept_maps (P, N)`` the base model's concept map at each concept
+    that prompt, ``v_implicit (U, N, C)``, prompt-major (every point through the first prompt, then through the
+    next: :meth:`implicit_rows`); ``v_negative (P, N, C)`` the negative prompt's base velocity at each concept point
+    under true CFG (0 rows unless asked for); ``concept_maps (P, N)`` the base model's concept map at each concept
     point (:func:`~erase.losses.concept_map`; empty unless asked for).
     """
 
@@ -107,11 +112,22 @@ class EraseCache:
     implicit_point: torch.Tensor
     implicit_prompts: list[str]
     v_implicit: torch.Tensor
+    v_negative: torch.Tensor
     anchors: list[str]
     concept_maps: torch.Tensor
 
     def save(self, path: str | Path) -> None:
         atomic.torch_save({f.name: getattr(self, f.name) for f in fields(self)}, path)
+
+    @property
+    def implicit_prompt_count(self) -> int:
+        """How many prompts that name nothing each concept point is seen through."""
+        return len(self.implicit_point) // max(len(self.prompts), 1)
+
+    def implicit_rows(self, points: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """The implicit rows of concept ``points`` through the ``prompts``-th prompt that names nothing, ``(B,)``
+        each."""
+        return prompts * len(self.prompts) + points
 
     @classmethod
     def load(cls, path: str | Path) -> EraseCache:
@@ -322,6 +338,15 @@ def build_cache(
             implicit_point += range(start, stop)
             implicit_prompts += [prompt] * (stop - start)
 
+    # The negative prompt at every concept point: what a guided erase refers each row's velocity to.
+    v_negative = []
+    if config.negative_velocities and call.guided:
+        for start in range(0, len(prompts), config.batch):
+            stop = min(start + config.batch, len(prompts))
+            embeds, pooled = (t.to(device, dtype).expand(stop - start, *t.shape[1:]) for t in call.negative)
+            xb, sb = x[start:stop].to(device, dtype), sigma[start:stop].to(device)
+            v_negative.append(call.velocity(transformer, xb, sb, embeds, pooled, bank.text_ids).float().cpu())
+
     # Preservation samples: the end of each trajectory.
     x0_list, q_prompts = [], []
     keep_x, keep_sigma, keep_v, keep_v_negative, keep_prompts = [], [], [], [], []
@@ -365,6 +390,7 @@ def build_cache(
         implicit_point=torch.tensor(implicit_point, dtype=torch.long),
         implicit_prompts=implicit_prompts,
         v_implicit=torch.cat(v_implicit) if v_implicit else empty,
+        v_negative=torch.cat(v_negative) if v_negative else empty,
         anchors=anchors,
         concept_maps=torch.cat(concept_maps) if concept_maps else torch.zeros(0, call.n_tokens),
     )

@@ -120,6 +120,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "ESD once its velocity is M concept lengths past its anchor's (0: at the anchor; off: pushed "
                    "towards ESD's target throughout; default: the model profile's: off, 0.25 on shapes-sd3); a "
                    "point whose η --balance-eta raised k-fold stops at M/k")
+    p.add_argument("--erase-velocity", choices=("conditional", "guided"), default=None, help="under true CFG, "
+                   "which velocity ESD and the implicit loss hold: each prompt's conditional velocity, or the guided "
+                   "one the sampler follows (each concept point then also runs through the negative prompt: more "
+                   "rows a step); the same without true CFG (default: the model profile's: conditional)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
                    "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its "
@@ -303,6 +307,7 @@ def run_erase(args: argparse.Namespace) -> int:
         eta=args.eta,
         balance_eta=args.balance_eta,
         esd_margin=args.esd_margin,
+        erase_velocity=args.erase_velocity,
         weights=LossWeights(**{**vars(method.weights_for(defaults)), **args.weights}),
         lora=lora_settings_for(method, defaults, pipe, placement=args.train,
                                targets=_csv(args.targets) if args.targets else None, rank=args.rank),

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from attnscope.adapters import adapter_for
-from attnscope.profiles import EraseDefaults, LoraPlacement, profile_for
+from attnscope.profiles import EraseDefaults, EraseVelocity, LoraPlacement, profile_for
 
 from .cache import CacheConfig
 from .lora import LoraSettings
@@ -42,7 +42,10 @@ class EraseConfig:
     so does ``balance_eta`` (several concepts pushed equally hard, :func:`~erase.methods.rows.run_etas`).
     ``esd_margin``: a concept point stops being pushed by ESD once its velocity is that many concept lengths past
     its anchor (:func:`~erase.losses.esd_loss`; ``math.inf``: pushed towards ESD's target throughout; ``None``: the
-    model profile's, for a method that takes it).
+    model profile's, for a method that takes it). ``erase_velocity``: under true CFG, whether ESD and the implicit
+    loss hold each row's ``conditional`` velocity or the ``guided`` one the sampler follows
+    (:func:`~erase.losses.referred_velocity`; each concept point then brings its negative-prompt row, and the implicit
+    rows are drawn at the same points); ``None``: the model profile's, for a method that takes it.
     ``method``: a name in :mod:`erase.methods` (which losses a step computes, or a closed-form edit); ``weights``:
     ``None`` takes the method's own. ``adversarial``: attack steps on an adversarial conditioning
     before each erase step (:mod:`erase.adversary`; 0: none).
@@ -61,6 +64,7 @@ class EraseConfig:
     eta: float | None = None
     balance_eta: bool | None = None
     esd_margin: float | None = None
+    erase_velocity: EraseVelocity | None = None
     tau: float = 0.07
     lora: LoraSettings | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -92,6 +96,8 @@ class EraseConfig:
         method = method_for(self.method)  # an unknown name fails here, naming the known ones
         if self.esd_margin is not None and not self.esd_margin >= 0:
             raise ValueError(f"esd_margin must be >= 0 concept lengths past the anchor, got {self.esd_margin}")
+        if self.erase_velocity not in (None, "conditional", "guided"):
+            raise ValueError(f"erase_velocity must be 'conditional' or 'guided', not {self.erase_velocity!r}")
         if self.adversarial < 0:
             raise ValueError(f"adversarial must be >= 0 attack steps, got {self.adversarial}")
         if self.adversarial and method.adversarial_refusal:
@@ -121,6 +127,8 @@ def fill_model_defaults(config: EraseConfig, pipe: Any, concepts: int = 1) -> Er
         config.balance_eta = defaults.balance_eta
     if config.esd_margin is None and "esd_margin" in method.options:
         config.esd_margin = defaults.esd_margin
+    if config.erase_velocity is None and "erase_velocity" in method.options:
+        config.erase_velocity = defaults.erase_velocity
     if config.lora is None:
         config.lora = lora_settings_for(method, defaults, pipe)
     steps, lr = schedule_for(method, defaults, concepts)

@@ -35,6 +35,7 @@ __all__ = [
     "guided_velocity_loss",
     "implicit_loss",
     "localized_attention_loss",
+    "referred_velocity",
     "velocity_matching_loss",
 ]
 
@@ -199,6 +200,17 @@ def guided_velocity_loss(
     error = scale * (v.float() - v_base.float().detach()) - (scale - 1) * (
         v_negative.float() - v_negative_base.float().detach())
     return error.square().mean()
+
+
+def referred_velocity(
+    v: torch.Tensor, v_negative: torch.Tensor, v_negative_base: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``v − (w − 1)/w · sg[v_∅ − v*_∅]``: the conditional velocity referred to the base model's negative branch.
+    A true-CFG sampler at scale ``w`` follows ``v_∅ + w·(v − v_∅) = v*_∅ + w·(that − v*_∅)`` exactly, so a loss on it
+    is a loss on the image that keeps the conditional velocity's target and scale. The negative branch's move is
+    held: letting a conditional row's error reach it would pull every guided prompt's negative branch, and the empty
+    prompt's image, back towards the concept (benchmarks/RESULTS.md). Shapes ``(B, N, C)``."""
+    return v.float() - (scale - 1) / scale * (v_negative.float() - v_negative_base.float()).detach()
 
 
 def attention_features(maps: Sequence[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:

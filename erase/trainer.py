@@ -132,11 +132,15 @@ class Trainer:
         path = self.out / run.CACHE_FILE
         if self.parallel.is_main and not path.is_file():
             w = self.config.weights
+            implicit = self.config.cache.implicit_prompts if w.implicit > 0 else ()
+            if self.guided_erase:  # the negative prompt's rows are drawn at every concept point anyway
+                implicit = tuple(p for p in implicit if p != (self.config.negative_prompt or ""))
             cache_config = replace(  # what no loss of this run draws is not sampled
                 self.config.cache,
-                implicit_prompts=self.config.cache.implicit_prompts if w.implicit > 0 else (),
+                implicit_prompts=implicit,
                 contrastive_points=self.config.cache.contrastive_points if w.contrastive > 0 else 0,
                 concept_maps=w.attention > 0 and self.config.attention_form == "localized",
+                negative_velocities=self.guided_erase,
             )
             preserve = preservation_prompts(self.specs) if w.flow > 0 or w.keep > 0 else []
             with base_model(self.transformer):
@@ -166,6 +170,13 @@ class Trainer:
             raise SpecError(
                 "the preservation loss needs preservation prompts in the spec; add some or set its weight to 0"
             )
+
+    @property
+    def guided_erase(self) -> bool:
+        """Whether ESD and the implicit loss hold the velocity a true-CFG sampler follows (``erase_velocity``
+        ``guided`` on a call with a negative prompt), which takes each concept point's negative-prompt row."""
+        w = self.config.weights
+        return self.config.erase_velocity == "guided" and self.call.guided and (w.esd > 0 or w.implicit > 0)
 
     def _positions(self, prompts: Sequence[str], words: Sequence[str | None]) -> list[tuple[int, ...]]:
         return [self.bank.positions(p, w) if w is not None else () for p, w in zip(prompts, words)]

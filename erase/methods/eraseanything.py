@@ -40,8 +40,8 @@ class EraseAnything(TrainedMethod):
                "alternating with preservation")
     default_weights = LossWeights()
     losses = ("esd", "attention", "flow", "contrastive", "keep", "implicit", "adversarial")
-    options = TRAINING_OPTIONS | {"eta", "balance_eta", "esd_margin", "schedule", "keep_rows", "preserve_steps",
-                                  "attention_form"}
+    options = TRAINING_OPTIONS | {"eta", "balance_eta", "esd_margin", "erase_velocity", "schedule", "keep_rows",
+                                  "preserve_steps", "attention_form"}
 
     def weights_for(self, defaults: EraseDefaults) -> LossWeights:
         """The paper's weights, with the attention term's weight the model's where its profile sets one (the

@@ -22,7 +22,7 @@ class ESD(TrainedMethod):
     summary = "ESD-flow alone: negative guidance towards the anchor, nothing preserved"
     default_weights = LossWeights.only(esd=1.0, adversarial=1.0)
     losses = ("esd", "adversarial")
-    options = TRAINING_OPTIONS | {"eta", "balance_eta", "esd_margin"}
+    options = TRAINING_OPTIONS | {"eta", "balance_eta", "esd_margin", "erase_velocity"}
 
     def step(self, trainer: Trainer, level: str) -> dict[str, Any]:
         return erase_rows(trainer)

@@ -142,22 +142,45 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
     rows, in one forward: a second forward would cost its fixed per-call overhead again, which on a small model is a
     large share of a step. Only the concept rows have concept columns in the captured maps. With attention alone
     (Forget-Me-Not) the forward stops after the last layer whose maps the loss reads. ESD pushes each concept point
-    with its concept's η (:func:`concept_eta`); the implicit rows, which name no concept, with the run's."""
+    with its concept's η (:func:`concept_eta`); the implicit rows, which name no concept, with the run's.
+
+    A guided erase (:attr:`~erase.trainer.Trainer.guided_erase`) runs each concept point through the negative
+    prompt too and draws the implicit rows at the first of those points: ESD and the implicit rows' loss then hold
+    the velocity the sampler follows (:func:`~erase.losses.referred_velocity`), and the negative prompt's own rows,
+    which every guided image starts from, are one more prompt that names nothing."""
     c, w, config, device = trainer.cache, trainer.config.weights, trainer.config, trainer.transformer.device
-    n = config.batch if w.esd > 0 or w.attention > 0 else 0
+    guided = trainer.guided_erase  # the concept points are drawn for their negative-prompt rows
+    n = config.batch if w.esd > 0 or w.attention > 0 or guided else 0
     idx = trainer.draw(len(c.prompts), n)
-    n_implicit = config.batch // 2 if w.implicit > 0 and len(c.implicit_point) else 0
-    rows = trainer.draw(len(c.implicit_point), n_implicit)
-    point = c.implicit_point[rows]
+    if guided:
+        n_implicit = config.batch // 2 if w.implicit > 0 and c.implicit_prompt_count else 0
+        point = idx[:n_implicit]
+        rows = c.implicit_rows(point, trainer.draw(c.implicit_prompt_count, n_implicit))
+    else:
+        n_implicit = config.batch // 2 if w.implicit > 0 and len(c.implicit_point) else 0
+        rows = trainer.draw(len(c.implicit_point), n_implicit)
+        point = c.implicit_point[rows]
     if not (n or n_implicit):
         return {}
-    adversarial, conditioning = _adversarial_rows(trainer)
-    a = n + n_implicit  # the adversarial rows come last
+    negative = idx if guided else idx[:0]
+    adversarial, attacked = _adversarial_rows(trainer)
+    conditioning = _conditioning(
+        tuple(e.expand(len(negative), *e.shape[1:]) for e in trainer.call.negative) if guided else None, attacked)
+    a = n + n_implicit  # the conditioning rows come last: the negative prompt's, then the adversarial ones
+    b = a + len(negative)
 
     def erase_losses(v, maps, columns):
+        def followed(v_rows: torch.Tensor) -> torch.Tensor:
+            """The velocity the losses hold of the rows at this step's first ``len(v_rows)`` concept points."""
+            if not guided:
+                return v_rows
+            k = len(v_rows)
+            return losses.referred_velocity(v_rows, v[a : a + k], c.v_negative[idx[:k]].to(device),
+                                            trainer.call.guidance_gain)
+
         out = {}
         if w.esd > 0:
-            out["esd"] = losses.esd_loss(v[:n], c.v_concept[idx].to(device), c.v_anchor[idx].to(device),
+            out["esd"] = losses.esd_loss(followed(v[:n]), c.v_concept[idx].to(device), c.v_anchor[idx].to(device),
                                          concept_eta(trainer, idx), concept_margin(trainer, idx))
         if w.attention > 0 and config.attention_form == "localized":
             out["attention"] = losses.localized_attention_loss(
@@ -167,20 +190,36 @@ def erase_rows(trainer: Trainer) -> dict[str, float]:
         if n_implicit:
             v_here, v_concept, v_anchor = (t.to(device) for t in (c.v_implicit[rows], c.v_concept[point],
                                                                   c.v_anchor[point]))
-            out["implicit"] = losses.implicit_loss(v[n:a], v_here, v_concept, v_anchor, config.eta)
-        if conditioning is not None:
-            out["adversarial"] = losses.esd_loss(v[a:], c.v_concept[adversarial].to(device),
+            out["implicit"] = losses.implicit_loss(followed(v[n:a]), v_here, v_concept, v_anchor, config.eta)
+        if guided and w.implicit > 0:
+            # The negative prompt is one more of the prompts that name nothing, weighted as one of them.
+            alone = losses.implicit_loss(v[a:b], c.v_negative[idx].to(device), c.v_concept[idx].to(device),
+                                         c.v_anchor[idx].to(device), config.eta)
+            glue = c.implicit_prompt_count if n_implicit else 0
+            out["implicit"] = (glue * out.get("implicit", 0.0) + alone) / (glue + 1)
+        if attacked is not None:
+            out["adversarial"] = losses.esd_loss(v[b:], c.v_concept[adversarial].to(device),
                                                  c.v_anchor[adversarial].to(device),
                                                  concept_eta(trainer, adversarial))
         return out
 
     words = [c.words[i] for i in idx] + [None] * n_implicit if w.attention > 0 else None
     return trainer.backward_group(
-        torch.cat([c.x[idx], c.x[point], c.x[adversarial]]),
-        torch.cat([c.sigma[idx], c.sigma[point], c.sigma[adversarial]]),
+        torch.cat([c.x[idx], c.x[point], c.x[negative], c.x[adversarial]]),
+        torch.cat([c.sigma[idx], c.sigma[point], c.sigma[negative], c.sigma[adversarial]]),
         [c.prompts[i] for i in idx] + [c.implicit_prompts[i] for i in rows], erase_losses, words,
         maps_only=w.esd == 0 and n_implicit == 0 and conditioning is None, conditioning=conditioning,
     )
+
+
+def _conditioning(
+    *groups: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(embeds, pooled)`` of the rows no prompt expresses, group after group (``None``: no such rows)."""
+    present = [g for g in groups if g is not None]
+    if not present:
+        return None
+    return torch.cat([g[0] for g in present]), torch.cat([g[1] for g in present])
 
 
 def preserve_rows(trainer: Trainer) -> dict[str, float]:

@@ -259,6 +259,7 @@ def _cli(*argv):
     (["--method", "uce", "--no-balance-eta"], "--method uce does not take --balance-eta"),
     (["--method", "ca", "--esd-margin", "0.25"], "--method ca does not take --esd-margin"),
     (["--esd-margin", "-1"], "esd_margin must be >= 0"),
+    (["--method", "ca", "--erase-velocity", "guided"], "--method ca does not take --erase-velocity"),
     (["--method", "nope"], "unknown erasure method 'nope'"),
     (["--train", "joint", "--targets", "add_k_proj"], "--targets chooses the text-side projections"),
 ])

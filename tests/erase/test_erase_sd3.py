@@ -12,13 +12,14 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import attnscope
 from attnscope.adapters import adapter_for
 from attnscope.adapters.sd3 import SD3Call, unpatchify
 from attnscope.erase import losses
 from attnscope.erase.attacks import run_attacks
-from attnscope.erase.cache import CacheConfig, maps_forward
+from attnscope.erase.cache import CacheConfig, EraseCache, maps_forward
 from attnscope.erase.config import EraseConfig, LossWeights, fill_model_defaults, lora_settings_for
 from attnscope.erase.lora import ARCHITECTURE_KEY, LoraFileError, LoraSettings, base_model, check_lora_file, load_lora
 from attnscope.erase.methods import method_for
@@ -244,6 +245,8 @@ def test_the_model_profile_chooses_where_the_lora_trains_and_for_how_many_steps(
     assert filled.esd_margin == (0.25 if model == "shapes-sd3" else None)
     assert fill_model_defaults(EraseConfig(model=model, esd_margin=math.inf), pipe).esd_margin == math.inf
     assert fill_model_defaults(EraseConfig(model=model, method="ca"), pipe).esd_margin is None
+    assert filled.erase_velocity == "conditional"
+    assert fill_model_defaults(EraseConfig(model=model, method="ca"), pipe).erase_velocity is None
     told = fill_model_defaults(EraseConfig(model=model, steps=7, lr=5e-4), pipe)
     assert (told.steps, told.lr) == (7, 5e-4)
     method, defaults = method_for("eraseanything"), attnscope.profile_for(model).erase_defaults
@@ -307,5 +310,48 @@ def test_the_keep_loss_holds_the_velocity_the_guided_sampler_follows(guidance_sc
     assert result.final_losses["keep"] < 1e-10
     cache = torch.load(tmp_path / "cache.pt", weights_only=False)
     assert len(cache["keep_v_negative"]) == (len(cache["keep_x"]) if guidance_scale > 1 else 0)
+
+
+def test_a_guided_erase_refers_each_row_to_its_own_points_negative_prompt_row(monkeypatch, tmp_path) -> None:
+    """Under true CFG a guided erase runs each concept point through the negative prompt too and draws the implicit
+    rows at the same points. The untrained LoRA (B = 0) gives every row its base velocity, so ESD must see exactly
+    the cached conditional velocity and the implicit loss at η = 0 must be zero: a row referred to another point's
+    negative row, or an implicit row misread from the prompt-major cache, would not be."""
+    seen: list[float] = []
+    esd = losses.esd_loss
+
+    def esd_spy(v, v_base_concept, *args, **kwargs):
+        seen.append(float((v.detach().float() - v_base_concept.float()).abs().max()))
+        return esd(v, v_base_concept, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "esd_loss", esd_spy)
+    weights = LossWeights(esd=1, attention=0, flow=0, contrastive=0, implicit=1, keep=0)
+    config = _config(steps=1, guidance_scale=3.0, weights=weights, eta=0.0, batch=4, erase_velocity="guided")
+    result = train(small_shapes_sd3_pipeline(), [shapes_spec("red")], config, tmp_path, progress=False)
+    assert len(seen) == 1 and seen[0] < 1e-4
+    assert result.final_losses["implicit"] < 1e-8
+    cache = EraseCache.load(tmp_path / "cache.pt")
+    assert cache.v_negative.shape == cache.x.shape
+    # The negative prompt's rows are the concept points' own; the other prompts that name nothing stay implicit rows.
+    names = list(dict.fromkeys(cache.implicit_prompts))
+    assert names == ["and", "the", "a"] and cache.implicit_prompt_count == 3
+    prompt_index = torch.tensor([names.index(p) for p in cache.implicit_prompts])
+    rows = cache.implicit_rows(cache.implicit_point, prompt_index)
+    assert torch.equal(rows, torch.arange(len(cache.implicit_point)))
+
+
+def test_without_true_cfg_a_guided_erase_is_the_conditional_one(tmp_path) -> None:
+    """Without a negative branch the sampler follows the conditional velocity: ``erase_velocity`` changes nothing,
+    not even the cache."""
+    weights = LossWeights(esd=1, attention=0, flow=0.1, contrastive=0, implicit=1, keep=1)
+    for velocity in ("conditional", "guided"):
+        train(small_shapes_sd3_pipeline(), [shapes_spec("red")],
+              _config(steps=2, guidance_scale=1.0, weights=weights, erase_velocity=velocity), tmp_path / velocity,
+              progress=False)
+    conditional, guided = (load_file(str(tmp_path / v / "pytorch_lora_weights.safetensors"))
+                           for v in ("conditional", "guided"))
+    assert conditional.keys() == guided.keys() and all(torch.equal(conditional[k], guided[k]) for k in guided)
+    cache = EraseCache.load(tmp_path / "guided" / "cache.pt")
+    assert len(cache.v_negative) == 0 and "" in cache.implicit_prompts
 
 

@@ -272,6 +272,19 @@ def test_flow_matching_loss_direction() -> None:
     assert after < before
 
 
+def test_the_referred_velocity_is_the_one_the_guided_sampler_follows_with_the_negative_branch_held() -> None:
+    g = torch.Generator().manual_seed(0)
+    v, v_negative, v_negative_base = (torch.randn(2, 4, 3, generator=g).requires_grad_() for _ in range(3))
+    w = 4.5
+    referred = losses.referred_velocity(v, v_negative, v_negative_base, w)
+    # Through the base negative branch it gives exactly the image the adapted model's two branches give.
+    torch.testing.assert_close(v_negative_base + w * (referred - v_negative_base), v_negative + w * (v - v_negative))
+    referred.sum().backward()
+    assert v_negative.grad is None and v_negative_base.grad is None
+    torch.testing.assert_close(v.grad, torch.ones_like(v))
+    torch.testing.assert_close(losses.referred_velocity(v, v_negative, v_negative_base, 1.0), v.float())
+
+
 def test_the_guided_keep_loss_is_the_error_of_the_velocity_the_sampler_follows() -> None:
     g = torch.Generator().manual_seed(0)
     v_base, v_negative_base, e = (torch.randn(2, 5, 3, generator=g) for _ in range(3))
