@@ -401,6 +401,26 @@ def test_esd_margin_is_the_sd3_models_unless_told(argv, margin, monkeypatch, tmp
     assert seen["margin"] == margin
 
 
+@pytest.mark.parametrize(("argv", "velocity"), [
+    ([], "conditional"), (["--erase-velocity", "guided"], "guided"), (["--method", "ca"], None),
+])
+def test_the_erase_velocity_is_the_profiles_unless_told(argv, velocity, monkeypatch, tmp_path) -> None:
+    """`--erase-velocity` reaches the run's config; without it the model profile's form, and a method without ESD or
+    the implicit loss gets none."""
+    import attnscope.erase.trainer as trainer
+
+    seen = {}
+
+    def record(pipe, specs, config, out, **kwargs):
+        seen["velocity"] = fill_model_defaults(config, pipe, len(specs)).erase_velocity
+        raise SystemExit(0)
+
+    monkeypatch.setattr(trainer, "train", record)
+    with pytest.raises(SystemExit):
+        _cli("erase", "--concept", "red", "--model", "shapes-sd3", "--out", str(tmp_path / "out"), *argv)
+    assert seen["velocity"] == velocity
+
+
 def test_a_bad_esd_margin_is_refused_naming_what_it_takes(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit) as exit_:
         attnscope.cli.main(["erase", "--concept", "red", "--esd-margin", "far", "--out", str(tmp_path / "o")])
