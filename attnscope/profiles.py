@@ -78,10 +78,12 @@ class EraseDefaults:
     #: (:func:`erase.losses.esd_loss`), divided by how far the balance raised the point's η
     #: (:func:`erase.methods.rows.point_margins`); ``None``: every point is pushed towards ESD's target throughout.
     esd_margin: float | None = None
-    #: Which velocity ESD and the implicit loss hold under true CFG: each row's ``conditional`` velocity, or the
-    #: ``guided`` one, the conditional velocity referred to the base model's negative branch, which the sampler
-    #: follows (:func:`erase.losses.referred_velocity`). The same without true CFG.
+    #: Which velocity ESD and the implicit loss hold under true CFG in a run of one concept: each row's
+    #: ``conditional`` velocity, or the ``guided`` one, the conditional velocity referred to the base model's
+    #: negative branch, which the sampler follows (:func:`erase.losses.referred_velocity`). The same without true CFG.
     erase_velocity: EraseVelocity = "conditional"
+    #: The same for a run of several concepts.
+    erase_velocity_several: EraseVelocity = "conditional"
 
 
 class World:

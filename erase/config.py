@@ -128,7 +128,7 @@ def fill_model_defaults(config: EraseConfig, pipe: Any, concepts: int = 1) -> Er
     if config.esd_margin is None and "esd_margin" in method.options:
         config.esd_margin = defaults.esd_margin
     if config.erase_velocity is None and "erase_velocity" in method.options:
-        config.erase_velocity = defaults.erase_velocity
+        config.erase_velocity = defaults.erase_velocity if concepts == 1 else defaults.erase_velocity_several
     if config.lora is None:
         config.lora = lora_settings_for(method, defaults, pipe)
     steps, lr = schedule_for(method, defaults, concepts)

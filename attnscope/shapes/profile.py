@@ -15,6 +15,7 @@ import torch
 
 from ..profiles import (
     EraseDefaults,
+    EraseVelocity,
     LoraPlacement,
     ModelProfile,
     World,
@@ -64,6 +65,12 @@ SHAPES_SD3_BALANCE_ETA = True
 #: target, and a pair then dropped the object beside the erased one; a point that has reached the margin is erased.
 #: A point whose η the balance raised stops that many times nearer, as the raised η carries it that much further.
 SHAPES_SD3_ESD_MARGIN = 0.25
+#: On the SD3-form model a single concept's ESD and implicit loss hold the velocity the CFG sampler follows
+#: (``EraseDefaults.erase_velocity``): the guidance multiplies what a glue word keeps of the concept, and on the
+#: velocity the image sees the path through glue words, which prompt search finds, narrows. Several concepts keep
+#: the conditional velocity: a pair that loses second objects lost more with the guided one, and irrelevant
+#: two-object images with them.
+SHAPES_SD3_ERASE_VELOCITY: EraseVelocity = "guided"
 #: ESD's negative-guidance strength for the shapes models: their sharp colours need a target pushed twice as far
 #: from the concept as the paper's η = 1 to stop drawing it, and so does the unasked path. A concept spec may set its
 #: own; the shapes world's shapes do (measurements in benchmarks/RESULTS.md).
@@ -138,7 +145,7 @@ SHAPES_SD3_PROFILE = register_profile(ShapesProfile(
     "shapes-sd3", "SD3Transformer2DModel", replace(
         SHAPES_ERASE_DEFAULTS, lora_targets=SHAPES_SD3_LORA_TARGETS, placement=SHAPES_SD3_PLACEMENT,
         steps_scale=SHAPES_SD3_STEPS_SCALE, max_lr=SHAPES_SD3_MAX_LR, balance_eta=SHAPES_SD3_BALANCE_ETA,
-        esd_margin=SHAPES_SD3_ESD_MARGIN,
+        esd_margin=SHAPES_SD3_ESD_MARGIN, erase_velocity=SHAPES_SD3_ERASE_VELOCITY,
     ), shape_eta=None,
 ))
 

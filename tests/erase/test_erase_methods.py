@@ -402,11 +402,12 @@ def test_esd_margin_is_the_sd3_models_unless_told(argv, margin, monkeypatch, tmp
 
 
 @pytest.mark.parametrize(("argv", "velocity"), [
-    ([], "conditional"), (["--erase-velocity", "guided"], "guided"), (["--method", "ca"], None),
+    ([], "guided"), (["--erase-velocity", "conditional"], "conditional"), (["--method", "ca"], None),
+    (["--concept", "circle"], "conditional"),
 ])
 def test_the_erase_velocity_is_the_profiles_unless_told(argv, velocity, monkeypatch, tmp_path) -> None:
-    """`--erase-velocity` reaches the run's config; without it the model profile's form, and a method without ESD or
-    the implicit loss gets none."""
+    """`--erase-velocity` reaches the run's config; without it the model profile's form (on the SD3 model the guided
+    one for one concept, the conditional one for two), and a method without ESD or the implicit loss gets none."""
     import attnscope.erase.trainer as trainer
 
     seen = {}
