@@ -387,18 +387,7 @@ def test_erase_takes_the_methods_steps_and_learning_rate_for_the_number_of_conce
 def test_esd_margin_is_the_sd3_models_unless_told(argv, margin, monkeypatch, tmp_path) -> None:
     """`attnscope erase` on the SD3 model stops ESD at the profile's margin; a number or `off` wins, and a method
     that does not push by ESD gets none."""
-    import attnscope.erase.trainer as trainer
-
-    seen = {}
-
-    def record(pipe, specs, config, out, **kwargs):
-        seen["margin"] = fill_model_defaults(config, pipe, len(specs)).esd_margin
-        raise SystemExit(0)
-
-    monkeypatch.setattr(trainer, "train", record)
-    with pytest.raises(SystemExit):
-        _cli("erase", "--concept", "red", "--model", "shapes-sd3", "--out", str(tmp_path / "out"), *argv)
-    assert seen["margin"] == margin
+    assert _sd3_run_config(monkeypatch, tmp_path, argv).esd_margin == margin
 
 
 @pytest.mark.parametrize(("argv", "velocity"), [
@@ -408,18 +397,23 @@ def test_esd_margin_is_the_sd3_models_unless_told(argv, margin, monkeypatch, tmp
 def test_the_erase_velocity_is_the_profiles_unless_told(argv, velocity, monkeypatch, tmp_path) -> None:
     """`--erase-velocity` reaches the run's config; without it the model profile's form (on the SD3 model the guided
     one for one concept, the conditional one for two), and a method without ESD or the implicit loss gets none."""
+    assert _sd3_run_config(monkeypatch, tmp_path, argv).erase_velocity == velocity
+
+
+def _sd3_run_config(monkeypatch, tmp_path, argv) -> EraseConfig:
+    """The config, defaults filled, that `attnscope erase --concept red --model shapes-sd3 ARGV` would train with."""
     import attnscope.erase.trainer as trainer
 
     seen = {}
 
     def record(pipe, specs, config, out, **kwargs):
-        seen["velocity"] = fill_model_defaults(config, pipe, len(specs)).erase_velocity
+        seen["config"] = fill_model_defaults(config, pipe, len(specs))
         raise SystemExit(0)
 
     monkeypatch.setattr(trainer, "train", record)
     with pytest.raises(SystemExit):
         _cli("erase", "--concept", "red", "--model", "shapes-sd3", "--out", str(tmp_path / "out"), *argv)
-    assert seen["velocity"] == velocity
+    return seen["config"]
 
 
 def test_a_bad_esd_margin_is_refused_naming_what_it_takes(capsys, tmp_path) -> None:
