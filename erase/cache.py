@@ -249,6 +249,27 @@ def sample_concept_points(
 
 
 @torch.no_grad()
+def _velocities_at(
+    call: ModelCall,
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    conditioning: tuple[torch.Tensor, torch.Tensor],
+    text_ids: torch.Tensor,
+    batch: int,
+) -> torch.Tensor:
+    """The base velocity at every state ``x (P, N, C)`` through one text ``conditioning`` (``embeds (1, L, D)``,
+    ``pooled (1, P')``), ``(P, N, C)`` on the CPU, ``batch`` rows per forward."""
+    device, dtype = transformer.device, transformer.dtype
+    out = []
+    for start in range(0, len(x), batch):
+        stop = min(start + batch, len(x))
+        embeds, pooled = (t.to(device, dtype).expand(stop - start, *t.shape[1:]) for t in conditioning)
+        xb, sb = x[start:stop].to(device, dtype), sigma[start:stop].to(device)
+        out.append(call.velocity(transformer, xb, sb, embeds, pooled, text_ids).float().cpu())
+    return torch.cat(out)
+
+
 def build_cache(
     call: ModelCall,
     bank: PromptBank,
@@ -330,22 +351,14 @@ def build_cache(
     # The concept's points seen through prompts that name nothing (unconditional ESD).
     implicit_point, implicit_prompts, v_implicit = [], [], []
     for prompt in config.implicit_prompts:
-        for start in range(0, len(prompts), config.batch):
-            stop = min(start + config.batch, len(prompts))
-            embeds, pooled = bank.get([prompt] * (stop - start))
-            xb, sb = x[start:stop].to(device, dtype), sigma[start:stop].to(device)
-            v_implicit.append(call.velocity(transformer, xb, sb, embeds, pooled, bank.text_ids).float().cpu())
-            implicit_point += range(start, stop)
-            implicit_prompts += [prompt] * (stop - start)
+        v_implicit.append(_velocities_at(call, transformer, x, sigma, bank.get([prompt]), bank.text_ids, config.batch))
+        implicit_point += range(len(prompts))
+        implicit_prompts += [prompt] * len(prompts)
 
     # The negative prompt at every concept point: what a guided erase refers each row's velocity to.
     v_negative = []
     if config.negative_velocities and call.guided:
-        for start in range(0, len(prompts), config.batch):
-            stop = min(start + config.batch, len(prompts))
-            embeds, pooled = (t.to(device, dtype).expand(stop - start, *t.shape[1:]) for t in call.negative)
-            xb, sb = x[start:stop].to(device, dtype), sigma[start:stop].to(device)
-            v_negative.append(call.velocity(transformer, xb, sb, embeds, pooled, bank.text_ids).float().cpu())
+        v_negative.append(_velocities_at(call, transformer, x, sigma, call.negative, bank.text_ids, config.batch))
 
     # Preservation samples: the end of each trajectory.
     x0_list, q_prompts = [], []
