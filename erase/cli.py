@@ -123,8 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--erase-velocity", choices=("conditional", "guided"), default=None, help="under true CFG, "
                    "which velocity ESD and the implicit loss hold: each prompt's conditional velocity, or the guided "
                    "one the sampler follows (each concept point then also runs through the negative prompt: more "
-                   "rows a step); the same without true CFG (default: the model profile's: guided for one concept on "
-                   "shapes-sd3, else conditional)")
+                   "rows a step); the same without true CFG (default: the model profile's, for one concept or for "
+                   "several; run.json records it)")
     p.add_argument("--attention-form", choices=("mass", "localized"), default=None, help="the attention term's "
                    "form: the mean attention mass on the concept's keys (default, at the paper's weight 1e-3), or "
                    "the share of the base model's localized concept map still on the concept (weight 1 is its "
